@@ -1,0 +1,37 @@
+# labeltriage — developer entry points. Every target sets up what it needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+export OMP_WAIT_POLICY := PASSIVE
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: venv demo test test-integration lint typecheck bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip >/dev/null
+	$(PIP) install "torch>=2.4" "torchvision>=0.19"
+	$(PIP) install -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(VENV)/bin/labeltriage demo
+
+test: venv
+	$(PY) -m pytest -q
+
+test-integration: venv
+	$(PY) -m pytest -q -m integration tests/integration
+
+lint: venv
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
