@@ -7,10 +7,11 @@ A format is a class registered in :data:`FORMATS` under its name.  It is built o
 * ``iter_items()`` — a *stream* of :class:`~connectors.model.Item`: never the whole
   project in memory; a bad item is yielded with ``error`` set, never raised;
 * ``write_items(items, classes)`` — write a whole project (round trips, exports);
-* ``write_labels(item, annotations, provenance)`` — write auto-labels for one item that
-  has no human label, atomically, refusing (``HumanLabelConflict``) when a human label
-  exists *at write time*; returns :class:`WrittenRecord` entries that
-  ``remove_written`` can undo exactly (used by run manifests and rollback).
+* ``write_labels(writes)`` — write auto-labels for a batch of items that have no human
+  label, atomically per file, skipping (and reporting) any item that has a human label
+  *at write time*; returns :class:`WrittenRecord` entries that ``remove_written`` can
+  undo exactly (used by run manifests and rollback).  File formats also leave a sidecar
+  record per item (:func:`sidecar_path`) so readers know the label is an auto-label.
 
 Item ids: for file formats the image path relative to the format's image folder,
 without extension, POSIX separators (``images/a/b.jpg`` → ``a/b``); for Label Studio the
@@ -57,6 +58,29 @@ class WrittenRecord(BaseModel):
     entry_ids: list[str] = Field(default_factory=list)
 
 
+class LabelWrite(BaseModel):
+    """One auto-label to write: the item (as read), its new annotations, their provenance."""
+
+    item: Item
+    annotations: list[Annotation]
+    provenance: Provenance
+
+
+class WriteOutcome(BaseModel):
+    """What a batch write did: records to undo it, and items refused (with why)."""
+
+    records: list[WrittenRecord] = Field(default_factory=list)
+    refused: dict[str, str] = Field(default_factory=dict)
+
+
+AUTO_SIDECAR_DIR = ".labeltriage/auto"
+
+
+def sidecar_path(item_id: str) -> str:
+    """Relative path of the sidecar record of an auto-labeled item (provenance + sha256)."""
+    return f"{AUTO_SIDECAR_DIR}/{item_id}.json"
+
+
 class ProjectFormat(abc.ABC):
     name: ClassVar[str]
     tasks: ClassVar[tuple[str, ...]] = ("detection",)
@@ -79,12 +103,20 @@ class ProjectFormat(abc.ABC):
         """Write a whole project in this format (labels; images are referenced, not copied)."""
 
     @abc.abstractmethod
-    def write_labels(self, item: Item, annotations: list[Annotation], provenance: Provenance) -> list[WrittenRecord]:
-        """Write auto-labels for one item with no human label; atomic; never over a human label."""
+    def write_labels(self, writes: list[LabelWrite]) -> WriteOutcome:
+        """Write auto-labels for items with no human label; atomic; never over a human label.
+
+        The human-label check happens here, at write time: an item that gained a human
+        label since it was read is refused (listed in ``WriteOutcome.refused``), not written.
+        """
 
     @abc.abstractmethod
-    def remove_written(self, record: WrittenRecord) -> None:
-        """Undo one record of :meth:`write_labels` (and nothing else)."""
+    def remove_written(self, records: list[WrittenRecord]) -> list[str]:
+        """Undo records of :meth:`write_labels` and nothing else.
+
+        A file whose content changed since it was written (sha256 differs: a person
+        edited it) is kept; the reasons for everything kept are returned.
+        """
 
 
 FORMATS: Registry[type[ProjectFormat]] = Registry("format")
