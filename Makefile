@@ -2,27 +2,33 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
+# Where torch comes from; e.g. TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu for CPU-only wheels.
+TORCH_INDEX_URL ?=
+DEMO_OUT ?= demo-out
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 export OMP_WAIT_POLICY := PASSIVE
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: venv demo test test-integration lint typecheck bench clean
+.PHONY: venv demo test test-slow test-integration lint typecheck bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip >/dev/null
-	$(PIP) install "torch>=2.4" "torchvision>=0.19"
+	$(PIP) install $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) "torch>=2.4" "torchvision>=0.19"
 	$(PIP) install -e ".[dev]"
 	touch $@
 
 venv: $(VENV)/.installed
 
 demo: venv
-	$(VENV)/bin/labeltriage demo
+	$(VENV)/bin/labeltriage demo --out $(DEMO_OUT)
 
 test: venv
 	$(PY) -m pytest -q
+
+test-slow: venv
+	$(PY) -m pytest -q -m slow
 
 test-integration: venv
 	$(PY) -m pytest -q -m integration tests/integration
@@ -34,4 +40,4 @@ typecheck: venv
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info $(DEMO_OUT)

@@ -49,21 +49,162 @@ class LazyGroup(click.Group):
         with formatter.section("Commands"):
             formatter.write_dl([(name, help_) for name, (_, help_) in COMMANDS.items()])
 
+    def invoke(self, ctx: click.Context) -> Any:
+        """Library errors become click exceptions with the documented exit codes."""
+        from connectors.errors import InputError, LabelTriageError, UsageError
+
+        try:
+            return super().invoke(ctx)
+        except UsageError as exc:
+            raise ExitError(str(exc), 2) from exc
+        except (InputError, LabelTriageError) as exc:
+            raise ExitError(str(exc), 1) from exc
+
+
+class ExitError(click.ClickException):
+    """A one-line error message with an exit code (2 usage/config, 1 failed run)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def format_message(self) -> str:
+        return self.message
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time of the record (test runners swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
 
 def configure_logging(verbosity: int) -> None:
-    level = logging.WARNING - 10 * verbosity
-    logging.basicConfig(level=max(logging.DEBUG, min(logging.ERROR, level)), format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    """WARNING by default; each -v one level more (INFO, DEBUG), -q errors only."""
+    level = max(logging.DEBUG, min(logging.ERROR, logging.WARNING - 10 * verbosity))
+    root = logging.getLogger()
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+def _option_keys(command: click.Command) -> dict[str, str]:
+    """Every name an option may have in the config → its click parameter name.
+
+    ``--predictions-format`` may be written ``predictions_format`` or ``predictions-format``;
+    the parameter's own name (``fmt`` for ``--format``) works too.
+    """
+    keys: dict[str, str] = {}
+    for param in command.params:
+        if param.name is None:
+            continue
+        keys[param.name] = param.name
+        for opt in (*param.opts, *param.secondary_opts):
+            if opt.startswith("--"):
+                keys[opt[2:]] = keys[opt[2:].replace("-", "_")] = param.name
+    return keys
+
+
+def _apply_config(ctx: click.Context, config_path: str, project: str | None) -> None:
+    """Load the config once; its values become every subcommand's option defaults."""
+    from autolabel.config import ConfigError, command_defaults, load_config
+
+    cfg = load_config(config_path)
+    derived = command_defaults(cfg, project)
+    if project is not None or len(cfg.projects) == 1:
+        name, p = cfg.project(project)
+        if p.label_map.map or p.label_map.ignore:
+            _inline_label_map(ctx, cfg, name, derived)
+    group = ctx.command
+    assert isinstance(group, click.Group)
+    problems = []
+    default_map: dict[str, dict[str, Any]] = {}
+    for command_name in COMMANDS:
+        command = group.get_command(ctx, command_name)
+        if command is None:
+            continue
+        keys = _option_keys(command)
+        options = default_map.setdefault(command_name, {})
+        for key, value in derived.get(command_name, {}).items():
+            if key in keys:  # options a command does not have are simply not its defaults
+                options[keys[key]] = value
+        for key, value in cfg.commands.get(command_name, {}).items():
+            if key not in keys:
+                known = sorted(o for param in command.params for o in param.opts if o.startswith("--"))
+                problems.append((f"commands.{command_name}.{key}", f"unknown option of {command_name}; it has: {', '.join(known)}"))
+            else:
+                options[keys[key]] = value
+    for command_name in cfg.commands:
+        if command_name not in COMMANDS:
+            problems.append((f"commands.{command_name}", f"unknown command; choose one of: {', '.join(COMMANDS)}"))
+    if problems:
+        raise ConfigError(config_path, problems)
+    ctx.obj["config"] = cfg
+    ctx.obj["config_path"] = config_path
+    ctx.default_map = {**(ctx.default_map or {}), **default_map}
+
+
+def _inline_label_map(ctx: click.Context, cfg: Any, name: str, defaults: dict[str, dict[str, Any]]) -> None:
+    """Commands take ``--label-map FILE``: an inline label map is written to a temporary file."""
+    import os
+    import tempfile
+
+    import yaml
+
+    from autolabel.pipeline import build_label_map
+
+    label_map = build_label_map(cfg.projects[name])
+    fd, path = tempfile.mkstemp(prefix=f"labeltriage-{name}-", suffix=".yaml")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        yaml.safe_dump({"map": dict(label_map.map), "ignore": list(label_map.ignore)}, f)
+    ctx.call_on_close(lambda: os.unlink(path))
+    for command in ("stats", "score", "train", "select", "autolabel", "rollback"):
+        defaults.setdefault(command, {})["label_map"] = path
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", count=True, help="Less log output (errors only with -q).")
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    envvar="LABELTRIAGE_CONFIG",
+    help="YAML config (also $LABELTRIAGE_CONFIG): every option of every command takes its default from it.",
+)
+@click.option(
+    "-p",
+    "--project",
+    "project",
+    default=None,
+    help="Which project of the config fills the options (default: the only one).",
+)
 @click.version_option(package_name="labeltriage")
 @click.pass_context
-def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
-    """labeltriage: difficulty triage, planning and guarded auto-labeling for labeling projects."""
-    configure_logging(1 + verbose - 2 * quiet if quiet else verbose)
+def cli(ctx: click.Context, verbose: int, quiet: int, config_path: str | None, project: str | None) -> None:
+    """labeltriage: difficulty triage, planning and guarded auto-labeling for labeling projects.
+
+    Exit codes: 0 success, 1 a run that failed, 2 bad usage or bad config.
+    """
+    configure_logging(verbose - quiet)
     ctx.ensure_object(dict)
+    ctx.obj["project"] = project
+    if config_path is not None:
+        _apply_config(ctx, config_path, project)
 
 
 def main(argv: list[str] | None = None) -> Any:

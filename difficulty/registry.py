@@ -14,7 +14,10 @@ need               what the orchestrator passes (keyword argument of the same na
 ``predicted_loss`` ``np.ndarray`` ``(N,)`` output of a loss-prediction module
 ``box_scores``     ``list[np.ndarray]`` per item, the confidences of its predicted boxes
 ``box_probs``      ``list[np.ndarray]`` per item, ``(B_i, C)`` class probabilities per box
+``box_committee``  ``list[np.ndarray]`` per item, ``(M, B_i, C)`` committee probabilities per box
+``box_features``   ``list[np.ndarray]`` per item, ``(B_i, D)`` classification-layer inputs per box
 ``rng``            ``np.random.Generator`` (for ``random``)
+``n``              ``int``, the number of items (for scorers that read no array, ``random``)
 =================  ==================================================================
 
 Extra settings are keyword arguments validated by the scorer's own small pydantic
@@ -31,7 +34,9 @@ from pydantic import BaseModel
 
 from connectors.registry import Registry
 
-NEEDS = frozenset({"images", "probs", "committee", "features", "predicted_loss", "box_scores", "box_probs", "rng"})
+NEEDS = frozenset(
+    {"images", "probs", "committee", "features", "predicted_loss", "box_scores", "box_probs", "box_committee", "box_features", "rng", "n"}
+)
 
 
 class NoSettings(BaseModel):

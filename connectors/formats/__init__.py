@@ -1,0 +1,32 @@
+"""Project formats, registered by name in :data:`FORMATS` (and prediction sources in
+:data:`PREDICTION_FORMATS`) when this package is imported.
+
+``labelstudio_api`` (a live Label Studio server) is registered lazily: its module is
+imported only when a project is opened from an ``http(s)://`` URL.
+"""
+
+from __future__ import annotations
+
+from connectors.formats import coco, imagefolder, kitti, labelstudio, manifest, voc, yolo
+from connectors.formats.base import FORMATS, PREDICTION_FORMATS, PredictionSource, ProjectFormat
+
+if "labelstudio_api" not in FORMATS:
+    FORMATS.register_lazy(
+        "labelstudio_api",
+        "connectors.formats.labelstudio_api:LabelStudioAPI",
+        hint="live Label Studio",
+    )
+
+__all__ = [
+    "FORMATS",
+    "PREDICTION_FORMATS",
+    "PredictionSource",
+    "ProjectFormat",
+    "coco",
+    "imagefolder",
+    "kitti",
+    "labelstudio",
+    "manifest",
+    "voc",
+    "yolo",
+]

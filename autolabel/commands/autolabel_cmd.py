@@ -1,0 +1,98 @@
+"""``labeltriage autolabel``: write labels for the calibrated easy tier (never over a human label)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from connectors.errors import UsageError
+
+
+@click.command("autolabel")
+@click.option("--source", "-s", required=True, help="Project folder or file (any fsspec URL).")
+@click.option("--format", "-f", "fmt", default="auto", show_default=True, help="Project format, or auto.")
+@click.option("--predictions", default=None, help="Predictions to write (folder or file).")
+@click.option("--predictions-format", default="auto", show_default=True, help="Predictions format (yolo, coco, ...) or auto.")
+@click.option("--model", "model", default=None, help="A labeltriage checkpoint to predict with (instead of --predictions).")
+@click.option("--difficulty", "difficulty_dir", required=True, help="Folder of difficulty.parquet (from `labeltriage score --out`).")
+@click.option("--epsilon", type=float, required=True, help="Target auto-label error rate, in (0, 1).")
+@click.option("--delta", type=float, required=True, help="1 − confidence of the error bound, in (0, 1).")
+@click.option("--label-map", default=None, help="YAML/JSON file: {map: {model class: project class}, ignore: [classes]}.")
+@click.option("--audit-share", type=float, default=0.05, show_default=True, help="Share of auto-labels flagged for human audit.")
+@click.option("--min-count", type=int, default=30, show_default=True, help="Fewest calibration items a threshold needs to be tested.")
+@click.option("--stage", type=click.Choice(["report", "shadow", "autolabel"]), default="autolabel", show_default=True, help="Rollout stage: shadow and report write nothing to the project.")
+@click.option("--out", "out_dir", default=None, help="Where autolabel.json goes (default: the --difficulty folder).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the audit sample.")
+@click.option("--dry-run", is_flag=True, help="Write nothing; print what would be written.")
+@click.option("--storage-options", default=None, help="fsspec storage options as a JSON object.")
+def autolabel(
+    source: str,
+    fmt: str,
+    predictions: str | None,
+    predictions_format: str,
+    model: str | None,
+    difficulty_dir: str,
+    epsilon: float,
+    delta: float,
+    label_map: str | None,
+    audit_share: float,
+    min_count: int,
+    stage: str,
+    out_dir: str | None,
+    seed: int,
+    dry_run: bool,
+    storage_options: str | None,
+) -> None:
+    """Calibrate the easy tier on labeled items (Clopper–Pearson bound ≤ EPSILON with
+    confidence 1 − DELTA), then write predictions as labels for easy unlabeled items.
+
+    Prints a JSON summary; DIR/autolabel.json holds the full record (not with --dry-run).
+    Undo a run with `labeltriage rollback RUN_ID`."""
+    from autolabel.commands.stats import parse_storage_options
+    from autolabel.gate import run_autolabel
+    from connectors.labelmap import load_label_map
+    from connectors.project import open_predictions, open_project
+
+    if (predictions is None) == (model is None):
+        raise UsageError("give exactly one of --predictions and --model")
+    options = parse_storage_options(storage_options)
+    project = open_project(source, fmt, options)
+    source_obj = open_predictions(predictions, predictions_format, options, project=project) if predictions else None
+    result = run_autolabel(
+        project,
+        difficulty_dir=difficulty_dir,
+        predictions=source_obj,
+        checkpoint=model,
+        epsilon=epsilon,
+        delta=delta,
+        label_map=load_label_map(label_map, options),
+        stage=stage,
+        dry_run=dry_run,
+        audit_share=audit_share,
+        min_count=min_count,
+        seed=seed,
+        out_dir=out_dir,
+        storage_options=options,
+    )
+    summary = {
+        "run_id": result.run_id,
+        "stage": result.stage,
+        "dry_run": result.dry_run,
+        "threshold": result.threshold,
+        "box_confidence": result.box_confidence,
+        "bound": result.bound,
+        "n": result.calibration.n,
+        "epsilon": epsilon,
+        "delta": delta,
+        "coverage": result.coverage,
+        "selected": len(result.selected),
+        "written": len(result.written),
+        "refused": result.refused,
+        "audit": result.audit,
+        "audit_precision": result.precision,
+        "report": result.report_path,
+    }
+    if dry_run:
+        summary["would_write"] = [i for i in result.selected if i not in result.refused]
+    click.echo(json.dumps(summary, indent=1))

@@ -1,0 +1,134 @@
+"""``labeltriage demo``: the whole job on the bundled sample project, in a fresh folder.
+
+1. copy ``examples/sample_project`` (120 road-sign photos, Pascal VOC, 40 unlabeled)
+   into ``OUT/project`` and write ``OUT/config.yaml`` from ``examples/config.yaml``;
+2. run 1, stage ``shadow``: stats, train a small detector with its loss-prediction module,
+   score (model + Fourier), tier, report, calibrate the easy tier and record what would be
+   auto-labeled (nothing is written to the project);
+3. promote the project to ``autolabel`` in ``OUT/config.yaml`` (the trained model is reused)
+   and run again: scores compare with run 1, the report shows the trend, and the
+   calibrated easy items get labels written into the copy, never over a human label;
+4. print where the reports are and how to undo the write-back.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from autolabel.commands._common import want_progress
+from connectors.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+MARKER = ".labeltriage-demo"
+PROJECT = "road_signs"
+
+
+def prepare(out: Path, examples: Path) -> Path:
+    """Fresh ``out`` with a copy of the sample project and a config for it; returns the config path."""
+    sample = examples / "sample_project"
+    template = examples / "config.yaml"
+    for needed in (sample, template, examples / "sample_project_predictions", examples / "label_map.yaml"):
+        if not needed.exists():
+            raise UsageError(f"{needed}: missing; the demo needs the repository's examples/ folder (give --examples DIR)")
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).exists():
+            raise UsageError(f"{out} exists and is not an earlier demo folder; choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by labeltriage demo; removed and recreated by the next demo run\n")
+    shutil.copytree(sample, out / "project")
+    data = yaml.safe_load(template.read_text(encoding="utf-8"))
+    project = data["projects"][PROJECT]
+    data["report_store"] = "reports"
+    project["source"] = "project"
+    project["predictions"]["source"] = str((examples / project["predictions"]["source"]).resolve())
+    project["label_map"] = str((examples / project["label_map"]).resolve())
+    project["stage"] = "shadow"
+    config = out / "config.yaml"
+    config.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return config
+
+
+def promote(config: Path, model: str) -> None:
+    """Stage ``autolabel`` and the trained checkpoint instead of training again."""
+    data = yaml.safe_load(config.read_text(encoding="utf-8"))
+    project = data["projects"][PROJECT]
+    project["stage"] = "autolabel"
+    project.pop("train", None)
+    project["model"] = model
+    config.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+def _summary(record: Any) -> list[str]:
+    counts = record.counts
+    lines = [f"  run {record.run_id}: {record.status} in {sum(record.steps.values()):.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in record.steps.items())})"]
+    if "tiers" in counts:
+        lines.append(f"  tiers: {', '.join(f'{k} {v}' for k, v in counts['tiers'].items())} (scorers: {', '.join(counts.get('scorers', []))})")
+    gate = counts.get(record.stage)
+    if isinstance(gate, dict):
+        threshold = "none passed" if gate.get("threshold") is None else f"{gate['threshold']:.3f}"
+        lines.append(
+            f"  {record.stage}: calibrated threshold {threshold}, error bound {gate['bound']:.3f}, "
+            f"{gate['selected']} of {gate['eligible']} unlabeled items selected, {gate['written']} written, {gate['audit']} for audit"
+        )
+    if record.error:
+        lines.append(f"  error: {record.error}")
+    return lines
+
+
+@click.command("demo")
+@click.option(
+    "--out", "out_dir", type=click.Path(file_okay=False), default="demo-out", show_default=True,
+    help="Folder for the project copy, the config and the reports (an earlier demo folder is replaced).",
+)  # fmt: skip
+@click.option(
+    "--examples", "examples_dir", type=click.Path(file_okay=False, exists=True), default=None,
+    help="The examples folder with sample_project/ and config.yaml (default: the repository's).",
+)  # fmt: skip
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs (default: examples/config.yaml's).")
+@click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
+@click.pass_context
+def demo(ctx: click.Context, out_dir: str, examples_dir: str | None, epochs: int | None, progress: bool | None) -> None:
+    """The whole job on the bundled sample project: train, score, tier, report, shadow, autolabel.
+
+    Works on a copy of examples/sample_project in --out; the original is never touched.
+    """
+    from autolabel.config import load_config
+    from autolabel.pipeline import run_project
+
+    start = time.perf_counter()
+    out = Path(out_dir).resolve()
+    config = prepare(out, Path(examples_dir).resolve() if examples_dir else EXAMPLES)
+    if epochs is not None:
+        data = yaml.safe_load(config.read_text(encoding="utf-8"))
+        data["projects"][PROJECT]["train"]["epochs"] = epochs
+        config.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    click.echo(f"sample project copied to {out / 'project'}; config {config}")
+
+    click.echo("run 1 (stage shadow): train, score, tier, report, calibrate, shadow")
+    first = run_project(load_config(config), PROJECT, trigger="demo", progress=want_progress(progress))
+    click.echo("\n".join(_summary(first)))
+    if first.status != "ok" or "model" not in first.outputs:
+        raise click.ClickException(f"run 1 failed: {first.error}")
+
+    promote(config, first.outputs["model"])
+    click.echo("run 2 (promoted to stage autolabel in config.yaml): score, tier, report, auto-label into the copy")
+    second = run_project(load_config(config), PROJECT, trigger="demo", progress=want_progress(progress))
+    click.echo("\n".join(_summary(second)))
+    if second.status != "ok":
+        raise click.ClickException(f"run 2 failed: {second.error}")
+
+    click.echo(f"\nreport: {second.outputs.get('report')}")
+    click.echo(f"earlier report (shadow): {first.outputs.get('report')}")
+    click.echo(f"run again:  labeltriage run --config {config}")
+    click.echo(f"undo the write-back:  labeltriage rollback {second.run_id} --source {out / 'project'} --format voc")
+    click.echo(f"demo finished in {time.perf_counter() - start:.0f} s")

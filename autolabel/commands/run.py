@@ -1,0 +1,58 @@
+"""``labeltriage run``: one full run of each configured project at its stage."""
+
+from __future__ import annotations
+
+import click
+
+from autolabel.commands._common import config_from, want_progress
+from autolabel.store import record_json
+from connectors.errors import UsageError
+
+
+@click.command("run")
+@click.option(
+    "-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None,
+    help="YAML config of the deployment (default: the one given to labeltriage --config).",
+)  # fmt: skip
+@click.option(
+    "-p", "--project", "projects", multiple=True,
+    help="Run only this project (repeat for several); default: every project in the config.",
+)  # fmt: skip
+@click.option(
+    "--progress/--no-progress", default=None,
+    help="Show progress bars on long steps (default: when stderr is a terminal).",
+)  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print each run record as one JSON line instead of a summary.")
+@click.pass_context
+def run(ctx: click.Context, config_path: str | None, projects: tuple[str, ...], progress: bool | None, as_json: bool) -> None:
+    """One full run of each project at its stage: stats, score, report, then shadow or autolabel.
+
+    Each run writes <report_store>/<project>/<run_id>/ with its outputs and run.json (its
+    record).  A run of a project that is already running elsewhere (scheduler, another
+    `labeltriage run`) is skipped and recorded as skipped.  Exit code 1 when a run failed.
+    """
+    from autolabel.pipeline import run_locked
+
+    cfg, _ = config_from(ctx, config_path)
+    names = list(projects) or list(cfg.projects)
+    if not names:
+        raise UsageError("the config has no projects")
+    for name in names:
+        cfg.project(name)  # unknown names are a usage error before anything runs
+    failed = []
+    for name in names:
+        record = run_locked(cfg, name, trigger="manual", progress=want_progress(progress))
+        if as_json:
+            click.echo(record_json(record))
+        else:
+            where = record.outputs.get("report") or record.outputs.get("report.html") or ""
+            line = f"{name}: {record.status} (run {record.run_id}, stage {record.stage})"
+            if record.error:
+                line += f": {record.error}"
+            click.echo(line)
+            if where:
+                click.echo(f"  report: {where}")
+        if record.status == "failed":
+            failed.append(name)
+    if failed:
+        ctx.exit(1)

@@ -1,0 +1,117 @@
+"""``labeltriage train``: train a model with a loss-prediction module on the labeled pool."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from connectors.errors import UsageError
+
+TASKS = ("classification", "detection")
+
+
+@click.command("train")
+@click.option("--source", "-s", required=True, help="Project folder or file (any fsspec URL).")
+@click.option("--format", "-f", "fmt", default="auto", show_default=True, help="Project format, or auto.")
+@click.option("--storage-options", default=None, help="fsspec storage options as a JSON object.")
+@click.option("--task", type=click.Choice(TASKS), required=True, help="What the model does.")
+@click.option("--out", required=True, help="Checkpoint file to write (any fsspec URL).")
+@click.option("--arch", default=None, help="classification: small_cnn (default), resnet18; detection: ssdlite (default), fasterrcnn_mobilenet, fasterrcnn_resnet50.")
+@click.option("--classes", default=None, help="Comma-separated project classes (default: the format's, else the labels seen).")
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Learning rate (default 0.1 classification, 0.001 detection).")
+@click.option("--min-steps", type=click.IntRange(min=0), default=0, show_default=True, help="Raise the epochs until training makes at least this many steps (small pools).")
+@click.option("--image-size", type=click.IntRange(min=8), default=None, help="Side images are resized to (default 32 classification, 320 detection).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--calibration-share", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.2, show_default=True, help="Share of labeled items held out (by item-id hash) for calibration.")
+@click.option("--init", "init", default=None, help="Warm start from this checkpoint (same task, arch, classes).")
+@click.option("--freeze-target", is_flag=True, help="Train only the loss-prediction module on the --init model, kept frozen.")
+@click.option("--margin", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True, help="Ranking margin ξ.")
+@click.option("--loss-weight", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Weight λ of the ranking loss.")
+@click.option("--stop-grad-share", type=click.FloatRange(0.0, 1.0), default=0.6, show_default=True, help="Share of epochs after which the module's gradient stops at the backbone.")
+@click.option("--augment", is_flag=True, help="Random horizontal flips.")
+@click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda, cuda:1).")
+@click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True, help="DataLoader worker processes.")
+@click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
+def train(
+    source: str,
+    fmt: str,
+    storage_options: str | None,
+    task: str,
+    out: str,
+    arch: str | None,
+    classes: str | None,
+    epochs: int,
+    batch_size: int,
+    lr: float | None,
+    min_steps: int,
+    image_size: int | None,
+    seed: int,
+    calibration_share: float,
+    init: str | None,
+    freeze_target: bool,
+    margin: float,
+    loss_weight: float,
+    stop_grad_share: float,
+    augment: bool,
+    device: str,
+    num_workers: int,
+    progress: bool | None,
+) -> None:
+    """Train a target model jointly with a loss-prediction module (Yoo & Kweon 2019) on the
+    human-labeled items; print a JSON summary."""
+    import sys
+
+    from autolabel.commands.stats import parse_storage_options
+    from connectors.project import open_project
+    from difficulty.models.lossnet import LossNetConfig
+    from difficulty.training import train_model
+
+    if freeze_target and init is None:
+        raise UsageError("--freeze-target needs the frozen model as --init CHECKPOINT")
+    options = parse_storage_options(storage_options)
+    project = open_project(source, fmt, options)
+    class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    if class_list is None and callable(getattr(project, "classes", None)):
+        class_list = list(project.classes())  # type: ignore[attr-defined]
+    ckpt = train_model(
+        project.iter_items(),
+        project,
+        task=task,
+        arch=arch,
+        classes=class_list,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        lossnet=LossNetConfig(margin=margin, weight=loss_weight, stop_grad_share=stop_grad_share),
+        calibration_share=calibration_share,
+        init=init,
+        freeze_target=freeze_target,
+        device=device,
+        progress=sys.stderr.isatty() if progress is None else progress,
+        out=out,
+        image_size=image_size,
+        min_steps=min_steps,
+        num_workers=num_workers,
+        augment=augment,
+        storage_options=options,
+    )
+    meta = ckpt.meta
+    history = meta["training"]["history"]
+    summary = {
+        "checkpoint": out,
+        "version": meta["version"],
+        "task": meta["task"],
+        "arch": meta["arch"],
+        "classes": meta["classes"],
+        "trained_items": meta["training"]["items"],
+        "calibration_items": meta["calibration"]["count"],
+        "skipped_items": len(meta["training"]["skipped_items"]),
+        "epochs": meta["training"]["epochs"],
+        "final_target_loss": history[-1]["target_loss"] if history else None,
+        "final_ranking_loss": history[-1]["ranking_loss"] if history else None,
+    }
+    click.echo(json.dumps(summary, indent=2))

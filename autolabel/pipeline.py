@@ -1,0 +1,335 @@
+"""One run of one project at its stage: stats → (train) → score → report → shadow/autolabel.
+
+A run owns the folder ``<report_store>/<project>/<run_id>/``; every step writes its
+outputs there and the run's :class:`~autolabel.store.RunRecord` (``run.json``) is
+written when the run starts (``running``) and again when it ends (``ok`` or ``failed``,
+with the error of the step that failed).  Scores are computed against the previous
+successful run of the project as reference, so that scores and tiers of scheduled runs
+compare; the report receives the earlier runs as its history (trend).
+
+:func:`run_locked` wraps a run in the project lock of the state database, so that no
+two runs of one project overlap, whichever processes start them; a run that finds the
+lock taken is recorded as ``skipped``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from autolabel.config import AppConfig, ProjectConfig
+from autolabel.store import ReportStore, RunRecord, StateDB, new_run_id, utcnow
+from connectors.labelmap import LabelMap, load_label_map
+from difficulty.plan import PlanSettings
+
+log = logging.getLogger(__name__)
+
+
+class RunFunction(Protocol):
+    def __call__(self, cfg: AppConfig, name: str, *, run_id: str | None = None, trigger: str = "manual", progress: bool = False) -> RunRecord: ...
+
+
+def build_label_map(p: ProjectConfig) -> LabelMap:
+    """The project's label map: the file's (if any) with the inline ``map``/``ignore`` on top."""
+    base = load_label_map(p.label_map.file, p.storage_options) if p.label_map.file else LabelMap()
+    return LabelMap(
+        map={**base.map, **p.label_map.map},
+        ignore=tuple(dict.fromkeys([*base.ignore, *p.label_map.ignore])),
+    )
+
+
+def build_plan_settings(p: ProjectConfig) -> PlanSettings:
+    """The planning settings; the audit share is the project's unless planning sets its own."""
+    if "audit_share" in p.planning.model_fields_set:
+        return p.planning
+    return p.planning.model_copy(update={"audit_share": p.audit_share})
+
+
+def score_inputs(p: ProjectConfig, checkpoint: str | None) -> tuple[bool, bool]:
+    """``(use_predictions, use_model)`` for scoring: one of them (scoring takes either)."""
+    choice = p.score_with
+    if choice == "auto":
+        choice = "model" if checkpoint is not None else "predictions" if p.predictions is not None else "none"
+    return choice == "predictions", choice == "model"
+
+
+def label_inputs(p: ProjectConfig, checkpoint: str | None) -> tuple[bool, bool]:
+    """``(use_predictions, use_model)`` for shadow/autolabel: what would be written."""
+    choice = p.label_with
+    if choice == "auto":
+        choice = "predictions" if p.predictions is not None else "model"
+    return choice == "predictions", choice == "model" and checkpoint is not None
+
+
+class _Run:
+    """The state of one run while its steps execute."""
+
+    def __init__(self, cfg: AppConfig, name: str, store: ReportStore, record: RunRecord, progress: bool) -> None:
+        self.cfg = cfg
+        self.name = name
+        self.p = cfg.projects[name]
+        self.store = store
+        self.record = record
+        self.progress = progress
+        self.run_dir = store.make_run_dir(name, record.run_id)
+        self.project: Any = None
+        self.predictions: Any = None
+        self.checkpoint: str | None = None
+        self.label_map = LabelMap()
+
+    def step(self, label: str, fn: Callable[[], None]) -> None:
+        log.info("%s %s: %s", self.name, self.record.run_id, label)
+        start = time.perf_counter()
+        try:
+            fn()
+        except Exception as exc:
+            raise StepFailed(label, exc) from exc
+        finally:
+            self.record.steps[label] = round(time.perf_counter() - start, 3)
+
+    def write_json(self, name: str, data: Any) -> None:
+        rel = f"{self.store.run_rel(self.name, self.record.run_id)}/{name}"
+        self.store.fs.write_text(rel, json.dumps(data, indent=2, sort_keys=True, default=str))
+        self.record.outputs[name.rsplit(".", 1)[0]] = self.store.fs.url_of(rel)
+
+    # -- steps ---------------------------------------------------------------------
+    def stats(self) -> None:
+        from connectors.project import open_predictions, open_project
+        from connectors.stats import compute_stats
+
+        p = self.p
+        self.project = open_project(p.source, p.format, p.storage_options or None, **p.options)
+        if p.predictions is not None:
+            self.predictions = open_predictions(
+                p.predictions.source, p.predictions.format, p.predictions.storage_options or None, project=self.project
+            )
+        self.label_map = build_label_map(p)
+        stats = compute_stats(self.project, self.predictions, label_map=self.label_map)
+        self.write_json("stats.json", stats)
+        for key in ("items", "labeled", "auto_labeled", "unlabeled", "boxes", "predictions"):
+            if isinstance(stats.get(key), int):
+                self.record.counts[key] = stats[key]
+        errors = stats.get("errors")
+        self.record.counts["item_errors"] = len(errors) if isinstance(errors, list) else errors
+
+    def train(self) -> None:
+        from difficulty.training import train_model
+
+        t = self.p.train
+        if t is None:
+            self.checkpoint = self.p.model
+            return
+        out = f"{self.run_dir}/model.pt"
+        train_model(
+            self.project.iter_items(),
+            self.project,
+            task=t.task,
+            arch=t.arch,
+            classes=t.classes,
+            epochs=t.epochs,
+            batch_size=t.batch_size,
+            lr=t.lr,
+            seed=t.seed,
+            calibration_share=t.calibration_share,
+            device=t.device,
+            progress=self.progress,
+            out=out,
+            image_size=t.image_size,
+            min_steps=t.min_steps,
+        )
+        self.checkpoint = out
+        self.record.outputs["model"] = out
+
+    def reference(self) -> str | None:
+        """The folder of the latest earlier successful run that has scores."""
+        for earlier in reversed(self.store.earlier_runs(self.name, self.record.run_id)):
+            if self.store.has_output(self.name, earlier.run_id, "difficulty.parquet"):
+                return self.store.run_dir(self.name, earlier.run_id)
+        return None
+
+    def score(self) -> None:
+        from difficulty.scoring import score_project
+
+        p = self.p
+        reference = self.reference()
+        log.info("%s: scoring against reference %s", self.name, reference or "(none: first run)")
+        use_predictions, use_model = score_inputs(p, self.checkpoint)
+        result = score_project(
+            self.project,
+            predictions=self.predictions if use_predictions else None,
+            checkpoint=self.checkpoint if use_model else None,
+            label_map=self.label_map,
+            scorers=p.scorers,
+            settings=p.scorer_settings or None,
+            tiers=p.tiers,
+            reference=reference,
+            out_dir=self.run_dir,
+            storage_options=self.cfg.report_store_options or None,
+            batch_size=p.batch_size,
+            num_workers=p.num_workers,
+            progress=self.progress,
+            run_id=self.record.run_id,
+        )
+        self.record.outputs.update({k: str(v) for k, v in result.paths.items()})
+        self.record.outputs.setdefault("difficulty", f"{self.run_dir}/difficulty.parquet")
+        if reference:
+            self.record.counts["reference"] = reference
+        summary = result.summary
+        self.record.counts["scored_with"] = "model" if use_model else "predictions" if use_predictions else "images"
+        for key in ("scored", "errors", "tiers", "scorers"):
+            if key in summary:
+                self.record.counts[f"score_{key}" if key in ("errors",) else key] = summary[key]
+
+    def report(self) -> None:
+        from difficulty.report import write_report
+
+        p = self.p
+        history = [self.store.run_dir(self.name, r.run_id) for r in self.store.earlier_runs(self.name, self.record.run_id)]
+        outputs = write_report(
+            self.run_dir,
+            plan_settings=build_plan_settings(p),
+            history=history,
+            project=self.project,
+            storage_options=self.cfg.report_store_options or None,
+        )
+        self.record.outputs.update({k: str(v) for k, v in outputs.items()})
+
+    def gate(self) -> None:
+        from autolabel.gate import run_autolabel
+
+        p = self.p
+        use_predictions, use_model = label_inputs(p, self.checkpoint)
+        result = run_autolabel(
+            self.project,
+            difficulty_dir=self.run_dir,
+            predictions=self.predictions if use_predictions else None,
+            checkpoint=self.checkpoint if use_model else None,
+            epsilon=p.epsilon,
+            delta=p.delta,
+            label_map=self.label_map,
+            stage=p.stage,
+            dry_run=False,
+            audit_share=p.audit_share,
+            min_count=p.min_count,
+            seed=p.seed,
+            out_dir=self.run_dir,
+            storage_options=self.cfg.report_store_options or None,
+            run_id=self.record.run_id,
+        )
+        self.record.outputs["autolabel"] = result.report_path or f"{self.run_dir}/autolabel.json"
+        self.record.counts[p.stage] = {
+            "threshold": result.threshold,
+            "bound": result.bound,
+            "coverage": result.coverage,
+            "eligible": result.n_eligible,
+            "selected": len(result.selected),
+            "written": len(result.written),
+            "refused": len(result.refused),
+            "audit": len(result.audit),
+            "audit_precision": result.precision,
+            "agreement": result.agreement,
+        }
+
+
+class StepFailed(Exception):
+    """A step of a run failed; the run is recorded ``failed`` with this message."""
+
+    def __init__(self, step: str, cause: BaseException) -> None:
+        self.step = step
+        self.cause = cause
+        super().__init__(f"{step}: {type(cause).__name__}: {cause}")
+
+
+def run_project(
+    cfg: AppConfig,
+    name: str,
+    *,
+    run_id: str | None = None,
+    trigger: str = "manual",
+    progress: bool = False,
+    store: ReportStore | None = None,
+) -> RunRecord:
+    """One full run of project ``name`` at its configured stage; never raises for a failed step.
+
+    Returns the run's record (``status`` ``ok`` or ``failed``); the same record is in
+    the report store at ``<project>/<run_id>/run.json``.
+    """
+    p = cfg.projects[name]
+    store = store or ReportStore(cfg.report_store, cfg.report_store_options)
+    record = RunRecord(run_id=run_id or new_run_id(), project=name, stage=p.stage, trigger=trigger, started=utcnow())
+    run = _Run(cfg, name, store, record, progress)
+    store.write_record(record)
+    try:
+        run.step("stats", run.stats)
+        if p.train is not None or p.model is not None:
+            run.step("train" if p.train is not None else "model", run.train)
+        run.step("score", run.score)
+        run.step("report", run.report)
+        if p.stage in ("shadow", "autolabel"):
+            run.step(p.stage, run.gate)
+        record.status = "ok"
+    except StepFailed as exc:
+        log.error("run %s of project %s failed in step %s", record.run_id, name, exc.step, exc_info=exc.cause)
+        record.status = "failed"
+        record.error = str(exc)
+    finally:
+        record.finished = utcnow()
+        store.write_record(record)
+    log.info("run %s of project %s: %s", record.run_id, name, record.status)
+    return record
+
+
+def run_locked(
+    cfg: AppConfig,
+    name: str,
+    *,
+    run_fn: RunFunction = run_project,
+    trigger: str = "manual",
+    progress: bool = False,
+    db: StateDB | None = None,
+) -> RunRecord:
+    """Run ``name`` under its project lock; a run that finds it taken is recorded ``skipped``.
+
+    The lock and the run history live in the state database (the scheduler's job store
+    URL).  A remote report store without ``scheduler.job_store`` has no database: the
+    run then goes ahead without a lock, with a warning.
+    """
+    store = ReportStore(cfg.report_store, cfg.report_store_options)
+    url = cfg.job_store_url()
+    if db is None and url is None:
+        log.warning("no scheduler.job_store configured for a remote report store: running %s without a lock", name)
+        return run_fn(cfg, name, trigger=trigger, progress=progress)
+    own_db = db is None
+    db = db or StateDB(url)  # type: ignore[arg-type]
+    try:
+        lock = db.lock(name, ttl=cfg.scheduler.lock_ttl_seconds)
+        with lock.held() as acquired:
+            if acquired:
+                run_id = new_run_id()
+                try:
+                    record = run_fn(cfg, name, run_id=run_id, trigger=trigger, progress=progress)
+                except Exception as exc:  # the run function broke outside its steps: still record it
+                    log.exception("run %s of project %s raised", run_id, name)
+                    record = RunRecord(
+                        run_id=run_id, project=name, stage=cfg.projects[name].stage, trigger=trigger, started=utcnow(),
+                        finished=utcnow(), status="failed", error=f"{type(exc).__name__}: {exc}",
+                    )  # fmt: skip
+                    store.write_record(record)
+            else:
+                holder = db.lock_holder(name)
+                now = utcnow()
+                record = RunRecord(
+                    run_id=new_run_id(now), project=name, stage=cfg.projects[name].stage, trigger=trigger, started=now,
+                    finished=now, status="skipped",
+                    error=f"a run of {name} is already in progress ({holder['owner'] if holder else 'lock held'})",
+                )  # fmt: skip
+                store.write_record(record)
+                log.warning("project %s: skipped, %s", name, record.error)
+        db.add_history(record)
+    finally:
+        if own_db:
+            db.dispose()
+    return record

@@ -1,0 +1,383 @@
+"""Fourier image complexity: is scoring as fast as decoding, and is memory bounded?
+
+Run from the repository root::
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/fourier_speed.py [--quick]
+
+Measured in one run, on the real images in ``../shared/data`` (road_signs, kitti_tiny)
+and on generated 1280×720 JPEGs (quality 90; smooth gradients + random shapes + noise,
+generated once into a cache folder):
+
+(a) decode only — :func:`difficulty.imagestream.iter_image_batches`, no scorer;
+(b) decode + Fourier scoring — :func:`difficulty.imagestream.score_images` with the
+    registered ``fourier`` scorer (the path ``labeltriage score`` uses);
+(c) a naive baseline — full-size PIL decode to grayscale + ``numpy.fft.fft2`` of the
+    whole image + the same high-frequency share, one image at a time.
+
+Each is repeated (``--repeats``, default 3) and the median is reported.  Targets:
+(b) ≥ 0.9 × (a) and (b) ≥ 2 × (c) in images per second.
+
+Peak memory: a Parquet manifest of N items (``connectors.manifest``) whose uris re-use a
+few real images is scored end to end in a fresh subprocess, for N = 10k and 100k; each
+subprocess reads its own peak RSS (``resource.getrusage``; main process and the largest
+DataLoader worker).  Target: ≤ 1.5 GB, and not growing with N.
+
+Results go to ``bench/results/fourier_speed.md`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import PIL  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw, ImageOps  # noqa: E402
+
+from connectors.model import Item  # noqa: E402
+from connectors.storage import ProjectFS  # noqa: E402
+from difficulty.imagestream import iter_image_batches, score_images  # noqa: E402
+
+log = logging.getLogger("bench.fourier_speed")
+
+SHARED_DATA = Path(os.environ.get("LABELTRIAGE_SHARED_DATA", REPO.parent / "shared" / "data"))
+SYNTH_WIDTH, SYNTH_HEIGHT = 1280, 720
+SYNTH_VERSION = 1  # bump when the generator changes, so that the cache is rebuilt
+RSS_LIMIT_MB = 1536.0
+
+
+# -- generated images ------------------------------------------------------------------
+
+
+def _synthetic_jpeg(index: int, path: str) -> None:
+    """One 1280×720 RGB JPEG (q90): a smooth two-colour gradient, random shapes, noise."""
+    rng = np.random.default_rng(10_000 + index)
+    h, w = SYNTH_HEIGHT, SYNTH_WIDTH
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    angle = rng.uniform(0, 2 * np.pi)
+    t = (np.cos(angle) * xx / w + np.sin(angle) * yy / h + 1) / 2
+    c0, c1 = rng.uniform(0, 255, 3).astype(np.float32), rng.uniform(0, 255, 3).astype(np.float32)
+    base = c0 + (c1 - c0) * t[..., None]
+    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(3, 150))):  # from an empty road to a busy street
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        x1, y1 = x0 + int(rng.integers(5, 300)), y0 + int(rng.integers(5, 200))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        kind = rng.integers(0, 4)
+        if kind == 0:
+            draw.rectangle([x0, y0, x1, y1], fill=colour)
+        elif kind == 1:
+            draw.ellipse([x0, y0, x1, y1], fill=colour)
+        elif kind == 2:
+            draw.line([x0, y0, x1, y1], fill=colour, width=int(rng.integers(1, 8)))
+        else:
+            points = [(int(x0 + rng.integers(-80, 80)), int(y0 + rng.integers(-80, 80))) for _ in range(5)]
+            draw.polygon(points, fill=colour)
+    pixels = np.asarray(image, dtype=np.float32)
+    pixels = pixels + rng.standard_normal(pixels.shape, dtype=np.float32) * float(rng.uniform(1, 10))
+    tmp = f"{path}.tmp"
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(tmp, "JPEG", quality=90)
+    os.replace(tmp, path)
+
+
+def ensure_synthetic(cache: Path, count: int) -> list[str]:
+    """``count`` generated JPEGs under ``cache`` (made once, re-used by later runs)."""
+    folder = cache / f"synthetic_{SYNTH_WIDTH}x{SYNTH_HEIGHT}_v{SYNTH_VERSION}"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"{i:05d}.jpg" for i in range(count)]
+    todo = [(i, str(folder / n)) for i, n in enumerate(names) if not (folder / n).exists()]
+    if todo:
+        log.info("generating %d JPEGs into %s", len(todo), folder)
+        start = time.perf_counter()
+        with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            list(pool.map(_synthetic_jpeg, *zip(*todo, strict=True), chunksize=16))
+        log.info("generated in %.1f s", time.perf_counter() - start)
+    return [str(folder / n) for n in names]
+
+
+# -- the three measured paths ----------------------------------------------------------
+
+
+@dataclass
+class DataSet:
+    name: str
+    root: str
+    rel_paths: list[str]
+    naive_subset: int
+
+    def items(self) -> list[Item]:
+        return [Item(item_id=p, uri=p) for p in self.rel_paths]
+
+
+def run_decode_only(ds: DataSet, workers: int, batch_size: int) -> int:
+    n = 0
+    for batch in iter_image_batches(ds.items(), ProjectFS(ds.root), size=128, batch_size=batch_size, num_workers=workers):
+        n += len(batch.item_ids)
+    return n
+
+
+def run_scoring(ds: DataSet, workers: int, batch_size: int) -> int:
+    n = 0
+    for _, values, error in score_images(ds.items(), ProjectFS(ds.root), ["fourier"], batch_size=batch_size, num_workers=workers):
+        if error is None and values["fourier"] >= 0.0:
+            n += 1
+    return n
+
+
+_NAIVE_GRIDS: dict[tuple[int, int], np.ndarray] = {}
+
+
+def naive_ratio(path: str, cutoff: float = 0.25) -> float:
+    """Full-size decode + full-size FFT, the obvious way: the baseline (c)."""
+    with Image.open(path) as image:
+        gray = ImageOps.exif_transpose(image).convert("L")
+    x = np.asarray(gray, dtype=np.float64) / 255.0
+    x = x - x.mean()
+    power = np.abs(np.fft.fft2(x)) ** 2
+    if x.shape not in _NAIVE_GRIDS:
+        fy, fx = np.fft.fftfreq(x.shape[0]), np.fft.fftfreq(x.shape[1])
+        _NAIVE_GRIDS[x.shape] = np.hypot(fy[:, None], fx[None, :]) > cutoff
+    total = power.sum()
+    return float(power[_NAIVE_GRIDS[x.shape]].sum() / total) if total > 0 else 0.0
+
+
+def run_naive(ds: DataSet) -> int:
+    n = 0
+    for rel in ds.rel_paths[: ds.naive_subset]:
+        if naive_ratio(os.path.join(ds.root, rel)) >= 0.0:
+            n += 1
+    return n
+
+
+def timed(fn: Callable[[], int]) -> tuple[float, int]:
+    start = time.perf_counter()
+    n = fn()
+    return time.perf_counter() - start, n
+
+
+# -- peak memory in a fresh process ----------------------------------------------------
+
+
+def rss_child(count: int, image_dir: str, workers: int, batch_size: int) -> None:
+    """Score a ``count``-item Parquet manifest; print JSON with this process's peak RSS."""
+    from connectors.manifest import iter_manifest_items, write_manifest
+
+    sources = sorted(p for p in os.listdir(image_dir) if p.endswith(".jpg"))
+    with tempfile.TemporaryDirectory(prefix="fourier_rss_") as tmp:
+        os.mkdir(os.path.join(tmp, "images"))
+        for name in sources:
+            shutil.copyfile(os.path.join(image_dir, name), os.path.join(tmp, "images", name))
+        project = ProjectFS(tmp)
+        write_manifest(
+            (Item(item_id=f"item{i:07d}", uri=f"images/{sources[i % len(sources)]}") for i in range(count)), project
+        )
+        start = time.perf_counter()
+        scored = errors = 0
+        total = 0.0
+        for _, values, error in score_images(iter_manifest_items(project), project, ["fourier"], batch_size=batch_size, num_workers=workers):
+            if error is None:
+                scored += 1
+                total += values["fourier"]
+            else:
+                errors += 1
+        seconds = time.perf_counter() - start
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps({"items": count, "scored": scored, "errors": errors, "seconds": seconds, "main_mb": own, "worker_mb": children}))
+
+
+def measure_rss(count: int, image_dir: str, workers: int, batch_size: int) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--rss-child", str(count), "--rss-images", image_dir, "--workers", str(workers), "--batch-size", str(batch_size)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+# -- report ----------------------------------------------------------------------------
+
+
+def machine() -> dict[str, str]:
+    model = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_kb = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal"):
+                mem_kb = int(line.split()[1])
+    return {
+        "cpu": model,
+        "cores": str(os.cpu_count()),
+        "ram": f"{mem_kb / 1024 / 1024:.1f} GiB",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pillow": PIL.__version__,
+        "torch threads (main)": str(torch.get_num_threads()),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def median_rate(times: Sequence[float], n: int) -> tuple[float, float]:
+    t = statistics.median(times)
+    return t, n / t
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="smaller run: 200 generated images, RSS at 2k vs 20k items")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--synthetic", type=int, default=None, help="number of generated JPEGs (default 2000, quick 200)")
+    parser.add_argument("--naive-synthetic", type=int, default=None, help="generated JPEGs for the naive baseline (default 300, quick 60)")
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "labeltriage-bench")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "fourier_speed.md")
+    parser.add_argument("--no-rss", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--rss-images", type=str, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.rss_child is not None:
+        rss_child(args.rss_child, args.rss_images, args.workers, args.batch_size)
+        return 0
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    n_synth = args.synthetic or (200 if args.quick else 2000)
+    n_naive_synth = args.naive_synthetic or (60 if args.quick else 300)
+    rss_counts = (2_000, 20_000) if args.quick else (10_000, 100_000)
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+
+    synth_paths = ensure_synthetic(args.cache, n_synth)
+    synth_root = str(Path(synth_paths[0]).parent)
+    datasets: list[DataSet] = []
+    for name in ("road_signs", "kitti_tiny"):
+        folder = SHARED_DATA / name / "images"
+        if folder.is_dir():
+            rel = sorted(f"images/{p.name}" for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+            datasets.append(DataSet(name, str(SHARED_DATA / name), rel, len(rel)))
+        else:
+            log.warning("%s not found under %s; skipped", name, SHARED_DATA)
+    datasets.append(DataSet(f"generated {SYNTH_WIDTH}×{SYNTH_HEIGHT} q90", synth_root, [os.path.basename(p) for p in synth_paths], n_naive_synth))
+
+    rows = []
+    for ds in datasets:
+        log.info("%s: %d images (warm-up pass)", ds.name, len(ds.rel_paths))
+        run_decode_only(ds, args.workers, args.batch_size)  # page cache, worker start-up paths
+        a_times, b_times, c_times = [], [], []
+        n_a = n_b = n_c = 0
+        for r in range(args.repeats):
+            t, n_a = timed(lambda ds=ds: run_decode_only(ds, args.workers, args.batch_size))
+            a_times.append(t)
+            t, n_b = timed(lambda ds=ds: run_scoring(ds, args.workers, args.batch_size))
+            b_times.append(t)
+            t, n_c = timed(lambda ds=ds: run_naive(ds))
+            c_times.append(t)
+            log.info("%s repeat %d: a %.2fs b %.2fs c %.2fs", ds.name, r + 1, a_times[-1], b_times[-1], c_times[-1])
+        _, rate_a = median_rate(a_times, n_a)
+        _, rate_b = median_rate(b_times, n_b)
+        _, rate_c = median_rate(c_times, n_c)
+        rows.append((ds.name, n_a, n_c, rate_a, rate_b, rate_c, rate_b / rate_a, rate_b / rate_c, a_times, b_times, c_times))
+
+    rss_rows = []
+    if not args.no_rss:
+        rss_images = SHARED_DATA / "road_signs" / "images"
+        image_dir = str(rss_images) if rss_images.is_dir() else synth_root
+        for count in rss_counts:
+            log.info("peak RSS: %d items in a fresh process", count)
+            rss_rows.append(measure_rss(count, image_dir, args.workers, args.batch_size))
+        rss_source = "50-odd real road_signs JPEGs" if rss_images.is_dir() else "the generated JPEGs"
+    load_after = os.getloadavg()
+    elapsed = time.perf_counter() - started
+
+    text = render(args, rows, rss_rows, rss_source if rss_rows else "", load_before, load_after, elapsed)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+    return 0
+
+
+def render(args: argparse.Namespace, rows: list, rss_rows: list, rss_source: str, load_before: tuple, load_after: tuple, elapsed: float) -> str:
+    info = machine()
+    lines = ["# Fourier scoring speed", ""]
+    lines.append("Command: `OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/fourier_speed.py" + (" --quick" if args.quick else "") + "`")
+    lines.append("")
+    lines.append("## Machine")
+    lines.append("")
+    for key, value in info.items():
+        lines.append(f"- {key}: {value}")
+    lines.append(f"- load average (1/5/15 min) before: {load_before[0]:.2f} / {load_before[1]:.2f} / {load_before[2]:.2f}, after: {load_after[0]:.2f} / {load_after[1]:.2f} / {load_after[2]:.2f}")
+    lines.append(f"- whole run: {elapsed:.0f} s")
+    lines.append("")
+    lines.append("## Throughput (images/s, median of %d repeats)" % args.repeats)
+    lines.append("")
+    lines.append(
+        f"(a) decode only through `iter_image_batches` and (b) decode + `fourier` through `score_images`: "
+        f"128×128 reduced decode, {args.workers} DataLoader workers, batches of {args.batch_size}. "
+        "(c) naive: full-size PIL decode + `numpy.fft.fft2` of the full image, one process, on the first "
+        "`naive n` images of the set."
+    )
+    lines.append("")
+    lines.append("| images | n | (a) decode | (b) decode + fourier | (c) naive | naive n | b/a (target ≥ 0.9) | b/c (target ≥ 2) |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, n_a, n_c, ra, rb, rc, ba, bc, *_ in rows:
+        ok_ba = "✔" if ba >= 0.9 else "✘"
+        ok_bc = "✔" if bc >= 2 else "✘"
+        lines.append(f"| {name} | {n_a} | {ra:.0f} | {rb:.0f} | {rc:.1f} | {n_c} | {ba:.2f} {ok_ba} | {bc:.1f} {ok_bc} |")
+    lines.append("")
+    lines.append("Seconds per repeat (a / b / c):")
+    lines.append("")
+    for name, *_, a_t, b_t, c_t in rows:
+        fmt = lambda ts: ", ".join(f"{t:.2f}" for t in ts)  # noqa: E731
+        lines.append(f"- {name}: a [{fmt(a_t)}] · b [{fmt(b_t)}] · c [{fmt(c_t)}]")
+    if rss_rows:
+        lines.append("")
+        lines.append("## Peak memory scoring a Parquet manifest (fresh process per size)")
+        lines.append("")
+        lines.append(
+            f"Manifest rows point at {rss_source} copied into a temporary project; read with "
+            "`connectors.manifest.iter_manifest_items`, scored with `score_images(['fourier'])`. "
+            "`ru_maxrss` of the main process and of the largest DataLoader worker; the total bounds "
+            f"the whole run (main + {args.workers} × worker). Target: total ≤ {RSS_LIMIT_MB:.0f} MB, flat in the item count."
+        )
+        lines.append("")
+        lines.append("| items | scored | errors | seconds | main peak MB | worker peak MB | total ≤ MB |")
+        lines.append("|---:|---:|---:|---:|---:|---:|---:|")
+        for r in rss_rows:
+            total = r["main_mb"] + args.workers * r["worker_mb"]
+            lines.append(f"| {r['items']:,} | {r['scored']:,} | {r['errors']} | {r['seconds']:.0f} | {r['main_mb']:.0f} | {r['worker_mb']:.0f} | {total:.0f} |")
+        if len(rss_rows) == 2:
+            growth = rss_rows[1]["main_mb"] - rss_rows[0]["main_mb"]
+            lines.append("")
+            lines.append(f"Main-process peak grew by {growth:+.0f} MB from {rss_rows[0]['items']:,} to {rss_rows[1]['items']:,} items.")
+    lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

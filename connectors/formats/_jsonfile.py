@@ -1,0 +1,142 @@
+"""Shared machinery of the one-JSON-file formats (COCO, Label Studio export).
+
+* :func:`load_json` parses a file and turns a syntax error into an :class:`InputError`
+  naming the file, line and column;
+* :func:`find_json` finds a project's JSON file by convention;
+* :func:`rewrite_json` is the read-modify-write used by write-back: it re-reads the file,
+  applies a change, and writes the result atomically — re-checking just before the move
+  that nobody changed the file meanwhile (retrying from the new content if so), so an
+  edit made between our read and our write is never lost;
+* :func:`entries_sha256` is the checksum of written entries that ``remove_written``
+  compares to tell an untouched auto-label from one a person edited.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import posixpath
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from connectors.errors import InputError, LabelTriageError, UsageError
+from connectors.storage import ProjectFS
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+REWRITE_ATTEMPTS = 5
+
+
+def parse_json(raw: bytes, url: str) -> Any:
+    """Parse ``raw``; a syntax error names ``url``, the line and the column."""
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise InputError(f"not UTF-8 text: {exc}", file=url) from exc
+    except json.JSONDecodeError as exc:
+        raise InputError(
+            f"malformed JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})",
+            file=url,
+            line=exc.lineno,
+        ) from exc
+
+
+def load_json(project: ProjectFS, rel: str) -> tuple[Any, bytes]:
+    """The parsed content of ``rel`` and its raw bytes."""
+    url = project.url_of(rel)
+    try:
+        raw = project.read_bytes(rel)
+    except FileNotFoundError as exc:
+        raise InputError("file not found", file=url) from exc
+    return parse_json(raw, url), raw
+
+
+def dump_json(data: Any, *, indent: int | None = None) -> bytes:
+    return json.dumps(data, ensure_ascii=False, indent=indent).encode("utf-8")
+
+
+def entries_sha256(entries: list[Any]) -> str:
+    """Checksum of JSON entries (key order does not matter)."""
+    return hashlib.sha256(
+        json.dumps(entries, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    ).hexdigest()
+
+
+def json_candidates(project: ProjectFS, folder: str = ".") -> list[str]:
+    """Visible ``*.json`` files directly inside ``folder`` (relative paths)."""
+    names = [
+        n for n in project.listdir(folder) if n.lower().endswith(".json") and not n.startswith(".")
+    ]
+    return [n if folder == "." else posixpath.join(folder, n) for n in names]
+
+
+def find_json(
+    project: ProjectFS, *, preferred: tuple[str, ...], folders: tuple[str, ...], what: str
+) -> str | None:
+    """The project's JSON file: the first of ``preferred`` that exists, else the only
+    ``*.json`` in the first of ``folders`` that has any; ``None`` when there is none.
+
+    Raises :class:`UsageError` when a folder holds several candidates (pass ``file=``).
+    """
+    for name in preferred:
+        if project.exists(name):
+            return name
+    for folder in folders:
+        if folder != "." and not project.isdir(folder):
+            continue
+        found = json_candidates(project, folder)
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise UsageError(
+                f"{project.url}: several JSON files could be the {what} ({', '.join(found)}); choose one with the file option"
+            )
+    return None
+
+
+def peek(project: ProjectFS, rel: str, size: int = 65536) -> str:
+    """The first ``size`` bytes of ``rel`` as text (for cheap format detection)."""
+    with project.open(rel, "rb") as f:
+        return f.read(size).decode("utf-8", errors="replace")
+
+
+class ConcurrentEditError(LabelTriageError):
+    """The file kept changing while it was being rewritten; nothing was written."""
+
+
+def rewrite_json(
+    project: ProjectFS,
+    rel: str,
+    change: Callable[[Any], tuple[bool, T]],
+    *,
+    indent: int | None = None,
+) -> T:
+    """Read ``rel``, apply ``change`` to the parsed data, write the result atomically.
+
+    ``change(data)`` edits ``data`` in place and returns ``(modified, result)``; when
+    ``modified`` is false nothing is written.  Just before the atomic move the file is
+    read again; if it changed meanwhile (a person saved it), the whole step is redone
+    from the new content, so such an edit is never overwritten and the human-label
+    check inside ``change`` sees it.
+    """
+    url = project.url_of(rel)
+    for attempt in range(REWRITE_ATTEMPTS):
+        data, raw = load_json(project, rel)
+        modified, result = change(data)
+        if not modified:
+            return result
+        out = dump_json(data, indent=indent)
+        if project.read_bytes(rel) != raw:
+            log.info(
+                "%s changed while it was being updated; redoing the update (attempt %d)",
+                url,
+                attempt + 1,
+            )
+            continue
+        project.write_bytes(rel, out)
+        return result
+    raise ConcurrentEditError(
+        f"{url}: the file kept changing during {REWRITE_ATTEMPTS} attempts to update it; nothing was written"
+    )

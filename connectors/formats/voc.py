@@ -1,0 +1,140 @@
+"""Pascal VOC: ``images/`` and ``annotations/*.xml``.
+
+Layout::
+
+    ROOT/images/<id>.jpg          any depth; the item id is the path without extension
+    ROOT/annotations/<id>.xml     one VOC file per image
+
+Each ``<object>`` has ``<name>`` and ``<bndbox>`` with ``xmin ymin xmax ymax`` in pixels
+(VOC's 1-based pixel coordinates are kept as they are; ``xyxy`` pixels inside
+labeltriage).  The image size comes from ``<size>``; when it is missing or zero it is
+read from the image header.  ``<filename>`` is written, and read only for a log line when
+it disagrees with the image.
+
+XML is parsed with ``defusedxml``: documents with a DTD or entity declarations are
+refused (no entity expansion, no external resources).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import posixpath
+import xml.etree.ElementTree as ET
+
+import defusedxml
+from defusedxml import ElementTree as SafeET
+
+from connectors.errors import InputError
+from connectors.formats._filebased import LabelFileFormat, format_number, image_size
+from connectors.formats.base import FORMATS
+from connectors.model import Annotation, Item, check_box_in_image
+from connectors.storage import ProjectFS
+
+log = logging.getLogger(__name__)
+
+_BOX_FIELDS = ("xmin", "ymin", "xmax", "ymax")
+
+
+def parse_voc_xml(data: bytes, rel: str) -> ET.Element:
+    """The root element of a VOC document; refuses DTDs and entities (defusedxml)."""
+    try:
+        root = SafeET.fromstring(data, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+    except ET.ParseError as exc:
+        line = exc.position[0] if getattr(exc, "position", None) else None
+        raise InputError(f"malformed XML: {exc}", file=rel, line=line) from exc
+    except defusedxml.DefusedXmlException as exc:
+        raise InputError(f"refused XML: {exc}", file=rel) from exc
+    if root.tag != "annotation":
+        raise InputError(f"expected a VOC <annotation> root element, got <{root.tag}>", file=rel)
+    return root
+
+
+def _number(element: ET.Element | None, field: str, where: str, rel: str) -> float:
+    text = element.findtext(field) if element is not None else None
+    if text is None or not text.strip():
+        raise InputError(f"{where}: missing <{field}>", file=rel)
+    try:
+        value = float(text)
+    except ValueError:
+        raise InputError(f"{where}: <{field}> {text.strip()!r} is not a number", file=rel) from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise InputError(f"{where}: <{field}> {text.strip()!r} is not a finite number", file=rel)
+    return value
+
+
+@FORMATS.register("voc")
+class VocFormat(LabelFileFormat):
+    """Pascal VOC detection project (``images/`` + ``annotations/*.xml``)."""
+
+    name = "voc"
+    labels_dir = "annotations"
+    label_ext = ".xml"
+
+    @classmethod
+    def detect(cls, project: ProjectFS) -> bool:
+        """``images/`` and an ``annotations/`` folder whose first files include an ``.xml``."""
+        if not (project.isdir(cls.images_dir) and project.isdir(cls.labels_dir)):
+            return False
+        first = itertools.islice(project.walk_files(cls.labels_dir), 20)
+        return any(rel.endswith(cls.label_ext) for rel in first)
+
+    def parse_label(self, item: Item, label_rel: str, data: bytes) -> Item:
+        root = parse_voc_xml(data, label_rel)
+        size = root.find("size")
+        width = height = None
+        if size is not None and (size.findtext("width") or "").strip():
+            width = int(_number(size, "width", "<size>", label_rel))
+            height = int(_number(size, "height", "<size>", label_rel))
+        if not width or not height:
+            width, height = image_size(self.project, item.uri, item=item.item_id)
+        filename = (root.findtext("filename") or "").strip()
+        if filename and filename != posixpath.basename(item.uri):
+            log.debug("%s: <filename> %r differs from the image %s", label_rel, filename, item.uri)
+        annotations = []
+        for index, obj in enumerate(root.iter("object"), start=1):
+            where = f"object {index}"
+            name = (obj.findtext("name") or "").strip()
+            if not name:
+                raise InputError(f"{where}: missing <name>", file=label_rel)
+            bndbox = obj.find("bndbox")
+            if bndbox is None:
+                raise InputError(f"{where} ({name}): missing <bndbox>", file=label_rel)
+            x1, y1, x2, y2 = (
+                _number(bndbox, f, f"{where} ({name})", label_rel) for f in _BOX_FIELDS
+            )
+            problem = check_box_in_image((x1, y1, x2, y2), width, height)
+            if problem is not None:
+                raise InputError(f"{where} ({name}): {problem}", file=label_rel)
+            annotations.append(Annotation(label=name, box=(x1, y1, x2, y2)))
+        return item.model_copy(
+            update={"annotations": annotations, "width": width, "height": height}
+        )
+
+    def render_label(
+        self, item: Item, annotations: list[Annotation], classes: list[str] | None = None
+    ) -> bytes:
+        width, height = self.image_size_of(item)
+        root = ET.Element("annotation")
+        ET.SubElement(root, "folder").text = self.images_dir
+        ET.SubElement(root, "filename").text = posixpath.basename(item.uri)
+        size = ET.SubElement(root, "size")
+        for tag, value in (("width", width), ("height", height), ("depth", 3)):
+            ET.SubElement(size, tag).text = str(value)
+        ET.SubElement(root, "segmented").text = "0"
+        for a in annotations:
+            if a.box is None:
+                raise InputError(
+                    "VOC labels need boxes; got a classification label",
+                    file=self.label_path(item.item_id),
+                    item=item.item_id,
+                )
+            obj = ET.SubElement(root, "object")
+            ET.SubElement(obj, "name").text = a.label
+            for tag, text in (("pose", "Unspecified"), ("truncated", "0"), ("difficult", "0")):
+                ET.SubElement(obj, tag).text = text
+            bndbox = ET.SubElement(obj, "bndbox")
+            for tag, coord in zip(_BOX_FIELDS, a.box, strict=True):
+                ET.SubElement(bndbox, tag).text = format_number(coord)
+        ET.indent(root)
+        return ET.tostring(root, encoding="utf-8", xml_declaration=False) + b"\n"

@@ -1,0 +1,202 @@
+"""Open a project (and a prediction source) from a URL and a format name.
+
+``source`` is any fsspec URL or local path.  When it names a **file** (a COCO JSON, a
+Label Studio export, a Parquet manifest, a YOLO ``data.yaml``), the project root is the
+file's folder and the format gets the option ``file=<basename>``; when it names a
+**folder**, that folder is the root.
+
+``fmt="auto"`` decides the format:
+
+* for a folder, each registered format's ``detect`` runs in :data:`DETECT_ORDER`; exactly
+  one must match, else a :class:`~connectors.errors.UsageError` lists what was looked
+  for (none matched) or which formats matched (several);
+* for a file, by its suffix: ``.parquet`` → ``manifest``, ``.yaml``/``.yml``/``.txt`` →
+  ``yolo``, ``.json`` → ``labelstudio`` when the document is a JSON list (an export of
+  tasks), ``coco`` when it is an object;
+* an ``http://`` or ``https://`` source (with ``fmt`` ``auto`` or ``labelstudio``) is a live
+  Label Studio server: format ``labelstudio_api``, opened with its
+  ``from_url(url, storage_options=..., **options)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import logging
+import posixpath
+from typing import Any
+
+from connectors.errors import LabelTriageError, UsageError
+from connectors.formats import FORMATS, PREDICTION_FORMATS
+from connectors.formats.base import PredictionSource, ProjectFormat
+from connectors.storage import ProjectFS, open_fs
+
+log = logging.getLogger(__name__)
+
+DETECT_ORDER: tuple[str, ...] = (
+    "manifest",
+    "labelstudio",
+    "coco",
+    "voc",
+    "yolo",
+    "kitti",
+    "imagefolder",
+)
+"""The order in which ``--format auto`` asks each format's ``detect`` (folders)."""
+
+LOOKED_FOR: dict[str, str] = {
+    "manifest": "a Parquet manifest",
+    "labelstudio": "a Label Studio JSON export",
+    "coco": "a COCO JSON with images/categories",
+    "voc": "images/ + annotations/*.xml",
+    "yolo": "images/ + labels/*.txt + classes.txt or data.yaml",
+    "kitti": "images/ + labels/*.txt with 15-column KITTI lines",
+    "imagefolder": "one folder of images per class (CLASS/*.jpg)",
+}
+
+_FILE_SUFFIX_FORMATS: dict[str, str] = {
+    ".parquet": "manifest",
+    ".yaml": "yolo",
+    ".yml": "yolo",
+    ".txt": "yolo",
+}
+
+
+def _is_remote_api(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def split_source(
+    source: str, storage_options: dict[str, Any] | None = None
+) -> tuple[ProjectFS, str | None]:
+    """The project root of ``source`` and, when ``source`` is a file, its basename."""
+    if not source:
+        raise UsageError("no source given: pass a project folder or file (--source)")
+    fs, path = open_fs(source, storage_options)
+    try:
+        is_file = bool(fs.isfile(path))
+        exists = is_file or bool(fs.isdir(path))
+    except OSError as exc:
+        raise UsageError(f"{source}: cannot be read: {exc}") from exc
+    if not exists:
+        raise UsageError(f"{source}: no such file or folder")
+    if not is_file:
+        return ProjectFS(source, storage_options), None
+    protocol, sep, rest = source.rpartition("://")
+    head, name = posixpath.split(rest.rstrip("/"))
+    root = f"{protocol}://{head}" if sep else (head or ".")
+    return ProjectFS(root, storage_options), name
+
+
+def detect_format(project: ProjectFS) -> str:
+    """The one registered format whose ``detect`` accepts the folder ``project``.
+
+    Formats are asked in :data:`DETECT_ORDER` (then any other registered format, by
+    name).  Raises :class:`UsageError` when none or several match.
+    """
+    names = [n for n in DETECT_ORDER if n in FORMATS]
+    names += sorted(n for n in FORMATS if n not in DETECT_ORDER and n != "labelstudio_api")
+    matches = []
+    for name in names:
+        try:
+            if FORMATS[name].detect(project):
+                matches.append(name)
+        except (LabelTriageError, OSError, ValueError) as exc:
+            log.debug("%s: format %s could not check the folder: %s", project.url, name, exc)
+    if len(matches) == 1:
+        log.info("%s: detected format %s", project.url, matches[0])
+        return matches[0]
+    if not matches:
+        looked = "; ".join(f"{n}: {LOOKED_FOR.get(n, 'its own layout')}" for n in names)
+        raise UsageError(
+            f"{project.url}: no known project layout found (looked for {looked}); pass --format"
+        )
+    raise UsageError(
+        f"{project.url}: several formats match ({', '.join(matches)}); pass --format to choose one"
+    )
+
+
+def _detect_file(project: ProjectFS, name: str) -> str:
+    suffix = posixpath.splitext(name)[1].lower()
+    if suffix in _FILE_SUFFIX_FORMATS:
+        return _FILE_SUFFIX_FORMATS[suffix]
+    if suffix == ".json":
+        with project.open(name, "rb") as f:
+            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        if head.startswith(b"["):
+            return "labelstudio"
+        if head.startswith(b"{"):
+            return "coco"
+        raise UsageError(f"{project.url_of(name)}: not a JSON object or list; pass --format")
+    raise UsageError(
+        f"{project.url_of(name)}: cannot tell the format of a {suffix or 'suffix-less'} file (looked for .json, .parquet, .yaml); pass --format"
+    )
+
+
+def open_project(
+    source: str, fmt: str = "auto", storage_options: dict[str, Any] | None = None, **options: Any
+) -> ProjectFormat:
+    """The project at ``source`` in format ``fmt`` (``"auto"`` detects it).
+
+    Raises :class:`UsageError` for an unknown format, a missing source, or an
+    undetectable layout.
+    """
+    if _is_remote_api(source) and fmt in ("auto", "labelstudio", "labelstudio_api"):
+        cls = FORMATS["labelstudio_api"]
+        from_url = getattr(cls, "from_url", None)
+        if from_url is None:
+            raise UsageError(f"format labelstudio_api cannot open {source}: it has no from_url")
+        project: ProjectFormat = from_url(source, storage_options=storage_options, **options)
+        return project
+    if fmt != "auto":
+        FORMATS[fmt]
+    root, file = split_source(source, storage_options)
+    if file is not None:
+        options = {**options, "file": file}
+    if fmt == "auto":
+        fmt = _detect_file(root, file) if file is not None else detect_format(root)
+    return FORMATS[fmt](root, **options)
+
+
+def open_predictions(
+    source: str,
+    fmt: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    project: ProjectFormat | None = None,
+    **options: Any,
+) -> PredictionSource:
+    """Predictions a user brings, at ``source`` in prediction format ``fmt``.
+
+    Same file/folder rule as :func:`open_project`; the source class is built as
+    ``cls(root, project=project, **options)`` (plus ``file=`` for a file source).
+    ``fmt="auto"``: a ``.json`` file is ``coco``, a folder with ``.txt`` files is ``yolo``.
+    An ``http(s)://`` source (``fmt`` ``auto`` or ``labelstudio``) reads the predictions
+    stored in a live Label Studio project.
+    """
+    if _is_remote_api(source) and fmt in ("auto", "labelstudio", "labelstudio_api"):
+        module = importlib.import_module(FORMATS["labelstudio_api"].__module__)
+        remote: PredictionSource = module.LabelStudioPredictions.from_url(
+            source, storage_options, **options
+        )
+        return remote
+    if fmt != "auto":
+        PREDICTION_FORMATS[fmt]
+    root, file = split_source(source, storage_options)
+    if file is not None:
+        options = {**options, "file": file}
+    if fmt == "auto":
+        if file is not None and file.lower().endswith(".json"):
+            fmt = "coco"
+        elif file is None and any(
+            p.endswith(".txt") for p in itertools.islice(root.walk_files(), 100)
+        ):
+            fmt = "yolo"
+        else:
+            raise UsageError(
+                f"{source}: cannot tell the predictions format (looked for a COCO .json file or a folder of YOLO .txt files); pass --predictions-format"
+            )
+    # Prediction sources are built as (root, *, project, **options).
+    source_cls: Any = PREDICTION_FORMATS[fmt]
+    predictions: PredictionSource = source_cls(root, project=project, **options)
+    return predictions

@@ -1,0 +1,148 @@
+"""Checkpoints: weights plus plain-data metadata, loadable with ``torch.load(weights_only=True)``.
+
+A checkpoint file is ``torch.save`` of a dict with only tensors and JSON-able values::
+
+    {"format": "labeltriage-checkpoint", "format_version": 1,
+     "meta": {...}, "state_dict": {name: tensor}}
+
+``meta`` holds everything needed to rebuild the model and to trust its outputs:
+
+=====================  ===============================================================
+``task``               ``classification`` or ``detection``
+``arch``               model name (:data:`~difficulty.models.classification.CLASSIFICATION_ARCHS`,
+                       :data:`~difficulty.models.detection.DETECTION_ARCHS`)
+``classes``            project class names (detection label ``i`` = ``classes[i-1]``)
+``model``              constructor settings: ``in_channels``, ``image_size``, ``width``, ``dropout``
+``lossnet``            :class:`~difficulty.models.lossnet.LossNetConfig` as a dict
+``data_hash``          sha256 over the sorted (item id, label) pairs trained on
+``calibration_ids``    the held-out items never trained on (sorted), with ``calibration``
+                       giving the rule, share and a hash of the ids
+``version``            ``<arch>-<data_hash[:8]>-<created>``; also as ``model_version``
+``created``            UTC ISO time
+``training``           epochs, batch size, lr, seed, init, freeze_target, per-epoch losses
+=====================  ===============================================================
+
+Files are written atomically (temporary object, then move) on any fsspec URL.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from connectors.errors import InputError, UsageError
+from connectors.storage import ProjectFS
+
+FORMAT = "labeltriage-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """A loaded (or in-memory) checkpoint: ``meta`` (plain data) and ``state_dict``.
+
+    ``model`` caches the built model (:meth:`build_model`); a checkpoint made in memory
+    around a user's own model (a frozen target) carries it here, since its architecture
+    cannot be rebuilt from metadata.
+    """
+
+    meta: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    path: str | None = None
+    model: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def task(self) -> str:
+        return str(self.meta["task"])
+
+    @property
+    def arch(self) -> str:
+        return str(self.meta["arch"])
+
+    @property
+    def classes(self) -> list[str]:
+        return [str(c) for c in self.meta["classes"]]
+
+    @property
+    def version(self) -> str:
+        return str(self.meta["version"])
+
+    def build_model(self) -> nn.Module:
+        """The model with these weights, in eval mode (built once, then cached)."""
+        if self.model is None:
+            from difficulty.models.build import model_from_meta
+
+            model = model_from_meta(self.meta)
+            model.load_state_dict(self.state_dict)
+            self.model = model
+        self.model.eval()
+        return self.model
+
+
+def _check_json(meta: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return json.loads(json.dumps(meta))  # type: ignore[no-any-return]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"checkpoint metadata must be plain JSON-able data: {exc}") from exc
+
+
+def _split_url(path: str) -> tuple[str, str]:
+    if "://" in path:
+        protocol, rest = path.split("://", 1)
+        parent, name = posixpath.split(rest)
+        return f"{protocol}://{parent}", name
+    import os
+
+    parent, name = os.path.split(os.path.abspath(path))
+    return parent, name
+
+
+def save_checkpoint(path: str, model: nn.Module | dict[str, torch.Tensor], meta: dict[str, Any], *, storage_options: dict[str, Any] | None = None) -> Checkpoint:
+    """Write ``model``'s weights (or a state dict) and ``meta`` to ``path`` atomically.
+
+    ``path`` is a local path or an fsspec URL; an existing file is replaced.
+    """
+    state = model if isinstance(model, dict) else model.state_dict()
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    clean = _check_json(meta)
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "meta": clean, "state_dict": state}, buffer)
+    parent, name = _split_url(path)
+    ProjectFS(parent, storage_options).write_bytes(name, buffer.getvalue())
+    return Checkpoint(meta=clean, state_dict=state, path=path, model=None if isinstance(model, dict) else model)
+
+
+def _read(path: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    parent, name = _split_url(path)
+    try:
+        data = ProjectFS(parent, storage_options).read_bytes(name)
+    except FileNotFoundError as exc:
+        raise UsageError(f"checkpoint {path} not found") from exc
+    try:
+        blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many kinds for a bad file (UnpicklingError, RuntimeError, …)
+        raise InputError(f"not a readable checkpoint: {type(exc).__name__}: {exc}", file=path) from exc
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise InputError(f"not a {FORMAT} file", file=path)
+    if int(blob.get("format_version", 0)) > FORMAT_VERSION:
+        raise InputError(f"checkpoint format version {blob['format_version']} is newer than this labeltriage ({FORMAT_VERSION})", file=path)
+    return blob
+
+
+def load_checkpoint(path: str | Checkpoint, *, storage_options: dict[str, Any] | None = None) -> Checkpoint:
+    """Read a checkpoint with ``torch.load(weights_only=True)`` (a ``Checkpoint`` passes through)."""
+    if isinstance(path, Checkpoint):
+        return path
+    blob = _read(path, storage_options)
+    return Checkpoint(meta=blob["meta"], state_dict=blob["state_dict"], path=path)
+
+
+def load_checkpoint_meta(path: str | Checkpoint, *, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Only the metadata of a checkpoint (see the module docstring for its keys)."""
+    return load_checkpoint(path, storage_options=storage_options).meta

@@ -1,0 +1,241 @@
+"""Model-free image complexity from the 2-D Fourier spectrum.
+
+Both scorers take a batch of grayscale images ``(N, H, W)`` (float, values in ``[0, 1]``
+as :func:`difficulty.imageio.decode_gray` makes them) and return one value per image,
+``(N,)``, in ``[0, 1]``; higher = more fine detail / clutter = harder.
+
+The power spectrum
+------------------
+For image ``x`` (``H``×``W``) and the separable Hann window
+``w[i, j] = hann_H[i] · hann_W[j]`` with ``hann_N[i] = sin²(π (i + 1) / (N + 1))``,
+``i = 0 … N−1`` (the symmetric Hann window of length ``N + 2`` without its two zero end
+points, so that every pixel has positive weight even for tiny images; ``w ≡ 1`` with
+``window=False``):
+
+* window-weighted mean removal: ``μ = Σ w·x / Σ w`` and ``y = (x − μ) · w`` — the
+  windowed image has exactly zero mean, so no DC power leaks into the low frequencies;
+* ``P[k] = |FFT2(y)[k]|²`` on the full ``H``×``W`` frequency grid ``k = (k_y, k_x)``,
+  with frequencies ``f_y = fftfreq(H)``, ``f_x = fftfreq(W)`` in cycles per pixel
+  (Nyquist = 0.5) and radial frequency ``ρ[k] = sqrt(f_y² + f_x²)`` (``0 … 0.5·√2``).
+
+It is computed with ``torch.fft.rfft2`` (half the grid, real input); columns other than
+``f_x = 0`` and the Nyquist column of an even ``W`` stand for two conjugate bins of equal
+power and are counted twice, so every sum below is over the full grid.
+
+High-frequency ratio (scorer ``fourier``)
+-----------------------------------------
+``ratio = Σ_{ρ[k] > cutoff} P[k] / Σ_k P[k]``, the share of spectral power above the
+radial ``cutoff`` (cycles per pixel, ``0 < cutoff < 0.5``; the default 0.25 is half the
+Nyquist frequency).  For white noise the spectrum of the windowed image is flat in
+expectation, so the ratio is the share of grid bins with ``ρ > cutoff``, about
+``1 − π·cutoff²`` (0.80 at 0.25).  Natural photographs, whose power falls like
+``1/ρ²``, score far lower; clutter, edges and texture raise it.
+
+Spectral entropy (scorer ``fourier_entropy``)
+---------------------------------------------
+With ``p[k] = P[k] / Σ P``: ``entropy = −Σ_k p[k] log p[k] / log(H·W)``, the Shannon
+entropy of the normalised power spectrum over the full grid, divided by its maximum
+``log(H·W)`` so that it lies in ``[0, 1]``: 0 for a single frequency, near 1 for white
+noise.
+
+A constant image has no power at all; both functions return exactly ``0`` for it, not
+NaN (as for any image whose spectral power sums to zero).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from difficulty.imageio import DEFAULT_SIZE
+from difficulty.registry import register_scorer
+
+DEFAULT_CUTOFF = 0.25
+
+
+def high_frequency_ratio(
+    images: torch.Tensor, *, cutoff: float = DEFAULT_CUTOFF, window: bool = True
+) -> torch.Tensor:
+    """Share of spectral power above the radial ``cutoff`` (cycles/pixel), per image.
+
+    ``images``: ``(N, H, W)`` float tensor.  Returns ``(N,)`` in ``[0, 1]`` (float64 for
+    float64 input, float32 otherwise); exactly
+    0 for a constant image.  The formula is in the module docstring.
+    """
+    _check_images(images)
+    if not (0.0 < cutoff < 0.5):
+        raise ValueError(f"cutoff must be in (0, 0.5) cycles per pixel, got {cutoff}")
+    return _high_frequency_ratio(images, cutoff, window)
+
+
+def spectral_entropy(images: torch.Tensor, *, window: bool = True) -> torch.Tensor:
+    """Normalised Shannon entropy of the power spectrum, per image.
+
+    ``images``: ``(N, H, W)`` float tensor.  Returns ``(N,)`` in ``[0, 1]`` (float64 for
+    float64 input, float32 otherwise); exactly 0 for a constant image.  The formula is in
+    the module docstring.
+    """
+    _check_images(images)
+    return _spectral_entropy(images, window)
+
+
+def _check_images(images: torch.Tensor) -> None:
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor (N, H, W), got {type(images).__name__}")
+    if images.ndim != 3:
+        raise ValueError(f"images must have shape (N, H, W), got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise TypeError(f"images must be a floating-point tensor, got {images.dtype}")
+    if images.shape[1] < 2 or images.shape[2] < 2:
+        raise ValueError(f"images must be at least 2×2 pixels, got {tuple(images.shape[1:])}")
+
+
+# -- computation (inputs already checked) ---------------------------------------------
+
+
+@lru_cache(maxsize=16)
+def _window(height: int, width: int, window: bool, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """``(H, W)`` separable Hann window (all ones when ``window`` is false)."""
+    if not window:
+        return torch.ones(height, width, device=device, dtype=dtype)
+    hann_h = torch.hann_window(height + 2, periodic=False, dtype=torch.float64)[1:-1]
+    hann_w = torch.hann_window(width + 2, periodic=False, dtype=torch.float64)[1:-1]
+    return (hann_h[:, None] * hann_w[None, :]).to(device=device, dtype=dtype)
+
+
+@lru_cache(maxsize=16)
+def _half_grid(
+    height: int, width: int, device: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Radial frequency ``ρ`` and bin multiplicity on the ``rfft2`` half grid, ``(H, W//2+1)``."""
+    f_y = torch.fft.fftfreq(height, dtype=torch.float64)
+    f_x = torch.fft.rfftfreq(width, dtype=torch.float64)
+    rho = torch.sqrt(f_y[:, None] ** 2 + f_x[None, :] ** 2)
+    multiplicity = torch.full((width // 2 + 1,), 2.0, dtype=torch.float64)
+    multiplicity[0] = 1.0
+    if width % 2 == 0:
+        multiplicity[-1] = 1.0
+    weights = multiplicity[None, :].expand(height, -1).contiguous()
+    return rho.to(device), weights.to(device=device, dtype=dtype)
+
+
+def _power(images: torch.Tensor, window: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted half-grid power ``(N, H, W//2+1)`` and a ``(N,)`` mask of images without power.
+
+    Computed in float64 for float64 input, in float32 otherwise.
+    """
+    x = images if images.dtype == torch.float64 else images.to(torch.float32)
+    _, height, width = x.shape
+    device = str(x.device)
+    w = _window(height, width, window, device, x.dtype)
+    mean = (x * w).sum(dim=(-2, -1), keepdim=True) / w.sum()
+    spectrum = torch.fft.rfft2((x - mean) * w)
+    power = spectrum.real.square() + spectrum.imag.square()
+    _, weights = _half_grid(height, width, device, x.dtype)
+    power = power * weights
+    constant = x.amax(dim=(-2, -1)) == x.amin(dim=(-2, -1))
+    return power, constant | ~(power.sum(dim=(-2, -1)) > 0)
+
+
+def _high_frequency_ratio(images: torch.Tensor, cutoff: float, window: bool) -> torch.Tensor:
+    if images.shape[0] == 0:
+        return torch.zeros(
+            0, dtype=images.dtype if images.dtype == torch.float64 else torch.float32
+        )
+    power, constant = _power(images, window)
+    rho, _ = _half_grid(images.shape[1], images.shape[2], str(images.device), power.dtype)
+    total = power.sum(dim=(-2, -1))
+    high = (power * (rho > cutoff)).sum(dim=(-2, -1))
+    ratio = (high / torch.where(constant, torch.ones_like(total), total)).clamp(0.0, 1.0)
+    return torch.where(constant, torch.zeros_like(ratio), ratio)
+
+
+def _spectral_entropy(images: torch.Tensor, window: bool) -> torch.Tensor:
+    if images.shape[0] == 0:
+        return torch.zeros(
+            0, dtype=images.dtype if images.dtype == torch.float64 else torch.float32
+        )
+    power, constant = _power(images, window)
+    _, height, width = images.shape
+    _, weights = _half_grid(height, width, str(images.device), power.dtype)
+    total = power.sum(dim=(-2, -1), keepdim=True)
+    safe_total = torch.where(constant[:, None, None], torch.ones_like(total), total)
+    # ``power`` already carries the multiplicity; each of the m bins it stands for has
+    # probability p = power / (m · total), so its share of the entropy is −m · p log p.
+    p = power / (weights * safe_total)
+    entropy = -(weights * torch.xlogy(p, p)).sum(dim=(-2, -1)) / math.log(height * width)
+    entropy = entropy.clamp(0.0, 1.0)
+    return torch.where(constant, torch.zeros_like(entropy), entropy)
+
+
+# -- registered scorers ---------------------------------------------------------------
+
+
+class FourierSettings(BaseModel):
+    """Settings of the ``fourier`` scorer (configured under ``fourier:``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cutoff: float = Field(
+        DEFAULT_CUTOFF, gt=0.0, lt=0.5, description="radial cutoff, cycles per pixel"
+    )
+    size: int = Field(
+        DEFAULT_SIZE, ge=16, le=2048, description="side of the square decode grid, pixels"
+    )
+    window: bool = Field(True, description="apply a Hann window before the FFT")
+
+
+class FourierEntropySettings(BaseModel):
+    """Settings of the ``fourier_entropy`` scorer (configured under ``fourier_entropy:``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size: int = Field(
+        DEFAULT_SIZE, ge=16, le=2048, description="side of the square decode grid, pixels"
+    )
+    window: bool = Field(True, description="apply a Hann window before the FFT")
+
+
+@register_scorer(
+    "fourier",
+    needs={"images"},
+    settings=FourierSettings,
+    description="share of spectral power above a radial cutoff (model-free image complexity)",
+    tags={"image", "model_free"},
+)
+def fourier_score(
+    images: torch.Tensor,
+    *,
+    cutoff: float = DEFAULT_CUTOFF,
+    window: bool = True,
+    size: int = DEFAULT_SIZE,
+) -> np.ndarray:
+    """Scorer ``fourier``: :func:`high_frequency_ratio` as ``(N,)`` float64.
+
+    ``size`` is the decode size the image stream used to make ``images`` (it is part of
+    the settings so that one config block describes the scorer); it is not used here.
+    """
+    return (
+        high_frequency_ratio(images, cutoff=cutoff, window=window).to(torch.float64).cpu().numpy()
+    )
+
+
+@register_scorer(
+    "fourier_entropy",
+    needs={"images"},
+    settings=FourierEntropySettings,
+    description="normalised entropy of the power spectrum (model-free image complexity)",
+    tags={"image", "model_free"},
+)
+def fourier_entropy_score(
+    images: torch.Tensor, *, window: bool = True, size: int = DEFAULT_SIZE
+) -> np.ndarray:
+    """Scorer ``fourier_entropy``: :func:`spectral_entropy` as ``(N,)`` float64.
+
+    ``size`` is the decode size the image stream used; it is not used here.
+    """
+    return spectral_entropy(images, window=window).to(torch.float64).cpu().numpy()

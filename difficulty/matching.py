@@ -1,0 +1,238 @@
+"""Would an auto-label pass review?  Matching predictions against ground truth.
+
+The rule is the one a reviewer applies to an auto-labeled item:
+
+* **detection** — every ground-truth box is matched, one to one, by a predicted box of
+  the same class at IoU ≥ ``iou_threshold`` (0.5), and no predicted box is left over;
+* **classification** — the predicted (arg-max) class is the true class.
+
+Boxes are pixel ``xyxy`` (``x1 <= x2``, ``y1 <= y2``), as everywhere in labeltriage.
+
+Ignore regions (KITTI ``DontCare``, COCO crowd).  Ground-truth boxes whose class is
+ignored are not targets: missing them is no error.  A prediction that matches no real
+ground-truth box but lies mostly inside an ignore region — its *intersection over its
+own area* (IoA) with the region is ≥ 0.5, as COCO treats crowd regions — is neither a
+true nor a false positive; it is counted as ``ignored``.  A prediction whose own class
+is an ignored class is dropped the same way.
+
+Greedy one-to-one matching: predictions in order of descending score (ties keep input
+order; a missing score counts as 1.0) each take the unmatched ground-truth box of the
+same class with the highest IoU, if that IoU reaches the threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from connectors.labelmap import LabelMap
+from connectors.model import Annotation, Item, Prediction
+
+IGNORE_IOA = 0.5
+"""A prediction at least this much inside an ignore region (IoA) is ignored."""
+
+
+@dataclass(frozen=True)
+class MatchResult:
+    """Counts of one image's matching.  ``correct`` ⇔ ``fp == 0 and fn == 0``."""
+
+    tp: int
+    fp: int
+    fn: int
+    ignored: int
+    correct: bool
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of pixel ``xyxy`` boxes.
+
+    ``a``: ``(N, 4)``, ``b``: ``(M, 4)`` → ``(N, M)`` float64.  Zero-area pairs give 0.
+    """
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    inter = _intersection(a, b)
+    area_a = _areas(a)[:, None]
+    area_b = _areas(b)[None, :]
+    union = area_a + area_b - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(union > 0, inter / union, 0.0)
+    return iou
+
+
+def box_ioa(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise intersection over the area of ``a``: ``(N, 4)``, ``(M, 4)`` → ``(N, M)``."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    inter = _intersection(a, b)
+    area_a = _areas(a)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(area_a > 0, inter / area_a, 0.0)
+
+
+def _areas(boxes: np.ndarray) -> np.ndarray:
+    return np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+
+
+def _intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = np.clip(rb - lt, 0, None)
+    return wh[..., 0] * wh[..., 1]
+
+
+def _boxes(annotations: Sequence[Annotation]) -> np.ndarray:
+    if not annotations:
+        return np.zeros((0, 4), dtype=np.float64)
+    return np.array([a.box for a in annotations], dtype=np.float64)
+
+
+def _score(a: Annotation) -> float:
+    return a.score if a.score is not None else 1.0
+
+
+def match_detections(
+    gt: Sequence[Annotation],
+    pred: Sequence[Annotation],
+    *,
+    iou_threshold: float = 0.5,
+    ignore_labels: Collection[str] = frozenset(),
+    min_score: float = 0.0,
+) -> MatchResult:
+    """Match one image's predicted boxes to its ground truth (see the module docstring).
+
+    ``gt`` and ``pred`` hold boxed annotations (pixel ``xyxy``); annotations without a box
+    are ignored.  Predictions with ``score < min_score`` are dropped before matching.
+    """
+    ignore = frozenset(ignore_labels)
+    gt_boxed = [a for a in gt if a.box is not None]
+    targets = [a for a in gt_boxed if a.label not in ignore]
+    regions = [a for a in gt_boxed if a.label in ignore]
+
+    kept = [a for a in pred if a.box is not None and _score(a) >= min_score]
+    ignored = sum(1 for a in kept if a.label in ignore)
+    kept = [a for a in kept if a.label not in ignore]
+    order = sorted(range(len(kept)), key=lambda i: -_score(kept[i]))
+    kept = [kept[i] for i in order]
+
+    t_boxes = _boxes(targets)
+    p_boxes = _boxes(kept)
+    iou = box_iou(p_boxes, t_boxes)
+    t_labels = np.array([a.label for a in targets], dtype=object)
+    if regions and kept:
+        in_region: np.ndarray = np.asarray(
+            (box_ioa(p_boxes, _boxes(regions)) >= IGNORE_IOA).any(axis=1)
+        )
+    else:
+        in_region = np.zeros(len(kept), dtype=bool)
+
+    taken = np.zeros(len(targets), dtype=bool)
+    tp = fp = 0
+    for i, p in enumerate(kept):
+        if targets:
+            candidates = np.where((t_labels == p.label) & ~taken, iou[i], -1.0)
+            j = int(np.argmax(candidates))
+            if candidates[j] >= iou_threshold:
+                taken[j] = True
+                tp += 1
+                continue
+        if in_region[i]:
+            ignored += 1
+        else:
+            fp += 1
+    fn = len(targets) - tp
+    return MatchResult(tp=tp, fp=fp, fn=fn, ignored=ignored, correct=fp == 0 and fn == 0)
+
+
+def predicted_class(prediction: Prediction, label_map: LabelMap, min_score: float) -> str | None:
+    """The arg-max project class of a classification prediction, or ``None``.
+
+    With ``probs``, model classes are mapped first (probabilities of classes mapped to the
+    same project class add up; unmapped classes are dropped when the map is non-empty).
+    Without ``probs``, the first annotation's label is used.  A top probability below
+    ``min_score`` gives ``None`` (no label would be written).
+    """
+    if prediction.probs:
+        mapped: dict[str, float] = {}
+        for name, p in prediction.probs.items():
+            target = label_map.map.get(name) if label_map.map else name
+            if target is not None:
+                mapped[target] = mapped.get(target, 0.0) + float(p)
+        if not mapped:
+            return None
+        best = max(mapped, key=lambda k: mapped[k])
+        return best if mapped[best] >= min_score else None
+    anns = label_map.apply(prediction.annotations)
+    if not anns:
+        return None
+    top = anns[0]
+    if top.score is not None and top.score < min_score:
+        return None
+    return top.label
+
+
+def _match_item(
+    item: Item,
+    prediction: Prediction | None,
+    label_map: LabelMap,
+    iou_threshold: float,
+    min_score: float,
+) -> MatchResult:
+    pred = label_map.apply(prediction.annotations) if prediction is not None else []
+    return match_detections(
+        item.annotations,
+        pred,
+        iou_threshold=iou_threshold,
+        ignore_labels=label_map.ignore,
+        min_score=min_score,
+    )
+
+
+def item_correct(
+    item: Item,
+    prediction: Prediction | None,
+    label_map: LabelMap,
+    *,
+    task: str = "detection",
+    iou_threshold: float = 0.5,
+    min_score: float = 0.0,
+) -> bool:
+    """Would ``prediction``, written as ``item``'s label, pass review against its labels?
+
+    The label map turns model classes into project classes (unmapped ones dropped) and
+    names the ignored classes.  A missing prediction is an empty one: right only for a
+    detection item with nothing (but ignore regions) to find.
+    """
+    if task == "classification":
+        truth = item.class_label
+        guess = (
+            predicted_class(prediction, label_map, min_score) if prediction is not None else None
+        )
+        return truth is not None and guess == truth
+    return _match_item(item, prediction, label_map, iou_threshold, min_score).correct
+
+
+def item_error(
+    item: Item,
+    prediction: Prediction | None,
+    label_map: LabelMap,
+    *,
+    task: str = "detection",
+    iou_threshold: float = 0.5,
+    min_score: float = 0.0,
+) -> float:
+    """A continuous per-item error in ``[0, 1]``: the true loss that difficulty scores rank.
+
+    Detection: ``1 − F1 = (fp + fn) / (2·tp + fp + fn)``, 0 when there is nothing to find
+    and nothing predicted.  Classification: 0 when right, 1 when wrong.
+    """
+    if task == "classification":
+        return (
+            0.0
+            if item_correct(item, prediction, label_map, task=task, min_score=min_score)
+            else 1.0
+        )
+    m = _match_item(item, prediction, label_map, iou_threshold, min_score)
+    denom = 2 * m.tp + m.fp + m.fn
+    return 0.0 if denom == 0 else (m.fp + m.fn) / denom

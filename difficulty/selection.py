@@ -1,0 +1,234 @@
+"""Choosing the next items to label: rank by a strategy's values, optionally diversify.
+
+:func:`select` is the pure part (values → ranked ids).  :func:`select_from_project` is what
+``labeltriage select`` runs:
+
+1. keep only **unlabeled** items without ``error`` (a labeled item is never returned);
+2. the random-subset trick of Yoo & Kweon: score a seeded random subset of ``subset`` (M)
+   items instead of the whole pool (the paper uses M = 10,000), which bounds the cost per
+   cycle and keeps consecutive picks from being the same top-ranked region;
+3. run the checkpoint over the subset (:func:`difficulty.inference.infer`; ``random`` needs
+   no model) and apply the strategy to all outputs at once;
+4. take the ``budget`` highest values, or with ``diversity="kcenter"`` run k-center greedy
+   on the model's features among the ``candidate_factor × budget`` highest (so one batch is
+   not a set of near-duplicates);
+5. write ``item_id, value, rank`` (rank 1 = label first) to a ``.csv`` or ``.parquet`` file.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import posixpath
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from connectors.errors import UsageError
+from connectors.model import Item, ItemStatus
+from connectors.storage import ProjectFS
+from difficulty.checkpoint import Checkpoint, load_checkpoint
+from difficulty.registry import ScorerSpec
+from difficulty.strategies import strategy_for_task
+
+log = logging.getLogger(__name__)
+
+DIVERSITY = ("kcenter",)
+DEFAULT_COMMITTEE = 8
+"""MC-dropout members for the committee strategies."""
+
+
+def kcenter_greedy(features: np.ndarray, k: int, *, first: int = 0) -> list[int]:
+    """k-center greedy (Sener & Savarese 2018) on ``features`` ``(N, D)``: ``k`` row indices.
+
+    Starts from row ``first`` and repeatedly adds the row farthest (Euclidean) from the
+    rows chosen so far.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    n = x.shape[0]
+    k = min(k, n)
+    if k <= 0:
+        return []
+    chosen = [first]
+    dist = np.linalg.norm(x - x[first], axis=1)
+    while len(chosen) < k:
+        nxt = int(dist.argmax())
+        if dist[nxt] <= 0.0:  # all remaining rows coincide with chosen ones: take them in order
+            rest = [i for i in range(n) if i not in set(chosen)]
+            chosen.extend(rest[: k - len(chosen)])
+            break
+        chosen.append(nxt)
+        dist = np.minimum(dist, np.linalg.norm(x - x[nxt], axis=1))
+    return chosen
+
+
+def select(
+    values: np.ndarray,
+    ids: list[str],
+    budget: int,
+    *,
+    features: np.ndarray | None = None,
+    diversity: str | None = None,
+    candidate_factor: int = 10,
+) -> list[tuple[str, float]]:
+    """The ``budget`` items to label first, as ``(item_id, value)`` in rank order.
+
+    ``values`` ``(N,)`` higher = more informative.  Ties break by position (stable).
+    ``diversity="kcenter"`` needs ``features`` ``(N, D)``: the ``candidate_factor × budget``
+    highest-valued items are candidates, the best of them is taken first and k-center
+    greedy picks the rest; ranks follow the order of picking.
+    """
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if v.shape[0] != len(ids):
+        raise ValueError(f"{v.shape[0]} values for {len(ids)} ids")
+    if budget < 0:
+        raise ValueError(f"budget {budget} is negative")
+    order = np.argsort(-v, kind="stable")
+    if diversity is None:
+        chosen = order[:budget]
+    elif diversity == "kcenter":
+        if features is None:
+            raise ValueError("k-center diversity needs features")
+        candidates = order[: max(budget, candidate_factor * budget)]
+        picked = kcenter_greedy(np.asarray(features)[candidates], budget, first=0)
+        chosen = candidates[picked]
+    else:
+        raise UsageError(f"unknown diversity {diversity!r}; choose one of: {', '.join(DIVERSITY)}")
+    return [(ids[i], float(v[i])) for i in chosen]
+
+
+@dataclass
+class SelectionResult:
+    """``ranked``: ``(item_id, value)`` in rank order; ``errors``: items that could not be scored."""
+
+    ranked: list[tuple[str, float]]
+    strategy: str
+    scored: int
+    pool: int
+    errors: dict[str, str] = field(default_factory=dict)
+    model_version: str | None = None
+
+
+def _gather(batches: Iterable[Any], spec: ScorerSpec) -> tuple[list[str], dict[str, Any], np.ndarray | None, dict[str, str]]:
+    ids: list[str] = []
+    errors: dict[str, str] = {}
+    arrays: dict[str, list[Any]] = {}
+    features: list[np.ndarray] = []
+    for batch in batches:
+        errors.update(batch.errors)
+        if not batch.item_ids:
+            continue
+        ids.extend(batch.item_ids)
+        features.append(batch.features)
+        for need in spec.needs - {"rng", "n"}:
+            value = getattr(batch, need)
+            if value is None:
+                raise UsageError(f"strategy {spec.name!r} needs {need!r}, which this model does not give")
+            arrays.setdefault(need, []).append(value)
+    merged: dict[str, Any] = {}
+    for need, parts in arrays.items():
+        if need == "committee":
+            merged[need] = np.concatenate(parts, axis=1)
+        elif isinstance(parts[0], list):
+            merged[need] = [a for p in parts for a in p]
+        else:
+            merged[need] = np.concatenate(parts)
+    return ids, merged, (np.concatenate(features) if features else None), errors
+
+
+def select_from_project(
+    items: Iterable[Item],
+    project: ProjectFS | Any,
+    *,
+    strategy: str,
+    budget: int,
+    checkpoint: str | Checkpoint | None = None,
+    task: str | None = None,
+    subset: int | None = None,
+    seed: int = 0,
+    diversity: str | None = None,
+    settings: dict[str, Any] | None = None,
+    committee: int = DEFAULT_COMMITTEE,
+    batch_size: int = 32,
+    device: str = "cpu",
+    num_workers: int = 0,
+    progress: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> SelectionResult:
+    """Rank the unlabeled items of a project by ``strategy`` and keep ``budget`` of them.
+
+    ``checkpoint`` is required for every strategy but ``random`` (:class:`UsageError`
+    otherwise); ``task`` defaults to the checkpoint's (``random`` without a model works for
+    any task).  ``subset``: score only a seeded random subset of that many unlabeled items.
+    ``settings``: the strategy's own settings (e.g. ``{"reduction": "mean"}`` for detection).
+    """
+    ckpt = load_checkpoint(checkpoint, storage_options=storage_options) if checkpoint is not None else None
+    if ckpt is None and strategy != "random":
+        raise UsageError(f"strategy {strategy!r} needs a trained model: give --model CHECKPOINT")
+    if diversity is not None and diversity not in DIVERSITY:
+        raise UsageError(f"unknown diversity {diversity!r}; choose one of: {', '.join(DIVERSITY)}")
+    if diversity is not None and ckpt is None:
+        raise UsageError("diversity works on the model's features: give --model CHECKPOINT")
+    task = task or (ckpt.task if ckpt is not None else "classification")
+    spec = strategy_for_task(strategy, task)
+    try:
+        kwargs = spec.settings(**(settings or {})).model_dump()
+    except Exception as exc:  # pydantic ValidationError
+        raise UsageError(f"bad settings for strategy {strategy!r}: {exc}") from exc
+
+    pool = [it for it in items if it.status is ItemStatus.UNLABELED and it.error is None]
+    pool.sort(key=lambda it: it.item_id)
+    rng = np.random.default_rng(seed)
+    if subset is not None and subset < len(pool):
+        keep = np.sort(rng.choice(len(pool), size=subset, replace=False))
+        chosen_items = [pool[i] for i in keep]
+    else:
+        chosen_items = pool
+    log.info("scoring %d of %d unlabeled items with %s", len(chosen_items), len(pool), spec.name)
+
+    if ckpt is None or (not (spec.needs - {"rng", "n"}) and diversity is None):
+        ids = [it.item_id for it in chosen_items]
+        values = spec.fn(rng=rng, n=len(ids))
+        ranked = select(values, ids, budget)
+        return SelectionResult(ranked, strategy, len(ids), len(pool), model_version=ckpt.version if ckpt else None)
+
+    from difficulty.inference import infer
+
+    m = committee if spec.needs & {"committee", "box_committee"} else 0
+    batches = infer(ckpt, chosen_items, project, batch_size=batch_size, committee=m, device=device, num_workers=num_workers, progress=progress)
+    ids, arrays, features, errors = _gather(batches, spec)
+    for item_id, message in errors.items():
+        log.warning("item %s not scored: %s", item_id, message)
+    if "rng" in spec.needs:
+        arrays["rng"] = rng
+    if "n" in spec.needs:
+        arrays["n"] = len(ids)
+    values = np.asarray(spec.fn(**arrays, **kwargs), dtype=np.float64) if ids else np.zeros(0)
+    if not np.all(np.isfinite(values)):
+        raise RuntimeError(f"strategy {spec.name} gave non-finite values")
+    ranked = select(values, ids, budget, features=features, diversity=diversity)
+    return SelectionResult(ranked, strategy, len(ids), len(pool), errors, ckpt.version)
+
+
+def write_selection(ranked: list[tuple[str, float]], out: str, *, storage_options: dict[str, Any] | None = None) -> str:
+    """Write ``item_id, value, rank`` to ``out`` (``.csv`` or ``.parquet``, any fsspec URL), atomically."""
+    frame = pd.DataFrame({"item_id": [r[0] for r in ranked], "value": [r[1] for r in ranked], "rank": list(range(1, len(ranked) + 1))})
+    buffer = io.BytesIO()
+    if out.endswith(".parquet"):
+        frame.to_parquet(buffer, index=False)
+    elif out.endswith(".csv"):
+        frame.to_csv(buffer, index=False)
+    else:
+        raise UsageError(f"--out {out}: expected a .csv or .parquet file")
+    if "://" in out:
+        protocol, rest = out.split("://", 1)
+        parent, name = posixpath.split(rest)
+        parent = f"{protocol}://{parent}"
+    else:
+        parent, name = os.path.split(os.path.abspath(out))
+    ProjectFS(parent, storage_options).write_bytes(name, buffer.getvalue())
+    return out

@@ -1,0 +1,175 @@
+"""Combination math: percentiles against a reference, weights from ρ, the no-label case."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from difficulty.combine import (
+    SKETCH_SIZE,
+    candidate_weights,
+    combine,
+    ecdf_midrank,
+    fit_weights,
+    percentiles,
+    quantile_sketch,
+    sketch_percentile,
+    spearman,
+)
+
+
+def test_ecdf_midrank_hand_example() -> None:
+    ref = np.array([1.0, 2.0, 2.0, 3.0])
+    got = ecdf_midrank(np.array([0.0, 1.0, 2.0, 2.5, 3.0, 4.0, np.nan]), ref)
+    # (#< + ½·#=) / 4
+    np.testing.assert_allclose(got[:6], [0.0, 0.125, 0.5, 0.75, 0.875, 1.0])
+    assert np.isnan(got[6])
+
+
+def test_ecdf_with_empty_reference_is_nan() -> None:
+    assert np.isnan(ecdf_midrank(np.array([1.0]), np.array([np.nan]))).all()
+
+
+def test_sketch_percentile_interpolates_and_mid_ranks_ties() -> None:
+    sketch = [0.0, 1.0, 2.0]  # probabilities 0, 0.5, 1
+    got = sketch_percentile(np.array([-1.0, 0.5, 1.0, 1.5, 3.0]), sketch)
+    np.testing.assert_allclose(got, [0.0, 0.25, 0.5, 0.75, 1.0])
+    tied = [0.0, 1.0, 1.0, 2.0]  # probabilities 0, 1/3, 2/3, 1: value 1 sits at their mid-point
+    np.testing.assert_allclose(sketch_percentile(np.array([1.0]), tied), [0.5])
+
+
+def test_quantile_sketch_shape() -> None:
+    v = np.random.default_rng(0).normal(size=1000)
+    sk = quantile_sketch(np.append(v, np.nan))
+    assert len(sk) == SKETCH_SIZE
+    assert sk[0] == pytest.approx(v.min()) and sk[-1] == pytest.approx(v.max())
+    assert all(a <= b for a, b in zip(sk, sk[1:], strict=False))
+    assert quantile_sketch(np.array([np.nan])) == []
+
+
+def test_sketch_percentile_close_to_exact_ecdf() -> None:
+    v = np.random.default_rng(1).gamma(2.0, size=5000)
+    exact = ecdf_midrank(v, v)
+    approx = sketch_percentile(v, quantile_sketch(v))
+    assert np.abs(exact - approx).max() < 0.01
+
+
+def test_stored_reference_makes_runs_comparable() -> None:
+    rng = np.random.default_rng(2)
+    first = pd.DataFrame({"a": rng.normal(size=500)})
+    ref = {"a": quantile_sketch(first["a"].to_numpy())}
+    later = pd.DataFrame({"a": first["a"] + 1.0})  # the same items, all harder now
+    own = percentiles(later, ["a"])
+    against = percentiles(later, ["a"], ref)
+    # ranked against itself the later run looks the same; against the reference it moved up
+    assert own["a"].mean() == pytest.approx(0.5)
+    assert against["a"].mean() > 0.75
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=60))
+def test_percentiles_in_range_and_monotone(values: list[float]) -> None:
+    v = np.array(values)
+    for p in (ecdf_midrank(v, v), sketch_percentile(v, quantile_sketch(v))):
+        assert np.all((p >= 0) & (p <= 1))
+        order = np.argsort(v, kind="stable")
+        assert np.all(np.diff(p[order]) >= -1e-12)
+
+
+def test_candidate_weights_hand_example() -> None:
+    rhos = {"a": 0.5, "b": 0.25, "c": -0.3, "d": float("nan")}
+    assert candidate_weights(rhos, "single") == {"a": 1.0, "b": 0.0, "c": 0.0, "d": 0.0}
+    w = candidate_weights(rhos, "rho")
+    assert w["a"] == pytest.approx(2 / 3) and w["b"] == pytest.approx(1 / 3) and w["c"] == 0 and w["d"] == 0
+    w2 = candidate_weights(rhos, "rho2")
+    assert w2["a"] == pytest.approx(0.8) and w2["b"] == pytest.approx(0.2)
+    assert candidate_weights({"a": -0.1}, "rho") == {}
+
+
+def test_combine_renormalises_over_available_values() -> None:
+    pct = pd.DataFrame({"a": [0.2, np.nan, np.nan], "b": [0.8, 0.4, np.nan]})
+    got = combine(pct, {"a": 0.75, "b": 0.25})
+    assert got[0] == pytest.approx(0.75 * 0.2 + 0.25 * 0.8)
+    assert got[1] == pytest.approx(0.4)
+    assert np.isnan(got[2])
+
+
+def test_no_labels_is_fourier_alone() -> None:
+    pct = pd.DataFrame({"fourier": [0.1, 0.5, 0.9], "entropy": [0.9, 0.5, 0.1]})
+    fit = fit_weights(pct, np.full(3, np.nan))
+    assert fit.method == "default"
+    assert fit.weights == {"fourier": 1.0, "entropy": 0.0}
+    assert fit.n_labeled == 0
+    np.testing.assert_allclose(combine(pct, fit.weights), pct["fourier"])
+
+
+def test_no_labels_without_fourier_is_equal_weights() -> None:
+    pct = pd.DataFrame({"a": [0.1, 0.9], "b": [0.3, 0.7]})
+    fit = fit_weights(pct, np.array([np.nan, np.nan]))
+    assert fit.method == "equal"
+    assert fit.weights == {"a": 0.5, "b": 0.5}
+
+
+def test_too_few_labels_falls_back_but_reports_correlations() -> None:
+    rng = np.random.default_rng(3)
+    err = np.full(200, np.nan)
+    err[:10] = rng.random(10)
+    pct = pd.DataFrame({"fourier": rng.random(200), "x": np.where(np.isnan(err), rng.random(200), err)})
+    fit = fit_weights(pct, err, min_labeled=30)
+    assert fit.method == "default" and fit.n_labeled == 10
+    assert fit.correlations["x"] == pytest.approx(1.0)
+
+
+def _synthetic(n: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    err = rng.random(n)
+    good = err + rng.normal(scale=0.15, size=n)
+    also_good = err + rng.normal(scale=0.15, size=n)
+    noise = rng.random(n)
+    anti = -err + rng.normal(scale=0.2, size=n)
+    raw = pd.DataFrame({"fourier": noise, "good": good, "also_good": also_good, "anti": anti})
+    return percentiles(raw, list(raw.columns)), err
+
+
+def test_fit_prefers_a_blend_of_two_independent_good_scorers() -> None:
+    pct, err = _synthetic(600, 4)
+    fit = fit_weights(pct, err)
+    assert fit.method in ("rho", "rho2")
+    assert fit.weights["anti"] == 0.0  # negative ρ never gets weight
+    assert fit.cv_rho[fit.method] >= fit.cv_rho["single"]
+    best_single = max(fit.correlations.values())
+    assert spearman(combine(pct, fit.weights), err) > best_single
+
+
+def test_fit_is_never_worse_than_the_best_part_out_of_sample() -> None:
+    rng = np.random.default_rng(5)
+    n = 1200
+    err = rng.random(n)
+    raw = pd.DataFrame({"fourier": rng.random(n), "good": err + rng.normal(scale=0.1, size=n), "weak": err + rng.normal(scale=2.0, size=n)})
+    pct = percentiles(raw, list(raw.columns))
+    train = np.zeros(n, dtype=bool)
+    train[: n // 2] = True
+    fit = fit_weights(pct, np.where(train, err, np.nan))
+    held = ~train
+    combined = spearman(combine(pct[held], fit.weights), err[held])
+    best = max(spearman(pct[c].to_numpy()[held], err[held]) for c in raw.columns)
+    assert combined >= best - 0.01
+
+
+def test_no_positive_agreement_falls_back_to_default() -> None:
+    rng = np.random.default_rng(6)
+    err = rng.random(100)
+    pct = pd.DataFrame({"fourier": 1 - err, "x": 1 - err + rng.normal(scale=0.1, size=100)})
+    fit = fit_weights(pct, err)
+    assert fit.method == "default"
+    assert "no scorer agrees" in fit.reason
+
+
+def test_fit_to_dict_is_json_safe() -> None:
+    pct, err = _synthetic(200, 7)
+    d = fit_weights(pct, err).to_dict()
+    assert set(d) == {"method", "weights", "correlations", "cv_rho", "n_labeled", "reason"}
+    assert sum(d["weights"].values()) == pytest.approx(1.0)

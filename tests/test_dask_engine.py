@@ -1,0 +1,148 @@
+"""The Dask engine gives the local engine's results, loads a model once per worker, binds 127.0.0.1."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("distributed")
+
+from autolabel.engine_dask import DaskEngine, score_project_with_engine
+from connectors.errors import UsageError
+from connectors.project import open_project
+from difficulty.checkpoint import save_checkpoint
+from difficulty.models.build import model_from_meta
+
+CLASSES = ("blobs", "stripes")
+
+
+def _image(rng: np.random.Generator, kind: str, size: tuple[int, int]) -> Image.Image:
+    h, w = size
+    if kind == "stripes":
+        freq = rng.uniform(2, 12)
+        x = np.sin(np.linspace(0, freq * np.pi, w))[None, :] * np.ones((h, 1))
+    else:
+        x = rng.normal(size=(h // 8 + 1, w // 8 + 1)).repeat(8, 0).repeat(8, 1)[:h, :w]
+    x = (x - x.min()) / (np.ptp(x) + 1e-9)
+    rgb = np.stack([x, x * 0.8, 1 - x], axis=-1) * 255
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def project_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An image-folder project: 2 classes × 6 labeled images, 9 unlabeled, 1 corrupt."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    rng = np.random.default_rng(7)
+    for cls in CLASSES:
+        (root / cls).mkdir()
+        for i in range(6):
+            _image(rng, cls, (40 + 4 * i, 48)).save(root / cls / f"{cls}{i}.png")
+    (root / "_unlabeled").mkdir()
+    for i in range(9):
+        _image(rng, CLASSES[i % 2], (36, 36 + 2 * i)).save(root / "_unlabeled" / f"u{i}.png")
+    (root / "_unlabeled" / "broken.png").write_bytes(b"not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    meta = {
+        "task": "classification",
+        "arch": "small_cnn",
+        "classes": list(CLASSES),
+        "model": {"in_channels": 3, "image_size": 32, "width": 8, "dropout": 0.2},
+        "version": "small_cnn-test",
+        "model_version": "small_cnn-test",
+    }
+    torch.manual_seed(0)
+    model = model_from_meta(meta)
+    path = str(tmp_path_factory.mktemp("ckpt") / "model.pt")
+    save_checkpoint(path, model, meta)
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine() -> DaskEngine:
+    with DaskEngine(n_workers=2) as e:
+        yield e
+
+
+def _score(project_dir: Path, out: Path, **kwargs: object) -> tuple[pd.DataFrame, dict]:
+    project = open_project(str(project_dir), "imagefolder")
+    result = score_project_with_engine(
+        project, out_dir=str(out), run_id="same-run", chunk_size=5, num_workers=0, **kwargs
+    )
+    return result.table, result.meta
+
+
+def _same(local: tuple[pd.DataFrame, dict], dask: tuple[pd.DataFrame, dict]) -> None:
+    # Pillow's message names the in-memory buffer by its address, which differs per process.
+    def normal(df: pd.DataFrame) -> pd.DataFrame:
+        return df.assign(error=df["error"].str.replace(r"0x[0-9a-f]+", "0x?", regex=True))
+
+    pd.testing.assert_frame_equal(normal(local[0]), normal(dask[0]))
+    drop = {"created"}
+    assert {k: v for k, v in local[1].items() if k not in drop} == {
+        k: v for k, v in dask[1].items() if k not in drop
+    }
+
+
+def test_local_cluster_binds_loopback(engine: DaskEngine) -> None:
+    info = engine.client.scheduler_info()
+    assert info["address"].startswith("tcp://127.0.0.1:")
+    assert len(info["workers"]) == 2
+    assert all(addr.startswith("tcp://127.0.0.1:") for addr in info["workers"])
+
+
+def test_fourier_scores_identical_to_local(
+    project_dir: Path, tmp_path: Path, engine: DaskEngine
+) -> None:
+    local = _score(project_dir, tmp_path / "local", scorers=["fourier"])
+    project = open_project(str(project_dir), "imagefolder")
+    from difficulty.scoring import score_project
+
+    result = score_project(
+        project, out_dir=str(tmp_path / "dask"), run_id="same-run", chunk_size=5, num_workers=0,
+        scorers=["fourier"], chunk_runner=engine.map_chunks,
+    )  # fmt: skip
+    _same(local, (result.table, result.meta))
+    table = result.table
+    assert len(table) == 22
+    assert table.loc[table["item_id"].str.endswith("broken"), "error"].notna().all()
+    assert table["error"].notna().sum() == 1
+
+
+def test_model_scores_identical_and_model_loaded_once_per_worker(
+    project_dir: Path, tmp_path: Path, checkpoint: str, engine: DaskEngine
+) -> None:
+    scorers = ["entropy", "margin", "fourier"]
+    local = _score(project_dir, tmp_path / "local", checkpoint=checkpoint, scorers=scorers)
+    project = open_project(str(project_dir), "imagefolder")
+    from difficulty.scoring import score_project
+
+    result = score_project(
+        project, out_dir=str(tmp_path / "dask"), run_id="same-run", chunk_size=5, num_workers=0,
+        checkpoint=checkpoint, scorers=scorers, chunk_runner=engine.map_chunks,
+    )  # fmt: skip
+    _same(local, (result.table, result.meta))
+    assert result.table["entropy"].notna().sum() == 21
+    loads = engine.checkpoint_loads()
+    assert len(loads) == 2
+    # 5 partitions over 2 workers: no worker loaded the model more than once
+    assert all(counts.get(checkpoint, 0) <= 1 for counts in loads.values())
+    assert sum(counts.get(checkpoint, 0) for counts in loads.values()) >= 1
+
+
+def test_bad_engine_settings_are_usage_errors(project_dir: Path, tmp_path: Path) -> None:
+    project = open_project(str(project_dir), "imagefolder")
+    with pytest.raises(UsageError, match="unknown engine"):
+        score_project_with_engine(project, engine="spark", out_dir=str(tmp_path))
+    with pytest.raises(UsageError, match="tcp://"):
+        DaskEngine(scheduler="localhost:8786")
+    with pytest.raises(UsageError, match="at least 1"):
+        DaskEngine(n_workers=0)

@@ -1,0 +1,256 @@
+"""The image stream: order, errors, laziness, workers, and scoring through it."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from connectors.errors import UsageError
+from connectors.model import Item
+from connectors.storage import ProjectFS
+from difficulty.fourier import high_frequency_ratio, spectral_entropy
+from difficulty.imageio import decode_gray
+from difficulty.imagestream import ImageBatch, iter_image_batches, score_images
+
+
+def _picture(seed: int, width: int = 96, height: int = 64) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    image = Image.fromarray((40 + 150 * xx / width + 30 * yy / height).astype(np.uint8)).convert(
+        "RGB"
+    )
+    draw = ImageDraw.Draw(image)
+    for _ in range(seed % 7 + 1):
+        x0, y0 = int(rng.integers(0, width - 10)), int(rng.integers(0, height - 10))
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        draw.rectangle(
+            [x0, y0, x0 + int(rng.integers(3, 30)), y0 + int(rng.integers(3, 30))], fill=colour
+        )
+    return image
+
+
+@pytest.fixture()
+def project(tmp_path: Path) -> tuple[ProjectFS, list[Item]]:
+    """Eleven items: PNGs and JPEGs, one corrupt, one missing, one already broken, one escape,
+    and one given by a full ``file://`` URL."""
+    root = tmp_path / "proj"
+    (root / "images").mkdir(parents=True)
+    items: list[Item] = []
+    for i in range(7):
+        name = f"images/{i:02d}.{'png' if i % 2 else 'jpg'}"
+        _picture(i).save(root / name)
+        items.append(Item(item_id=f"it{i}", uri=name))
+    (root / "images" / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    items.insert(2, Item(item_id="corrupt", uri="images/bad.jpg"))
+    items.insert(4, Item(item_id="missing", uri="images/gone.png"))
+    items.insert(
+        5, Item(item_id="broken", uri="images/00.jpg", error="annotations/00.xml: malformed XML")
+    )
+    items.append(Item(item_id="escape", uri="../outside.png"))
+    outside = tmp_path / "elsewhere.png"
+    _picture(99).save(outside)
+    items.append(Item(item_id="url", uri=outside.as_uri()))
+    return ProjectFS(str(root)), items
+
+
+def _collect(batches: Iterator[ImageBatch]) -> list[ImageBatch]:
+    return list(batches)
+
+
+def test_batches_keep_input_order_and_report_errors(project: tuple[ProjectFS, list[Item]]) -> None:
+    fs, items = project
+    batches = _collect(iter_image_batches(items, fs, size=32, batch_size=3, num_workers=0))
+    assert [len(b) for b in batches] == [3, 3, 3, 3]
+    assert [i for b in batches for i in b.order] == [item.item_id for item in items]
+    decoded = [i for b in batches for i in b.item_ids]
+    assert decoded == [f"it{i}" for i in range(7)] + ["url"]
+    errors = {k: v for b in batches for k, v in b.errors.items()}
+    assert set(errors) == {"corrupt", "missing", "broken", "escape"}
+    assert "images/bad.jpg" in errors["corrupt"] and "corrupt" in errors["corrupt"]
+    assert "images/gone.png" in errors["missing"] and "missing" in errors["missing"]
+    assert errors["broken"] == "annotations/00.xml: malformed XML"
+    assert "../outside.png" in errors["escape"]
+    for batch in batches:
+        assert batch.images.shape == (len(batch.item_ids), 32, 32)
+        assert batch.images.dtype == torch.float32
+
+
+def test_decoded_pixels_are_decode_gray_of_the_file(project: tuple[ProjectFS, list[Item]]) -> None:
+    fs, items = project
+    batches = _collect(iter_image_batches(items, fs, size=40, batch_size=4, num_workers=0))
+    rows = {i: img for b in batches for i, img in zip(b.item_ids, b.images, strict=True)}
+    for item in items:
+        if item.item_id in rows and "://" not in item.uri:
+            expected = decode_gray(fs.read_bytes(item.uri), size=40)
+            assert torch.equal(rows[item.item_id], expected)
+
+
+def test_workers_give_identical_output(project: tuple[ProjectFS, list[Item]]) -> None:
+    fs, items = project
+    many = [
+        item.model_copy(update={"item_id": f"{item.item_id}-{k}"})
+        for k in range(3)
+        for item in items
+    ]
+    serial = _collect(iter_image_batches(many, fs, size=32, batch_size=4, num_workers=0))
+    parallel = _collect(iter_image_batches(iter(many), fs, size=32, batch_size=4, num_workers=2))
+    assert len(serial) == len(parallel) == 9
+    for a, b in zip(serial, parallel, strict=True):
+        assert a.order == b.order
+        assert a.item_ids == b.item_ids
+        assert a.errors == b.errors
+        assert torch.equal(a.images, b.images)
+
+
+def test_items_are_pulled_lazily() -> None:
+    pulled = 0
+
+    def stream() -> Iterator[Item]:
+        nonlocal pulled
+        for i in range(10_000):
+            pulled += 1
+            yield Item(item_id=f"x{i}", uri=f"missing/{i}.png")
+
+    batches = iter_image_batches(
+        stream(), ProjectFS("memory://lazy-stream-test"), batch_size=8, num_workers=0
+    )
+    first = next(batches)
+    assert len(first) == 8
+    assert pulled <= 16
+    batches.close()
+
+
+def test_items_are_pulled_lazily_with_workers() -> None:
+    pulled = 0
+
+    def stream() -> Iterator[Item]:
+        nonlocal pulled
+        for i in range(10_000):
+            pulled += 1
+            yield Item(item_id=f"x{i}", uri=f"missing/{i}.png")
+
+    batches = iter_image_batches(
+        stream(), ProjectFS("memory://lazy-stream-test"), batch_size=8, num_workers=2
+    )
+    next(batches)
+    # At most prefetch_factor (2) × num_workers (2) chunks in flight, plus the one returned.
+    assert pulled <= 8 * 6
+    batches.close()
+
+
+def test_memory_project_and_all_errors_batch() -> None:
+    fs = fsspec.filesystem("memory")
+    buf = io.BytesIO()
+    _picture(3).save(buf, "PNG")
+    fs.pipe_file("/mem-stream-test/a.png", buf.getvalue())
+    try:
+        project = ProjectFS("memory://mem-stream-test")
+        items = [Item(item_id="gone", uri="nope.png"), Item(item_id="a", uri="a.png")]
+        batches = _collect(iter_image_batches(items, project, size=16, batch_size=1, num_workers=0))
+        assert batches[0].images.shape == (0, 16, 16) and batches[0].item_ids == []
+        assert "nope.png" in batches[0].errors["gone"]
+        assert batches[1].item_ids == ["a"] and batches[1].images.shape == (1, 16, 16)
+    finally:
+        fs.rm("/mem-stream-test", recursive=True)
+
+
+def test_progress_bar_goes_to_stderr(
+    project: tuple[ProjectFS, list[Item]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    fs, items = project
+    _collect(iter_image_batches(items, fs, size=16, batch_size=5, num_workers=0, progress=True))
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "12img" in captured.err.replace(" ", "")
+
+
+@pytest.mark.parametrize(("field", "value"), [("size", 0), ("batch_size", 0), ("num_workers", -1)])
+def test_bad_stream_arguments_are_usage_errors(field: str, value: int) -> None:
+    with pytest.raises(UsageError, match=str(value)):
+        next(iter_image_batches([], None, **{field: value}))
+
+
+def test_score_images_matches_direct_computation(project: tuple[ProjectFS, list[Item]]) -> None:
+    fs, items = project
+    rows = list(
+        score_images(
+            items,
+            fs,
+            ["fourier", "fourier_entropy"],
+            {"fourier": {"cutoff": 0.2}},
+            batch_size=4,
+            num_workers=0,
+        )
+    )
+    assert [r[0] for r in rows] == [item.item_id for item in items]
+    by_id = {item_id: (values, error) for item_id, values, error in rows}
+    for item in items:
+        values, error = by_id[item.item_id]
+        if item.item_id in {"corrupt", "missing", "broken", "escape"}:
+            assert values == {} and error
+            continue
+        assert error is None
+        image = decode_gray(
+            fsspec.open(item.uri).open().read() if "://" in item.uri else fs.read_bytes(item.uri)
+        )
+        assert values["fourier"] == pytest.approx(
+            float(high_frequency_ratio(image[None], cutoff=0.2)[0]), abs=1e-6
+        )
+        assert values["fourier_entropy"] == pytest.approx(
+            float(spectral_entropy(image[None])[0]), abs=1e-6
+        )
+        assert 0.0 <= values["fourier"] <= 1.0
+
+
+def test_score_images_same_with_workers(project: tuple[ProjectFS, list[Item]]) -> None:
+    fs, items = project
+    serial = list(score_images(items, fs, batch_size=3, num_workers=0))
+    parallel = list(score_images(items, fs, batch_size=3, num_workers=2))
+    assert serial == parallel
+
+
+def test_score_images_validates_scorers_and_settings(project: tuple[ProjectFS, list[Item]]) -> None:
+    fs, items = project
+    with pytest.raises(UsageError, match="fourirer"):
+        next(score_images(items, fs, ["fourirer"]))
+    with pytest.raises(UsageError, match=r"fourier.*cutoff"):
+        next(score_images(items, fs, ["fourier"], {"fourier": {"cutoff": 3}}))
+    with pytest.raises(UsageError, match="decode size"):
+        next(score_images(items, fs, ["fourier", "fourier_entropy"], {"fourier": {"size": 64}}))
+    with pytest.raises(UsageError, match="decode size"):
+        next(score_images(items, fs, ["fourier"], size=64))
+    with pytest.raises(UsageError, match="no scorers"):
+        next(score_images(items, fs, []))
+
+
+def test_score_images_size_from_settings(project: tuple[ProjectFS, list[Item]]) -> None:
+    fs, items = project
+    settings = {"fourier": {"size": 32}, "fourier_entropy": {"size": 32}}
+    rows = list(
+        score_images(items[:2], fs, ["fourier", "fourier_entropy"], settings, num_workers=0)
+    )
+    image = decode_gray(fs.read_bytes(items[0].uri), size=32)
+    assert rows[0][1]["fourier"] == pytest.approx(
+        float(high_frequency_ratio(image[None])[0]), abs=1e-6
+    )
+
+
+def test_real_road_signs_stream_through_workers(road_signs: Path) -> None:
+    fs = ProjectFS(str(road_signs))
+    names = sorted(p.name for p in (road_signs / "images").glob("*.jpg"))[:60]
+    items = (Item(item_id=name, uri=f"images/{name}") for name in names)
+    rows = list(
+        score_images(items, fs, ["fourier", "fourier_entropy"], batch_size=16, num_workers=2)
+    )
+    assert [r[0] for r in rows] == names
+    assert all(error is None for _, _, error in rows)
+    ratios = np.array([values["fourier"] for _, values, _ in rows])
+    assert np.all((ratios > 0) & (ratios < 1))
+    assert ratios.std() > 0
