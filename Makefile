@@ -30,8 +30,17 @@ test: venv
 test-slow: venv
 	$(PY) -m pytest -q -m slow
 
-test-integration: venv
-	$(PY) -m pytest -q -m integration tests/integration
+LS_VENV ?= .ls-venv
+
+# Label Studio lives in its own venv (its pinned Django stack stays out of .venv).
+$(LS_VENV)/.installed:
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install --upgrade pip >/dev/null
+	$(LS_VENV)/bin/pip install "label-studio>=1.20"
+	touch $@
+
+test-integration: venv $(LS_VENV)/.installed
+	LABELTRIAGE_LS_VENV=$(abspath $(LS_VENV)) $(PY) -m pytest -q -m integration tests/integration
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

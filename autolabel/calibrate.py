@@ -45,6 +45,10 @@ Assumptions, stated plainly: calibration and target items are exchangeable (draw
 the same distribution — not the case if the labeled items were chosen as the hardest by
 active learning), the model did not train on the calibration items (a brought model's
 predictions are taken on trust), and the difficulty score is fixed before calibration.
+The last one holds for a score computed from predictions or images alone; a combined
+score whose few weights were fit on labeled items (``difficulty.combine``) reuses the
+calibration labels for those weights, which makes the bound slightly optimistic — the
+gate records how many labeled items the weights were fit on (``score_weights_fit_on``).
 The guarantee is on the *rate* ``R``; the realised error on a finite target set
 fluctuates around it (see ``bench/autolabel_guarantee.py`` for the measured behaviour).
 """

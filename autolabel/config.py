@@ -124,7 +124,7 @@ class ProjectConfig(_Strict):
         description="team_size, hours_per_day, seconds_per_tier, min_history, audit_share, annotators",
     )
     score_with: Literal["auto", "predictions", "model"] = Field(
-        "auto", description="what scoring reads besides images; auto: the model when there is one"
+        "auto", description="what scoring reads besides images; auto: what labels come from (label_with)"
     )
     label_with: Literal["auto", "predictions", "model"] = Field(
         "auto", description="what shadow/autolabel write; auto: the predictions when there are some"
@@ -357,6 +357,14 @@ def load_config(path: str | os.PathLike[str]) -> AppConfig:
 # -- options for the command line ------------------------------------------------------
 
 
+def _one_source(predict: dict[str, Any], choice: str) -> dict[str, Any]:
+    """Commands take predictions or a model: keep one when both are configured."""
+    if "model" in predict and "predictions" in predict:
+        drop = ("predictions", "predictions_format") if choice == "model" else ("model",)
+        return {k: v for k, v in predict.items() if k not in drop}
+    return predict
+
+
 def command_defaults(cfg: AppConfig, project: str | None) -> dict[str, dict[str, Any]]:
     """``ctx.default_map`` for the CLI: each command's option defaults from the config.
 
@@ -379,8 +387,15 @@ def command_defaults(cfg: AppConfig, project: str | None) -> dict[str, dict[str,
             predict |= {"predictions": p.predictions.source, "predictions_format": p.predictions.format}
         if p.model is not None:
             predict["model"] = p.model
-        defaults["stats"] = dict(common)
-        defaults["score"] = common | predict | ({"scorers": ",".join(p.scorers)} if p.scorers else {})
+        defaults["stats"] = common | {k: v for k, v in predict.items() if k != "model"}
+        score: dict[str, Any] = {"batch_size": p.batch_size, "num_workers": p.num_workers}
+        if p.scorers:
+            score["scorers"] = ",".join(p.scorers)
+        if p.scorer_settings:
+            score["scorer_settings"] = json.dumps(p.scorer_settings)
+        if "tiers" in p.model_fields_set:  # else the reference run's thresholds are reused
+            score |= {"tier_mode": p.tiers.mode, "easy": p.tiers.easy, "hard": p.tiers.hard}
+        defaults["score"] = common | _one_source(predict, p.score_with) | score
         defaults["report"] = {"team_size": p.planning.team_size, "hours_per_day": p.planning.hours_per_day}
         if p.train is not None:
             defaults["train"] = common | {
@@ -390,7 +405,7 @@ def command_defaults(cfg: AppConfig, project: str | None) -> dict[str, dict[str,
         else:
             defaults["train"] = dict(common)
         defaults["select"] = common | ({"model": p.model} if p.model else {})
-        defaults["autolabel"] = common | predict | {
+        defaults["autolabel"] = common | _one_source(predict, p.label_with) | {
             "epsilon": p.epsilon, "delta": p.delta, "audit_share": p.audit_share, "min_count": p.min_count,
         }  # fmt: skip
         defaults["rollback"] = dict(common)

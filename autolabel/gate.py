@@ -51,7 +51,8 @@ from autolabel.stages import (
     read_shadow_record,
     write_shadow_record,
 )
-from connectors.errors import UsageError
+from connectors.errors import InputError, UsageError
+from connectors.formats._filebased import image_size
 from connectors.formats.base import LabelWrite, PredictionSource, ProjectFormat, Provenance
 from connectors.labelmap import LabelMap
 from connectors.model import Annotation, Item, ItemStatus, Prediction
@@ -81,6 +82,7 @@ class AutolabelResult:
     audit: list[str]
     n_eligible: int
     model_version: str
+    score_weights_fit_on: int = 0
     audit_precision: dict[str, Any] = field(default_factory=dict)
     agreement: dict[str, Any] | None = None
     manifest_stage: str | None = None
@@ -105,7 +107,14 @@ class AutolabelResult:
 
     @property
     def precision(self) -> float | None:
-        """Audit precision measured so far (``None`` before any audited item was reviewed)."""
+        """Measured auto-label precision: audit precision so far, or (shadow) the agreement
+        of the previous shadow run; ``None`` while nothing has been reviewed."""
+        if (
+            self.stage == "shadow"
+            and self.agreement
+            and self.agreement.get("error_rate") is not None
+        ):
+            return 1.0 - float(self.agreement["error_rate"])
         value = self.audit_precision.get("precision")
         return None if value is None else float(value)
 
@@ -128,12 +137,16 @@ class AutolabelResult:
             "n_calibration": c.n_calibration,
             "calibration_coverage": c.coverage,
             "n_eligible": self.n_eligible,
+            "score_weights_fit_on": self.score_weights_fit_on,
             "coverage": self.coverage,
             "selected": self.selected,
             "written": self.written,
             "refused": self.refused,
             "audit": self.audit,
-            "audit_precision": self.audit_precision,
+            "precision": self.precision,
+            "precision_lower_bound": 1.0 - c.bound if c.threshold is not None else None,
+            "audit_precision": self.audit_precision.get("precision"),
+            "audit_summary": self.audit_precision,
             "agreement": self.agreement,
             "manifest_stage": self.manifest_stage,
             "calibration": c.to_dict(with_steps=True),
@@ -243,6 +256,23 @@ def _label_confidence(annotations: list[Annotation]) -> float | None:
 
 
 # -- the run -------------------------------------------------------------------------------
+
+
+def _with_size(fmt: ProjectFormat, item: Item) -> Item:
+    """``item`` with its image size, read from the image header when the reader left it out.
+
+    Formats that store boxes relative to the image (Label Studio percent, YOLO normalised)
+    need the size to write; an unlabeled item often has none recorded.  When the header
+    cannot be read the item is returned as it is and the format refuses it with its reason.
+    """
+    if (item.width is not None and item.height is not None) or "://" in item.uri:
+        return item
+    try:
+        width, height = image_size(fmt.project, item.uri, item=item.item_id)
+    except InputError as exc:
+        log.warning("%s", exc)
+        return item
+    return item.model_copy(update={"width": width, "height": height})
 
 
 def _task_of(fmt: ProjectFormat) -> str:
@@ -362,7 +392,14 @@ def run_autolabel(
     out_dir = out_dir or difficulty_dir
     task = task or _task_of(project)
     run_id = run_id or new_run_id()
-    df, _ = read_difficulty(difficulty_dir, storage_options)
+    df, score_meta = read_difficulty(difficulty_dir, storage_options)
+    fit_on = int((score_meta.get("combination") or {}).get("n_labeled") or 0)
+    if fit_on:
+        log.info(
+            "the difficulty score's combination weights were fit on %d labeled items; "
+            "a few weights fit on the calibration items make the bound slightly optimistic",
+            fit_on,
+        )
     scores = _scores(df)
     predictor = _Predictor(project, predictions, checkpoint, storage_options, min(box_confidences))
 
@@ -410,6 +447,7 @@ def run_autolabel(
             anns = auto_label(pred, label_map, task=task, box_confidence=c)
             if anns is None:
                 continue
+            item = _with_size(project, item) if anns and task == "detection" else item
             provenance = Provenance(
                 run_id=run_id,
                 model_version=predictor.version_of(pred),
@@ -508,6 +546,7 @@ def run_autolabel(
         audit=audit_ids,
         n_eligible=n_eligible,
         model_version=predictor.default_version,
+        score_weights_fit_on=fit_on,
         audit_precision=measure_audit_precision(project, delta=delta),
         agreement=agreement,
         manifest_stage=manifest_stage,

@@ -49,11 +49,16 @@ def build_plan_settings(p: ProjectConfig) -> PlanSettings:
 
 
 def score_inputs(p: ProjectConfig, checkpoint: str | None) -> tuple[bool, bool]:
-    """``(use_predictions, use_model)`` for scoring: one of them (scoring takes either)."""
+    """``(use_predictions, use_model)`` for scoring: one of them (scoring takes either).
+
+    ``auto`` scores with what labels are written from (the predictions when there are
+    some, else the model): the combination weights follow the measured error of exactly
+    those labels, so the easy tier is calibrated on the right thing.
+    """
     choice = p.score_with
     if choice == "auto":
-        choice = "model" if checkpoint is not None else "predictions" if p.predictions is not None else "none"
-    return choice == "predictions", choice == "model"
+        choice = "predictions" if p.predictions is not None else "model" if checkpoint is not None else "none"
+    return choice == "predictions", choice == "model" and checkpoint is not None
 
 
 def label_inputs(p: ProjectConfig, checkpoint: str | None) -> tuple[bool, bool]:

@@ -93,10 +93,14 @@ def _synthetic_jpeg(index: int, path: str) -> None:
         elif kind == 2:
             draw.line([x0, y0, x1, y1], fill=colour, width=int(rng.integers(1, 8)))
         else:
-            points = [(int(x0 + rng.integers(-80, 80)), int(y0 + rng.integers(-80, 80))) for _ in range(5)]
+            points = [
+                (int(x0 + rng.integers(-80, 80)), int(y0 + rng.integers(-80, 80))) for _ in range(5)
+            ]
             draw.polygon(points, fill=colour)
     pixels = np.asarray(image, dtype=np.float32)
-    pixels = pixels + rng.standard_normal(pixels.shape, dtype=np.float32) * float(rng.uniform(1, 10))
+    pixels = pixels + rng.standard_normal(pixels.shape, dtype=np.float32) * float(
+        rng.uniform(1, 10)
+    )
     tmp = f"{path}.tmp"
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(tmp, "JPEG", quality=90)
     os.replace(tmp, path)
@@ -133,14 +137,18 @@ class DataSet:
 
 def run_decode_only(ds: DataSet, workers: int, batch_size: int) -> int:
     n = 0
-    for batch in iter_image_batches(ds.items(), ProjectFS(ds.root), size=128, batch_size=batch_size, num_workers=workers):
+    for batch in iter_image_batches(
+        ds.items(), ProjectFS(ds.root), size=128, batch_size=batch_size, num_workers=workers
+    ):
         n += len(batch.item_ids)
     return n
 
 
 def run_scoring(ds: DataSet, workers: int, batch_size: int) -> int:
     n = 0
-    for _, values, error in score_images(ds.items(), ProjectFS(ds.root), ["fourier"], batch_size=batch_size, num_workers=workers):
+    for _, values, error in score_images(
+        ds.items(), ProjectFS(ds.root), ["fourier"], batch_size=batch_size, num_workers=workers
+    ):
         if error is None and values["fourier"] >= 0.0:
             n += 1
     return n
@@ -179,40 +187,112 @@ def timed(fn: Callable[[], int]) -> tuple[float, int]:
 
 # -- peak memory in a fresh process ----------------------------------------------------
 
+RSS_SOURCE_IMAGES = 50
 
-def rss_child(count: int, image_dir: str, workers: int, batch_size: int) -> None:
-    """Score a ``count``-item Parquet manifest; print JSON with this process's peak RSS."""
-    from connectors.manifest import iter_manifest_items, write_manifest
 
-    sources = sorted(p for p in os.listdir(image_dir) if p.endswith(".jpg"))
+def _pss_mb(pid: int | str) -> float:
+    """Proportional set size of one process (shared pages split among their users)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _child_pids() -> list[str]:
+    pids: list[str] = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids.extend(f.read().split())
+        except OSError:
+            continue
+    return pids
+
+
+def rss_child(project_dir: str, workers: int, batch_size: int) -> None:
+    """Score the project's Parquet manifest; print JSON with this process tree's peak memory."""
+    import threading
+
+    from connectors.manifest import iter_manifest_items
+
+    project = ProjectFS(project_dir)
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_pss = [0.0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.25):
+            peak_pss[0] = max(peak_pss[0], _pss_mb("self") + sum(_pss_mb(p) for p in _child_pids()))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    count = scored = errors = 0
+    for _, values, error in score_images(
+        iter_manifest_items(project),
+        project,
+        ["fourier"],
+        batch_size=batch_size,
+        num_workers=workers,
+    ):
+        count += 1
+        if error is None and values["fourier"] >= 0.0:
+            scored += 1
+        else:
+            errors += 1
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    result = {"items": count, "scored": scored, "errors": errors, "seconds": seconds}
+    result.update(
+        {"baseline_mb": baseline, "main_mb": own, "worker_mb": children, "tree_pss_mb": peak_pss[0]}
+    )
+    print(json.dumps(result))
+
+
+def measure_rss(
+    counts: Sequence[int], image_dir: str, workers: int, batch_size: int
+) -> list[dict[str, float]]:
+    """Write one manifest per count (here), then score each in a fresh subprocess."""
+    from connectors.manifest import write_manifest
+
+    sources = sorted(p for p in os.listdir(image_dir) if p.endswith(".jpg"))[:RSS_SOURCE_IMAGES]
+    results = []
     with tempfile.TemporaryDirectory(prefix="fourier_rss_") as tmp:
         os.mkdir(os.path.join(tmp, "images"))
         for name in sources:
             shutil.copyfile(os.path.join(image_dir, name), os.path.join(tmp, "images", name))
-        project = ProjectFS(tmp)
-        write_manifest(
-            (Item(item_id=f"item{i:07d}", uri=f"images/{sources[i % len(sources)]}") for i in range(count)), project
-        )
-        start = time.perf_counter()
-        scored = errors = 0
-        total = 0.0
-        for _, values, error in score_images(iter_manifest_items(project), project, ["fourier"], batch_size=batch_size, num_workers=workers):
-            if error is None:
-                scored += 1
-                total += values["fourier"]
-            else:
-                errors += 1
-        seconds = time.perf_counter() - start
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(json.dumps({"items": count, "scored": scored, "errors": errors, "seconds": seconds, "main_mb": own, "worker_mb": children}))
-
-
-def measure_rss(count: int, image_dir: str, workers: int, batch_size: int) -> dict[str, float]:
-    cmd = [sys.executable, __file__, "--rss-child", str(count), "--rss-images", image_dir, "--workers", str(workers), "--batch-size", str(batch_size)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
-    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
+        for count in counts:
+            project = ProjectFS(tmp)
+            for old in ("manifest.parquet",):
+                if project.exists(old):
+                    project.remove(old)
+            items = (
+                Item(item_id=f"item{i:07d}", uri=f"images/{sources[i % len(sources)]}")
+                for i in range(count)
+            )
+            write_manifest(items, project)
+            log.info("peak memory: %d items in a fresh process", count)
+            cmd = [
+                sys.executable,
+                __file__,
+                "--rss-child",
+                tmp,
+                "--workers",
+                str(workers),
+                "--batch-size",
+                str(batch_size),
+            ]
+            env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return results
 
 
 # -- report ----------------------------------------------------------------------------
@@ -249,21 +329,39 @@ def median_rate(times: Sequence[float], n: int) -> tuple[float, float]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="smaller run: 200 generated images, RSS at 2k vs 20k items")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller run: 200 generated images, RSS at 2k vs 20k items",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--synthetic", type=int, default=None, help="number of generated JPEGs (default 2000, quick 200)")
-    parser.add_argument("--naive-synthetic", type=int, default=None, help="generated JPEGs for the naive baseline (default 300, quick 60)")
-    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "labeltriage-bench")
+    parser.add_argument(
+        "--synthetic",
+        type=int,
+        default=None,
+        help="number of generated JPEGs (default 2000, quick 200)",
+    )
+    parser.add_argument(
+        "--naive-synthetic",
+        type=int,
+        default=None,
+        help="generated JPEGs for the naive baseline (default 300, quick 60)",
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        / "labeltriage-bench",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "fourier_speed.md")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-memory runs")
-    parser.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--rss-images", type=str, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--rss-child", type=str, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.rss_child is not None:
-        rss_child(args.rss_child, args.rss_images, args.workers, args.batch_size)
+        rss_child(args.rss_child, args.workers, args.batch_size)
         return 0
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
@@ -279,11 +377,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("road_signs", "kitti_tiny"):
         folder = SHARED_DATA / name / "images"
         if folder.is_dir():
-            rel = sorted(f"images/{p.name}" for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+            rel = sorted(
+                f"images/{p.name}"
+                for p in folder.iterdir()
+                if p.suffix.lower() in (".jpg", ".jpeg", ".png")
+            )
             datasets.append(DataSet(name, str(SHARED_DATA / name), rel, len(rel)))
         else:
             log.warning("%s not found under %s; skipped", name, SHARED_DATA)
-    datasets.append(DataSet(f"generated {SYNTH_WIDTH}×{SYNTH_HEIGHT} q90", synth_root, [os.path.basename(p) for p in synth_paths], n_naive_synth))
+    datasets.append(
+        DataSet(
+            f"generated {SYNTH_WIDTH}×{SYNTH_HEIGHT} q90",
+            synth_root,
+            [os.path.basename(p) for p in synth_paths],
+            n_naive_synth,
+        )
+    )
 
     rows = []
     for ds in datasets:
@@ -298,40 +407,79 @@ def main(argv: Sequence[str] | None = None) -> int:
             b_times.append(t)
             t, n_c = timed(lambda ds=ds: run_naive(ds))
             c_times.append(t)
-            log.info("%s repeat %d: a %.2fs b %.2fs c %.2fs", ds.name, r + 1, a_times[-1], b_times[-1], c_times[-1])
+            log.info(
+                "%s repeat %d: a %.2fs b %.2fs c %.2fs",
+                ds.name,
+                r + 1,
+                a_times[-1],
+                b_times[-1],
+                c_times[-1],
+            )
         _, rate_a = median_rate(a_times, n_a)
         _, rate_b = median_rate(b_times, n_b)
         _, rate_c = median_rate(c_times, n_c)
-        rows.append((ds.name, n_a, n_c, rate_a, rate_b, rate_c, rate_b / rate_a, rate_b / rate_c, a_times, b_times, c_times))
+        rows.append(
+            (
+                ds.name,
+                n_a,
+                n_c,
+                rate_a,
+                rate_b,
+                rate_c,
+                rate_b / rate_a,
+                rate_b / rate_c,
+                a_times,
+                b_times,
+                c_times,
+            )
+        )
 
     rss_rows = []
     if not args.no_rss:
         rss_images = SHARED_DATA / "road_signs" / "images"
         image_dir = str(rss_images) if rss_images.is_dir() else synth_root
-        for count in rss_counts:
-            log.info("peak RSS: %d items in a fresh process", count)
-            rss_rows.append(measure_rss(count, image_dir, args.workers, args.batch_size))
-        rss_source = "50-odd real road_signs JPEGs" if rss_images.is_dir() else "the generated JPEGs"
+        rss_rows = measure_rss(rss_counts, image_dir, args.workers, args.batch_size)
+        rss_source = (
+            f"{RSS_SOURCE_IMAGES} real road_signs JPEGs"
+            if rss_images.is_dir()
+            else f"{RSS_SOURCE_IMAGES} generated JPEGs"
+        )
     load_after = os.getloadavg()
     elapsed = time.perf_counter() - started
 
-    text = render(args, rows, rss_rows, rss_source if rss_rows else "", load_before, load_after, elapsed)
+    text = render(
+        args, rows, rss_rows, rss_source if rss_rows else "", load_before, load_after, elapsed
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)
     return 0
 
 
-def render(args: argparse.Namespace, rows: list, rss_rows: list, rss_source: str, load_before: tuple, load_after: tuple, elapsed: float) -> str:
+def render(
+    args: argparse.Namespace,
+    rows: list,
+    rss_rows: list,
+    rss_source: str,
+    load_before: tuple,
+    load_after: tuple,
+    elapsed: float,
+) -> str:
     info = machine()
     lines = ["# Fourier scoring speed", ""]
-    lines.append("Command: `OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/fourier_speed.py" + (" --quick" if args.quick else "") + "`")
+    lines.append(
+        "Command: `OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/fourier_speed.py"
+        + (" --quick" if args.quick else "")
+        + "`"
+    )
     lines.append("")
     lines.append("## Machine")
     lines.append("")
     for key, value in info.items():
         lines.append(f"- {key}: {value}")
-    lines.append(f"- load average (1/5/15 min) before: {load_before[0]:.2f} / {load_before[1]:.2f} / {load_before[2]:.2f}, after: {load_after[0]:.2f} / {load_after[1]:.2f} / {load_after[2]:.2f}")
+    lines.append(
+        f"- load average (1/5/15 min) before: {load_before[0]:.2f} / {load_before[1]:.2f} / {load_before[2]:.2f}, after: {load_after[0]:.2f} / {load_after[1]:.2f} / {load_after[2]:.2f}"
+    )
     lines.append(f"- whole run: {elapsed:.0f} s")
     lines.append("")
     lines.append("## Throughput (images/s, median of %d repeats)" % args.repeats)
@@ -343,12 +491,16 @@ def render(args: argparse.Namespace, rows: list, rss_rows: list, rss_source: str
         "`naive n` images of the set."
     )
     lines.append("")
-    lines.append("| images | n | (a) decode | (b) decode + fourier | (c) naive | naive n | b/a (target ≥ 0.9) | b/c (target ≥ 2) |")
+    lines.append(
+        "| images | n | (a) decode | (b) decode + fourier | (c) naive | naive n | b/a (target ≥ 0.9) | b/c (target ≥ 2) |"
+    )
     lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, n_a, n_c, ra, rb, rc, ba, bc, *_ in rows:
         ok_ba = "✔" if ba >= 0.9 else "✘"
         ok_bc = "✔" if bc >= 2 else "✘"
-        lines.append(f"| {name} | {n_a} | {ra:.0f} | {rb:.0f} | {rc:.1f} | {n_c} | {ba:.2f} {ok_ba} | {bc:.1f} {ok_bc} |")
+        lines.append(
+            f"| {name} | {n_a} | {ra:.0f} | {rb:.0f} | {rc:.1f} | {n_c} | {ba:.2f} {ok_ba} | {bc:.1f} {ok_bc} |"
+        )
     lines.append("")
     lines.append("Seconds per repeat (a / b / c):")
     lines.append("")
@@ -360,21 +512,34 @@ def render(args: argparse.Namespace, rows: list, rss_rows: list, rss_source: str
         lines.append("## Peak memory scoring a Parquet manifest (fresh process per size)")
         lines.append("")
         lines.append(
-            f"Manifest rows point at {rss_source} copied into a temporary project; read with "
-            "`connectors.manifest.iter_manifest_items`, scored with `score_images(['fourier'])`. "
-            "`ru_maxrss` of the main process and of the largest DataLoader worker; the total bounds "
-            f"the whole run (main + {args.workers} × worker). Target: total ≤ {RSS_LIMIT_MB:.0f} MB, flat in the item count."
+            f"Manifest rows (written beforehand with `connectors.manifest.write_manifest`) point at {rss_source} "
+            "copied into a temporary project; each size is read with `connectors.manifest.iter_manifest_items` "
+            f"and scored with `score_images(['fourier'])` ({args.workers} workers) in its own process. "
+            "`ru_maxrss`: peak resident set of the main process and of the largest DataLoader worker "
+            "(forked workers share most pages, torch's libraries above all, with the main process, so these do "
+            "not add up); `tree PSS`: peak proportional set size of main + workers together, sampled every "
+            "0.25 s, the memory the run really holds. `after imports`: the main process before the first item "
+            f"(torch alone is about 0.5 GB resident). Target: ≤ {RSS_LIMIT_MB:.0f} MB, flat in the item count."
         )
         lines.append("")
-        lines.append("| items | scored | errors | seconds | main peak MB | worker peak MB | total ≤ MB |")
-        lines.append("|---:|---:|---:|---:|---:|---:|---:|")
+        lines.append(
+            "| items | scored | errors | seconds | after imports MB | main peak MB | worker peak MB | tree PSS peak MB | within 1.5 GB |"
+        )
+        lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for r in rss_rows:
-            total = r["main_mb"] + args.workers * r["worker_mb"]
-            lines.append(f"| {r['items']:,} | {r['scored']:,} | {r['errors']} | {r['seconds']:.0f} | {r['main_mb']:.0f} | {r['worker_mb']:.0f} | {total:.0f} |")
+            ok = "✔" if max(r["tree_pss_mb"], r["main_mb"]) <= RSS_LIMIT_MB else "✘"
+            lines.append(
+                f"| {r['items']:,} | {r['scored']:,} | {r['errors']} | {r['seconds']:.0f} | {r['baseline_mb']:.0f} | "
+                f"{r['main_mb']:.0f} | {r['worker_mb']:.0f} | {r['tree_pss_mb']:.0f} | {ok} |"
+            )
         if len(rss_rows) == 2:
-            growth = rss_rows[1]["main_mb"] - rss_rows[0]["main_mb"]
+            lo, hi = rss_rows
             lines.append("")
-            lines.append(f"Main-process peak grew by {growth:+.0f} MB from {rss_rows[0]['items']:,} to {rss_rows[1]['items']:,} items.")
+            lines.append(
+                f"From {lo['items']:,} to {hi['items']:,} items the main-process peak changed by "
+                f"{hi['main_mb'] - lo['main_mb']:+.0f} MB, the worker peak by {hi['worker_mb'] - lo['worker_mb']:+.0f} MB "
+                f"and the tree PSS peak by {hi['tree_pss_mb'] - lo['tree_pss_mb']:+.0f} MB."
+            )
     lines.append("")
     return "\n".join(lines)
 

@@ -19,6 +19,7 @@ differs, a person edited the file and the item is a human label.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -218,11 +219,18 @@ def _parse_manifest(project: ProjectFS, path: str) -> RunManifest:
 
 
 def list_runs(project: ProjectFS) -> list[RunManifest]:
-    """Every run manifest of the project, oldest first (run ids sort by time)."""
+    """Every run manifest of the project, oldest first (run ids sort by time).
+
+    A manifest that cannot be parsed is logged and left out (``load_manifest`` on its run
+    id raises the error).
+    """
     runs = []
     for name in project.listdir(RUNS_DIR):
         if name.endswith(".json") and not name.startswith("."):
-            runs.append(_parse_manifest(project, f"{RUNS_DIR}/{name}"))
+            try:
+                runs.append(_parse_manifest(project, f"{RUNS_DIR}/{name}"))
+            except InputError as exc:
+                log.warning("%s", exc)
     return sorted(runs, key=lambda m: m.run_id)
 
 
@@ -361,9 +369,26 @@ def write_run(
             len(manifest.records),
             exc,
         )
-        _undo(fmt, manifest)
-        manifest.stage = "rolled_back"
         manifest.error = f"{type(exc).__name__}: {exc}"
+        try:
+            undone = _undo(fmt, manifest)
+        except Exception as undo_exc:
+            # Leave the manifest pending: `rollback RUN_ID` can finish the job later.
+            log.error(
+                "run %s: could not remove what it wrote (%s); run `rollback %s`",
+                run_id,
+                undo_exc,
+                run_id,
+            )
+            manifest.error += f"; undo failed: {type(undo_exc).__name__}: {undo_exc}"
+            with contextlib.suppress(Exception):
+                save_manifest(project, manifest)
+            raise exc from undo_exc
+        manifest.stage = "rolled_back"
+        manifest.meta = {
+            **manifest.meta,
+            "rollback": {"removed": len(undone.removed), "kept": undone.kept},
+        }
         save_manifest(project, manifest)
         raise
     log.info(

@@ -87,7 +87,7 @@ class Checkpoint:
 
 def _check_json(meta: dict[str, Any]) -> dict[str, Any]:
     try:
-        return json.loads(json.dumps(meta))  # type: ignore[no-any-return]
+        return json.loads(json.dumps(meta))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"checkpoint metadata must be plain JSON-able data: {exc}") from exc
 
@@ -103,7 +103,13 @@ def _split_url(path: str) -> tuple[str, str]:
     return parent, name
 
 
-def save_checkpoint(path: str, model: nn.Module | dict[str, torch.Tensor], meta: dict[str, Any], *, storage_options: dict[str, Any] | None = None) -> Checkpoint:
+def save_checkpoint(
+    path: str,
+    model: nn.Module | dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    *,
+    storage_options: dict[str, Any] | None = None,
+) -> Checkpoint:
     """Write ``model``'s weights (or a state dict) and ``meta`` to ``path`` atomically.
 
     ``path`` is a local path or an fsspec URL; an existing file is replaced.
@@ -112,10 +118,15 @@ def save_checkpoint(path: str, model: nn.Module | dict[str, torch.Tensor], meta:
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     clean = _check_json(meta)
     buffer = io.BytesIO()
-    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "meta": clean, "state_dict": state}, buffer)
+    torch.save(
+        {"format": FORMAT, "format_version": FORMAT_VERSION, "meta": clean, "state_dict": state},
+        buffer,
+    )
     parent, name = _split_url(path)
     ProjectFS(parent, storage_options).write_bytes(name, buffer.getvalue())
-    return Checkpoint(meta=clean, state_dict=state, path=path, model=None if isinstance(model, dict) else model)
+    return Checkpoint(
+        meta=clean, state_dict=state, path=path, model=None if isinstance(model, dict) else model
+    )
 
 
 def _read(path: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
@@ -126,16 +137,25 @@ def _read(path: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
         raise UsageError(f"checkpoint {path} not found") from exc
     try:
         blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many kinds for a bad file (UnpicklingError, RuntimeError, …)
-        raise InputError(f"not a readable checkpoint: {type(exc).__name__}: {exc}", file=path) from exc
+    except (
+        Exception
+    ) as exc:  # torch raises many kinds for a bad file (UnpicklingError, RuntimeError, …)
+        raise InputError(
+            f"not a readable checkpoint: {type(exc).__name__}: {exc}", file=path
+        ) from exc
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise InputError(f"not a {FORMAT} file", file=path)
     if int(blob.get("format_version", 0)) > FORMAT_VERSION:
-        raise InputError(f"checkpoint format version {blob['format_version']} is newer than this labeltriage ({FORMAT_VERSION})", file=path)
+        raise InputError(
+            f"checkpoint format version {blob['format_version']} is newer than this labeltriage ({FORMAT_VERSION})",
+            file=path,
+        )
     return blob
 
 
-def load_checkpoint(path: str | Checkpoint, *, storage_options: dict[str, Any] | None = None) -> Checkpoint:
+def load_checkpoint(
+    path: str | Checkpoint, *, storage_options: dict[str, Any] | None = None
+) -> Checkpoint:
     """Read a checkpoint with ``torch.load(weights_only=True)`` (a ``Checkpoint`` passes through)."""
     if isinstance(path, Checkpoint):
         return path
@@ -143,6 +163,8 @@ def load_checkpoint(path: str | Checkpoint, *, storage_options: dict[str, Any] |
     return Checkpoint(meta=blob["meta"], state_dict=blob["state_dict"], path=path)
 
 
-def load_checkpoint_meta(path: str | Checkpoint, *, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def load_checkpoint_meta(
+    path: str | Checkpoint, *, storage_options: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Only the metadata of a checkpoint (see the module docstring for its keys)."""
     return load_checkpoint(path, storage_options=storage_options).meta

@@ -49,7 +49,9 @@ class Sample:
     error: str | None = None
 
 
-def decode_image(item: Item, project: ProjectFS | None, *, channels: int = 3, size: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+def decode_image(
+    item: Item, project: ProjectFS | None, *, channels: int = 3, size: int | None = None
+) -> tuple[torch.Tensor, tuple[int, int]]:
     """``(C, H, W)`` float32 in ``[0, 1]`` (resized to ``size``×``size`` when given) and the original ``(width, height)``.
 
     Raises :class:`InputError` naming the file and the item.
@@ -58,21 +60,32 @@ def decode_image(item: Item, project: ProjectFS | None, *, channels: int = 3, si
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))
             image = ImageOps.exif_transpose(image)
             original = image.size
             image = image.convert("RGB" if channels == 3 else "L")
             if size is not None and image.size != (size, size):
                 image = image.resize((size, size), Image.Resampling.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InputError(f"cannot decode image: {type(exc).__name__}: {exc}", file=item.uri, item=item.item_id) from exc
+    except (
+        OSError,
+        ValueError,
+        SyntaxError,
+        EOFError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as exc:
+        raise InputError(
+            f"cannot decode image: {type(exc).__name__}: {exc}", file=item.uri, item=item.item_id
+        ) from exc
     tensor = torch.from_numpy(array.astype(np.float32) / 255.0)
     tensor = tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
     return tensor.contiguous(), original
 
 
-def detection_target(item: Item, classes: Sequence[str], width: int, height: int) -> dict[str, torch.Tensor]:
+def detection_target(
+    item: Item, classes: Sequence[str], width: int, height: int
+) -> dict[str, torch.Tensor]:
     """torchvision target of ``item``'s boxes (pixel ``xyxy``) for a ``width``×``height`` image."""
     index = {c: i + 1 for i, c in enumerate(classes)}
     boxes, labels = [], []
@@ -83,7 +96,11 @@ def detection_target(item: Item, classes: Sequence[str], width: int, height: int
         x1, x2 = min(max(x1, 0.0), width), min(max(x2, 0.0), width)
         y1, y2 = min(max(y1, 0.0), height), min(max(y2, 0.0), height)
         if x2 - x1 < 1e-3 or y2 - y1 < 1e-3:
-            raise InputError(f"box {list(ann.box)} of class {ann.label!r} is empty inside the {width}×{height} image", file=item.uri, item=item.item_id)
+            raise InputError(
+                f"box {list(ann.box)} of class {ann.label!r} is empty inside the {width}×{height} image",
+                file=item.uri,
+                item=item.item_id,
+            )
         boxes.append((x1, y1, x2, y2))
         labels.append(index[ann.label])
     return {
@@ -92,24 +109,41 @@ def detection_target(item: Item, classes: Sequence[str], width: int, height: int
     }
 
 
-def load_sample(item: Item, project: ProjectFS | None, *, task: str, classes: Sequence[str] | None, image_size: int, channels: int = 3, with_target: bool = True, augment: bool = False, rng: np.random.Generator | None = None) -> Sample:
+def load_sample(
+    item: Item,
+    project: ProjectFS | None,
+    *,
+    task: str,
+    classes: Sequence[str] | None,
+    image_size: int,
+    channels: int = 3,
+    with_target: bool = True,
+    augment: bool = False,
+    rng: np.random.Generator | None = None,
+) -> Sample:
     """Decode one item into a :class:`Sample` (never raises for bad input: sets ``error``)."""
     if item.error is not None:
         return Sample(item.item_id, error=item.error)
     try:
         if task == "classification":
             image, original = decode_image(item, project, channels=channels, size=image_size)
-            target = None
+            index: int | None = None
             if with_target:
                 label = item.class_label
-                if classes is None or label not in classes:
-                    raise InputError(f"class {label!r} is not one of the model's classes", file=item.uri, item=item.item_id)
-                target = list(classes).index(label)
+                if classes is None or label is None or label not in classes:
+                    raise InputError(
+                        f"class {label!r} is not one of the model's classes",
+                        file=item.uri,
+                        item=item.item_id,
+                    )
+                index = list(classes).index(label)
             if augment and rng is not None and rng.random() < 0.5:
                 image = image.flip(-1)
-            return Sample(item.item_id, image, target, original)
+            return Sample(item.item_id, image, index, original)
         image, original = decode_image(item, project, channels=3)
-        target = detection_target(item, classes or [], original[0], original[1]) if with_target else None
+        target = (
+            detection_target(item, classes or [], original[0], original[1]) if with_target else None
+        )
         if augment and rng is not None and rng.random() < 0.5 and target is not None:
             image = image.flip(-1)
             boxes = target["boxes"].clone()
@@ -123,7 +157,18 @@ def load_sample(item: Item, project: ProjectFS | None, *, task: str, classes: Se
 class ItemDataset(Dataset[Sample]):
     """Map-style dataset over a list of items (training: the labeled pool)."""
 
-    def __init__(self, items: Sequence[Item], project: ProjectFS | None, *, task: str, classes: Sequence[str] | None, image_size: int, channels: int = 3, augment: bool = False, seed: int = 0) -> None:
+    def __init__(
+        self,
+        items: Sequence[Item],
+        project: ProjectFS | None,
+        *,
+        task: str,
+        classes: Sequence[str] | None,
+        image_size: int,
+        channels: int = 3,
+        augment: bool = False,
+        seed: int = 0,
+    ) -> None:
         self.items = list(items)
         self.project = project
         self.task = task
@@ -139,13 +184,30 @@ class ItemDataset(Dataset[Sample]):
 
     def __getitem__(self, index: int) -> Sample:
         rng = np.random.default_rng((self.seed, self.epoch, index)) if self.augment else None
-        return load_sample(self.items[index], self.project, task=self.task, classes=self.classes, image_size=self.image_size, channels=self.channels, augment=self.augment, rng=rng)
+        return load_sample(
+            self.items[index],
+            self.project,
+            task=self.task,
+            classes=self.classes,
+            image_size=self.image_size,
+            channels=self.channels,
+            augment=self.augment,
+            rng=rng,
+        )
 
 
 class ItemStream(IterableDataset[Sample]):
     """Iterable dataset over a stream of items (inference); with workers, item ``k`` goes to worker ``k mod W``."""
 
-    def __init__(self, items: Iterable[Item], project: ProjectFS | None, *, task: str, image_size: int, channels: int = 3) -> None:
+    def __init__(
+        self,
+        items: Iterable[Item],
+        project: ProjectFS | None,
+        *,
+        task: str,
+        image_size: int,
+        channels: int = 3,
+    ) -> None:
         self.items = items
         self.project = project
         self.task = task
@@ -157,7 +219,15 @@ class ItemStream(IterableDataset[Sample]):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for k, item in enumerate(self.items):
             if k % workers == worker:
-                yield load_sample(item, self.project, task=self.task, classes=None, image_size=self.image_size, channels=self.channels, with_target=False)
+                yield load_sample(
+                    item,
+                    self.project,
+                    task=self.task,
+                    classes=None,
+                    image_size=self.image_size,
+                    channels=self.channels,
+                    with_target=False,
+                )
 
 
 def collate_samples(samples: list[Sample]) -> list[Sample]:

@@ -75,15 +75,27 @@ def _project_fs(project: Any) -> ProjectFS | None:
 
 
 @torch.no_grad()
-def _classify(ckpt: Checkpoint, model: torch.nn.Module, x: torch.Tensor, ids: list[str], committee: int, errors: dict[str, str]) -> InferenceBatch:
+def _classify(
+    ckpt: Checkpoint,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    ids: list[str],
+    committee: int,
+    errors: dict[str, str],
+) -> InferenceBatch:
     out = model(x)
     probs = F.softmax(out.logits, dim=1)
     comm = None
     if committee > 0:
-        target = model.target  # type: ignore[attr-defined]
+        target: Any = model.target
         target.dropout.train()
         try:
-            comm = torch.stack([F.softmax(target.fc(target.dropout(out.embedding)), dim=1) for _ in range(committee)])
+            comm = torch.stack(
+                [
+                    F.softmax(target.fc(target.dropout(out.embedding)), dim=1)
+                    for _ in range(committee)
+                ]
+            )
         finally:
             target.dropout.eval()
     probs_np = probs.cpu().double().numpy()
@@ -94,7 +106,9 @@ def _classify(ckpt: Checkpoint, model: torch.nn.Module, x: torch.Tensor, ids: li
         preds.append(
             Prediction(
                 item_id=item_id,
-                annotations=[Annotation(label=classes[best], score=float(min(1.0, max(0.0, p[best]))))],
+                annotations=[
+                    Annotation(label=classes[best], score=float(min(1.0, max(0.0, p[best]))))
+                ],
                 probs={c: float(v) for c, v in zip(classes, p, strict=True)},
                 model_version=ckpt.version,
                 source=f"checkpoint:{ckpt.arch}",
@@ -112,7 +126,15 @@ def _classify(ckpt: Checkpoint, model: torch.nn.Module, x: torch.Tensor, ids: li
 
 
 @torch.no_grad()
-def _detect(ckpt: Checkpoint, model: torch.nn.Module, samples: list[Sample], committee: int, errors: dict[str, str], box_score_min: float, device: str) -> InferenceBatch:
+def _detect(
+    ckpt: Checkpoint,
+    model: torch.nn.Module,
+    samples: list[Sample],
+    committee: int,
+    errors: dict[str, str],
+    box_score_min: float,
+    device: str,
+) -> InferenceBatch:
     outs = model.predict([s.image.to(device) for s in samples], committee=committee)  # type: ignore[operator,union-attr]
     classes = ckpt.classes
     preds, box_probs, box_scores, box_feats, box_comm = [], [], [], [], []
@@ -124,11 +146,22 @@ def _detect(ckpt: Checkpoint, model: torch.nn.Module, samples: list[Sample], com
         scores = o.scores.cpu().double().numpy()
         labels = o.labels.cpu().numpy()
         anns = [
-            Annotation(label=classes[int(lab) - 1], box=(float(b[0]), float(b[1]), float(b[2]), float(b[3])), score=float(min(1.0, sc)))
+            Annotation(
+                label=classes[int(lab) - 1],
+                box=(float(b[0]), float(b[1]), float(b[2]), float(b[3])),
+                score=float(min(1.0, sc)),
+            )
             for b, sc, lab in zip(boxes, scores, labels, strict=True)
             if sc >= box_score_min and b[2] > b[0] and b[3] > b[1]
         ]
-        preds.append(Prediction(item_id=s.item_id, annotations=anns, model_version=ckpt.version, source=f"checkpoint:{ckpt.arch}"))
+        preds.append(
+            Prediction(
+                item_id=s.item_id,
+                annotations=anns,
+                model_version=ckpt.version,
+                source=f"checkpoint:{ckpt.arch}",
+            )
+        )
         box_probs.append(o.probs.cpu().double().numpy())
         box_scores.append(scores)
         box_feats.append(o.box_features.cpu().double().numpy())
@@ -171,8 +204,16 @@ def infer(
     model = ckpt.build_model().to(device)
     task = ckpt.task
     settings = ckpt.meta.get("model") or {}
-    stream = ItemStream(items, _project_fs(project), task=task, image_size=int(settings.get("image_size", 32)), channels=int(settings.get("in_channels", 3)))
-    loader = DataLoader(stream, batch_size=batch_size, collate_fn=collate_samples, num_workers=num_workers)
+    stream = ItemStream(
+        items,
+        _project_fs(project),
+        task=task,
+        image_size=int(settings.get("image_size", 32)),
+        channels=int(settings.get("in_channels", 3)),
+    )
+    loader = DataLoader(
+        stream, batch_size=batch_size, collate_fn=collate_samples, num_workers=num_workers
+    )
     for samples in tqdm(loader, desc="infer", unit="batch", disable=not progress, leave=False):
         errors = {s.item_id: str(s.error) for s in samples if s.error is not None}
         good = [s for s in samples if s.error is None]
@@ -180,7 +221,7 @@ def infer(
             yield _empty(task, errors)
             continue
         if task == "classification":
-            x = torch.stack([s.image for s in good]).to(device)  # type: ignore[misc]
+            x = torch.stack([s.image for s in good]).to(device)
             yield _classify(ckpt, model, x, [s.item_id for s in good], committee, errors)
         else:
             yield _detect(ckpt, model, good, committee, errors, box_score_min, device)
@@ -188,11 +229,33 @@ def infer(
 
 def _empty(task: str, errors: dict[str, str]) -> InferenceBatch:
     if task == "classification":
-        return InferenceBatch(item_ids=[], features=np.zeros((0, 0)), predicted_loss=np.zeros(0), probs=np.zeros((0, 0)), errors=errors)
-    return InferenceBatch(item_ids=[], features=np.zeros((0, 0)), predicted_loss=np.zeros(0), box_probs=[], box_scores=[], box_features=[], errors=errors)
+        return InferenceBatch(
+            item_ids=[],
+            features=np.zeros((0, 0)),
+            predicted_loss=np.zeros(0),
+            probs=np.zeros((0, 0)),
+            errors=errors,
+        )
+    return InferenceBatch(
+        item_ids=[],
+        features=np.zeros((0, 0)),
+        predicted_loss=np.zeros(0),
+        box_probs=[],
+        box_scores=[],
+        box_features=[],
+        errors=errors,
+    )
 
 
-def infer_arrays(checkpoint: str | Checkpoint, x: np.ndarray, *, batch_size: int = 512, committee: int = 0, ids: list[str] | None = None, device: str = "cpu") -> InferenceBatch:
+def infer_arrays(
+    checkpoint: str | Checkpoint,
+    x: np.ndarray,
+    *,
+    batch_size: int = 512,
+    committee: int = 0,
+    ids: list[str] | None = None,
+    device: str = "cpu",
+) -> InferenceBatch:
     """:func:`infer` for in-memory classification images ``x`` ``(N, C, H, W)`` or ``(N, H, W)``.
 
     Returns one :class:`InferenceBatch` for all ``N`` items (ids ``"0"…`` unless given).
@@ -205,12 +268,19 @@ def infer_arrays(checkpoint: str | Checkpoint, x: np.ndarray, *, batch_size: int
     if xt.dim() == 3:
         xt = xt.unsqueeze(1)
     ids = [str(i) for i in (ids if ids is not None else range(xt.shape[0]))]
-    parts = [_classify(ckpt, model, xt[s : s + batch_size].to(device), ids[s : s + batch_size], committee, {}) for s in range(0, xt.shape[0], batch_size)]
+    parts = [
+        _classify(
+            ckpt, model, xt[s : s + batch_size].to(device), ids[s : s + batch_size], committee, {}
+        )
+        for s in range(0, xt.shape[0], batch_size)
+    ]
     return InferenceBatch(
         item_ids=ids,
         features=np.concatenate([p.features for p in parts]),
         predicted_loss=np.concatenate([p.predicted_loss for p in parts]),
         probs=np.concatenate([p.probs for p in parts if p.probs is not None]),
-        committee=np.concatenate([p.committee for p in parts if p.committee is not None], axis=1) if committee > 0 else None,
+        committee=np.concatenate([p.committee for p in parts if p.committee is not None], axis=1)
+        if committee > 0
+        else None,
         predictions=[q for p in parts for q in p.predictions],
     )

@@ -119,8 +119,8 @@ def plot_scorers(df: pd.DataFrame, scorers: Sequence[str], weights: dict[str, fl
         v = df[name].to_numpy(dtype=np.float64, na_value=np.nan)
         v = v[np.isfinite(v)]
         w = weights.get(name) or 0.0
-        ax.hist(v, bins=30, color="#3b6ea8" if w > 0 else "#9aa3ad", edgecolor="white", linewidth=0.3)
-        ax.set_title(f"{name}  (w={w:.2f})", fontsize=8.5, color="#1f2a36")
+        ax.hist(v, bins=30, color="#3b6ea8" if w > 0 else "#8e5ba8" if w < 0 else "#9aa3ad", edgecolor="white", linewidth=0.3)
+        ax.set_title(f"{name}  (w={w:.2f}{', reversed' if w < 0 else ''})", fontsize=8.5, color="#1f2a36")
         _style(ax)
         ax.tick_params(labelsize=7)
     fig.tight_layout()

@@ -350,6 +350,7 @@ def finish_table(
     reference_meta: dict[str, Any] | None = None,
     min_labeled: int = 30,
     seed: int = 0,
+    signed_weights: bool = False,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Percentiles, combination, tiers and ranks for the concatenated chunk rows.
 
@@ -388,7 +389,7 @@ def finish_table(
             f"weights reused from run {reference_meta.get('run_id')}",
         )
     else:
-        fit = fit_weights(pct, err_ok, min_labeled=min_labeled, seed=seed)
+        fit = fit_weights(pct, err_ok, min_labeled=min_labeled, seed=seed, signed=signed_weights)
 
     score = np.full(len(df), np.nan)
     score[ok] = combine(pct, fit.weights)
@@ -465,6 +466,7 @@ def score_project(
     chunk_size: int = CHUNK_SIZE,
     seed: int = 0,
     chunk_runner: ChunkRunner | None = None,
+    signed_weights: bool = False,
 ) -> ScoreResult:
     """Score every item of ``project``; write ``out_dir/difficulty.parquet`` and ``summary.json``.
 
@@ -472,6 +474,8 @@ def score_project(
     (:func:`default_scorers`); ``settings`` holds per-scorer settings under the scorer's
     name.  ``reference`` is an earlier run folder whose reference distributions, weights
     and tier thresholds are reused so that the scores of both runs compare.
+    ``signed_weights`` lets scorers that rank the true error backwards take part reversed
+    (see :func:`difficulty.combine.candidate_weights`); off by default.
     ``out_dir`` is any fsspec URL (``storage_options`` apply to it).
     ``chunk_runner`` (an engine, e.g. :meth:`autolabel.engine_dask.DaskEngine.map_chunks`)
     maps :func:`score_chunk` over the chunks elsewhere and yields their tables in order;
@@ -526,7 +530,9 @@ def score_project(
             log.info("scorers without inputs in this project are left out: %s", ", ".join(empty))
             names = [n for n in names if n not in empty]
             raw = raw.drop(columns=empty)
-    df, parts_meta = finish_table(raw, names, tiers=tiers, reference_meta=reference_meta, min_labeled=min_labeled, seed=seed)
+    df, parts_meta = finish_table(
+        raw, names, tiers=tiers, reference_meta=reference_meta, min_labeled=min_labeled, seed=seed, signed_weights=signed_weights
+    )
     versions = sorted({str(v) for v in df["model_version"].dropna()})
     if checkpoint is not None:
         model_version: str | None = checkpoint
@@ -544,7 +550,7 @@ def score_project(
         "scorers": names,
         "settings": {"scorers": {k: dict(v) for k, v in chosen.items() if k in names}, "label_map": label_map.model_dump(mode="json"),
                      "iou_threshold": iou_threshold, "error_min_score": error_min_score, "image_size": image_size,
-                     "min_labeled": min_labeled, "reference": reference},
+                     "min_labeled": min_labeled, "signed_weights": signed_weights, "reference": reference},
         **parts_meta,
     }
     df = df.drop(columns=["model_version"])

@@ -113,7 +113,9 @@ class SelectionResult:
     model_version: str | None = None
 
 
-def _gather(batches: Iterable[Any], spec: ScorerSpec) -> tuple[list[str], dict[str, Any], np.ndarray | None, dict[str, str]]:
+def _gather(
+    batches: Iterable[Any], spec: ScorerSpec
+) -> tuple[list[str], dict[str, Any], np.ndarray | None, dict[str, str]]:
     ids: list[str] = []
     errors: dict[str, str] = {}
     arrays: dict[str, list[Any]] = {}
@@ -127,7 +129,9 @@ def _gather(batches: Iterable[Any], spec: ScorerSpec) -> tuple[list[str], dict[s
         for need in spec.needs - {"rng", "n"}:
             value = getattr(batch, need)
             if value is None:
-                raise UsageError(f"strategy {spec.name!r} needs {need!r}, which this model does not give")
+                raise UsageError(
+                    f"strategy {spec.name!r} needs {need!r}, which this model does not give"
+                )
             arrays.setdefault(need, []).append(value)
     merged: dict[str, Any] = {}
     for need, parts in arrays.items():
@@ -166,7 +170,11 @@ def select_from_project(
     any task).  ``subset``: score only a seeded random subset of that many unlabeled items.
     ``settings``: the strategy's own settings (e.g. ``{"reduction": "mean"}`` for detection).
     """
-    ckpt = load_checkpoint(checkpoint, storage_options=storage_options) if checkpoint is not None else None
+    ckpt = (
+        load_checkpoint(checkpoint, storage_options=storage_options)
+        if checkpoint is not None
+        else None
+    )
     if ckpt is None and strategy != "random":
         raise UsageError(f"strategy {strategy!r} needs a trained model: give --model CHECKPOINT")
     if diversity is not None and diversity not in DIVERSITY:
@@ -194,12 +202,23 @@ def select_from_project(
         ids = [it.item_id for it in chosen_items]
         values = spec.fn(rng=rng, n=len(ids))
         ranked = select(values, ids, budget)
-        return SelectionResult(ranked, strategy, len(ids), len(pool), model_version=ckpt.version if ckpt else None)
+        return SelectionResult(
+            ranked, strategy, len(ids), len(pool), model_version=ckpt.version if ckpt else None
+        )
 
     from difficulty.inference import infer
 
     m = committee if spec.needs & {"committee", "box_committee"} else 0
-    batches = infer(ckpt, chosen_items, project, batch_size=batch_size, committee=m, device=device, num_workers=num_workers, progress=progress)
+    batches = infer(
+        ckpt,
+        chosen_items,
+        project,
+        batch_size=batch_size,
+        committee=m,
+        device=device,
+        num_workers=num_workers,
+        progress=progress,
+    )
     ids, arrays, features, errors = _gather(batches, spec)
     for item_id, message in errors.items():
         log.warning("item %s not scored: %s", item_id, message)
@@ -214,9 +233,17 @@ def select_from_project(
     return SelectionResult(ranked, strategy, len(ids), len(pool), errors, ckpt.version)
 
 
-def write_selection(ranked: list[tuple[str, float]], out: str, *, storage_options: dict[str, Any] | None = None) -> str:
+def write_selection(
+    ranked: list[tuple[str, float]], out: str, *, storage_options: dict[str, Any] | None = None
+) -> str:
     """Write ``item_id, value, rank`` to ``out`` (``.csv`` or ``.parquet``, any fsspec URL), atomically."""
-    frame = pd.DataFrame({"item_id": [r[0] for r in ranked], "value": [r[1] for r in ranked], "rank": list(range(1, len(ranked) + 1))})
+    frame = pd.DataFrame(
+        {
+            "item_id": [r[0] for r in ranked],
+            "value": [r[1] for r in ranked],
+            "rank": list(range(1, len(ranked) + 1)),
+        }
+    )
     buffer = io.BytesIO()
     if out.endswith(".parquet"):
         frame.to_parquet(buffer, index=False)

@@ -82,20 +82,35 @@ def _entropy_rows(p: np.ndarray) -> np.ndarray:
 # -- classification -------------------------------------------------------------------
 
 
-@register_scorer("random", needs={"rng", "n"}, description="uniform random values (the baseline)", tags={"strategy"})
+@register_scorer(
+    "random",
+    needs={"rng", "n"},
+    description="uniform random values (the baseline)",
+    tags={"strategy"},
+)
 def random(rng: np.random.Generator, n: int) -> np.ndarray:
     """``n`` uniform draws in ``[0, 1)`` from ``rng``: a random ranking."""
     return rng.random(int(n)).astype(np.float64)
 
 
-@register_scorer("least_confidence", needs={"probs"}, description="1 − the top class probability", tags={"strategy", "classification"})
+@register_scorer(
+    "least_confidence",
+    needs={"probs"},
+    description="1 − the top class probability",
+    tags={"strategy", "classification"},
+)
 def least_confidence(probs: np.ndarray) -> np.ndarray:
     """``1 − max_c p_c`` per row of ``probs`` ``(N, C)``; in ``[0, 1 − 1/C]``."""
     p = np.asarray(probs, dtype=np.float64)
     return 1.0 - p.max(axis=1)
 
 
-@register_scorer("margin", needs={"probs"}, description="1 − (best − second best class probability)", tags={"strategy", "classification"})
+@register_scorer(
+    "margin",
+    needs={"probs"},
+    description="1 − (best − second best class probability)",
+    tags={"strategy", "classification"},
+)
 def margin(probs: np.ndarray) -> np.ndarray:
     """``1 − (p_(1) − p_(2))`` per row of ``probs`` ``(N, C)``; in ``[0, 1]``."""
     p = np.asarray(probs, dtype=np.float64)
@@ -105,7 +120,12 @@ def margin(probs: np.ndarray) -> np.ndarray:
     return 1.0 - (top2[:, 0] - top2[:, 1])
 
 
-@register_scorer("entropy", needs={"probs"}, description="Shannon entropy of the class probabilities", tags={"strategy", "classification"})
+@register_scorer(
+    "entropy",
+    needs={"probs"},
+    description="Shannon entropy of the class probabilities",
+    tags={"strategy", "classification"},
+)
 def entropy(probs: np.ndarray) -> np.ndarray:
     """``−Σ_c p_c log p_c`` (nats) per row of ``probs`` ``(N, C)``; in ``[0, log C]``."""
     return _entropy_rows(probs)
@@ -122,13 +142,23 @@ def _vote_shares(committee: np.ndarray) -> np.ndarray:
     return shares / max(m, 1)
 
 
-@register_scorer("vote_entropy", needs={"committee"}, description="entropy of the committee's hard votes", tags={"strategy", "classification", "committee"})
+@register_scorer(
+    "vote_entropy",
+    needs={"committee"},
+    description="entropy of the committee's hard votes",
+    tags={"strategy", "classification", "committee"},
+)
 def vote_entropy(committee: np.ndarray) -> np.ndarray:
     """Entropy of the vote shares of ``committee`` ``(M, N, C)``; in ``[0, log min(M, C)]``."""
     return _entropy_rows(_vote_shares(committee))
 
 
-@register_scorer("consensus_entropy", needs={"committee"}, description="entropy of the committee's mean probabilities", tags={"strategy", "classification", "committee"})
+@register_scorer(
+    "consensus_entropy",
+    needs={"committee"},
+    description="entropy of the committee's mean probabilities",
+    tags={"strategy", "classification", "committee"},
+)
 def consensus_entropy(committee: np.ndarray) -> np.ndarray:
     """Entropy of the mean over members of ``committee`` ``(M, N, C)``; in ``[0, log C]``."""
     return _entropy_rows(np.asarray(committee, dtype=np.float64).mean(axis=0))
@@ -151,7 +181,13 @@ def _egl(p: np.ndarray, h: np.ndarray, bias: bool) -> np.ndarray:
     return (p * dist).sum(axis=1) * h_norm
 
 
-@register_scorer("egl", needs={"probs", "features"}, description="expected gradient length at the last layer (closed form)", settings=EGLSettings, tags={"strategy", "classification"})
+@register_scorer(
+    "egl",
+    needs={"probs", "features"},
+    description="expected gradient length at the last layer (closed form)",
+    settings=EGLSettings,
+    tags={"strategy", "classification"},
+)
 def egl(probs: np.ndarray, features: np.ndarray, bias: bool = True) -> np.ndarray:
     """``Σ_y p_y ‖p − e_y‖ · sqrt(‖h‖² + 1)`` with ``probs`` ``(N, C)``, ``features`` ``(N, D)``.
 
@@ -166,8 +202,18 @@ def _predicted(predicted_loss: np.ndarray) -> np.ndarray:
     return np.asarray(predicted_loss, dtype=np.float64).reshape(-1)
 
 
-register_scorer("learning_loss", needs={"predicted_loss"}, description="loss predicted by the loss-prediction module", tags={"strategy", "model"})(_predicted)
-register_scorer("predicted_loss", needs={"predicted_loss"}, description="loss predicted by the loss-prediction module (Yoo & Kweon 2019)", tags={"difficulty", "model"})(_predicted)
+register_scorer(
+    "learning_loss",
+    needs={"predicted_loss"},
+    description="loss predicted by the loss-prediction module",
+    tags={"strategy", "model"},
+)(_predicted)
+register_scorer(
+    "predicted_loss",
+    needs={"predicted_loss"},
+    description="loss predicted by the loss-prediction module (Yoo & Kweon 2019)",
+    tags={"difficulty", "model"},
+)(_predicted)
 learning_loss = _predicted
 predicted_loss = _predicted
 
@@ -189,7 +235,9 @@ class BoxAggregation(BaseModel):
     empty: Literal["max", "zero"] | float = "max"
 
 
-def _reduce(values: list[np.ndarray], reduction: str, empty: str | float, measure_max: float | None) -> np.ndarray:
+def _reduce(
+    values: list[np.ndarray], reduction: str, empty: str | float, measure_max: float | None
+) -> np.ndarray:
     out = np.empty(len(values), dtype=np.float64)
     is_empty = np.zeros(len(values), dtype=bool)
     for i, v in enumerate(values):
@@ -234,26 +282,58 @@ def _per_box(
 _DET_TAGS = {"strategy", "detection", "model"}
 
 
-@register_scorer("det_least_confidence", needs={"box_probs"}, description="least confidence per box, reduced per image", settings=BoxAggregation, tags=_DET_TAGS)
-def det_least_confidence(box_probs: list[np.ndarray], reduction: str = "max", empty: str | float = "max") -> np.ndarray:
+@register_scorer(
+    "det_least_confidence",
+    needs={"box_probs"},
+    description="least confidence per box, reduced per image",
+    settings=BoxAggregation,
+    tags=_DET_TAGS,
+)
+def det_least_confidence(
+    box_probs: list[np.ndarray], reduction: str = "max", empty: str | float = "max"
+) -> np.ndarray:
     """:func:`least_confidence` of each box ``(B_i, C)``, reduced per image."""
     return _per_box(box_probs, least_confidence, lambda c: 1.0 - 1.0 / c, reduction, empty)
 
 
-@register_scorer("det_margin", needs={"box_probs"}, description="margin per box, reduced per image", settings=BoxAggregation, tags=_DET_TAGS)
-def det_margin(box_probs: list[np.ndarray], reduction: str = "max", empty: str | float = "max") -> np.ndarray:
+@register_scorer(
+    "det_margin",
+    needs={"box_probs"},
+    description="margin per box, reduced per image",
+    settings=BoxAggregation,
+    tags=_DET_TAGS,
+)
+def det_margin(
+    box_probs: list[np.ndarray], reduction: str = "max", empty: str | float = "max"
+) -> np.ndarray:
     """:func:`margin` of each box ``(B_i, C)``, reduced per image."""
     return _per_box(box_probs, margin, lambda c: 1.0, reduction, empty)
 
 
-@register_scorer("det_entropy", needs={"box_probs"}, description="class entropy per box, reduced per image", settings=BoxAggregation, tags=_DET_TAGS)
-def det_entropy(box_probs: list[np.ndarray], reduction: str = "max", empty: str | float = "max") -> np.ndarray:
+@register_scorer(
+    "det_entropy",
+    needs={"box_probs"},
+    description="class entropy per box, reduced per image",
+    settings=BoxAggregation,
+    tags=_DET_TAGS,
+)
+def det_entropy(
+    box_probs: list[np.ndarray], reduction: str = "max", empty: str | float = "max"
+) -> np.ndarray:
     """:func:`entropy` of each box ``(B_i, C)``, reduced per image."""
     return _per_box(box_probs, _entropy_rows, lambda c: float(np.log(c)), reduction, empty)
 
 
-@register_scorer("det_vote_entropy", needs={"box_committee"}, description="vote entropy per box, reduced per image", settings=BoxAggregation, tags=_DET_TAGS | {"committee"})
-def det_vote_entropy(box_committee: list[np.ndarray], reduction: str = "max", empty: str | float = "max") -> np.ndarray:
+@register_scorer(
+    "det_vote_entropy",
+    needs={"box_committee"},
+    description="vote entropy per box, reduced per image",
+    settings=BoxAggregation,
+    tags=_DET_TAGS | {"committee"},
+)
+def det_vote_entropy(
+    box_committee: list[np.ndarray], reduction: str = "max", empty: str | float = "max"
+) -> np.ndarray:
     """:func:`vote_entropy` per box; ``box_committee`` per image ``(M, B_i, C)``."""
     arrays = [np.asarray(c, dtype=np.float64) for c in box_committee]
     m = next((a.shape[0] for a in arrays if a.ndim == 3 and a.shape[1] > 0), 1)
@@ -265,8 +345,16 @@ def det_vote_entropy(box_committee: list[np.ndarray], reduction: str = "max", em
     )
 
 
-@register_scorer("det_consensus_entropy", needs={"box_committee"}, description="consensus entropy per box, reduced per image", settings=BoxAggregation, tags=_DET_TAGS | {"committee"})
-def det_consensus_entropy(box_committee: list[np.ndarray], reduction: str = "max", empty: str | float = "max") -> np.ndarray:
+@register_scorer(
+    "det_consensus_entropy",
+    needs={"box_committee"},
+    description="consensus entropy per box, reduced per image",
+    settings=BoxAggregation,
+    tags=_DET_TAGS | {"committee"},
+)
+def det_consensus_entropy(
+    box_committee: list[np.ndarray], reduction: str = "max", empty: str | float = "max"
+) -> np.ndarray:
     """:func:`consensus_entropy` per box; ``box_committee`` per image ``(M, B_i, C)``."""
     arrays = [np.asarray(c, dtype=np.float64) for c in box_committee]
     return _reduce(
@@ -281,19 +369,36 @@ class DetEGLSettings(BoxAggregation):
     bias: bool = True
 
 
-@register_scorer("det_egl", needs={"box_probs", "box_features"}, description="expected gradient length per box at the classification layer, reduced per image", settings=DetEGLSettings, tags=_DET_TAGS)
-def det_egl(box_probs: list[np.ndarray], box_features: list[np.ndarray], reduction: str = "max", empty: str | float = "max", bias: bool = True) -> np.ndarray:
+@register_scorer(
+    "det_egl",
+    needs={"box_probs", "box_features"},
+    description="expected gradient length per box at the classification layer, reduced per image",
+    settings=DetEGLSettings,
+    tags=_DET_TAGS,
+)
+def det_egl(
+    box_probs: list[np.ndarray],
+    box_features: list[np.ndarray],
+    reduction: str = "max",
+    empty: str | float = "max",
+    bias: bool = True,
+) -> np.ndarray:
     """:func:`egl` per box: ``box_probs`` ``(B_i, C)`` and ``box_features`` ``(B_i, D)``.
 
     ``box_features`` are the inputs of the detector's classification layer at each box
     (Faster R-CNN: the box head's output; SSDlite: the input of the last 1×1 conv at
     the box's anchor location).
     """
-    values = [_egl(p, h, bias) if np.asarray(p).size else np.zeros(0) for p, h in zip(box_probs, box_features, strict=True)]
+    values = [
+        _egl(p, h, bias) if np.asarray(p).size else np.zeros(0)
+        for p, h in zip(box_probs, box_features, strict=True)
+    ]
     return _reduce(values, reduction, empty, None)
 
 
-DETECTION_VARIANTS = {name: f"det_{name}" for name in STRATEGIES if name not in ("random", "learning_loss")}
+DETECTION_VARIANTS = {
+    name: f"det_{name}" for name in STRATEGIES if name not in ("random", "learning_loss")
+}
 """Strategy name → its detection variant (``random`` and ``learning_loss`` serve both tasks)."""
 
 

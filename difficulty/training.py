@@ -90,7 +90,9 @@ def is_calibration(item_id: str, share: float) -> bool:
 def data_hash(pairs: Iterable[tuple[str, Any]]) -> str:
     """sha256 over sorted ``(item_id, label)`` pairs (labels as JSON)."""
     h = hashlib.sha256()
-    for item_id, label in sorted((str(i), json.dumps(lab, sort_keys=True, default=str)) for i, lab in pairs):
+    for item_id, label in sorted(
+        (str(i), json.dumps(lab, sort_keys=True, default=str)) for i, lab in pairs
+    ):
         h.update(item_id.encode())
         h.update(b"\0")
         h.update(label.encode())
@@ -136,9 +138,11 @@ def _fit(
     else:
         params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    milestone = max(1, int(round(0.8 * epochs)))
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[milestone] if epochs >= 5 else [], gamma=0.1)
-    stop_epoch = int(round(lossnet.stop_grad_share * epochs))
+    milestone = max(1, round(0.8 * epochs))
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=[milestone] if epochs >= 5 else [], gamma=0.1
+    )
+    stop_epoch = round(lossnet.stop_grad_share * epochs)
     history: list[dict[str, float]] = []
     bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
@@ -150,7 +154,11 @@ def _fit(
         for batch in batches(epoch):
             target_loss, predicted = step(model, batch, detach)
             ranking = loss_pred_loss(predicted, target_loss, lossnet.margin)
-            loss = lossnet.weight * ranking if freeze_target else target_loss.mean() + lossnet.weight * ranking
+            loss = (
+                lossnet.weight * ranking
+                if freeze_target
+                else target_loss.mean() + lossnet.weight * ranking
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if clip is not None:
@@ -162,21 +170,37 @@ def _fit(
             sums["n"] += n
         scheduler.step()
         n = max(sums["n"], 1.0)
-        record = {"epoch": float(epoch), "target_loss": sums["target"] / n, "ranking_loss": sums["ranking"] / n, "detached": float(detach)}
+        record = {
+            "epoch": float(epoch),
+            "target_loss": sums["target"] / n,
+            "ranking_loss": sums["ranking"] / n,
+            "detached": float(detach),
+        }
         history.append(record)
         bar.set_postfix(loss=f"{record['target_loss']:.3f}", rank=f"{record['ranking_loss']:.3f}")
-        log.debug("%s epoch %d: target %.4f ranking %.4f%s", desc, epoch, record["target_loss"], record["ranking_loss"], " (taps detached)" if detach else "")
+        log.debug(
+            "%s epoch %d: target %.4f ranking %.4f%s",
+            desc,
+            epoch,
+            record["target_loss"],
+            record["ranking_loss"],
+            " (taps detached)" if detach else "",
+        )
     model.eval()
     return history
 
 
-def _classification_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], detach: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _classification_step(
+    model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], detach: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = batch
     out = model(x, detach_taps=detach)
     return F.cross_entropy(out.logits, y, reduction="none"), out.predicted_loss
 
 
-def _detection_step(model: nn.Module, batch: tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]], detach: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _detection_step(
+    model: nn.Module, batch: tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]], detach: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     images, targets = batch
     out = model(images, targets, detach_taps=detach)
     return out.loss, out.predicted_loss
@@ -195,7 +219,9 @@ def _version(arch: str, hash_: str, created: str) -> str:
 def _warm_start(model: nn.Module, init: Checkpoint, meta: dict[str, Any]) -> None:
     for key in ("task", "arch", "classes"):
         if init.meta.get(key) != meta.get(key):
-            raise UsageError(f"--init checkpoint {init.path or '(in memory)'} has {key} {init.meta.get(key)!r}, this training has {meta.get(key)!r}")
+            raise UsageError(
+                f"--init checkpoint {init.path or '(in memory)'} has {key} {init.meta.get(key)!r}, this training has {meta.get(key)!r}"
+            )
     model.load_state_dict(init.state_dict)
 
 
@@ -251,10 +277,20 @@ def train_on_arrays(
         "task": "classification",
         "arch": arch if target is None else "user",
         "classes": classes,
-        "model": {"in_channels": int(xt.shape[1]), "image_size": int(xt.shape[2]), "width": width, "dropout": dropout},
+        "model": {
+            "in_channels": int(xt.shape[1]),
+            "image_size": int(xt.shape[2]),
+            "width": width,
+            "dropout": dropout,
+        },
         "lossnet": lossnet.model_dump(),
         "data_hash": hash_,
-        "calibration": {"rule": "none (arrays)", "share": 0.0, "ids_hash": _ids_hash([]), "count": 0},
+        "calibration": {
+            "rule": "none (arrays)",
+            "share": 0.0,
+            "ids_hash": _ids_hash([]),
+            "count": 0,
+        },
         "calibration_ids": [],
         "created": created,
     }
@@ -279,7 +315,17 @@ def train_on_arrays(
             idx = order[start : start + bs]
             yield xt[idx], yt[idx]
 
-    history = _fit(model, batches, _classification_step, epochs=total_epochs, lr=lr, lossnet=lossnet, freeze_target=freeze_target, progress=progress, desc="train")
+    history = _fit(
+        model,
+        batches,
+        _classification_step,
+        epochs=total_epochs,
+        lr=lr,
+        lossnet=lossnet,
+        freeze_target=freeze_target,
+        progress=progress,
+        desc="train",
+    )
     meta["version"] = meta["model_version"] = _version(meta["arch"], hash_, created)
     meta["training"] = {
         "epochs": total_epochs,
@@ -293,7 +339,12 @@ def train_on_arrays(
         "history": history,
     }
     model.to("cpu")
-    return Checkpoint(meta=meta, state_dict={k: v.detach().clone() for k, v in model.state_dict().items()}, path=None, model=model)
+    return Checkpoint(
+        meta=meta,
+        state_dict={k: v.detach().clone() for k, v in model.state_dict().items()},
+        path=None,
+        model=model,
+    )
 
 
 # -- a project (the CLI) ---------------------------------------------------------------
@@ -356,7 +407,9 @@ def train_model(
         raise UsageError(f"calibration share {calibration_share} must be in [0, 1)")
     init_ckpt = load_checkpoint(init, storage_options=storage_options) if init is not None else None
     if freeze_target and init_ckpt is None:
-        raise UsageError("training the loss module alone (freeze_target) needs the frozen model as --init CHECKPOINT")
+        raise UsageError(
+            "training the loss module alone (freeze_target) needs the frozen model as --init CHECKPOINT"
+        )
     arch = arch or (init_ckpt.arch if init_ckpt is not None else DEFAULT_ARCH[task])
     if arch not in ARCHS[task]:
         raise UsageError(f"unknown {task} arch {arch!r}; choose one of: {', '.join(ARCHS[task])}")
@@ -376,21 +429,30 @@ def train_model(
         else:
             train_items.append(item)
     if skipped:
-        log.warning("%d labeled items have no single class label and are not used for classification", skipped)
+        log.warning(
+            "%d labeled items have no single class label and are not used for classification",
+            skipped,
+        )
     if classes is None:
         if init_ckpt is not None:
             classes = init_ckpt.classes
         elif task == "classification":
             classes = sorted({str(i.class_label) for i in train_items})
         else:
-            classes = sorted({a.label for i in train_items for a in i.annotations if a.box is not None})
+            classes = sorted(
+                {a.label for i in train_items for a in i.annotations if a.box is not None}
+            )
     if task == "classification":
         unknown = sorted({str(i.class_label) for i in train_items} - set(classes))
         if unknown:
-            log.warning("labels %s are not among the classes %s; their items are skipped", unknown, classes)
+            log.warning(
+                "labels %s are not among the classes %s; their items are skipped", unknown, classes
+            )
             train_items = [i for i in train_items if i.class_label in classes]
     if not train_items:
-        raise UsageError(f"no human-labeled items to train on (after holding out {len(calibration_ids)} for calibration)")
+        raise UsageError(
+            f"no human-labeled items to train on (after holding out {len(calibration_ids)} for calibration)"
+        )
     if not classes:
         raise UsageError("no classes: the labeled items have no labels; give the project's classes")
 
@@ -409,7 +471,12 @@ def train_model(
         "model": settings,
         "lossnet": lossnet.model_dump(),
         "data_hash": hash_,
-        "calibration": {"rule": CALIBRATION_RULE, "share": calibration_share, "ids_hash": _ids_hash(calibration_ids), "count": len(calibration_ids)},
+        "calibration": {
+            "rule": CALIBRATION_RULE,
+            "share": calibration_share,
+            "ids_hash": _ids_hash(calibration_ids),
+            "count": len(calibration_ids),
+        },
         "calibration_ids": calibration_ids,
         "created": created,
     }
@@ -419,10 +486,22 @@ def train_model(
         _warm_start(model, init_ckpt, meta)
     model.to(device)
 
-    dataset = ItemDataset(train_items, fs, task=task, classes=classes, image_size=size, augment=augment, seed=seed)
+    dataset = ItemDataset(
+        train_items, fs, task=task, classes=classes, image_size=size, augment=augment, seed=seed
+    )
     bs = max(1, min(batch_size, len(dataset)))
-    drop_last = len(dataset) > bs and len(dataset) % bs == 1  # no lone item at the end: it has no pair
-    loader = DataLoader(dataset, batch_size=bs, shuffle=True, drop_last=drop_last, collate_fn=collate_samples, num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+    drop_last = (
+        len(dataset) > bs and len(dataset) % bs == 1
+    )  # no lone item at the end: it has no pair
+    loader = DataLoader(
+        dataset,
+        batch_size=bs,
+        shuffle=True,
+        drop_last=drop_last,
+        collate_fn=collate_samples,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+    )
     reported: set[str] = set()
 
     def good(samples: list[Sample]) -> list[Sample]:
@@ -441,10 +520,15 @@ def train_model(
             ok = good(samples)
             if not ok:
                 continue
+            images = [s.image for s in ok if s.image is not None]
             if task == "classification":
-                yield torch.stack([s.image for s in ok]).to(device), torch.tensor([s.target for s in ok], device=device)  # type: ignore[misc]
+                yield (
+                    torch.stack(images).to(device),
+                    torch.tensor([s.target for s in ok], device=device),
+                )
             else:
-                yield [s.image.to(device) for s in ok], [{k: v.to(device) for k, v in s.target.items()} for s in ok]  # type: ignore[union-attr]
+                targets = [{k: v.to(device) for k, v in s.target.items()} for s in ok]
+                yield [im.to(device) for im in images], targets
 
     total_epochs = _effective_epochs(epochs, len(loader), min_steps)
     step = _classification_step if task == "classification" else _detection_step
@@ -475,5 +559,11 @@ def train_model(
     }
     model.to("cpu")
     ckpt = save_checkpoint(out, model, meta, storage_options=storage_options)
-    log.info("trained %s on %d items (%d held out for calibration) → %s", arch, len(train_items), len(calibration_ids), out)
+    log.info(
+        "trained %s on %d items (%d held out for calibration) → %s",
+        arch,
+        len(train_items),
+        len(calibration_ids),
+        out,
+    )
     return ckpt

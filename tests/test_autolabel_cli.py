@@ -14,6 +14,7 @@ import pytest
 from autolabel.cli import main
 from connectors.formats.voc import VocFormat
 from connectors.labelmap import LabelMap
+from connectors.model import Item, Prediction
 from connectors.storage import ProjectFS
 from difficulty.matching import item_correct
 from difficulty.prediction_scores import box_count_variance
@@ -24,15 +25,25 @@ LABEL_MAP = {"map": {"stop sign": "stop", "traffic light": "trafficlight"}, "ign
 N_ITEMS, N_HELD_OUT = 300, 100
 
 
-def _xml(filename: str, width: int, height: int, boxes: list[tuple[str, tuple[float, float, float, float]]]) -> str:
+def _xml(
+    filename: str,
+    width: int,
+    height: int,
+    boxes: list[tuple[str, tuple[float, float, float, float]]],
+) -> str:
     objs = "".join(
-        f"<object><name>{n}</name><bndbox><xmin>{b[0]:g}</xmin><ymin>{b[1]:g}</ymin><xmax>{b[2]:g}</xmax><ymax>{b[3]:g}</ymax></bndbox></object>" for n, b in boxes
+        f"<object><name>{n}</name><bndbox><xmin>{b[0]:g}</xmin><ymin>{b[1]:g}</ymin><xmax>{b[2]:g}</xmax><ymax>{b[3]:g}</ymax></bndbox></object>"
+        for n, b in boxes
     )
     return f"<annotation><filename>{filename}</filename><size><width>{width}</width><height>{height}</height><depth>3</depth></size>{objs}</annotation>"
 
 
 def tree(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +62,19 @@ def road_project(road_signs: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     truth = {}
     for item in items:
         shutil.copy(road_signs / item.uri, root / item.uri)
-        shutil.copy(road_signs / "predictions" / "yolo" / f"{item.item_id}.txt", preds_dir / f"{item.item_id}.txt")
-        kept = item.model_copy(update={"annotations": [a for a in item.annotations if a.label in KEEP]})
+        shutil.copy(
+            road_signs / "predictions" / "yolo" / f"{item.item_id}.txt",
+            preds_dir / f"{item.item_id}.txt",
+        )
+        kept = item.model_copy(
+            update={"annotations": [a for a in item.annotations if a.label in KEEP]}
+        )
         truth[item.item_id] = kept
         if item.item_id not in held_out:
             boxes = [(a.label, a.box) for a in kept.annotations if a.box is not None]
-            (root / "annotations" / f"{item.item_id}.xml").write_text(_xml(Path(item.uri).name, item.width or 0, item.height or 0, boxes))
+            (root / "annotations" / f"{item.item_id}.xml").write_text(
+                _xml(Path(item.uri).name, item.width or 0, item.height or 0, boxes)
+            )
     # difficulty: a prediction-only score (variance of the object count) on mapped boxes
     from connectors.formats.yolo import YoloPredictions
 
@@ -82,7 +100,14 @@ def road_project(road_signs: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     )
     write_difficulty(df, str(report), {"scorers": []})
     (tmp / "map.json").write_text(json.dumps(LABEL_MAP))
-    return {"root": root, "preds": preds_dir, "report": report, "map": tmp / "map.json", "truth": truth, "held_out": held_out}
+    return {
+        "root": root,
+        "preds": preds_dir,
+        "report": report,
+        "map": tmp / "map.json",
+        "truth": truth,
+        "held_out": held_out,
+    }
 
 
 def _argv(p: dict[str, object], *extra: str) -> list[str]:
@@ -108,7 +133,9 @@ def _argv(p: dict[str, object], *extra: str) -> list[str]:
     ]
 
 
-def test_dry_run_then_write_then_rollback(road_project: dict[str, object], capsys: pytest.CaptureFixture[str]) -> None:
+def test_dry_run_then_write_then_rollback(
+    road_project: dict[str, object], capsys: pytest.CaptureFixture[str]
+) -> None:
     root = road_project["root"]
     assert isinstance(root, Path)
     before = tree(root)
@@ -144,28 +171,45 @@ def test_dry_run_then_write_then_rollback(road_project: dict[str, object], capsy
     assert now == before
 
 
-def _as_prediction(item: object) -> object:
-    from connectors.model import Prediction
-
-    return Prediction(item_id=item.item_id, annotations=item.annotations)  # type: ignore[attr-defined]
+def _as_prediction(item: Item) -> Prediction:
+    return Prediction(item_id=item.item_id, annotations=item.annotations)
 
 
-def test_rollback_unknown_run_exits_2_and_lists_runs(road_project: dict[str, object], capsys: pytest.CaptureFixture[str]) -> None:
+def test_rollback_unknown_run_exits_2_and_lists_runs(
+    road_project: dict[str, object], capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exc:
-        main(["rollback", "20990101T000000Z-000000", "--source", str(road_project["root"]), "--format", "voc"])
+        main(
+            [
+                "rollback",
+                "20990101T000000Z-000000",
+                "--source",
+                str(road_project["root"]),
+                "--format",
+                "voc",
+            ]
+        )
     assert exc.value.code == 2
     assert "known runs" in capsys.readouterr().err
 
 
-def test_autolabel_needs_exactly_one_prediction_source(road_project: dict[str, object], capsys: pytest.CaptureFixture[str]) -> None:
-    argv = [a for a in _argv(road_project) if a not in ("--predictions", str(road_project["preds"]), "--predictions-format", "yolo")]
+def test_autolabel_needs_exactly_one_prediction_source(
+    road_project: dict[str, object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        a
+        for a in _argv(road_project)
+        if a not in ("--predictions", str(road_project["preds"]), "--predictions-format", "yolo")
+    ]
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
     assert "--predictions" in capsys.readouterr().err
 
 
-def test_bad_epsilon_exits_2(road_project: dict[str, object], capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_epsilon_exits_2(
+    road_project: dict[str, object], capsys: pytest.CaptureFixture[str]
+) -> None:
     argv = _argv(road_project)
     argv[argv.index("--epsilon") + 1] = "1.5"
     with pytest.raises(SystemExit) as exc:

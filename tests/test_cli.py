@@ -150,7 +150,9 @@ def test_commands_section_sets_any_option_and_unknown_ones_exit_2(runner: CliRun
     data["commands"] = {"stats": {"format": "yolo"}}
     path.write_text(yaml.safe_dump(data))
     result = runner.invoke(cli, ["--config", str(path), "stats"])
-    assert result.exit_code != 0  # the sample project is VOC: the configured --format yolo was used
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.output)  # the VOC project read as YOLO: nothing labeled
+    assert stats["format"] == "yolo" and stats["labeled"] == 0
     data["commands"] = {"stats": {"colour": "red"}, "frobnicate": {}}
     path.write_text(yaml.safe_dump(data))
     result = runner.invoke(cli, ["--config", str(path), "stats"])

@@ -31,7 +31,11 @@ def mem() -> Iterator[ProjectFS]:
         project.fs.rm(project.root, recursive=True)
 
 
-def coco_doc(images: list[dict[str, Any]], annotations: list[dict[str, Any]], categories: list[str] = ("stop", "light")) -> dict[str, Any]:  # type: ignore[assignment]
+def coco_doc(
+    images: list[dict[str, Any]],
+    annotations: list[dict[str, Any]],
+    categories: list[str] = ("stop", "light"),
+) -> dict[str, Any]:  # type: ignore[assignment]
     return {
         "images": images,
         "annotations": annotations,
@@ -45,7 +49,10 @@ def small_project(mem: ProjectFS) -> CocoFormat:
     for name in ("a", "b", "c"):
         mem.write_bytes(f"images/{name}.jpg", b"jpeg")
     doc = coco_doc(
-        [{"id": i + 1, "file_name": f"{n}.jpg", "width": 100, "height": 80} for i, n in enumerate("abc")],
+        [
+            {"id": i + 1, "file_name": f"{n}.jpg", "width": 100, "height": 80}
+            for i, n in enumerate("abc")
+        ],
         [
             {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 30]},
             {"id": 2, "image_id": 3, "category_id": 2, "bbox": [0, 0, 100, 80]},
@@ -75,7 +82,10 @@ def test_reads_boxes_as_xyxy_with_image_root(mem: ProjectFS) -> None:
 
 
 def test_image_root_is_json_folder_without_images_dir(mem: ProjectFS) -> None:
-    mem.write_text("coco.json", json.dumps(coco_doc([{"id": 1, "file_name": "sub/x.png", "width": 5, "height": 5}], [])))
+    mem.write_text(
+        "coco.json",
+        json.dumps(coco_doc([{"id": 1, "file_name": "sub/x.png", "width": 5, "height": 5}], [])),
+    )
     (item,) = CocoFormat(mem, file="coco.json").iter_items()
     assert (item.item_id, item.uri) == ("sub/x", "sub/x.png")
 
@@ -90,7 +100,10 @@ def test_detect_and_registry(mem: ProjectFS) -> None:
 
 
 def test_finds_single_json_in_annotations_folder(mem: ProjectFS) -> None:
-    mem.write_text("annotations/instances.json", json.dumps(coco_doc([{"id": 1, "file_name": "x.jpg", "width": 5, "height": 5}], [])))
+    mem.write_text(
+        "annotations/instances.json",
+        json.dumps(coco_doc([{"id": 1, "file_name": "x.jpg", "width": 5, "height": 5}], [])),
+    )
     assert CocoFormat(mem).file == "annotations/instances.json"
     mem.write_text("annotations/other.json", "{}")
     with pytest.raises(UsageError, match="several JSON files"):
@@ -105,7 +118,9 @@ def test_malformed_json_names_file_and_line(mem: ProjectFS) -> None:
     assert "annotations.json:2" in str(info.value) and "column" in str(info.value)
 
 
-def write_doc(mem: ProjectFS, images: list[dict[str, Any]], annotations: list[dict[str, Any]]) -> CocoFormat:
+def write_doc(
+    mem: ProjectFS, images: list[dict[str, Any]], annotations: list[dict[str, Any]]
+) -> CocoFormat:
     mem.write_text("annotations.json", json.dumps(coco_doc(images, annotations)))
     return CocoFormat(mem)
 
@@ -116,15 +131,32 @@ IMGS = [{"id": i, "file_name": f"im{i}.jpg", "width": 100, "height": 50} for i i
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
-        ({"id": 9, "image_id": 2, "category_id": 77, "bbox": [1, 1, 5, 5]}, "unknown category_id 77"),
-        ({"id": 9, "image_id": 2, "category_id": 1, "bbox": [90, 10, 30, 5]}, "past the image width 100"),
-        ({"id": 9, "image_id": 2, "category_id": 1, "bbox": [10, 10, -4, 5]}, "negative width or height"),
+        (
+            {"id": 9, "image_id": 2, "category_id": 77, "bbox": [1, 1, 5, 5]},
+            "unknown category_id 77",
+        ),
+        (
+            {"id": 9, "image_id": 2, "category_id": 1, "bbox": [90, 10, 30, 5]},
+            "past the image width 100",
+        ),
+        (
+            {"id": 9, "image_id": 2, "category_id": 1, "bbox": [10, 10, -4, 5]},
+            "negative width or height",
+        ),
         ({"id": 9, "image_id": 2, "category_id": 1, "bbox": [10, 10, 5]}, "not four numbers"),
-        ({"id": 9, "image_id": 2, "category_id": 1, "bbox": [10, 10, 5, 5], "score": 3.0}, "not in [0, 1]"),
+        (
+            {"id": 9, "image_id": 2, "category_id": 1, "bbox": [10, 10, 5, 5], "score": 3.0},
+            "not in [0, 1]",
+        ),
     ],
 )
-def test_bad_annotation_sets_error_on_its_item_only(mem: ProjectFS, bad: dict[str, Any], message: str) -> None:
-    good = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]}, {"id": 2, "image_id": 3, "category_id": 2, "bbox": [1, 1, 5, 5]}]
+def test_bad_annotation_sets_error_on_its_item_only(
+    mem: ProjectFS, bad: dict[str, Any], message: str
+) -> None:
+    good = [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]},
+        {"id": 2, "image_id": 3, "category_id": 2, "bbox": [1, 1, 5, 5]},
+    ]
     items = by_id(list(write_doc(mem, IMGS, [*good, bad]).iter_items()))
     assert items["im2"].error is not None
     assert message in items["im2"].error
@@ -143,7 +175,9 @@ def test_unknown_image_id_becomes_its_own_error_item(mem: ProjectFS) -> None:
     assert all(i.error is None for i in items[:3])
 
 
-@pytest.mark.parametrize("file_name", ["../outside.jpg", "a/../../outside.jpg", "/etc/passwd", "s3://bucket/x.jpg"])
+@pytest.mark.parametrize(
+    "file_name", ["../outside.jpg", "a/../../outside.jpg", "/etc/passwd", "s3://bucket/x.jpg"]
+)
 def test_file_name_escaping_root_is_an_error_item(mem: ProjectFS, file_name: str) -> None:
     images = [*IMGS[:1], {"id": 2, "file_name": file_name, "width": 10, "height": 10}, IMGS[2]]
     items = list(write_doc(mem, images, []).iter_items())
@@ -153,7 +187,11 @@ def test_file_name_escaping_root_is_an_error_item(mem: ProjectFS, file_name: str
 
 
 def test_duplicate_image_ids_and_missing_fields(mem: ProjectFS) -> None:
-    images = [IMGS[0], {"id": 1, "file_name": "other.jpg", "width": 1, "height": 1}, {"file_name": "noid.jpg"}]
+    images = [
+        IMGS[0],
+        {"id": 1, "file_name": "other.jpg", "width": 1, "height": 1},
+        {"file_name": "noid.jpg"},
+    ]
     items = list(write_doc(mem, images, []).iter_items())
     assert items[0].error is None
     assert "duplicate image id 1" in (items[1].error or "")
@@ -173,7 +211,14 @@ LABELS = st.sampled_from(["car", "stop sign", "person", "light"])
 
 @st.composite
 def coco_items(draw: st.DrawFn) -> list[Item]:
-    ids = draw(st.lists(st.from_regex(r"[a-z][a-z0-9_]{0,7}(/[a-z0-9]{1,4})?", fullmatch=True), min_size=1, max_size=8, unique=True))
+    ids = draw(
+        st.lists(
+            st.from_regex(r"[a-z][a-z0-9_]{0,7}(/[a-z0-9]{1,4})?", fullmatch=True),
+            min_size=1,
+            max_size=8,
+            unique=True,
+        )
+    )
     items = []
     for item_id in ids:
         w, h = draw(st.integers(1, 3000)), draw(st.integers(1, 3000))
@@ -186,7 +231,13 @@ def coco_items(draw: st.DrawFn) -> list[Item]:
             score = draw(st.none() | st.floats(0, 1))
             anns.append(Annotation(label=draw(LABELS), box=(x1, y1, x2, y2), score=score))
         ext = draw(st.sampled_from([".jpg", ".png", ".JPEG"]))
-        meta = draw(st.dictionaries(st.sampled_from(["license", "date_captured", "flickr"]), st.integers(0, 9) | st.text(max_size=5), max_size=2))
+        meta = draw(
+            st.dictionaries(
+                st.sampled_from(["license", "date_captured", "flickr"]),
+                st.integers(0, 9) | st.text(max_size=5),
+                max_size=2,
+            )
+        )
         items.append(
             Item(
                 item_id=item_id,
@@ -204,7 +255,14 @@ def coco_items(draw: st.DrawFn) -> list[Item]:
 def assert_same_items(back: list[Item], items: list[Item]) -> None:
     assert [i.item_id for i in back] == [i.item_id for i in items]
     for got, want in zip(back, items, strict=True):
-        assert (got.uri, got.width, got.height, got.status, got.meta, got.error) == (want.uri, want.width, want.height, want.status, want.meta, None)
+        assert (got.uri, got.width, got.height, got.status, got.meta, got.error) == (
+            want.uri,
+            want.width,
+            want.height,
+            want.status,
+            want.meta,
+            None,
+        )
         assert [a.label for a in got.annotations] == [a.label for a in want.annotations]
         assert [a.score for a in got.annotations] == [a.score for a in want.annotations]
         for ga, wa in zip(got.annotations, want.annotations, strict=True):
@@ -231,18 +289,55 @@ def test_round_trip_items_coco_items(items: list[Item]) -> None:
 
 def test_write_items_refuses_what_coco_cannot_hold(mem: ProjectFS) -> None:
     with pytest.raises(UsageError, match="class label"):
-        CocoFormat(mem).write_items([Item(item_id="a", uri="images/a.jpg", status="labeled", annotations=[Annotation(label="cat")])])
+        CocoFormat(mem).write_items(
+            [
+                Item(
+                    item_id="a",
+                    uri="images/a.jpg",
+                    status="labeled",
+                    annotations=[Annotation(label="cat")],
+                )
+            ]
+        )
     with pytest.raises(UsageError, match="not in the given classes"):
-        CocoFormat(mem).write_items([Item(item_id="a", uri="a.jpg", status="labeled", annotations=[Annotation(label="dog", box=(0, 0, 1, 1))])], classes=["cat"])
+        CocoFormat(mem).write_items(
+            [
+                Item(
+                    item_id="a",
+                    uri="a.jpg",
+                    status="labeled",
+                    annotations=[Annotation(label="dog", box=(0, 0, 1, 1))],
+                )
+            ],
+            classes=["cat"],
+        )
     assert not mem.exists("annotations.json")
 
 
 def test_write_items_classes_give_category_ids(mem: ProjectFS) -> None:
-    items = [Item(item_id="a", uri="images/a.jpg", width=10, height=10, status="labeled", annotations=[Annotation(label="b", box=(0, 0, 1, 1))])]
+    items = [
+        Item(
+            item_id="a",
+            uri="images/a.jpg",
+            width=10,
+            height=10,
+            status="labeled",
+            annotations=[Annotation(label="b", box=(0, 0, 1, 1))],
+        )
+    ]
     CocoFormat(mem).write_items(items, classes=["a", "b", "c"])
     doc = json.loads(mem.read_text("annotations.json"))
-    assert doc["categories"] == [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 3, "name": "c"}]
-    assert doc["annotations"][0]["category_id"] == 2 and doc["annotations"][0]["bbox"] == [0, 0, 1, 1]
+    assert doc["categories"] == [
+        {"id": 1, "name": "a"},
+        {"id": 2, "name": "b"},
+        {"id": 3, "name": "c"},
+    ]
+    assert doc["annotations"][0]["category_id"] == 2 and doc["annotations"][0]["bbox"] == [
+        0,
+        0,
+        1,
+        1,
+    ]
     assert doc["images"][0]["file_name"] == "a.jpg"
 
 
@@ -263,7 +358,9 @@ def test_reads_road_signs_predictions(road_signs: Path) -> None:
     assert one.source is not None and one.source.endswith("coco.json")
     assert source.get("not-there") is None
     # the same file read as a project: every image, no bad item
-    items = list(CocoFormat(ProjectFS(str(road_signs / "predictions")), file="coco.json").iter_items())
+    items = list(
+        CocoFormat(ProjectFS(str(road_signs / "predictions")), file="coco.json").iter_items()
+    )
     assert len(items) == 700 and all(i.error is None for i in items)
     assert sum(len(i.annotations) for i in items) == 2875
 
@@ -279,7 +376,12 @@ def test_results_list_uses_project_images(mem: ProjectFS) -> None:
     fmt = small_project(mem)
     mem.write_text(
         "results.json",
-        json.dumps([{"image_id": 2, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.5}, {"image_id": 2, "category_id": 9, "bbox": [1, 2, 3, 4], "score": 0.5}]),
+        json.dumps(
+            [
+                {"image_id": 2, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.5},
+                {"image_id": 2, "category_id": 9, "bbox": [1, 2, 3, 4], "score": 0.5},
+            ]
+        ),
     )
     with pytest.raises(UsageError, match="results list"):
         CocoPredictions(mem, file="results.json")
@@ -294,8 +396,14 @@ def test_results_list_uses_project_images(mem: ProjectFS) -> None:
 # -- write-back --------------------------------------------------------------------------
 
 
-def label_write(item: Item, run_id: str = "r1", box: tuple[float, float, float, float] = (1, 1, 11, 11)) -> LabelWrite:
-    return LabelWrite(item=item, annotations=[Annotation(label="light", box=box, score=0.9)], provenance=Provenance(run_id=run_id, model_version="yolo-1", score=0.9, tier="easy"))
+def label_write(
+    item: Item, run_id: str = "r1", box: tuple[float, float, float, float] = (1, 1, 11, 11)
+) -> LabelWrite:
+    return LabelWrite(
+        item=item,
+        annotations=[Annotation(label="light", box=box, score=0.9)],
+        provenance=Provenance(run_id=run_id, model_version="yolo-1", score=0.9, tier="easy"),
+    )
 
 
 def test_write_labels_only_where_no_annotation(mem: ProjectFS) -> None:
@@ -312,7 +420,12 @@ def test_write_labels_only_where_no_annotation(mem: ProjectFS) -> None:
     assert b.meta["auto_label"]["run_id"] == "r1"
     doc = json.loads(mem.read_text("annotations.json"))
     written = [a for a in doc["annotations"] if "labeltriage" in a]
-    assert written[0]["labeltriage"] == {"run_id": "r1", "model_version": "yolo-1", "tier": "easy", "score": 0.9}
+    assert written[0]["labeltriage"] == {
+        "run_id": "r1",
+        "model_version": "yolo-1",
+        "tier": "easy",
+        "score": 0.9,
+    }
     assert written[0]["score"] == 0.9 and written[0]["id"] == 3
     assert after["a"].annotations == items["a"].annotations  # human label untouched
     # a second run does not write over the auto-label either
@@ -335,16 +448,31 @@ def test_write_labels_refuses_human_label_added_after_read(mem: ProjectFS) -> No
 def test_write_labels_refuses_unknown_class_and_misfit_box(mem: ProjectFS) -> None:
     fmt = small_project(mem)
     b = by_id(list(fmt.iter_items()))["b"]
-    bad_class = LabelWrite(item=b, annotations=[Annotation(label="zebra", box=(1, 1, 2, 2))], provenance=Provenance(run_id="r", model_version="m"))
+    bad_class = LabelWrite(
+        item=b,
+        annotations=[Annotation(label="zebra", box=(1, 1, 2, 2))],
+        provenance=Provenance(run_id="r", model_version="m"),
+    )
     assert "not a category" in fmt.write_labels([bad_class]).refused["b"]
-    assert "past the image width" in fmt.write_labels([label_write(b, box=(50, 1, 150, 2))]).refused["b"]
+    assert (
+        "past the image width"
+        in fmt.write_labels([label_write(b, box=(50, 1, 150, 2))]).refused["b"]
+    )
     assert "labeltriage" not in mem.read_text("annotations.json")
 
 
 def test_remove_written_is_exact_and_keeps_edits(mem: ProjectFS) -> None:
     mem.write_text(
         "annotations.json",
-        json.dumps(coco_doc([{"id": i, "file_name": f"{n}.jpg", "width": 100, "height": 80} for i, n in enumerate("pqr", start=1)], [])),
+        json.dumps(
+            coco_doc(
+                [
+                    {"id": i, "file_name": f"{n}.jpg", "width": 100, "height": 80}
+                    for i, n in enumerate("pqr", start=1)
+                ],
+                [],
+            )
+        ),
     )
     fmt = CocoFormat(mem)
     items = list(fmt.iter_items())
@@ -353,10 +481,14 @@ def test_remove_written_is_exact_and_keeps_edits(mem: ProjectFS) -> None:
     doc = json.loads(mem.read_text("annotations.json"))
     edited = next(a for a in doc["annotations"] if a["image_id"] == 2)
     edited["bbox"] = [5, 5, 5, 5]  # a person corrects q's box
-    doc["annotations"].append({"id": 99, "image_id": 3, "category_id": 1, "bbox": [0, 0, 3, 3]})  # and adds one to r
+    doc["annotations"].append(
+        {"id": 99, "image_id": 3, "category_id": 1, "bbox": [0, 0, 3, 3]}
+    )  # and adds one to r
     mem.write_text("annotations.json", json.dumps(doc))
     kept = fmt.remove_written(outcome.records)
     assert len(kept) == 1 and kept[0].startswith("q:") and "edited" in kept[0]
     final = json.loads(mem.read_text("annotations.json"))
     assert sorted(a["id"] for a in final["annotations"]) == sorted([edited["id"], 99])
-    assert fmt.remove_written(outcome.records)[0].startswith("p:")  # already gone: reported, nothing removed
+    assert fmt.remove_written(outcome.records)[0].startswith(
+        "p:"
+    )  # already gone: reported, nothing removed

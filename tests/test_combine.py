@@ -173,3 +173,26 @@ def test_fit_to_dict_is_json_safe() -> None:
     d = fit_weights(pct, err).to_dict()
     assert set(d) == {"method", "weights", "correlations", "cv_rho", "n_labeled", "reason"}
     assert sum(d["weights"].values()) == pytest.approx(1.0)
+
+
+def test_signed_weights_use_reversed_scorers() -> None:
+    rhos = {"a": 0.5, "b": -0.8}
+    assert candidate_weights(rhos, "single", signed=True) == {"a": 0.0, "b": -1.0}
+    w = candidate_weights(rhos, "rho", signed=True)
+    assert w["a"] == pytest.approx(0.5 / 1.3) and w["b"] == pytest.approx(-0.8 / 1.3)
+    pct = pd.DataFrame({"a": [0.2, 0.9], "b": [0.3, 0.6]})
+    got = combine(pct, {"a": 0.25, "b": -0.75})
+    np.testing.assert_allclose(got, [0.25 * 0.2 + 0.75 * 0.7, 0.25 * 0.9 + 0.75 * 0.4])
+
+
+def test_signed_fit_beats_unsigned_when_the_best_scorer_is_backwards() -> None:
+    rng = np.random.default_rng(8)
+    n = 400
+    err = rng.random(n)
+    raw = pd.DataFrame({"fourier": rng.random(n), "weak": err + rng.normal(scale=1.0, size=n), "backwards": -err + rng.normal(scale=0.1, size=n)})
+    pct = percentiles(raw, list(raw.columns))
+    unsigned = fit_weights(pct, err)
+    signed = fit_weights(pct, err, signed=True)
+    assert unsigned.weights["backwards"] == 0.0
+    assert signed.weights["backwards"] < 0
+    assert spearman(combine(pct, signed.weights), err) > spearman(combine(pct, unsigned.weights), err) + 0.3

@@ -28,8 +28,9 @@ def problems(exc: pytest.ExceptionInfo[ConfigError]) -> dict[str, str]:
 
 def test_example_config_is_valid() -> None:
     cfg = load_config(REPO / "examples" / "config.yaml")
-    name, project = cfg.project(None)
-    assert name == "road_signs" and project.stage in ("report", "shadow", "autolabel")
+    name, project = cfg.project("road_signs")
+    assert project.stage in ("report", "shadow", "autolabel") and project.predictions is not None
+    assert cfg.projects["road_signs_model"].train is not None
     assert Path(project.source) == (REPO / "examples" / "sample_project").resolve()
     assert Path(project.label_map.file or "").is_file()
     assert project.schedule is not None
@@ -162,6 +163,13 @@ def test_command_defaults_come_from_the_project_and_commands_section() -> None:
     assert defaults["score"]["scorers"] == "fourier,entropy"
     assert defaults["autolabel"]["epsilon"] == 0.1
     assert defaults["report"]["team_size"] == 4
-    assert defaults["stats"] == {"source": "data/roads", "format": "voc", "storage_options": '{"anon": true}'}
+    assert "tier_mode" not in defaults["score"]  # not configured: the reference run's tiers are reused
+    both = AppConfig.model_validate(minimal(predictions={"source": "/p"}, model="/m.pt", score_with="model"))
+    assert "predictions" not in command_defaults(both, None)["score"] and command_defaults(both, None)["score"]["model"] == "/m.pt"
+    assert "model" not in command_defaults(both, None)["autolabel"]
+    assert defaults["stats"] == {
+        "source": "data/roads", "format": "voc", "storage_options": '{"anon": true}',
+        "predictions": "/p/yolo", "predictions_format": "yolo",
+    }  # fmt: skip
     assert "run" not in defaults
     assert command_defaults(cfg, "roads")["run"] == {"project": ["roads"]}

@@ -11,7 +11,12 @@ import pytest
 
 from connectors.errors import InputError
 from connectors.formats.base import FORMATS, PREDICTION_FORMATS, LabelWrite, Provenance
-from connectors.formats.labelstudio import LabelStudioFormat, LabelStudioPredictions, uri_from_task, uri_to_task
+from connectors.formats.labelstudio import (
+    LabelStudioFormat,
+    LabelStudioPredictions,
+    uri_from_task,
+    uri_to_task,
+)
 from connectors.model import Annotation, AnnotationSource, Item, ItemStatus
 from connectors.storage import ProjectFS
 
@@ -24,7 +29,16 @@ def mem() -> Iterator[ProjectFS]:
         project.fs.rm(project.root, recursive=True)
 
 
-def rect(x: float, y: float, w: float, h: float, label: str, *, size: tuple[int, int] = (400, 200), **extra: Any) -> dict[str, Any]:
+def rect(
+    x: float,
+    y: float,
+    w: float,
+    h: float,
+    label: str,
+    *,
+    size: tuple[int, int] = (400, 200),
+    **extra: Any,
+) -> dict[str, Any]:
     return {
         "id": uuid.uuid4().hex[:6],
         "type": "rectanglelabels",
@@ -33,7 +47,14 @@ def rect(x: float, y: float, w: float, h: float, label: str, *, size: tuple[int,
         "original_width": size[0],
         "original_height": size[1],
         "image_rotation": 0,
-        "value": {"x": x, "y": y, "width": w, "height": h, "rotation": 0, "rectanglelabels": [label]},
+        "value": {
+            "x": x,
+            "y": y,
+            "width": w,
+            "height": h,
+            "rotation": 0,
+            "rectanglelabels": [label],
+        },
         **extra,
     }
 
@@ -44,28 +65,68 @@ def export_tasks() -> list[dict[str, Any]]:
             "id": 11,
             "data": {"image": "/data/local-files/?d=images/a%20b.jpg"},
             "annotations": [
-                {"id": 1, "was_cancelled": True, "result": [rect(0, 0, 10, 10, "car")], "lead_time": 99.0},
-                {"id": 2, "was_cancelled": False, "result": [rect(10, 20, 25, 50, "stop")], "lead_time": 12.5},
+                {
+                    "id": 1,
+                    "was_cancelled": True,
+                    "result": [rect(0, 0, 10, 10, "car")],
+                    "lead_time": 99.0,
+                },
+                {
+                    "id": 2,
+                    "was_cancelled": False,
+                    "result": [rect(10, 20, 25, 50, "stop")],
+                    "lead_time": 12.5,
+                },
             ],
-            "predictions": [{"id": 7, "model_version": "yolo-1", "score": 0.8, "result": [rect(10, 20, 25, 50, "stop", score=0.75)]}],
+            "predictions": [
+                {
+                    "id": 7,
+                    "model_version": "yolo-1",
+                    "score": 0.8,
+                    "result": [rect(10, 20, 25, 50, "stop", score=0.75)],
+                }
+            ],
             "meta": {"batch": 3},
         },
         {  # only cancelled: unlabeled; a prediction without region scores
             "id": 12,
             "data": {"image": "https://example.org/img/c.jpg"},
             "annotations": [{"id": 3, "was_cancelled": True, "result": []}],
-            "predictions": [{"id": 8, "model_version": "yolo-1", "score": 0.4, "result": [rect(0, 0, 50, 50, "car")]}],
+            "predictions": [
+                {
+                    "id": 8,
+                    "model_version": "yolo-1",
+                    "score": 0.4,
+                    "result": [rect(0, 0, 50, 50, "car")],
+                }
+            ],
         },
         {"id": 13, "data": {"image": "images/d.jpg"}, "annotations": [], "predictions": []},
         {  # classification
             "id": 14,
             "data": {"image": "/data/upload/1/e.png"},
-            "annotations": [{"id": 4, "result": [{"id": "q", "type": "choices", "from_name": "cls", "to_name": "img", "value": {"choices": ["cat"]}}], "lead_time": 3}],
+            "annotations": [
+                {
+                    "id": 4,
+                    "result": [
+                        {
+                            "id": "q",
+                            "type": "choices",
+                            "from_name": "cls",
+                            "to_name": "img",
+                            "value": {"choices": ["cat"]},
+                        }
+                    ],
+                    "lead_time": 3,
+                }
+            ],
         },
     ]
 
 
-def make(mem: ProjectFS, tasks: list[Any] | None = None, name: str = "export.json") -> LabelStudioFormat:
+def make(
+    mem: ProjectFS, tasks: list[Any] | None = None, name: str = "export.json"
+) -> LabelStudioFormat:
     mem.write_text(name, json.dumps(export_tasks() if tasks is None else tasks, indent=1))
     return LabelStudioFormat(mem)
 
@@ -84,7 +145,10 @@ def test_reads_tasks(mem: ProjectFS) -> None:
     assert a.annotations == [Annotation(label="stop", box=(40.0, 40.0, 140.0, 140.0))]
     assert a.annotation_seconds == 12.5  # the cancelled annotation's lead time is ignored
     assert a.meta == {"batch": 3}
-    assert items["12"].status is ItemStatus.UNLABELED and items["12"].uri == "https://example.org/img/c.jpg"
+    assert (
+        items["12"].status is ItemStatus.UNLABELED
+        and items["12"].uri == "https://example.org/img/c.jpg"
+    )
     assert items["13"].uri == "images/d.jpg" and items["13"].width is None
     assert items["14"].annotations == [Annotation(label="cat")] and items["14"].class_label == "cat"
     assert items["14"].uri == "upload/1/e.png"
@@ -93,13 +157,19 @@ def test_reads_tasks(mem: ProjectFS) -> None:
 
 def test_detect_and_registry(mem: ProjectFS) -> None:
     make(mem)
-    assert FORMATS["labelstudio"] is LabelStudioFormat and PREDICTION_FORMATS["labelstudio"] is LabelStudioPredictions
+    assert (
+        FORMATS["labelstudio"] is LabelStudioFormat
+        and PREDICTION_FORMATS["labelstudio"] is LabelStudioPredictions
+    )
     assert LabelStudioFormat.detect(mem)
     assert LabelStudioFormat(mem, file="export.json").file == "export.json"
 
 
 def test_uri_mapping() -> None:
-    assert uri_from_task("/data/local-files/?d=proj/images/x.jpg", local_files_prefix="proj") == "images/x.jpg"
+    assert (
+        uri_from_task("/data/local-files/?d=proj/images/x.jpg", local_files_prefix="proj")
+        == "images/x.jpg"
+    )
     assert uri_from_task("s3://bucket/x.jpg") == "s3://bucket/x.jpg"
     for uri in ("images/a b.jpg", "upload/3/x.png", "gs://b/x.jpg"):
         assert uri_from_task(uri_to_task(uri)) == uri
@@ -107,7 +177,9 @@ def test_uri_mapping() -> None:
 
 def test_bad_regions_mark_only_their_task(mem: ProjectFS) -> None:
     tasks = export_tasks()
-    tasks[0]["annotations"][1]["result"].append(rect(90, 0, 20, 10, "car"))  # runs past the right edge
+    tasks[0]["annotations"][1]["result"].append(
+        rect(90, 0, 20, 10, "car")
+    )  # runs past the right edge
     tasks[2]["annotations"] = [{"id": 5, "result": [rect(0, 0, -5, 5, "car")]}]
     tasks.insert(1, {"id": 20, "data": {"image": "/data/local-files/?d=../../secret.jpg"}})
     tasks.append({"no": "id"})
@@ -122,7 +194,9 @@ def test_bad_regions_mark_only_their_task(mem: ProjectFS) -> None:
 
 
 def test_malformed_json_names_line(mem: ProjectFS) -> None:
-    mem.write_text("export.json", '[\n {"id": 1,\n  "data": {"image": "a.jpg"}\n  "annotations": []}\n]')
+    mem.write_text(
+        "export.json", '[\n {"id": 1,\n  "data": {"image": "a.jpg"}\n  "annotations": []}\n]'
+    )
     with pytest.raises(InputError) as info:
         list(LabelStudioFormat(mem).iter_items())
     assert info.value.line == 4 and "export.json:4" in str(info.value)
@@ -143,9 +217,23 @@ def test_predictions_source(mem: ProjectFS) -> None:
 
 def test_round_trip(mem: ProjectFS) -> None:
     items = [
-        Item(item_id="1", uri="images/a.jpg", width=640, height=480, status="labeled", annotation_seconds=4.5, annotations=[Annotation(label="car", box=(10, 20, 110, 220))], meta={"k": 1}),
+        Item(
+            item_id="1",
+            uri="images/a.jpg",
+            width=640,
+            height=480,
+            status="labeled",
+            annotation_seconds=4.5,
+            annotations=[Annotation(label="car", box=(10, 20, 110, 220))],
+            meta={"k": 1},
+        ),
         Item(item_id="2", uri="images/b.jpg"),
-        Item(item_id="3", uri="http://h/x.jpg", status="labeled", annotations=[Annotation(label="dog")]),
+        Item(
+            item_id="3",
+            uri="http://h/x.jpg",
+            status="labeled",
+            annotations=[Annotation(label="dog")],
+        ),
         Item(
             item_id="4",
             uri="images/c.jpg",
@@ -153,15 +241,27 @@ def test_round_trip(mem: ProjectFS) -> None:
             height=100,
             status="auto_labeled",
             annotations=[Annotation(label="car", box=(0, 0, 50, 50), score=0.9)],
-            meta={"auto_label": {"run_id": "r0", "provenance": {"run_id": "r0", "model_version": "m", "score": 0.9}}},
+            meta={
+                "auto_label": {
+                    "run_id": "r0",
+                    "provenance": {"run_id": "r0", "model_version": "m", "score": 0.9},
+                }
+            },
         ),
     ]
     LabelStudioFormat(mem).write_items(items)
     back = list(LabelStudioFormat(mem).iter_items())
     assert [i.item_id for i in back] == ["1", "2", "3", "4"]
     for got, want in zip(back, items, strict=True):
-        assert (got.uri, got.status, got.source, got.annotation_seconds) == (want.uri, want.status, want.source, want.annotation_seconds)
-        assert [(a.label, a.score) for a in got.annotations] == [(a.label, a.score) for a in want.annotations]
+        assert (got.uri, got.status, got.source, got.annotation_seconds) == (
+            want.uri,
+            want.status,
+            want.source,
+            want.annotation_seconds,
+        )
+        assert [(a.label, a.score) for a in got.annotations] == [
+            (a.label, a.score) for a in want.annotations
+        ]
         for ga, wa in zip(got.annotations, want.annotations, strict=True):
             assert (ga.box is None) == (wa.box is None)
             if wa.box is not None:
@@ -181,7 +281,13 @@ def test_write_labels_adds_predictions_only(mem: ProjectFS) -> None:
     fmt = make(mem)
     items = by_id(list(fmt.iter_items()))
     before = json.loads(mem.read_text("export.json"))
-    outcome = fmt.write_labels([write(items["11"]), write(items["12"]), write(items["13"].model_copy(update={"width": 400, "height": 200}))])
+    outcome = fmt.write_labels(
+        [
+            write(items["11"]),
+            write(items["12"]),
+            write(items["13"].model_copy(update={"width": 400, "height": 200})),
+        ]
+    )
     assert "human annotation" in outcome.refused["11"]
     assert "cancelled" in outcome.refused["12"]  # a task with annotations is left alone
     (record,) = outcome.records
@@ -194,7 +300,9 @@ def test_write_labels_adds_predictions_only(mem: ProjectFS) -> None:
     assert pred["labeltriage"]["run_id"] == "r1" and pred["labeltriage"]["tier"] == "easy"
     region = pred["result"][0]
     assert region["score"] == 0.6 and region["from_name"] == "bbox" and region["to_name"] == "img"
-    assert region["value"]["width"] == pytest.approx(50.0) and region["value"]["height"] == pytest.approx(50.0)
+    assert region["value"]["width"] == pytest.approx(50.0) and region["value"][
+        "height"
+    ] == pytest.approx(50.0)
     reread = by_id(list(LabelStudioFormat(mem).iter_items()))["13"]
     assert reread.status is ItemStatus.AUTO_LABELED and reread.source is AnnotationSource.AUTO
     assert reread.annotations == [Annotation(label="car", box=(0.0, 0.0, 200.0, 100.0), score=0.6)]
@@ -213,7 +321,9 @@ def test_annotation_added_between_read_and_write_is_respected(mem: ProjectFS) ->
     fmt = make(mem)
     d = by_id(list(fmt.iter_items()))["13"].model_copy(update={"width": 400, "height": 200})
     tasks = json.loads(mem.read_text("export.json"))
-    tasks[2]["annotations"] = [{"id": 9, "result": [rect(1, 1, 5, 5, "car")], "was_cancelled": False}]
+    tasks[2]["annotations"] = [
+        {"id": 9, "result": [rect(1, 1, 5, 5, "car")], "was_cancelled": False}
+    ]
     mem.write_text("export.json", json.dumps(tasks))
     outcome = fmt.write_labels([write(d)])
     assert not outcome.records and "human annotation" in outcome.refused["13"]
@@ -221,7 +331,15 @@ def test_annotation_added_between_read_and_write_is_respected(mem: ProjectFS) ->
 
 
 def test_remove_written_exact(mem: ProjectFS) -> None:
-    tasks = [{"id": i, "data": {"image": f"images/{i}.jpg"}, "annotations": [], "predictions": [{"model_version": "theirs", "result": []}]} for i in range(1, 4)]
+    tasks = [
+        {
+            "id": i,
+            "data": {"image": f"images/{i}.jpg"},
+            "annotations": [],
+            "predictions": [{"model_version": "theirs", "result": []}],
+        }
+        for i in range(1, 4)
+    ]
     fmt = make(mem, tasks)
     items = [i.model_copy(update={"width": 400, "height": 200}) for i in fmt.iter_items()]
     outcome = fmt.write_labels([write(i) for i in items])

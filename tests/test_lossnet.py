@@ -9,7 +9,12 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 from difficulty.inference import infer_arrays
-from difficulty.models.classification import HookedClassifier, LossPredictionClassifier, SmallCNN, build_classifier
+from difficulty.models.classification import (
+    HookedClassifier,
+    LossPredictionClassifier,
+    SmallCNN,
+    build_classifier,
+)
 from difficulty.models.lossnet import LossNet, LossNetConfig, LossPredLoss, loss_pred_loss
 from difficulty.training import train_on_arrays
 
@@ -52,7 +57,11 @@ def test_small_cnn_has_three_taps_for_8px_and_32px_images() -> None:
     for size in (8, 32):
         model = build_classifier("small_cnn", 10, in_channels=1, image_size=size)
         out = model(torch.randn(2, 1, size, size))
-        assert len(out.taps) == 3 and out.logits.shape == (2, 10) and out.embedding.shape == (2, model.embed_dim)
+        assert (
+            len(out.taps) == 3
+            and out.logits.shape == (2, 10)
+            and out.embedding.shape == (2, model.embed_dim)
+        )
 
 
 def test_resnet18_taps_layer1_to_layer4() -> None:
@@ -88,7 +97,9 @@ def test_loss_module_ranks_held_out_per_item_losses_on_digits() -> None:
     x, y = _digits()
     perm = np.random.default_rng(0).permutation(len(y))
     train, held_out = perm[:500], perm[500:]
-    ckpt = train_on_arrays(x[train], y[train], epochs=10, batch_size=64, lr=0.1, seed=0, min_steps=0)
+    ckpt = train_on_arrays(
+        x[train], y[train], epochs=10, batch_size=64, lr=0.1, seed=0, min_steps=0
+    )
     out = infer_arrays(ckpt, x[held_out])
     rho = spearmanr(out.predicted_loss, _true_losses(out.probs, y[held_out])).correlation
     # measured 0.82 at this seed (0.68 with 300 items / 8 epochs); the gradient was stopped
@@ -102,8 +113,13 @@ def test_module_alone_on_a_users_frozen_model() -> None:
     x, y = _digits()
     torch.manual_seed(1)
     user = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10),
+        torch.nn.Conv2d(1, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16, 10),
     )
     # the user's model was trained elsewhere; a few steps of plain training stand in for that
     opt = torch.optim.Adam(user.parameters(), lr=0.01)
@@ -114,7 +130,17 @@ def test_module_alone_on_a_users_frozen_model() -> None:
         opt.step()
     before = {k: v.clone() for k, v in user.state_dict().items()}
     target = HookedClassifier(user, taps=["1", "3"], fc="6", example=xt[:1])
-    ckpt = train_on_arrays(x[600:1200], y[600:1200], target=target, freeze_target=True, epochs=15, batch_size=64, lr=0.05, seed=0, min_steps=0)
+    ckpt = train_on_arrays(
+        x[600:1200],
+        y[600:1200],
+        target=target,
+        freeze_target=True,
+        epochs=15,
+        batch_size=64,
+        lr=0.05,
+        seed=0,
+        min_steps=0,
+    )
     for k, v in user.state_dict().items():
         assert torch.equal(v, before[k]), f"frozen weight {k} changed"
     out = infer_arrays(ckpt, x[1200:])

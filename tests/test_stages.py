@@ -43,11 +43,15 @@ class Preds(PredictionSource):
 
 
 def xml(name: str, box: tuple[float, float, float, float]) -> str:
-    b = "".join(f"<{t}>{v:g}</{t}>" for t, v in zip(("xmin", "ymin", "xmax", "ymax"), box, strict=True))
+    b = "".join(
+        f"<{t}>{v:g}</{t}>" for t, v in zip(("xmin", "ymin", "xmax", "ymax"), box, strict=True)
+    )
     return f"<annotation><filename>{name}.jpg</filename><size><width>16</width><height>16</height></size><object><name>stop</name><bndbox>{b}</bndbox></object></annotation>"
 
 
-def build(root: Path, n_labeled: int = 60, n_unlabeled: int = 40) -> tuple[VocFormat, Preds, pd.DataFrame]:
+def build(
+    root: Path, n_labeled: int = 60, n_unlabeled: int = 40
+) -> tuple[VocFormat, Preds, pd.DataFrame]:
     """Every prediction is right; difficulty rises with the index."""
     (root / "images").mkdir(parents=True)
     (root / "annotations").mkdir()
@@ -58,13 +62,31 @@ def build(root: Path, n_labeled: int = 60, n_unlabeled: int = 40) -> tuple[VocFo
             Image.new("RGB", (16, 16)).save(root / "images" / f"{item_id}.jpg")
             if labeled:
                 (root / "annotations" / f"{item_id}.xml").write_text(xml(item_id, BOX))
-            preds[item_id] = Prediction(item_id=item_id, annotations=[Annotation(label="stop sign", box=BOX, score=0.9)], model_version="m1")
-            rows.append({"item_id": item_id, "uri": f"images/{item_id}.jpg", "status": "labeled" if labeled else "unlabeled", "score": i / count, "tier": "easy", "rank": 1, "error": None})
+            preds[item_id] = Prediction(
+                item_id=item_id,
+                annotations=[Annotation(label="stop sign", box=BOX, score=0.9)],
+                model_version="m1",
+            )
+            rows.append(
+                {
+                    "item_id": item_id,
+                    "uri": f"images/{item_id}.jpg",
+                    "status": "labeled" if labeled else "unlabeled",
+                    "score": i / count,
+                    "tier": "easy",
+                    "rank": 1,
+                    "error": None,
+                }
+            )
     return VocFormat(ProjectFS(str(root))), Preds(preds), pd.DataFrame(rows)
 
 
 def tree(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture()
@@ -81,19 +103,39 @@ def test_check_stage() -> None:
         check_stage("production")
 
 
-def test_report_stage_calibrates_and_writes_nothing(setup: tuple[VocFormat, Preds, Path, Path]) -> None:
+def test_report_stage_calibrates_and_writes_nothing(
+    setup: tuple[VocFormat, Preds, Path, Path],
+) -> None:
     fmt, preds, root, store = setup
     before = tree(root)
-    res = run_autolabel(fmt, difficulty_dir=str(store / "run1"), predictions=preds, epsilon=0.1, delta=0.1, label_map=LABEL_MAP, stage="report")
+    res = run_autolabel(
+        fmt,
+        difficulty_dir=str(store / "run1"),
+        predictions=preds,
+        epsilon=0.1,
+        delta=0.1,
+        label_map=LABEL_MAP,
+        stage="report",
+    )
     assert res.threshold is not None and res.selected == [] and res.written == []
     assert tree(root) == before
     assert json.loads((store / "run1" / "autolabel.json").read_text())["stage"] == "report"
 
 
-def test_shadow_records_would_be_labels_and_writes_nothing(setup: tuple[VocFormat, Preds, Path, Path]) -> None:
+def test_shadow_records_would_be_labels_and_writes_nothing(
+    setup: tuple[VocFormat, Preds, Path, Path],
+) -> None:
     fmt, preds, root, store = setup
     before = tree(root)
-    res = run_autolabel(fmt, difficulty_dir=str(store / "run1"), predictions=preds, epsilon=0.1, delta=0.1, label_map=LABEL_MAP, stage="shadow")
+    res = run_autolabel(
+        fmt,
+        difficulty_dir=str(store / "run1"),
+        predictions=preds,
+        epsilon=0.1,
+        delta=0.1,
+        label_map=LABEL_MAP,
+        stage="shadow",
+    )
     assert tree(root) == before  # not even the bookkeeping folder
     assert res.written == [] and res.audit == [] and len(res.selected) == 40
     record = read_shadow_record(str(store / "run1"))
@@ -102,9 +144,19 @@ def test_shadow_records_would_be_labels_and_writes_nothing(setup: tuple[VocForma
     assert record.labels[0].annotations == [Annotation(label="stop", box=BOX, score=0.9)]
 
 
-def test_shadow_agreement_says_when_promotion_is_safe(setup: tuple[VocFormat, Preds, Path, Path]) -> None:
+def test_shadow_agreement_says_when_promotion_is_safe(
+    setup: tuple[VocFormat, Preds, Path, Path],
+) -> None:
     fmt, preds, root, store = setup
-    run_autolabel(fmt, difficulty_dir=str(store / "run1"), predictions=preds, epsilon=0.1, delta=0.1, label_map=LABEL_MAP, stage="shadow")
+    run_autolabel(
+        fmt,
+        difficulty_dir=str(store / "run1"),
+        predictions=preds,
+        epsilon=0.1,
+        delta=0.1,
+        label_map=LABEL_MAP,
+        stage="shadow",
+    )
     record = read_shadow_record(str(store / "run1" / "shadow.json"))
     # too early: nobody has labeled the shadow items yet
     early = measure_shadow_agreement(fmt, record, LABEL_MAP)
@@ -117,18 +169,39 @@ def test_shadow_agreement_says_when_promotion_is_safe(setup: tuple[VocFormat, Pr
     assert agree["bound"] <= 0.1 and agree["promotion_safe"] is True
     # … but if a quarter of them disagree, promotion is not safe
     for s in record.labels[:10]:
-        (root / "annotations" / f"{s.item_id}.xml").write_text(xml(s.item_id, (8.0, 8.0, 16.0, 16.0)))
+        (root / "annotations" / f"{s.item_id}.xml").write_text(
+            xml(s.item_id, (8.0, 8.0, 16.0, 16.0))
+        )
     disagree = measure_shadow_agreement(fmt, str(store / "run1"), LABEL_MAP)
     assert disagree["n_wrong"] == 10 and disagree["promotion_safe"] is False
     assert "above epsilon" in disagree["reason"]
 
 
-def test_next_shadow_run_reports_agreement_of_the_previous_one(setup: tuple[VocFormat, Preds, Path, Path]) -> None:
+def test_next_shadow_run_reports_agreement_of_the_previous_one(
+    setup: tuple[VocFormat, Preds, Path, Path],
+) -> None:
     fmt, preds, root, store = setup
-    first = run_autolabel(fmt, difficulty_dir=str(store / "run1"), predictions=preds, epsilon=0.1, delta=0.1, label_map=LABEL_MAP, stage="shadow")
+    first = run_autolabel(
+        fmt,
+        difficulty_dir=str(store / "run1"),
+        predictions=preds,
+        epsilon=0.1,
+        delta=0.1,
+        label_map=LABEL_MAP,
+        stage="shadow",
+    )
     for item_id in first.selected:
         (root / "annotations" / f"{item_id}.xml").write_text(xml(item_id, BOX))
-    second = run_autolabel(fmt, difficulty_dir=str(store / "run1"), predictions=preds, epsilon=0.1, delta=0.1, label_map=LABEL_MAP, stage="shadow", out_dir=str(store / "run2"))
+    second = run_autolabel(
+        fmt,
+        difficulty_dir=str(store / "run1"),
+        predictions=preds,
+        epsilon=0.1,
+        delta=0.1,
+        label_map=LABEL_MAP,
+        stage="shadow",
+        out_dir=str(store / "run2"),
+    )
     assert second.agreement is not None
     assert second.agreement["run_id"] == first.run_id and second.agreement["promotion_safe"] is True
 
@@ -139,16 +212,41 @@ def test_agreement_uses_ignore_regions() -> None:
             item_id=f"k{i}",
             uri=f"images/k{i}.jpg",
             status=ItemStatus.LABELED,
-            annotations=[Annotation(label="Car", box=(0, 0, 10, 10)), Annotation(label="DontCare", box=(50, 50, 90, 90))],
+            annotations=[
+                Annotation(label="Car", box=(0, 0, 10, 10)),
+                Annotation(label="DontCare", box=(50, 50, 90, 90)),
+            ],
         )
         for i in range(30)
     ]
-    labels = [ShadowLabel(item_id=f"k{i}", annotations=[Annotation(label="Car", box=(0, 0, 10, 10), score=0.9), Annotation(label="Car", box=(60, 60, 70, 70), score=0.5)], difficulty=0.1, model_version="m") for i in range(30)]
-    record = ShadowRecord(run_id="r", epsilon=0.2, delta=0.1, threshold=0.5, box_confidence=0.25, bound=0.1, ignore=["DontCare"], labels=labels)
+    labels = [
+        ShadowLabel(
+            item_id=f"k{i}",
+            annotations=[
+                Annotation(label="Car", box=(0, 0, 10, 10), score=0.9),
+                Annotation(label="Car", box=(60, 60, 70, 70), score=0.5),
+            ],
+            difficulty=0.1,
+            model_version="m",
+        )
+        for i in range(30)
+    ]
+    record = ShadowRecord(
+        run_id="r",
+        epsilon=0.2,
+        delta=0.1,
+        threshold=0.5,
+        box_confidence=0.25,
+        bound=0.1,
+        ignore=["DontCare"],
+        labels=labels,
+    )
     assert measure_shadow_agreement(items, record)["n_wrong"] == 0
-    assert measure_shadow_agreement(items, record, LabelMap())["n_wrong"] == 30  # without the ignore list
+    assert (
+        measure_shadow_agreement(items, record, LabelMap())["n_wrong"] == 30
+    )  # without the ignore list
 
 
 def test_missing_shadow_record_names_the_file(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="shadow.json"):
+    with pytest.raises(InputError, match=r"shadow\.json"):
         read_shadow_record(str(tmp_path))

@@ -88,8 +88,25 @@ def test_hand_made_uncertainty_values() -> None:
 
 # -- the contract every strategy keeps ---------------------------------------------------
 
-CLASSIFICATION = ["random", "least_confidence", "margin", "entropy", "vote_entropy", "consensus_entropy", "egl", "learning_loss", "predicted_loss"]
-DETECTION = ["det_least_confidence", "det_margin", "det_entropy", "det_vote_entropy", "det_consensus_entropy", "det_egl"]
+CLASSIFICATION = [
+    "random",
+    "least_confidence",
+    "margin",
+    "entropy",
+    "vote_entropy",
+    "consensus_entropy",
+    "egl",
+    "learning_loss",
+    "predicted_loss",
+]
+DETECTION = [
+    "det_least_confidence",
+    "det_margin",
+    "det_entropy",
+    "det_vote_entropy",
+    "det_consensus_entropy",
+    "det_egl",
+]
 
 
 def _classification_inputs(n: int, c: int, m: int = 5, seed: int = 0) -> dict[str, object]:
@@ -109,7 +126,10 @@ def _detection_inputs(seed: int = 0, c: int = 4, m: int = 4) -> dict[str, object
     sizes = [3, 0, 1, 5]
     return {
         "box_probs": [_probs(rng, b, c) for b in sizes],
-        "box_committee": [np.stack([_probs(rng, b, c) for _ in range(m)]) if b else np.zeros((m, 0, c)) for b in sizes],
+        "box_committee": [
+            np.stack([_probs(rng, b, c) for _ in range(m)]) if b else np.zeros((m, 0, c))
+            for b in sizes
+        ],
         "box_features": [rng.normal(size=(b, 6)) for b in sizes],
     }
 
@@ -147,7 +167,9 @@ def test_uncertain_item_ranks_above_confident_one(name: str) -> None:
 @pytest.mark.parametrize("name", ["vote_entropy", "consensus_entropy"])
 def test_disagreeing_committee_ranks_above_agreeing_one(name: str) -> None:
     agree = np.array([[0.9, 0.05, 0.05]] * 4)
-    disagree = np.array([[0.9, 0.05, 0.05], [0.05, 0.9, 0.05], [0.05, 0.05, 0.9], [0.9, 0.05, 0.05]])
+    disagree = np.array(
+        [[0.9, 0.05, 0.05], [0.05, 0.9, 0.05], [0.05, 0.05, 0.9], [0.9, 0.05, 0.05]]
+    )
     committee = np.stack([agree, disagree], axis=1)  # (M=4, N=2, C=3)
     values = _call(name, {"committee": committee})
     assert values[1] > values[0]
@@ -163,7 +185,12 @@ def test_learning_loss_ranks_by_predicted_loss_and_random_is_seeded() -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(n=st.integers(1, 20), c=st.integers(2, 8), sharp=st.floats(0.0, 30.0), seed=st.integers(0, 2**16))
+@given(
+    n=st.integers(1, 20),
+    c=st.integers(2, 8),
+    sharp=st.floats(0.0, 30.0),
+    seed=st.integers(0, 2**16),
+)
 def test_uncertainty_values_stay_in_their_ranges(n: int, c: int, sharp: float, seed: int) -> None:
     rng = np.random.default_rng(seed)
     p = _probs(rng, n, c, sharp)
@@ -219,7 +246,9 @@ def test_select_takes_the_highest_values_in_rank_order() -> None:
 
 def test_kcenter_diversity_avoids_near_duplicates() -> None:
     # six near-copies of one image score highest; two distinct images score a bit lower
-    feats = np.array([[0, 0]] * 6 + [[10, 0], [0, 10]], dtype=float) + np.linspace(0, 1e-3, 8)[:, None]
+    feats = (
+        np.array([[0, 0]] * 6 + [[10, 0], [0, 10]], dtype=float) + np.linspace(0, 1e-3, 8)[:, None]
+    )
     values = np.array([1.0, 0.99, 0.98, 0.97, 0.96, 0.95, 0.9, 0.85])
     ids = [f"i{k}" for k in range(8)]
     plain = [i for i, _ in select(values, ids, 3)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import uuid
 from collections.abc import Iterable, Iterator
@@ -10,7 +11,14 @@ from typing import Any
 import pytest
 
 from connectors.errors import UsageError
-from connectors.formats.base import LabelWrite, ProjectFormat, Provenance, WriteOutcome, WrittenRecord, sidecar_path
+from connectors.formats.base import (
+    LabelWrite,
+    ProjectFormat,
+    Provenance,
+    WriteOutcome,
+    WrittenRecord,
+    sidecar_path,
+)
 from connectors.formats.coco import CocoFormat
 from connectors.formats.labelstudio import LabelStudioFormat
 from connectors.formats.manifest import ManifestFormat
@@ -42,16 +50,30 @@ NAMES = [f"img{i}" for i in range(6)]
 
 
 def coco_project(mem: ProjectFS, labeled: tuple[str, ...] = ("img0",)) -> CocoFormat:
-    images = [{"id": i + 1, "file_name": f"{n}.jpg", "width": 64, "height": 48} for i, n in enumerate(NAMES)]
-    anns = [{"id": 100 + i, "image_id": NAMES.index(n) + 1, "category_id": 1, "bbox": [1, 1, 5, 5]} for i, n in enumerate(labeled)]
-    doc = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "car"}, {"id": 2, "name": "bike"}]}
+    images = [
+        {"id": i + 1, "file_name": f"{n}.jpg", "width": 64, "height": 48}
+        for i, n in enumerate(NAMES)
+    ]
+    anns = [
+        {"id": 100 + i, "image_id": NAMES.index(n) + 1, "category_id": 1, "bbox": [1, 1, 5, 5]}
+        for i, n in enumerate(labeled)
+    ]
+    doc = {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": 1, "name": "car"}, {"id": 2, "name": "bike"}],
+    }
     mem.write_text("annotations.json", json.dumps(doc))
     return CocoFormat(mem)
 
 
 def writes_for(items: Iterable[Item], run_id: str) -> list[LabelWrite]:
     return [
-        LabelWrite(item=i, annotations=[Annotation(label="car", box=(2, 2, 20, 20), score=0.9)], provenance=Provenance(run_id=run_id, model_version="m1", score=0.9, tier="easy"))
+        LabelWrite(
+            item=i,
+            annotations=[Annotation(label="car", box=(2, 2, 20, 20), score=0.9)],
+            provenance=Provenance(run_id=run_id, model_version="m1", score=0.9, tier="easy"),
+        )
         for i in items
     ]
 
@@ -63,7 +85,7 @@ def all_files(mem: ProjectFS) -> list[str]:
 def test_run_ids_sort_by_time_and_are_unique() -> None:
     ids = [new_run_id() for _ in range(50)]
     assert len(set(ids)) == 50
-    assert ids == sorted(ids) or all(a[:22] <= b[:22] for a, b in zip(ids, ids[1:], strict=False))
+    assert ids == sorted(ids) or all(a[:22] <= b[:22] for a, b in itertools.pairwise(ids))
     assert all("/" not in i for i in ids)
 
 
@@ -79,17 +101,26 @@ def test_write_run_commits_in_chunks(mem: ProjectFS, monkeypatch: pytest.MonkeyP
         return original(writes)
 
     monkeypatch.setattr(fmt, "write_labels", spying)
-    manifest = write_run(fmt, writes_for(fmt.iter_items(), run_id), run_id, meta={"stage": "autolabel"}, chunk_size=2)
+    manifest = write_run(
+        fmt, writes_for(fmt.iter_items(), run_id), run_id, meta={"stage": "autolabel"}, chunk_size=2
+    )
     # the manifest existed as pending before the first write and grew chunk by chunk
     assert seen_stages == [("pending", 0), ("pending", 2), ("pending", 4)]
-    assert manifest.stage == "committed" and manifest.format == "coco" and manifest.meta == {"stage": "autolabel"}
+    assert (
+        manifest.stage == "committed"
+        and manifest.format == "coco"
+        and manifest.meta == {"stage": "autolabel"}
+    )
     assert set(manifest.refused) == {"img0"}
     assert manifest.item_ids == NAMES[1:]
     stored = load_manifest(mem, run_id)
     assert stored.stage == "committed" and stored.records == manifest.records
     assert [r.run_id for r in list_runs(mem)] == [run_id]
     statuses = {i.item_id: i.status for i in CocoFormat(mem).iter_items()}
-    assert statuses == {"img0": ItemStatus.LABELED, **{n: ItemStatus.AUTO_LABELED for n in NAMES[1:]}}
+    assert statuses == {
+        "img0": ItemStatus.LABELED,
+        **{n: ItemStatus.AUTO_LABELED for n in NAMES[1:]},
+    }
 
 
 def test_dry_run_writes_nothing(mem: ProjectFS) -> None:
@@ -110,7 +141,11 @@ def test_run_refuses_human_label_that_appears_after_reading(mem: ProjectFS) -> N
     run_id = new_run_id()
     manifest = write_run(fmt, writes_for(items, run_id), run_id)
     assert "img3" in manifest.refused and "human label" in manifest.refused["img3"]
-    img3 = [a for a in json.loads(mem.read_text("annotations.json"))["annotations"] if a["image_id"] == 4]
+    img3 = [
+        a
+        for a in json.loads(mem.read_text("annotations.json"))["annotations"]
+        if a["image_id"] == 4
+    ]
     assert img3 == [{"id": 555, "image_id": 4, "category_id": 2, "bbox": [3, 3, 4, 4]}]
 
 
@@ -124,20 +159,27 @@ def test_rollback_is_exact(mem: ProjectFS) -> None:
     for a in doc["annotations"]:
         if a["image_id"] == 3:  # a person corrects run 1's box on img2
             a["bbox"] = [4, 4, 10, 10]
-    doc["annotations"].append({"id": 900, "image_id": 2, "category_id": 2, "bbox": [30, 30, 5, 5]})  # and adds a box on img1
+    doc["annotations"].append(
+        {"id": 900, "image_id": 2, "category_id": 2, "bbox": [30, 30, 5, 5]}
+    )  # and adds a box on img1
     mem.write_text("annotations.json", json.dumps(doc))
 
     result = rollback(fmt, run1)
     assert result.removed == ["img1", "img3"]
     assert list(result.kept) == ["img2"] and "edited" in result.kept["img2"]
     final = {i.item_id: i for i in CocoFormat(mem).iter_items()}
-    assert final["img1"].annotations == [Annotation(label="bike", box=(30, 30, 35, 35))]  # the human box stays
+    assert final["img1"].annotations == [
+        Annotation(label="bike", box=(30, 30, 35, 35))
+    ]  # the human box stays
     assert final["img1"].status is ItemStatus.LABELED
     assert final["img2"].annotations[0].box == (4, 4, 14, 14)
     assert final["img3"].status is ItemStatus.UNLABELED
     assert final["img4"].status is ItemStatus.AUTO_LABELED  # the other run is untouched
     assert final["img0"].status is ItemStatus.LABELED
-    assert load_manifest(mem, run1).stage == "rolled_back" and load_manifest(mem, run2).stage == "committed"
+    assert (
+        load_manifest(mem, run1).stage == "rolled_back"
+        and load_manifest(mem, run2).stage == "committed"
+    )
 
     snapshot = mem.read_bytes("annotations.json")
     again = rollback(fmt, run1)
@@ -166,12 +208,17 @@ class ExplodingMove:
 
 
 @pytest.mark.parametrize("kind", ["coco", "labelstudio"])
-def test_crash_in_second_chunk_leaves_nothing_behind(mem: ProjectFS, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+def test_crash_in_second_chunk_leaves_nothing_behind(
+    mem: ProjectFS, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
     if kind == "coco":
         fmt: ProjectFormat = coco_project(mem)
         target = "annotations.json"
     else:
-        tasks = [{"id": i, "data": {"image": f"images/{i}.jpg"}, "annotations": [], "predictions": []} for i in range(1, 6)]
+        tasks = [
+            {"id": i, "data": {"image": f"images/{i}.jpg"}, "annotations": [], "predictions": []}
+            for i in range(1, 6)
+        ]
         mem.write_text("export.json", json.dumps(tasks))
         fmt, target = LabelStudioFormat(mem), "export.json"
     items = [i.model_copy(update={"width": 64, "height": 48}) for i in fmt.iter_items()]
@@ -181,7 +228,9 @@ def test_crash_in_second_chunk_leaves_nothing_behind(mem: ProjectFS, monkeypatch
     with pytest.raises(OSError, match="connection reset"):
         write_run(fmt, writes_for(items, run_id), run_id, chunk_size=2)
     monkeypatch.undo()
-    assert json.loads(mem.read_bytes(target)) == json.loads(original)  # chunk 1 undone, chunk 2 never landed
+    assert json.loads(mem.read_bytes(target)) == json.loads(
+        original
+    )  # chunk 1 undone, chunk 2 never landed
     assert not [f for f in all_files(mem) if f.endswith(".tmp")]
     manifest = load_manifest(mem, run_id)
     assert manifest.stage == "rolled_back" and "connection reset" in (manifest.error or "")
@@ -258,9 +307,17 @@ class TextLabels(ProjectFormat):
                 yield Item(item_id=item_id, uri=f"{item_id}.jpg")
                 continue
             data = self.project.read_bytes(rel)
-            anns = [Annotation(label=p[0], box=tuple(map(float, p[1:5]))) for p in (line.split() for line in data.decode().splitlines())]  # type: ignore[arg-type]
+            anns = [
+                Annotation(label=p[0], box=tuple(map(float, p[1:5])))
+                for p in (line.split() for line in data.decode().splitlines())
+            ]  # type: ignore[arg-type]
             auto = is_auto_label(index, item_id, sha256_hex(data))
-            yield Item(item_id=item_id, uri=f"{item_id}.jpg", status="auto_labeled" if auto else "labeled", annotations=anns)
+            yield Item(
+                item_id=item_id,
+                uri=f"{item_id}.jpg",
+                status="auto_labeled" if auto else "labeled",
+                annotations=anns,
+            )
 
     def write_items(self, items: Iterable[Item], classes: list[str] | None = None) -> None:
         raise NotImplementedError
@@ -269,13 +326,17 @@ class TextLabels(ProjectFormat):
         outcome = WriteOutcome()
         for w in writes:
             rel = f"labels/{w.item.item_id}.txt"
-            data = "".join(f"{a.label} {' '.join(map(str, a.box or ()))}\n" for a in w.annotations).encode()
+            data = "".join(
+                f"{a.label} {' '.join(map(str, a.box or ()))}\n" for a in w.annotations
+            ).encode()
             try:
                 self.project.write_bytes(rel, data, overwrite=False)
             except FileExistsError:
                 outcome.refused[w.item.item_id] = "has a label file"
                 continue
-            record = WrittenRecord(kind="file", path=rel, item_id=w.item.item_id, sha256=sha256_hex(data))
+            record = WrittenRecord(
+                kind="file", path=rel, item_id=w.item.item_id, sha256=sha256_hex(data)
+            )
             write_sidecar(self.project, w.item.item_id, record, w.provenance)
             outcome.records.append(record)
         return outcome
@@ -312,7 +373,10 @@ def test_sidecars_mark_auto_labels_and_rollback_removes_them(mem: ProjectFS) -> 
 
     result = rollback(fmt, run_id)
     assert result.removed == ["b", "sub/c"] and list(result.kept) == ["d"]
-    assert mem.read_text("labels/d.txt") == "bike 3 3 9 9\n" and mem.read_text("labels/a.txt") == "car 1 1 2 2\n"
+    assert (
+        mem.read_text("labels/d.txt") == "bike 3 3 9 9\n"
+        and mem.read_text("labels/a.txt") == "car 1 1 2 2\n"
+    )
     assert not mem.exists("labels/b.txt") and not mem.exists("labels/sub/c.txt")
     assert read_auto_label_index(mem) == {}
     assert not mem.exists(sidecar_path("b"))
@@ -336,3 +400,61 @@ def test_bookkeeping_stays_in_its_folder(mem: ProjectFS) -> None:
     rollback(fmt, run_id)
     assert [f for f in all_files(mem) if not f.startswith(".labeltriage/")] == ["annotations.json"]
     assert mem.listdir(RUNS_DIR) == [f"{run_id}.json"]
+
+
+def test_failed_undo_leaves_run_pending_for_a_later_rollback(
+    mem: ProjectFS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fmt = coco_project(mem)
+    items = list(fmt.iter_items())
+    original = json.loads(mem.read_text("annotations.json"))
+    real_write = fmt.write_labels
+    calls = {"n": 0}
+
+    def second_chunk_fails(writes: list[LabelWrite]) -> WriteOutcome:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("model server vanished")
+        return real_write(writes)
+
+    def undo_fails(records: list[WrittenRecord]) -> list[str | None]:
+        raise OSError("storage unreachable")
+
+    monkeypatch.setattr(fmt, "write_labels", second_chunk_fails)
+    monkeypatch.setattr(fmt, "remove_written_each", undo_fails)
+    run_id = new_run_id()
+    with pytest.raises(RuntimeError, match="model server vanished"):
+        write_run(fmt, writes_for(items, run_id), run_id, chunk_size=2)
+    manifest = load_manifest(mem, run_id)
+    assert manifest.stage == "pending" and "undo failed" in (manifest.error or "")
+    monkeypatch.undo()
+    result = rollback(CocoFormat(mem), run_id)
+    assert result.removed == ["img1"]
+    assert json.loads(mem.read_text("annotations.json")) == original
+
+
+def test_run_and_rollback_on_local_disk(tmp_path: Any) -> None:
+    project = ProjectFS(str(tmp_path))
+    project.write_text("items.txt", "a b/c")
+    fmt = TextLabels(project)
+    run_id = new_run_id()
+    write_run(fmt, writes_for(fmt.iter_items(), run_id), run_id)
+    assert set(read_auto_label_index(project)) == {"a", "b/c"}
+    assert (tmp_path / "labels" / "b" / "c.txt").is_file()
+    assert [i.status for i in fmt.iter_items()] == [ItemStatus.AUTO_LABELED] * 2
+    assert rollback(fmt, run_id).removed == ["a", "b/c"]
+    assert read_auto_label_index(project) == {}
+    assert not (tmp_path / "labels" / "a.txt").exists()
+    coco = coco_project(project)
+    run2 = new_run_id()
+    write_run(coco, writes_for(coco.iter_items(), run2), run2)
+    assert rollback(coco, run2).removed == NAMES[1:]
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_list_runs_skips_a_malformed_manifest(mem: ProjectFS) -> None:
+    fmt = coco_project(mem)
+    run_id = new_run_id()
+    write_run(fmt, writes_for(list(fmt.iter_items())[1:2], run_id), run_id)
+    mem.write_text(f"{RUNS_DIR}/broken.json", "{not json")
+    assert [r.run_id for r in list_runs(mem)] == [run_id]

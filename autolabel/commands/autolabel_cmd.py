@@ -11,18 +11,66 @@ from connectors.errors import UsageError
 
 @click.command("autolabel")
 @click.option("--source", "-s", required=True, help="Project folder or file (any fsspec URL).")
-@click.option("--format", "-f", "fmt", default="auto", show_default=True, help="Project format, or auto.")
+@click.option(
+    "--format", "-f", "fmt", default="auto", show_default=True, help="Project format, or auto."
+)
 @click.option("--predictions", default=None, help="Predictions to write (folder or file).")
-@click.option("--predictions-format", default="auto", show_default=True, help="Predictions format (yolo, coco, ...) or auto.")
-@click.option("--model", "model", default=None, help="A labeltriage checkpoint to predict with (instead of --predictions).")
-@click.option("--difficulty", "difficulty_dir", required=True, help="Folder of difficulty.parquet (from `labeltriage score --out`).")
-@click.option("--epsilon", type=float, required=True, help="Target auto-label error rate, in (0, 1).")
-@click.option("--delta", type=float, required=True, help="1 − confidence of the error bound, in (0, 1).")
-@click.option("--label-map", default=None, help="YAML/JSON file: {map: {model class: project class}, ignore: [classes]}.")
-@click.option("--audit-share", type=float, default=0.05, show_default=True, help="Share of auto-labels flagged for human audit.")
-@click.option("--min-count", type=int, default=30, show_default=True, help="Fewest calibration items a threshold needs to be tested.")
-@click.option("--stage", type=click.Choice(["report", "shadow", "autolabel"]), default="autolabel", show_default=True, help="Rollout stage: shadow and report write nothing to the project.")
-@click.option("--out", "out_dir", default=None, help="Where autolabel.json goes (default: the --difficulty folder).")
+@click.option(
+    "--predictions-format",
+    default="auto",
+    show_default=True,
+    help="Predictions format (yolo, coco, ...) or auto.",
+)
+@click.option(
+    "--model",
+    "model",
+    default=None,
+    help="A labeltriage checkpoint to predict with (instead of --predictions).",
+)
+@click.option(
+    "--difficulty",
+    "difficulty_dir",
+    required=True,
+    help="Folder of difficulty.parquet (from `labeltriage score --out`).",
+)
+@click.option(
+    "--epsilon", type=float, required=True, help="Target auto-label error rate, in (0, 1)."
+)
+@click.option(
+    "--delta", type=float, required=True, help="1 − confidence of the error bound, in (0, 1)."
+)
+@click.option(
+    "--label-map",
+    default=None,
+    help="YAML/JSON file: {map: {model class: project class}, ignore: [classes]}.",
+)
+@click.option(
+    "--audit-share",
+    type=float,
+    default=0.05,
+    show_default=True,
+    help="Share of auto-labels flagged for human audit.",
+)
+@click.option(
+    "--min-count",
+    type=int,
+    default=30,
+    show_default=True,
+    help="Fewest calibration items a threshold needs to be tested.",
+)
+@click.option(
+    "--stage",
+    type=click.Choice(["report", "shadow", "autolabel"]),
+    default="autolabel",
+    show_default=True,
+    help="Rollout stage: shadow and report write nothing to the project.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    default=None,
+    help="Where autolabel.json goes (default: the --difficulty folder).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the audit sample.")
 @click.option("--dry-run", is_flag=True, help="Write nothing; print what would be written.")
 @click.option("--storage-options", default=None, help="fsspec storage options as a JSON object.")
@@ -58,7 +106,11 @@ def autolabel(
         raise UsageError("give exactly one of --predictions and --model")
     options = parse_storage_options(storage_options)
     project = open_project(source, fmt, options)
-    source_obj = open_predictions(predictions, predictions_format, options, project=project) if predictions else None
+    source_obj = (
+        open_predictions(predictions, predictions_format, options, project=project)
+        if predictions
+        else None
+    )
     result = run_autolabel(
         project,
         difficulty_dir=difficulty_dir,
@@ -90,7 +142,8 @@ def autolabel(
         "written": len(result.written),
         "refused": result.refused,
         "audit": result.audit,
-        "audit_precision": result.precision,
+        "precision": result.precision,
+        "audit_precision": result.audit_precision.get("precision"),
         "report": result.report_path,
     }
     if dry_run:

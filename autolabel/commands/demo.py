@@ -2,13 +2,15 @@
 
 1. copy ``examples/sample_project`` (120 road-sign photos, Pascal VOC, 40 unlabeled)
    into ``OUT/project`` and write ``OUT/config.yaml`` from ``examples/config.yaml``;
-2. run 1, stage ``shadow``: stats, train a small detector with its loss-prediction module,
-   score (model + Fourier), tier, report, calibrate the easy tier and record what would be
-   auto-labeled (nothing is written to the project);
-3. promote the project to ``autolabel`` in ``OUT/config.yaml`` (the trained model is reused)
-   and run again: scores compare with run 1, the report shows the trend, and the
-   calibrated easy items get labels written into the copy, never over a human label;
-4. print where the reports are and how to undo the write-back.
+2. project ``road_signs_model``: train a small detector with its loss-prediction module
+   on the labeled items, score (predicted loss, model uncertainty, Fourier), tier, report;
+3. project ``road_signs``, stage ``shadow``: score with the platform's predictions, tier,
+   report, calibrate the easy tier and record what would be auto-labeled (nothing is
+   written to the project);
+4. promote ``road_signs`` to ``autolabel`` in ``OUT/config.yaml`` and run again: scores
+   compare with the shadow run, the report shows the trend, and the calibrated easy
+   items get labels written into the copy, never over a human label;
+5. print where the reports are and how to undo the write-back.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 MARKER = ".labeltriage-demo"
 PROJECT = "road_signs"
+MODEL_PROJECT = "road_signs_model"
 
 
 def prepare(out: Path, examples: Path) -> Path:
@@ -47,9 +50,10 @@ def prepare(out: Path, examples: Path) -> Path:
     (out / MARKER).write_text("made by labeltriage demo; removed and recreated by the next demo run\n")
     shutil.copytree(sample, out / "project")
     data = yaml.safe_load(template.read_text(encoding="utf-8"))
-    project = data["projects"][PROJECT]
     data["report_store"] = "reports"
-    project["source"] = "project"
+    for name in (PROJECT, MODEL_PROJECT):
+        data["projects"][name]["source"] = "project"
+    project = data["projects"][PROJECT]
     project["predictions"]["source"] = str((examples / project["predictions"]["source"]).resolve())
     project["label_map"] = str((examples / project["label_map"]).resolve())
     project["stage"] = "shadow"
@@ -58,13 +62,10 @@ def prepare(out: Path, examples: Path) -> Path:
     return config
 
 
-def promote(config: Path, model: str) -> None:
-    """Stage ``autolabel`` and the trained checkpoint instead of training again."""
+def promote(config: Path) -> None:
+    """Move the project to stage ``autolabel``: only the config changes."""
     data = yaml.safe_load(config.read_text(encoding="utf-8"))
-    project = data["projects"][PROJECT]
-    project["stage"] = "autolabel"
-    project.pop("train", None)
-    project["model"] = model
+    data["projects"][PROJECT]["stage"] = "autolabel"
     config.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
 
 
@@ -110,25 +111,31 @@ def demo(ctx: click.Context, out_dir: str, examples_dir: str | None, epochs: int
     config = prepare(out, Path(examples_dir).resolve() if examples_dir else EXAMPLES)
     if epochs is not None:
         data = yaml.safe_load(config.read_text(encoding="utf-8"))
-        data["projects"][PROJECT]["train"]["epochs"] = epochs
+        data["projects"][MODEL_PROJECT]["train"]["epochs"] = epochs
         config.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     click.echo(f"sample project copied to {out / 'project'}; config {config}")
+    show = want_progress(progress)
 
-    click.echo("run 1 (stage shadow): train, score, tier, report, calibrate, shadow")
-    first = run_project(load_config(config), PROJECT, trigger="demo", progress=want_progress(progress))
-    click.echo("\n".join(_summary(first)))
-    if first.status != "ok" or "model" not in first.outputs:
-        raise click.ClickException(f"run 1 failed: {first.error}")
+    click.echo(f"\n[1/3] {MODEL_PROJECT}: train a small detector with its loss-prediction module, score, tier, report")
+    model_run = run_project(load_config(config), MODEL_PROJECT, trigger="demo", progress=show)
+    click.echo("\n".join(_summary(model_run)))
 
-    promote(config, first.outputs["model"])
-    click.echo("run 2 (promoted to stage autolabel in config.yaml): score, tier, report, auto-label into the copy")
-    second = run_project(load_config(config), PROJECT, trigger="demo", progress=want_progress(progress))
-    click.echo("\n".join(_summary(second)))
-    if second.status != "ok":
-        raise click.ClickException(f"run 2 failed: {second.error}")
+    click.echo(f"\n[2/3] {PROJECT} at stage shadow: score with the platform's predictions, tier, report, calibrate")
+    shadow = run_project(load_config(config), PROJECT, trigger="demo", progress=show)
+    click.echo("\n".join(_summary(shadow)))
 
-    click.echo(f"\nreport: {second.outputs.get('report')}")
-    click.echo(f"earlier report (shadow): {first.outputs.get('report')}")
-    click.echo(f"run again:  labeltriage run --config {config}")
-    click.echo(f"undo the write-back:  labeltriage rollback {second.run_id} --source {out / 'project'} --format voc")
+    promote(config)
+    click.echo(f"\n[3/3] {PROJECT} promoted to stage autolabel in {config.name}: auto-label the calibrated easy tier into the copy")
+    final = run_project(load_config(config), PROJECT, trigger="demo", progress=show)
+    click.echo("\n".join(_summary(final)))
+
+    failed = [r for r in (model_run, shadow, final) if r.status != "ok"]
+    click.echo("")
+    for record in (model_run, shadow, final):
+        if "report" in record.outputs:
+            click.echo(f"report ({record.project}, {record.stage}): {record.outputs['report']}")
+    click.echo(f"run again:            labeltriage run --config {config}")
+    click.echo(f"undo the write-back:  labeltriage rollback {final.run_id} --source {out / 'project'} --format voc")
     click.echo(f"demo finished in {time.perf_counter() - start:.0f} s")
+    if failed:
+        raise click.ClickException("; ".join(f"{r.project} run {r.run_id} failed: {r.error}" for r in failed))

@@ -10,7 +10,9 @@ import click
 @click.command("rollback")
 @click.argument("run_id")
 @click.option("--source", "-s", required=True, help="Project folder or file (any fsspec URL).")
-@click.option("--format", "-f", "fmt", default="auto", show_default=True, help="Project format, or auto.")
+@click.option(
+    "--format", "-f", "fmt", default="auto", show_default=True, help="Project format, or auto."
+)
 @click.option("--storage-options", default=None, help="fsspec storage options as a JSON object.")
 def rollback(run_id: str, source: str, fmt: str, storage_options: str | None) -> None:
     """Remove the labels run RUN_ID wrote, and nothing else.
@@ -24,4 +26,8 @@ def rollback(run_id: str, source: str, fmt: str, storage_options: str | None) ->
     project = open_project(source, fmt, parse_storage_options(storage_options))
     result = rollback_run(project, run_id)
     click.echo(result.message)
-    click.echo(json.dumps({"run_id": result.run_id, "removed": result.removed, "kept": result.kept}, indent=1))
+    click.echo(
+        json.dumps(
+            {"run_id": result.run_id, "removed": result.removed, "kept": result.kept}, indent=1
+        )
+    )

@@ -38,6 +38,7 @@ def parse_scorer_settings(text: str | None) -> dict[str, dict[str, Any]] | None:
 @click.option("--easy", type=float, default=None, help="Easy cut: share of items (quantiles, default 0.3) or score (thresholds).")
 @click.option("--hard", type=float, default=None, help="Hard cut: share of items (quantiles, default 0.7) or score (thresholds).")
 @click.option("--error-min-score", type=float, default=0.25, show_default=True, help="Predictions below this confidence are dropped when measuring their true error.")
+@click.option("--signed-weights", is_flag=True, help="Let scorers that rank the true error backwards take part, reversed.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--num-workers", type=int, default=2, show_default=True, help="Image-decoding worker processes.")
 @click.option("--run-id", default=None, help="Run id (default: time-based).")
@@ -58,6 +59,7 @@ def score(
     easy: float | None,
     hard: float | None,
     error_min_score: float,
+    signed_weights: bool,
     batch_size: int,
     num_workers: int,
     run_id: str | None,
@@ -101,6 +103,7 @@ def score(
         progress=want_progress(progress),
         run_id=run_id,
         error_min_score=error_min_score,
+        signed_weights=signed_weights,
     )
     s = result.summary
     comb = s["combination"]

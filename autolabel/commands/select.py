@@ -8,26 +8,75 @@ import click
 
 from connectors.errors import UsageError
 
-STRATEGY_NAMES = ("random", "least_confidence", "margin", "entropy", "vote_entropy", "consensus_entropy", "egl", "learning_loss", "predicted_loss")
+STRATEGY_NAMES = (
+    "random",
+    "least_confidence",
+    "margin",
+    "entropy",
+    "vote_entropy",
+    "consensus_entropy",
+    "egl",
+    "learning_loss",
+    "predicted_loss",
+)
 
 
 @click.command("select")
 @click.option("--source", "-s", required=True, help="Project folder or file (any fsspec URL).")
-@click.option("--format", "-f", "fmt", default="auto", show_default=True, help="Project format, or auto.")
+@click.option(
+    "--format", "-f", "fmt", default="auto", show_default=True, help="Project format, or auto."
+)
 @click.option("--storage-options", default=None, help="fsspec storage options as a JSON object.")
 @click.option("--strategy", required=True, help=f"Query strategy: {', '.join(STRATEGY_NAMES)}.")
-@click.option("--budget", type=click.IntRange(min=1), required=True, help="How many items to select.")
-@click.option("--model", default=None, help="Checkpoint from labeltriage train (every strategy but random needs one).")
-@click.option("--subset", type=click.IntRange(min=1), default=None, help="Score only a random subset of this many unlabeled items (the random-subset trick).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subset and of random.")
-@click.option("--diversity", type=click.Choice(["kcenter"]), default=None, help="k-center greedy on the model's features among the top candidates.")
-@click.option("--reduction", type=click.Choice(["max", "mean", "sum"]), default=None, help="Detection: how per-box values become one per image (default max).")
-@click.option("--empty", default=None, help="Detection: value of an image with no box: max (default), zero, or a number.")
-@click.option("--committee", type=click.IntRange(min=2), default=8, show_default=True, help="MC-dropout members for vote/consensus entropy.")
+@click.option(
+    "--budget", type=click.IntRange(min=1), required=True, help="How many items to select."
+)
+@click.option(
+    "--model",
+    default=None,
+    help="Checkpoint from labeltriage train (every strategy but random needs one).",
+)
+@click.option(
+    "--subset",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Score only a random subset of this many unlabeled items (the random-subset trick).",
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of the subset and of random."
+)
+@click.option(
+    "--diversity",
+    type=click.Choice(["kcenter"]),
+    default=None,
+    help="k-center greedy on the model's features among the top candidates.",
+)
+@click.option(
+    "--reduction",
+    type=click.Choice(["max", "mean", "sum"]),
+    default=None,
+    help="Detection: how per-box values become one per image (default max).",
+)
+@click.option(
+    "--empty",
+    default=None,
+    help="Detection: value of an image with no box: max (default), zero, or a number.",
+)
+@click.option(
+    "--committee",
+    type=click.IntRange(min=2),
+    default=8,
+    show_default=True,
+    help="MC-dropout members for vote/consensus entropy.",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Progress bars (default: when stderr is a terminal).",
+)
 @click.option("--out", required=True, help="Output file, .csv or .parquet: item_id, value, rank.")
 def select(
     source: str,
@@ -58,9 +107,13 @@ def select(
     from difficulty.strategies import STRATEGIES
 
     if strategy not in (*STRATEGIES, "predicted_loss"):
-        raise UsageError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGY_NAMES)}")
+        raise UsageError(
+            f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGY_NAMES)}"
+        )
     if strategy != "random" and model is None:
-        raise UsageError(f"strategy {strategy!r} needs a trained model: give --model CHECKPOINT (labeltriage train)")
+        raise UsageError(
+            f"strategy {strategy!r} needs a trained model: give --model CHECKPOINT (labeltriage train)"
+        )
     if not (out.endswith(".csv") or out.endswith(".parquet")):
         raise UsageError(f"--out {out}: expected a .csv or .parquet file")
     settings: dict[str, object] = {}
@@ -79,9 +132,13 @@ def select(
     if settings:
         from difficulty.checkpoint import load_checkpoint_meta
 
-        task = load_checkpoint_meta(model, storage_options=options)["task"] if model else "detection"
+        task = (
+            load_checkpoint_meta(model, storage_options=options)["task"] if model else "detection"
+        )
         if task != "detection" or strategy in ("random", "learning_loss", "predicted_loss"):
-            raise UsageError("--reduction and --empty apply to detection strategies that read boxes")
+            raise UsageError(
+                "--reduction and --empty apply to detection strategies that read boxes"
+            )
     result = select_from_project(
         project.iter_items(),
         project,

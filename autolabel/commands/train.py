@@ -13,28 +13,99 @@ TASKS = ("classification", "detection")
 
 @click.command("train")
 @click.option("--source", "-s", required=True, help="Project folder or file (any fsspec URL).")
-@click.option("--format", "-f", "fmt", default="auto", show_default=True, help="Project format, or auto.")
+@click.option(
+    "--format", "-f", "fmt", default="auto", show_default=True, help="Project format, or auto."
+)
 @click.option("--storage-options", default=None, help="fsspec storage options as a JSON object.")
 @click.option("--task", type=click.Choice(TASKS), required=True, help="What the model does.")
 @click.option("--out", required=True, help="Checkpoint file to write (any fsspec URL).")
-@click.option("--arch", default=None, help="classification: small_cnn (default), resnet18; detection: ssdlite (default), fasterrcnn_mobilenet, fasterrcnn_resnet50.")
-@click.option("--classes", default=None, help="Comma-separated project classes (default: the format's, else the labels seen).")
+@click.option(
+    "--arch",
+    default=None,
+    help="classification: small_cnn (default), resnet18; detection: ssdlite (default), fasterrcnn_mobilenet, fasterrcnn_resnet50.",
+)
+@click.option(
+    "--classes",
+    default=None,
+    help="Comma-separated project classes (default: the format's, else the labels seen).",
+)
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Learning rate (default 0.1 classification, 0.001 detection).")
-@click.option("--min-steps", type=click.IntRange(min=0), default=0, show_default=True, help="Raise the epochs until training makes at least this many steps (small pools).")
-@click.option("--image-size", type=click.IntRange(min=8), default=None, help="Side images are resized to (default 32 classification, 320 detection).")
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Learning rate (default 0.1 classification, 0.001 detection).",
+)
+@click.option(
+    "--min-steps",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Raise the epochs until training makes at least this many steps (small pools).",
+)
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=8),
+    default=None,
+    help="Side images are resized to (default 32 classification, 320 detection).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--calibration-share", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.2, show_default=True, help="Share of labeled items held out (by item-id hash) for calibration.")
-@click.option("--init", "init", default=None, help="Warm start from this checkpoint (same task, arch, classes).")
-@click.option("--freeze-target", is_flag=True, help="Train only the loss-prediction module on the --init model, kept frozen.")
-@click.option("--margin", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True, help="Ranking margin ξ.")
-@click.option("--loss-weight", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Weight λ of the ranking loss.")
-@click.option("--stop-grad-share", type=click.FloatRange(0.0, 1.0), default=0.6, show_default=True, help="Share of epochs after which the module's gradient stops at the backbone.")
+@click.option(
+    "--calibration-share",
+    type=click.FloatRange(0.0, 1.0, max_open=True),
+    default=0.2,
+    show_default=True,
+    help="Share of labeled items held out (by item-id hash) for calibration.",
+)
+@click.option(
+    "--init",
+    "init",
+    default=None,
+    help="Warm start from this checkpoint (same task, arch, classes).",
+)
+@click.option(
+    "--freeze-target",
+    is_flag=True,
+    help="Train only the loss-prediction module on the --init model, kept frozen.",
+)
+@click.option(
+    "--margin",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Ranking margin ξ.",
+)
+@click.option(
+    "--loss-weight",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Weight λ of the ranking loss.",
+)
+@click.option(
+    "--stop-grad-share",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.6,
+    show_default=True,
+    help="Share of epochs after which the module's gradient stops at the backbone.",
+)
 @click.option("--augment", is_flag=True, help="Random horizontal flips.")
-@click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda, cuda:1).")
-@click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True, help="DataLoader worker processes.")
-@click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
+@click.option(
+    "--device", default="cpu", show_default=True, help="torch device (cpu, cuda, cuda:1)."
+)
+@click.option(
+    "--num-workers",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="DataLoader worker processes.",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Progress bars (default: when stderr is a terminal).",
+)
 def train(
     source: str,
     fmt: str,

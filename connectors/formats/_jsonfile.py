@@ -5,8 +5,10 @@
 * :func:`find_json` finds a project's JSON file by convention;
 * :func:`rewrite_json` is the read-modify-write used by write-back: it re-reads the file,
   applies a change, and writes the result atomically — re-checking just before the move
-  that nobody changed the file meanwhile (retrying from the new content if so), so an
-  edit made between our read and our write is never lost;
+  that nobody changed the file meanwhile (redoing the change from the new content if
+  so).  This narrows the window for a concurrent save to the instant between that check
+  and the move; neither POSIX rename nor object stores offer a compare-and-swap that
+  would close it.  The human-label check runs on the content that is written;
 * :func:`entries_sha256` is the checksum of written entries that ``remove_written``
   compares to tell an untouched auto-label from one a person edited.
 """
@@ -118,8 +120,8 @@ def rewrite_json(
     ``change(data)`` edits ``data`` in place and returns ``(modified, result)``; when
     ``modified`` is false nothing is written.  Just before the atomic move the file is
     read again; if it changed meanwhile (a person saved it), the whole step is redone
-    from the new content, so such an edit is never overwritten and the human-label
-    check inside ``change`` sees it.
+    from the new content, so the human-label check inside ``change`` sees that edit and
+    the edit is kept.
     """
     url = project.url_of(rel)
     for attempt in range(REWRITE_ATTEMPTS):

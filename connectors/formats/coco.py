@@ -41,7 +41,14 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from connectors.errors import InputError, PathEscapeError, UsageError
-from connectors.formats._jsonfile import entries_sha256, find_json, load_json, peek, rewrite_json
+from connectors.formats._jsonfile import (
+    dump_json,
+    entries_sha256,
+    find_json,
+    load_json,
+    peek,
+    rewrite_json,
+)
 from connectors.formats.base import (
     FORMATS,
     PREDICTION_FORMATS,
@@ -66,6 +73,7 @@ log = logging.getLogger(__name__)
 DEFAULT_FILE = "annotations.json"
 PROVENANCE_KEY = "labeltriage"
 _IMAGE_KEYS = ("id", "file_name", "width", "height")
+BoxXYXY = tuple[float, float, float, float]
 
 
 def item_id_of(file_name: str) -> str:
@@ -73,7 +81,7 @@ def item_id_of(file_name: str) -> str:
     return posixpath.splitext(posixpath.normpath(file_name.replace("\\", "/")))[0]
 
 
-def xywh_to_xyxy(bbox: Any) -> tuple[float, float, float, float]:
+def xywh_to_xyxy(bbox: Any) -> BoxXYXY:
     """COCO ``[x, y, w, h]`` → ``(x1, y1, x2, y2)``; ValueError when not four numbers."""
     if (
         not isinstance(bbox, list | tuple)
@@ -87,7 +95,7 @@ def xywh_to_xyxy(bbox: Any) -> tuple[float, float, float, float]:
     return (x, y, x + w, y + h)
 
 
-def xyxy_to_xywh(box: tuple[float, float, float, float]) -> list[float]:
+def xyxy_to_xywh(box: BoxXYXY) -> list[float]:
     x1, y1, x2, y2 = box
     return [x1, y1, x2 - x1, y2 - y1]
 
@@ -372,7 +380,7 @@ class CocoFormat(ProjectFormat):
         rel = self._file or DEFAULT_FILE
         images: list[dict[str, Any]] = []
         annotations: list[dict[str, Any]] = []
-        pending: list[tuple[int, Annotation, dict[str, Any] | None]] = []
+        pending: list[tuple[int, str, BoxXYXY, float | None, dict[str, Any] | None]] = []
         labels: set[str] = set()
         uris: list[str] = []
         for item in items:
@@ -410,7 +418,7 @@ class CocoFormat(ProjectFormat):
                         f"item {item.item_id!r}: COCO holds boxes, not the class label {a.label!r}"
                     )
                 labels.add(a.label)
-                pending.append((image_id, a, prov))
+                pending.append((image_id, a.label, a.box, a.score, prov))
         if classes is not None:
             unknown = sorted(labels - set(classes))
             if unknown:
@@ -419,18 +427,17 @@ class CocoFormat(ProjectFormat):
         else:
             names = sorted(labels)
         cat_ids = {name: i + 1 for i, name in enumerate(names)}
-        for ann_id, (image_id, a, prov) in enumerate(pending, start=1):
-            assert a.box is not None
+        for ann_id, (image_id, label, box, score, prov) in enumerate(pending, start=1):
             entry: dict[str, Any] = {
                 "id": ann_id,
                 "image_id": image_id,
-                "category_id": cat_ids[a.label],
-                "bbox": xyxy_to_xywh(a.box),
-                "area": a.area,
+                "category_id": cat_ids[label],
+                "bbox": xyxy_to_xywh(box),
+                "area": (box[2] - box[0]) * (box[3] - box[1]),
                 "iscrowd": 0,
             }
-            if a.score is not None:
-                entry["score"] = a.score
+            if score is not None:
+                entry["score"] = score
             if prov is not None:
                 entry[PROVENANCE_KEY] = prov
             annotations.append(entry)
@@ -444,8 +451,6 @@ class CocoFormat(ProjectFormat):
             "annotations": annotations,
             "categories": [{"id": cat_ids[n], "name": n} for n in names],
         }
-        from connectors.formats._jsonfile import dump_json
-
         self.project.write_bytes(rel, dump_json(doc))
         self._file = rel
         log.info(
@@ -529,7 +534,7 @@ class CocoFormat(ProjectFormat):
         if not w.annotations:
             return [], "no boxes to write (COCO cannot record an empty label)"
         width, height = _int_or_none(image.get("width")), _int_or_none(image.get("height"))
-        prov = {
+        prov: dict[str, Any] = {
             "run_id": w.provenance.run_id,
             "model_version": w.provenance.model_version,
             "tier": w.provenance.tier,

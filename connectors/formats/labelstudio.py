@@ -520,7 +520,7 @@ class LabelStudioFormat(ProjectFormat):
                     outcome.refused[item_id] = misfit
                     continue
                 entry_id = f"{w.provenance.run_id}:{item_id}"
-                prov = {
+                prov: dict[str, Any] = {
                     "run_id": w.provenance.run_id,
                     "tier": w.provenance.tier,
                     "model_version": w.provenance.model_version,
@@ -588,8 +588,8 @@ class LabelStudioFormat(ProjectFormat):
                 changed = False
                 for i in positions:
                     r = records[i]
-                    task = by_id.get(r.item_id)
-                    preds = (task or {}).get("predictions") or []
+                    task = by_id.get(r.item_id) or {}
+                    preds = task.get("predictions") or []
                     mine = [
                         p
                         for p in preds
@@ -601,7 +601,6 @@ class LabelStudioFormat(ProjectFormat):
                     elif entries_sha256(mine) != r.sha256:
                         results.append((i, "its prediction was edited since it was written"))
                     else:
-                        assert task is not None
                         task["predictions"] = [p for p in preds if not any(p is m for m in mine)]
                         changed = True
                         results.append((i, None))

@@ -6,7 +6,11 @@ from typing import Any
 
 from torch import nn
 
-from difficulty.models.classification import CLASSIFICATION_ARCHS, LossPredictionClassifier, build_classifier
+from difficulty.models.classification import (
+    CLASSIFICATION_ARCHS,
+    LossPredictionClassifier,
+    build_classifier,
+)
 from difficulty.models.detection import DETECTION_ARCHS, build_detection_model
 from difficulty.models.lossnet import LossNetConfig
 
@@ -35,5 +39,7 @@ def model_from_meta(meta: dict[str, Any]) -> nn.Module:
         )
         return LossPredictionClassifier(target, lossnet)
     if task == "detection":
-        return build_detection_model(arch, classes, lossnet, image_size=int(settings.get("image_size", 320)))
+        return build_detection_model(
+            arch, classes, lossnet, image_size=int(settings.get("image_size", 320))
+        )
     raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")

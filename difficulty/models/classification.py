@@ -16,6 +16,7 @@ Dropout before ``fc`` (``dropout`` > 0) is what the MC-dropout committee samples
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -66,9 +67,13 @@ def _block(c_in: int, c_out: int) -> nn.Sequential:
 class SmallCNN(TappedClassifier):
     """Three conv blocks of width ``w, 2w, 4w``; 2×2 max-pool after the first two."""
 
-    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 32, dropout: float = 0.2) -> None:
+    def __init__(
+        self, num_classes: int, in_channels: int = 3, width: int = 32, dropout: float = 0.2
+    ) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList([_block(in_channels, width), _block(width, 2 * width), _block(2 * width, 4 * width)])
+        self.blocks = nn.ModuleList(
+            [_block(in_channels, width), _block(width, 2 * width), _block(2 * width, 4 * width)]
+        )
         self.pool = nn.MaxPool2d(2, ceil_mode=True)
         self.tap_channels = [width, 2 * width, 4 * width]
         self.embed_dim = 4 * width
@@ -88,14 +93,16 @@ class SmallCNN(TappedClassifier):
 class ResNet18Tapped(TappedClassifier):
     """torchvision ResNet-18 from scratch with taps on ``layer1``…``layer4``."""
 
-    def __init__(self, num_classes: int, in_channels: int = 3, small_input: bool = True, dropout: float = 0.2) -> None:
+    def __init__(
+        self, num_classes: int, in_channels: int = 3, small_input: bool = True, dropout: float = 0.2
+    ) -> None:
         super().__init__()
         from torchvision.models import resnet18
 
         net = resnet18(weights=None, num_classes=num_classes)
         if small_input:
             net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
-            net.maxpool = nn.Identity()  # type: ignore[assignment]
+            net.maxpool = nn.Identity()
         elif in_channels != 3:
             net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
@@ -114,13 +121,25 @@ class ResNet18Tapped(TappedClassifier):
         return taps, x.mean(dim=(2, 3))
 
 
-def build_classifier(arch: str, num_classes: int, *, in_channels: int = 3, image_size: int = 32, width: int = 32, dropout: float = 0.2) -> TappedClassifier:
+def build_classifier(
+    arch: str,
+    num_classes: int,
+    *,
+    in_channels: int = 3,
+    image_size: int = 32,
+    width: int = 32,
+    dropout: float = 0.2,
+) -> TappedClassifier:
     """A classification target model by name (see :data:`CLASSIFICATION_ARCHS`)."""
     if arch == "small_cnn":
         return SmallCNN(num_classes, in_channels=in_channels, width=width, dropout=dropout)
     if arch == "resnet18":
-        return ResNet18Tapped(num_classes, in_channels=in_channels, small_input=image_size <= 64, dropout=dropout)
-    raise ValueError(f"unknown classification arch {arch!r}; choose one of: {', '.join(CLASSIFICATION_ARCHS)}")
+        return ResNet18Tapped(
+            num_classes, in_channels=in_channels, small_input=image_size <= 64, dropout=dropout
+        )
+    raise ValueError(
+        f"unknown classification arch {arch!r}; choose one of: {', '.join(CLASSIFICATION_ARCHS)}"
+    )
 
 
 @dataclass
@@ -166,7 +185,9 @@ class HookedClassifier(TappedClassifier):
         modules = dict(model.named_modules())
         missing = [n for n in [*taps, fc] if n not in modules]
         if missing:
-            raise ValueError(f"modules {missing} not found in the model; it has: {', '.join(n for n in modules if n)}")
+            raise ValueError(
+                f"modules {missing} not found in the model; it has: {', '.join(n for n in modules if n)}"
+            )
         last = modules[fc]
         if not isinstance(last, nn.Linear):
             raise ValueError(f"module {fc!r} is a {type(last).__name__}, expected nn.Linear")
@@ -187,7 +208,7 @@ class HookedClassifier(TappedClassifier):
         self.tap_channels = [int(self._outputs[n].shape[1]) for n in taps]
         self.embed_dim = int(last.in_features)
 
-    def _keeper(self, name: str):  # type: ignore[no-untyped-def]
+    def _keeper(self, name: str) -> Callable[[nn.Module, object, torch.Tensor], None]:
         def keep(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
             self._outputs[name] = output
 
@@ -198,5 +219,10 @@ class HookedClassifier(TappedClassifier):
 
     def forward(self, x: torch.Tensor) -> ClassifierOutput:
         logits = self.model(x)
-        assert self._embedding is not None  # set by the hook during the call above
-        return ClassifierOutput(logits=logits, taps=[self._outputs[n] for n in self.tap_names], embedding=self._embedding)
+        if self._embedding is None:
+            raise RuntimeError("the last linear layer was not called in the forward pass")
+        return ClassifierOutput(
+            logits=logits,
+            taps=[self._outputs[n] for n in self.tap_names],
+            embedding=self._embedding,
+        )

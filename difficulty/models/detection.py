@@ -43,6 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,14 +55,31 @@ from difficulty.models.lossnet import LossNet, LossNetConfig
 DETECTION_ARCHS = ("ssdlite", "fasterrcnn_mobilenet", "fasterrcnn_resnet50")
 
 
-def build_detector(arch: str, num_classes: int, *, image_size: int = 320, score_thresh: float = 0.01, detections_per_img: int = 100) -> nn.Module:
+def build_detector(
+    arch: str,
+    num_classes: int,
+    *,
+    image_size: int = 320,
+    score_thresh: float = 0.01,
+    detections_per_img: int = 100,
+) -> nn.Module:
     """A torchvision detector from scratch; ``num_classes`` includes the background."""
     from torchvision.models import detection as tvd
 
     if arch == "ssdlite":
-        model = tvd.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=num_classes, score_thresh=score_thresh, detections_per_img=detections_per_img)
+        model = tvd.ssdlite320_mobilenet_v3_large(
+            weights=None,
+            weights_backbone=None,
+            num_classes=num_classes,
+            score_thresh=score_thresh,
+            detections_per_img=detections_per_img,
+        )
     elif arch in ("fasterrcnn_mobilenet", "fasterrcnn_resnet50"):
-        builder = tvd.fasterrcnn_mobilenet_v3_large_fpn if arch == "fasterrcnn_mobilenet" else tvd.fasterrcnn_resnet50_fpn
+        builder = (
+            tvd.fasterrcnn_mobilenet_v3_large_fpn
+            if arch == "fasterrcnn_mobilenet"
+            else tvd.fasterrcnn_resnet50_fpn
+        )
         model = builder(
             weights=None,
             weights_backbone=None,
@@ -72,7 +90,9 @@ def build_detector(arch: str, num_classes: int, *, image_size: int = 320, score_
             box_detections_per_img=detections_per_img,
         )
     else:
-        raise ValueError(f"unknown detection arch {arch!r}; choose one of: {', '.join(DETECTION_ARCHS)}")
+        raise ValueError(
+            f"unknown detection arch {arch!r}; choose one of: {', '.join(DETECTION_ARCHS)}"
+        )
     model.transform.min_size = (image_size,)
     model.transform.max_size = image_size
     model.transform.fixed_size = (image_size, image_size)
@@ -113,7 +133,17 @@ def _pool(features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 class LossPredictionDetector(nn.Module):
     """A torchvision detector plus a :class:`LossNet` on its backbone feature maps."""
 
-    def __init__(self, arch: str, num_classes: int, lossnet: LossNetConfig, *, image_size: int = 320, committee_dropout: float = 0.2) -> None:
+    detector: Any  # a torchvision SSD or FasterRCNN (dynamic attributes)
+
+    def __init__(
+        self,
+        arch: str,
+        num_classes: int,
+        lossnet: LossNetConfig,
+        *,
+        image_size: int = 320,
+        committee_dropout: float = 0.2,
+    ) -> None:
         super().__init__()
         self.arch = arch
         self.num_classes = num_classes
@@ -140,7 +170,13 @@ class LossPredictionDetector(nn.Module):
         return [int(t.shape[1]) for t in self._taps]
 
     # -- training ----------------------------------------------------------------------
-    def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]], *, detach_taps: bool = False) -> DetectionStep:
+    def forward(
+        self,
+        images: list[torch.Tensor],
+        targets: list[dict[str, torch.Tensor]],
+        *,
+        detach_taps: bool = False,
+    ) -> DetectionStep:
         """Per-image losses and predicted losses for a batch (the detector must be in train mode)."""
         if self.is_ssd:
             loss, pooled = self._ssd_losses(images, targets)
@@ -150,13 +186,15 @@ class LossPredictionDetector(nn.Module):
                 loss_dict = self.detector([image], [target])
                 losses.append(sum(loss_dict.values()))
                 pooled_per_image.append(_pool(self._taps))
-            loss = torch.stack(losses)  # type: ignore[arg-type]
+            loss = torch.stack(losses)
             pooled = [torch.cat(level, dim=0) for level in zip(*pooled_per_image, strict=True)]
         if detach_taps:
             pooled = [p.detach() for p in pooled]
         return DetectionStep(loss=loss, predicted_loss=self.lossnet(pooled))
 
-    def _ssd_losses(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _ssd_losses(
+        self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         ssd = self.detector
         batch, targets = ssd.transform(images, targets)
         features = list(ssd.backbone(batch.tensors).values())
@@ -166,14 +204,18 @@ class LossPredictionDetector(nn.Module):
         cls_all = head["cls_logits"]
         for i, (target, anchors_i) in enumerate(zip(targets, anchors, strict=True)):
             if target["boxes"].numel() == 0:
-                matched = torch.full((anchors_i.size(0),), -1, dtype=torch.int64, device=anchors_i.device)
+                matched = torch.full(
+                    (anchors_i.size(0),), -1, dtype=torch.int64, device=anchors_i.device
+                )
             else:
                 matched = ssd.proposal_matcher(box_ops.box_iou(target["boxes"], anchors_i))
             fg = torch.where(matched >= 0)[0]
             fg_matched = matched[fg]
             num_fg = fg.numel()
             reg_target = ssd.box_coder.encode_single(target["boxes"][fg_matched], anchors_i[fg])
-            bbox_loss = F.smooth_l1_loss(head["bbox_regression"][i, fg], reg_target, reduction="sum")
+            bbox_loss = F.smooth_l1_loss(
+                head["bbox_regression"][i, fg], reg_target, reduction="sum"
+            )
             cls_target = torch.zeros(anchors_i.size(0), dtype=torch.int64, device=anchors_i.device)
             cls_target[fg] = target["labels"][fg_matched]
             cls_loss = F.cross_entropy(cls_all[i], cls_target, reduction="none")
@@ -182,7 +224,10 @@ class LossPredictionDetector(nn.Module):
             negative_loss[positive] = -float("inf")
             _, order = negative_loss.sort(descending=True)
             hard_negative = order.sort()[1] < ssd.neg_to_pos_ratio * num_fg
-            per_image.append((bbox_loss + cls_loss[positive].sum() + cls_loss[hard_negative].sum()) / max(1, num_fg))
+            per_image.append(
+                (bbox_loss + cls_loss[positive].sum() + cls_loss[hard_negative].sum())
+                / max(1, num_fg)
+            )
         return torch.stack(per_image), _pool(features)
 
     # -- inference ---------------------------------------------------------------------
@@ -200,17 +245,35 @@ class LossPredictionDetector(nn.Module):
             raw = self._ssd_detect(batch, features, committee)
         else:
             raw = self._rcnn_detect(batch, features_od, committee)
-        sized = self.detector.transform.postprocess([{"boxes": r[0]} for r in raw], batch.image_sizes, original_sizes)
+        sized = self.detector.transform.postprocess(
+            [{"boxes": r[0]} for r in raw], batch.image_sizes, original_sizes
+        )
         outs = []
         for i, (r, s) in enumerate(zip(raw, sized, strict=True)):
             _, scores, labels, probs, feats, comm = r
-            outs.append(DetectionOutput(s["boxes"], scores, labels, probs, feats, comm, float(predicted[i]), embedding[i]))
+            outs.append(
+                DetectionOutput(
+                    s["boxes"],
+                    scores,
+                    labels,
+                    probs,
+                    feats,
+                    comm,
+                    float(predicted[i]),
+                    embedding[i],
+                )
+            )
         return outs
 
-    def _ssd_detect(self, batch: object, features: list[torch.Tensor], committee: int) -> list[tuple]:
+    def _ssd_detect(
+        self, batch: object, features: list[torch.Tensor], committee: int
+    ) -> list[tuple]:
         ssd = self.detector
         last_inputs: list[torch.Tensor] = []
-        handles = [block[-1].register_forward_pre_hook(lambda m, inp: last_inputs.append(inp[0])) for block in ssd.head.classification_head.module_list]
+        handles = [
+            block[-1].register_forward_pre_hook(lambda m, inp: last_inputs.append(inp[0]))
+            for block in ssd.head.classification_head.module_list
+        ]
         try:
             head = ssd.head(features)
         finally:
@@ -219,8 +282,12 @@ class LossPredictionDetector(nn.Module):
         anchors = ssd.anchor_generator(batch, features)
         probs_all = F.softmax(head["cls_logits"], dim=-1)
         widths = [t.shape[1] for t in last_inputs]
-        per_loc = [ssd.anchor_generator.num_anchors_per_location()[k] for k in range(len(last_inputs))]
-        level_sizes = [t.shape[2] * t.shape[3] * a for t, a in zip(last_inputs, per_loc, strict=True)]
+        per_loc = [
+            ssd.anchor_generator.num_anchors_per_location()[k] for k in range(len(last_inputs))
+        ]
+        level_sizes = [
+            t.shape[2] * t.shape[3] * a for t, a in zip(last_inputs, per_loc, strict=True)
+        ]
         offsets = torch.tensor([0, *level_sizes]).cumsum(0)
         members = []
         for _ in range(committee):
@@ -228,7 +295,9 @@ class LossPredictionDetector(nn.Module):
             members.append(F.softmax(ssd.head.classification_head(dropped), dim=-1))
         out = []
         for i, image_shape in enumerate(batch.image_sizes):  # type: ignore[attr-defined]
-            boxes_all = box_ops.clip_boxes_to_image(ssd.box_coder.decode_single(head["bbox_regression"][i], anchors[i]), image_shape)
+            boxes_all = box_ops.clip_boxes_to_image(
+                ssd.box_coder.decode_single(head["bbox_regression"][i], anchors[i]), image_shape
+            )
             keep_boxes, keep_scores, keep_labels, keep_idx = [], [], [], []
             scores = probs_all[i]
             for label in range(1, scores.size(-1)):
@@ -241,7 +310,9 @@ class LossPredictionDetector(nn.Module):
                 keep_scores.append(s)
                 keep_labels.append(torch.full_like(idx, label))
                 keep_idx.append(idx)
-            b, s, lab, idx = (torch.cat(v) for v in (keep_boxes, keep_scores, keep_labels, keep_idx))
+            b, s, lab, idx = (
+                torch.cat(v) for v in (keep_boxes, keep_scores, keep_labels, keep_idx)
+            )
             keep = box_ops.batched_nms(b, s, lab, ssd.nms_thresh)[: ssd.detections_per_img]
             idx = idx[keep]
             level = torch.bucketize(idx, offsets[1:], right=True)
@@ -257,21 +328,30 @@ class LossPredictionDetector(nn.Module):
             out.append((b[keep], s[keep], lab[keep], probs_all[i, idx], feats, comm))
         return out
 
-    def _rcnn_detect(self, batch: object, features: dict[str, torch.Tensor], committee: int) -> list[tuple]:
+    def _rcnn_detect(
+        self, batch: object, features: dict[str, torch.Tensor], committee: int
+    ) -> list[tuple]:
         rcnn = self.detector
         heads = rcnn.roi_heads
         proposals, _ = rcnn.rpn(batch, features)
         image_sizes = batch.image_sizes  # type: ignore[attr-defined]
         rep = heads.box_head(heads.box_roi_pool(features, proposals, image_sizes))
         class_logits, box_regression = heads.box_predictor(rep)
-        members = [F.softmax(heads.box_predictor(F.dropout(rep, self.committee_dropout, training=True))[0], -1) for _ in range(committee)]
+        members = [
+            F.softmax(
+                heads.box_predictor(F.dropout(rep, self.committee_dropout, training=True))[0], -1
+            )
+            for _ in range(committee)
+        ]
         counts = [p.shape[0] for p in proposals]
         decoded = heads.box_coder.decode(box_regression, proposals).split(counts)
         probs_split = F.softmax(class_logits, -1).split(counts)
         rep_split = rep.split(counts)
         member_split = [m.split(counts) for m in members]
         out = []
-        for i, (boxes, probs, image_shape) in enumerate(zip(decoded, probs_split, image_sizes, strict=True)):
+        for i, (boxes, probs, image_shape) in enumerate(
+            zip(decoded, probs_split, image_sizes, strict=True)
+        ):
             k = probs.shape[1]
             boxes = box_ops.clip_boxes_to_image(boxes, image_shape)[:, 1:].reshape(-1, 4)
             scores = probs[:, 1:].reshape(-1)
@@ -281,13 +361,19 @@ class LossPredictionDetector(nn.Module):
             boxes, scores, labels, prop = boxes[sel], scores[sel], labels[sel], prop[sel]
             sel = box_ops.remove_small_boxes(boxes, min_size=1e-2)
             boxes, scores, labels, prop = boxes[sel], scores[sel], labels[sel], prop[sel]
-            keep = box_ops.batched_nms(boxes, scores, labels, heads.nms_thresh)[: heads.detections_per_img]
+            keep = box_ops.batched_nms(boxes, scores, labels, heads.nms_thresh)[
+                : heads.detections_per_img
+            ]
             prop = prop[keep]
             comm = torch.stack([m[i][prop] for m in member_split]) if member_split else None
-            out.append((boxes[keep], scores[keep], labels[keep], probs[prop], rep_split[i][prop], comm))
+            out.append(
+                (boxes[keep], scores[keep], labels[keep], probs[prop], rep_split[i][prop], comm)
+            )
         return out
 
 
-def build_detection_model(arch: str, classes: list[str], lossnet: LossNetConfig, *, image_size: int = 320) -> LossPredictionDetector:
+def build_detection_model(
+    arch: str, classes: list[str], lossnet: LossNetConfig, *, image_size: int = 320
+) -> LossPredictionDetector:
     """The detector for project ``classes`` (``num_classes = len(classes) + 1``)."""
     return LossPredictionDetector(arch, len(classes) + 1, lossnet, image_size=image_size)

@@ -37,10 +37,10 @@ class LossNetConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    margin: float = Field(1.0, gt=0)
-    weight: float = Field(1.0, ge=0)
-    hidden: int = Field(128, ge=1)
-    stop_grad_share: float = Field(0.6, ge=0.0, le=1.0)
+    margin: float = Field(default=1.0, gt=0)
+    weight: float = Field(default=1.0, ge=0)
+    hidden: int = Field(default=128, ge=1)
+    stop_grad_share: float = Field(default=0.6, ge=0.0, le=1.0)
 
 
 class LossNet(nn.Module):
@@ -67,7 +67,9 @@ class LossNet(nn.Module):
         return self.out(torch.cat(pooled, dim=1)).squeeze(1)
 
 
-def loss_pred_loss(predicted: torch.Tensor, target: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
+def loss_pred_loss(
+    predicted: torch.Tensor, target: torch.Tensor, margin: float = 1.0
+) -> torch.Tensor:
     """The paper's margin ranking loss on pairs ``(i, B-1-i)`` of a batch.
 
     ``predicted`` and ``target`` are ``(B,)``; ``target`` (the true per-item losses) is

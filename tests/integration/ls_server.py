@@ -120,19 +120,25 @@ class LabelStudioServer:
         ]  # fmt: skip
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log_file = open(self._log_path, "wb")  # noqa: SIM115 - owned by the process for its lifetime
-        self._proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self._proc = subprocess.Popen(
+            cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         log_file.close()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"label-studio exited with {self._proc.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"label-studio exited with {self._proc.returncode}:\n{self.log_tail()}"
+                )
             with contextlib.suppress(requests.RequestException):
                 r = requests.get(f"{self.url}/api/projects", headers=self.headers, timeout=5)
                 if r.status_code == 200:
                     return self
             time.sleep(1.0)
         self.stop()
-        raise RuntimeError(f"label-studio did not answer within {timeout_s:.0f} s:\n{self.log_tail()}")
+        raise RuntimeError(
+            f"label-studio did not answer within {timeout_s:.0f} s:\n{self.log_tail()}"
+        )
 
     def log_tail(self, n: int = 40) -> str:
         try:
@@ -157,25 +163,36 @@ class LabelStudioServer:
     def __enter__(self) -> LabelStudioServer:
         return self.start()
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--port", type=int, default=None)
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--files-root", type=Path, default=None)
     parser.add_argument("--token", default=None)
-    parser.add_argument("--install-only", action="store_true", help="only create the Label Studio venv")
+    parser.add_argument(
+        "--install-only", action="store_true", help="only create the Label Studio venv"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     if args.install_only:
         print(ensure_venv())
         return
-    server = LabelStudioServer(port=args.port, data_dir=args.data_dir, files_root=args.files_root, token=args.token)
+    server = LabelStudioServer(
+        port=args.port, data_dir=args.data_dir, files_root=args.files_root, token=args.token
+    )
     with server:
-        print(f"url={server.url} token={server.token} user={server.username} password={server.password}", flush=True)
+        print(
+            f"url={server.url} token={server.token} user={server.username} password={server.password}",
+            flush=True,
+        )
         with contextlib.suppress(KeyboardInterrupt):
             while True:
                 time.sleep(3600)

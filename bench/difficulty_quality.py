@@ -1,0 +1,288 @@
+"""How well does the combined difficulty score rank the true error of real predictions?
+
+Projects built from ``../shared/data`` with their real YOLOv5n predictions (YOLO txt):
+
+* ``road_signs_2cls`` — road_signs restricted to {stop, trafficlight} (other boxes removed
+  from the annotations), label map ``stop sign→stop``, ``traffic light→trafficlight``;
+* ``road_signs_4cls`` — the full four-class road_signs project, same label map (COCO has
+  no speed-limit or crosswalk class);
+* ``kitti_tiny`` — label map ``car→Car``, ``person→Pedestrian``, ``bicycle→Cyclist``,
+  ``truck→Truck``, ``train→Tram``; ``DontCare`` regions ignored.
+
+Every item is scored once with every default scorer (``fourier``, ``fourier_entropy`` and
+the box-confidence scorers of :mod:`difficulty.prediction_scores`).  The true per-item
+error is :func:`difficulty.matching.item_error` (1 − F1 of the matching at IoU 0.5,
+predictions with confidence ≥ 0.25).  Recorded:
+
+* **in sample** — each scorer's Spearman ρ with the error on all items, and the combined
+  score's ρ when the combination (:func:`difficulty.combine.fit_weights`) is fit on all
+  of them;
+* **cross-validated** — ``--splits`` random half/half splits: the combination is fit on
+  the labels of one half only (the other half's error hidden) and evaluated on the other
+  half, next to each single scorer's ρ on the same held-out half.  "best single (chosen
+  on fit half)" is the scorer a person would pick from the fit half; "best single
+  (oracle)" picks it on the held-out half itself (not achievable; a ceiling).
+
+Then, for the report, each project is scored twice as a manager would see it, with
+labels hidden for part of the items (they become ``unlabeled`` items to plan for: 80 %,
+then 60 % in a later run scored against the first as reference), ``report.html`` is
+written for the later run (trend across both), screenshotted in headless Chromium, and
+the rendered DOM is checked for every section.
+
+Run: ``OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/difficulty_quality.py``
+(``--splits N``, ``--data DIR``, ``--out DIR``).  Writes
+``bench/results/difficulty_quality.md`` and ``bench/results/difficulty_report_<project>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from connectors.formats.base import LabelWrite, ProjectFormat, WriteOutcome, WrittenRecord  # noqa: E402
+from connectors.formats.kitti import KittiFormat  # noqa: E402
+from connectors.formats.voc import VocFormat  # noqa: E402
+from connectors.formats.yolo import YoloPredictions  # noqa: E402
+from connectors.labelmap import LabelMap  # noqa: E402
+from connectors.model import Item, ItemStatus  # noqa: E402
+from connectors.storage import ProjectFS  # noqa: E402
+from difficulty.combine import combine, fit_weights, percentiles, spearman  # noqa: E402
+from difficulty.report import SECTIONS, write_report  # noqa: E402
+from difficulty.scoring import score_project  # noqa: E402
+
+log = logging.getLogger("bench.difficulty_quality")
+
+ROAD_MAP = LabelMap(map={"stop sign": "stop", "traffic light": "trafficlight"})
+KITTI_MAP = LabelMap(
+    map={"car": "Car", "person": "Pedestrian", "bicycle": "Cyclist", "truck": "Truck", "train": "Tram"},
+    ignore=("DontCare",),
+)
+
+
+class ProjectView(ProjectFormat):
+    """A read-only view of a project: keep only some classes, hide some items' labels."""
+
+    name = "view"
+
+    def __init__(self, base: ProjectFormat, *, keep: set[str] | None = None, hide: set[str] | None = None) -> None:
+        super().__init__(base.project)
+        self.base = base
+        self.name = base.name  # type: ignore[misc]
+        self.keep = keep
+        self.hide = hide or set()
+
+    @classmethod
+    def detect(cls, project: ProjectFS) -> bool:
+        return False
+
+    def iter_items(self) -> Iterator[Item]:
+        for item in self.base.iter_items():
+            if self.keep is not None:
+                item = item.model_copy(update={"annotations": [a for a in item.annotations if a.label in self.keep]})
+            if item.item_id in self.hide:
+                item = item.model_copy(update={"annotations": [], "status": ItemStatus.UNLABELED, "source": None})
+            yield item
+
+    def write_items(self, items: Iterable[Item], classes: list[str] | None = None) -> None:
+        raise NotImplementedError("read-only view")
+
+    def write_labels(self, writes: list[LabelWrite]) -> WriteOutcome:
+        raise NotImplementedError("read-only view")
+
+    def remove_written(self, records: list[WrittenRecord]) -> list[str]:
+        raise NotImplementedError("read-only view")
+
+
+def projects(data: Path) -> dict[str, tuple[ProjectFormat, YoloPredictions, LabelMap]]:
+    road = VocFormat(ProjectFS(str(data / "road_signs")))
+    kitti = KittiFormat(ProjectFS(str(data / "kitti_tiny")))
+    out: dict[str, tuple[ProjectFormat, YoloPredictions, LabelMap]] = {}
+    for name, base, view, lm in (
+        ("road_signs_2cls", road, ProjectView(road, keep={"stop", "trafficlight"}), ROAD_MAP),
+        ("road_signs_4cls", road, ProjectView(road), ROAD_MAP),
+        ("kitti_tiny", kitti, ProjectView(kitti), KITTI_MAP),
+    ):
+        preds = YoloPredictions(ProjectFS(str(Path(base.project.root) / "predictions" / "yolo")), project=base)
+        out[name] = (view, preds, lm)
+    return out
+
+
+def evaluate(table: pd.DataFrame, scorers: list[str], splits: int, seed: int) -> dict[str, Any]:
+    """In-sample and cross-validated ρ of each scorer and of the combined score."""
+    ok = table["error"].isna().to_numpy()
+    t = table[ok].reset_index(drop=True)
+    err = t["true_error"].to_numpy(dtype=np.float64, na_value=np.nan)
+    pct = percentiles(t, scorers)
+    single = {s: spearman(pct[s].to_numpy(), err) for s in scorers}
+    fit_all = fit_weights(pct, err, seed=seed)
+    in_sample = spearman(combine(pct, fit_all.weights), err)
+
+    rng = np.random.default_rng(seed)
+    labeled = np.flatnonzero(np.isfinite(err))
+    rows: list[dict[str, float]] = []
+    methods: list[str] = []
+    for _ in range(splits):
+        perm = rng.permutation(labeled)
+        fit_idx, test_idx = perm[: len(perm) // 2], perm[len(perm) // 2 :]
+        visible = np.full(len(err), np.nan)
+        visible[fit_idx] = err[fit_idx]
+        fit = fit_weights(pct, visible, seed=seed)
+        methods.append(fit.method)
+        row = {s: spearman(pct[s].to_numpy()[test_idx], err[test_idx]) for s in scorers}
+        row["combined"] = spearman(combine(pct.iloc[test_idx], fit.weights), err[test_idx])
+        chosen = max(scorers, key=lambda s: -np.inf if not np.isfinite(fit.correlations.get(s, np.nan)) else fit.correlations[s])
+        row["best single (chosen on fit half)"] = row[chosen]
+        row["best single (oracle)"] = max(row[s] for s in scorers if np.isfinite(row[s]))
+        rows.append(row)
+    cv = pd.DataFrame(rows)
+    return {
+        "n": int(len(t)),
+        "n_labeled": int(labeled.size),
+        "mean_error": float(np.nanmean(err)),
+        "single": single,
+        "fit": fit_all,
+        "in_sample": in_sample,
+        "cv_mean": cv.mean().to_dict(),
+        "cv_sd": cv.std(ddof=1).to_dict() if len(cv) > 1 else dict.fromkeys(cv.columns, 0.0),
+        "cv_methods": pd.Series(methods).value_counts().to_dict(),
+        "combined_ge_best_single_share": float((cv["combined"] >= cv["best single (chosen on fit half)"] - 1e-12).mean()),
+    }
+
+
+def chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def screenshot(report: Path, png: Path) -> list[str]:
+    """PNG screenshot of ``report``; returns the sections missing from the rendered DOM."""
+    exe = chromium()
+    if exe is None:
+        raise SystemExit("chromium not found: apt-get install -y chromium")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tempfile.mkdtemp()}"]
+    raw = png.with_suffix(".raw.png")
+    subprocess.run([exe, *flags, f"--screenshot={raw}", "--window-size=1280,6200", report.as_uri()], check=True, capture_output=True, timeout=180)
+    from PIL import Image
+
+    with Image.open(raw) as im:  # palette PNG: a fraction of the size, same look
+        im.convert("RGB").quantize(colors=256).save(png, optimize=True)
+    raw.unlink()
+    dom = subprocess.run([exe, *flags, "--dump-dom", report.as_uri()], check=True, capture_output=True, text=True, timeout=180).stdout
+    return [s for s in SECTIONS if f'id="{s}"' not in dom]
+
+
+def report_runs(name: str, view: ProjectFormat, preds: YoloPredictions, lm: LabelMap, work: Path, seed: int) -> Path:
+    """Two runs with 80 % then 60 % of the labels hidden; report on the second."""
+    base = view.base if isinstance(view, ProjectView) else view
+    ids = sorted(it.item_id for it in base.iter_items())
+    rng = np.random.default_rng(seed)
+    order = list(rng.permutation(ids))
+    first_dir = work / name / "run1"
+    second_dir = work / name / "run2"
+    keep = view.keep if isinstance(view, ProjectView) else None
+    first = ProjectView(base, keep=keep, hide=set(order[: int(0.8 * len(ids))]))
+    score_project(first, predictions=preds, label_map=lm, out_dir=str(first_dir), num_workers=0, run_id=f"{name}-run1", min_labeled=10)
+    time.sleep(1.1)  # the runs' created stamps have one-second resolution
+    second = ProjectView(base, keep=keep, hide=set(order[: int(0.6 * len(ids))]))
+    score_project(second, predictions=preds, label_map=lm, out_dir=str(second_dir), num_workers=0, run_id=f"{name}-run2", reference=str(first_dir))
+    write_report(str(second_dir), team_size=3, hours_per_day=6.0, project=view)
+    return second_dir / "report.html"
+
+
+def fmt_rho(v: float) -> str:
+    return "–" if v is None or not np.isfinite(v) else f"{v:+.3f}"
+
+
+def markdown(results: dict[str, dict[str, Any]], shots: dict[str, list[str]], splits: int, seconds: float) -> str:
+    lines = [
+        "# Difficulty score quality on real predictions",
+        "",
+        "Produced by `bench/difficulty_quality.py` (see its docstring for the method). True per-item error:",
+        "`difficulty.matching.item_error` = 1 − F1 of the box matching (IoU ≥ 0.5, predictions with",
+        "confidence ≥ 0.25, label-mapped, ignore classes ignored). Spearman ρ, higher = the score ranks the",
+        f"error better. Cross-validated: {splits} random half/half splits, combination fit on one half's labels,",
+        f"ρ measured on the other half (mean ± sd). Total bench time {seconds:.0f} s (CPU, 2 shared cores; re-run on a quiet machine for timings).",
+        "",
+    ]
+    for name, r in results.items():
+        scorers = list(r["single"])
+        fit = r["fit"]
+        lines += [
+            f"## {name}",
+            "",
+            f"{r['n']} items, {r['n_labeled']} with a true error (mean error {r['mean_error']:.3f}).",
+            f"Combination fit on all labeled items: **{fit.method}** — {fit.reason}.",
+            "",
+            "| scorer | ρ in sample | weight (all labels) | ρ held out (mean ± sd) |",
+            "|---|---:|---:|---:|",
+        ]
+        for s in sorted(scorers, key=lambda s: -(r["single"][s] if np.isfinite(r["single"][s]) else -9)):
+            lines.append(f"| `{s}` | {fmt_rho(r['single'][s])} | {fit.weights.get(s, 0.0):.3f} | {fmt_rho(r['cv_mean'][s])} ± {r['cv_sd'][s]:.3f} |")
+        lines += [
+            f"| **combined** | **{fmt_rho(r['in_sample'])}** | | **{fmt_rho(r['cv_mean']['combined'])} ± {r['cv_sd']['combined']:.3f}** |",
+            f"| best single (chosen on fit half) | {fmt_rho(max(v for v in r['single'].values() if np.isfinite(v)))} | | {fmt_rho(r['cv_mean']['best single (chosen on fit half)'])} ± {r['cv_sd']['best single (chosen on fit half)']:.3f} |",
+            f"| best single (oracle, held-out half) | | | {fmt_rho(r['cv_mean']['best single (oracle)'])} ± {r['cv_sd']['best single (oracle)']:.3f} |",
+            "",
+            f"Methods chosen across the splits: {', '.join(f'{k} ×{v}' for k, v in r['cv_methods'].items())}. "
+            f"Combined ≥ the best single scorer chosen on the fit half in {100 * r['combined_ge_best_single_share']:.0f} % of the splits.",
+            "",
+        ]
+    lines += ["## Report rendering (headless Chromium)", ""]
+    for name, missing in shots.items():
+        status = "all sections present" if not missing else f"MISSING: {', '.join(missing)}"
+        lines.append(f"- `{name}`: `bench/results/difficulty_report_{name}.png` — {', '.join(SECTIONS)}: {status}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--splits", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-report", action="store_true", help="skip the report runs and screenshots")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    start = time.time()
+    results: dict[str, dict[str, Any]] = {}
+    shots: dict[str, list[str]] = {}
+    work = Path(tempfile.mkdtemp(prefix="difficulty_quality_"))
+    for name, (view, preds, lm) in projects(args.data).items():
+        t0 = time.time()
+        result = score_project(view, predictions=preds, label_map=lm, out_dir=str(work / "full" / name), num_workers=0)
+        scorers = list(result.meta["scorers"])
+        results[name] = evaluate(result.table, scorers, args.splits, args.seed)
+        r = results[name]
+        print(f"{name}: {r['n']} items in {time.time() - t0:.1f} s; combined ρ in sample {r['in_sample']:+.3f}, "
+              f"held out {r['cv_mean']['combined']:+.3f} vs best single (fit half) {r['cv_mean']['best single (chosen on fit half)']:+.3f}")
+        if not args.no_report and name != "road_signs_4cls":
+            report = report_runs(name, view, preds, lm, work / "store", args.seed)
+            png = args.out / f"difficulty_report_{name}.png"
+            shots[name] = screenshot(report, png)
+            print(f"  report {report} → {png}; missing sections: {shots[name] or 'none'}")
+    text = markdown(results, shots, args.splits, time.time() - start)
+    (args.out / "difficulty_quality.md").write_text(text)
+    print(f"wrote {args.out / 'difficulty_quality.md'}")
+
+
+if __name__ == "__main__":
+    main()

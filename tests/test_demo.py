@@ -1,0 +1,92 @@
+"""The demo: its folder preparation (fast) and the whole job on the sample project (slow)."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from autolabel.cli import cli
+from autolabel.commands.demo import EXAMPLES, MARKER, MODEL_PROJECT, PROJECT, prepare, promote
+from autolabel.config import load_config
+from autolabel.store import ReportStore
+from connectors.errors import UsageError
+
+
+def _tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def test_prepare_copies_the_sample_and_writes_a_valid_config(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    config = prepare(out, EXAMPLES)
+    assert (out / MARKER).is_file()
+    assert len(list((out / "project" / "images").iterdir())) == 120
+    cfg = load_config(config)
+    assert cfg.report_store == str(out / "reports")
+    assert cfg.projects[PROJECT].source == str(out / "project")
+    assert cfg.projects[MODEL_PROJECT].source == str(out / "project")
+    assert cfg.projects[PROJECT].stage == "shadow"
+    assert Path(cfg.projects[PROJECT].predictions.source).is_dir()  # type: ignore[union-attr]
+
+    promote(config)
+    promoted = load_config(config)
+    assert promoted.projects[PROJECT].stage == "autolabel"
+    assert promoted.projects[MODEL_PROJECT] == cfg.projects[MODEL_PROJECT]
+
+
+def test_prepare_replaces_an_earlier_demo_but_nothing_else(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    prepare(out, EXAMPLES)
+    (out / "project" / "annotations" / "leftover.xml").write_text("<annotation/>")
+    prepare(out, EXAMPLES)
+    assert not (out / "project" / "annotations" / "leftover.xml").exists()
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("x")
+    with pytest.raises(UsageError, match="not an earlier demo folder"):
+        prepare(foreign, EXAMPLES)
+    assert (foreign / "notes.txt").read_text() == "x"
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_job(tmp_path: Path) -> None:
+    before = _tree_digest(EXAMPLES / "sample_project")
+    start = time.perf_counter()
+    result = CliRunner().invoke(cli, ["-q", "demo", "--out", str(tmp_path / "demo"), "--no-progress"])
+    elapsed = time.perf_counter() - start
+    assert result.exit_code == 0, result.output
+    assert elapsed < 300, f"the demo took {elapsed:.0f} s"
+
+    out = tmp_path / "demo"
+    cfg = load_config(out / "config.yaml")
+    store = ReportStore(cfg.report_store)
+    model_runs = store.records(MODEL_PROJECT)
+    runs = store.records(PROJECT)
+    assert [r.status for r in model_runs] == ["ok"] and [r.status for r in runs] == ["ok", "ok"]
+    assert "model" in model_runs[0].outputs and "predicted_loss" in model_runs[0].counts["scorers"]
+    assert [r.stage for r in runs] == ["shadow", "autolabel"]
+    shadow, final = runs
+    assert shadow.counts["shadow"]["written"] == 0
+    written = final.counts["autolabel"]["written"]
+    assert written >= 1 and written == final.counts["autolabel"]["selected"]
+    assert final.counts["reference"].endswith(shadow.run_id)
+    for record in (*model_runs, *runs):
+        assert Path(record.outputs["report"]).is_file()
+        assert f"report ({record.project}, {record.stage}): {record.outputs['report']}" in result.output
+
+    sidecars = list((out / "project" / ".labeltriage" / "auto").glob("*.json"))
+    assert len(sidecars) == written
+    assert all((out / "project" / "annotations" / f"{p.stem}.xml").is_file() for p in sidecars)
+    assert _tree_digest(EXAMPLES / "sample_project") == before  # the bundled sample is never touched
+    data = yaml.safe_load((out / "config.yaml").read_text())
+    assert data["projects"][PROJECT]["stage"] == "autolabel"
