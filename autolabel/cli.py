@@ -16,15 +16,39 @@ import click
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module:attribute, one-line help)
-    "stats": ("autolabel.commands.stats:stats", "Count items, labels, classes and bad items of a project."),
-    "score": ("autolabel.commands.score:score", "Score every item's difficulty; write difficulty.parquet."),
-    "report": ("autolabel.commands.report:report", "Write report.html, summary.json and plan.csv for a scored run."),
-    "train": ("autolabel.commands.train:train", "Train a model with a loss-prediction module on the labeled pool."),
-    "select": ("autolabel.commands.select:select", "Select the next items to label with a query strategy."),
-    "autolabel": ("autolabel.commands.autolabel_cmd:autolabel", "Auto-label the calibrated easy tier (never over a human label)."),
-    "rollback": ("autolabel.commands.rollback:rollback", "Remove exactly what one auto-label run wrote."),
+    "stats": (
+        "autolabel.commands.stats:stats",
+        "Count items, labels, classes and bad items of a project.",
+    ),
+    "score": (
+        "autolabel.commands.score:score",
+        "Score every item's difficulty; write difficulty.parquet.",
+    ),
+    "report": (
+        "autolabel.commands.report:report",
+        "Write report.html, summary.json and plan.csv for a scored run.",
+    ),
+    "train": (
+        "autolabel.commands.train:train",
+        "Train a model with a loss-prediction module on the labeled pool.",
+    ),
+    "select": (
+        "autolabel.commands.select:select",
+        "Select the next items to label with a query strategy.",
+    ),
+    "autolabel": (
+        "autolabel.commands.autolabel_cmd:autolabel",
+        "Auto-label the calibrated easy tier (never over a human label).",
+    ),
+    "rollback": (
+        "autolabel.commands.rollback:rollback",
+        "Remove exactly what one auto-label run wrote.",
+    ),
     "run": ("autolabel.commands.run:run", "One full run of each configured project at its stage."),
-    "schedule": ("autolabel.commands.schedule:schedule", "The scheduler daemon: cron runs of every configured project."),
+    "schedule": (
+        "autolabel.commands.schedule:schedule",
+        "The scheduler daemon: cron runs of every configured project.",
+    ),
     "demo": ("autolabel.commands.demo:demo", "The whole job on the bundled sample project."),
 }
 
@@ -66,7 +90,7 @@ class ExitError(click.ClickException):
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code = exit_code  # type: ignore[misc]  # per instance: 1 or 2
 
     def format_message(self) -> str:
         return self.message
@@ -75,13 +99,13 @@ class ExitError(click.ClickException):
         click.echo(f"error: {self.message}", err=True)
 
 
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg,unused-ignore]
     """Writes to whatever ``sys.stderr`` is at the time of the record (test runners swap it)."""
 
     def __init__(self) -> None:
         super().__init__()
 
-    @property  # type: ignore[override]
+    @property  # type: ignore[override,unused-ignore]
     def stream(self) -> Any:
         return sys.stderr
 
@@ -143,13 +167,25 @@ def _apply_config(ctx: click.Context, config_path: str, project: str | None) -> 
                 options[keys[key]] = value
         for key, value in cfg.commands.get(command_name, {}).items():
             if key not in keys:
-                known = sorted(o for param in command.params for o in param.opts if o.startswith("--"))
-                problems.append((f"commands.{command_name}.{key}", f"unknown option of {command_name}; it has: {', '.join(known)}"))
+                known = sorted(
+                    o for param in command.params for o in param.opts if o.startswith("--")
+                )
+                problems.append(
+                    (
+                        f"commands.{command_name}.{key}",
+                        f"unknown option of {command_name}; it has: {', '.join(known)}",
+                    )
+                )
             else:
                 options[keys[key]] = value
     for command_name in cfg.commands:
         if command_name not in COMMANDS:
-            problems.append((f"commands.{command_name}", f"unknown command; choose one of: {', '.join(COMMANDS)}"))
+            problems.append(
+                (
+                    f"commands.{command_name}",
+                    f"unknown command; choose one of: {', '.join(COMMANDS)}",
+                )
+            )
     if problems:
         raise ConfigError(config_path, problems)
     ctx.obj["config"] = cfg
@@ -157,7 +193,9 @@ def _apply_config(ctx: click.Context, config_path: str, project: str | None) -> 
     ctx.default_map = {**(ctx.default_map or {}), **default_map}
 
 
-def _inline_label_map(ctx: click.Context, cfg: Any, name: str, defaults: dict[str, dict[str, Any]]) -> None:
+def _inline_label_map(
+    ctx: click.Context, cfg: Any, name: str, defaults: dict[str, dict[str, Any]]
+) -> None:
     """Commands take ``--label-map FILE``: an inline label map is written to a temporary file."""
     import os
     import tempfile
@@ -175,7 +213,10 @@ def _inline_label_map(ctx: click.Context, cfg: Any, name: str, defaults: dict[st
         defaults.setdefault(command, {})["label_map"] = path
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    cls=LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", count=True, help="Less log output (errors only with -q).")
 @click.option(
@@ -195,7 +236,9 @@ def _inline_label_map(ctx: click.Context, cfg: Any, name: str, defaults: dict[st
 )
 @click.version_option(package_name="labeltriage")
 @click.pass_context
-def cli(ctx: click.Context, verbose: int, quiet: int, config_path: str | None, project: str | None) -> None:
+def cli(
+    ctx: click.Context, verbose: int, quiet: int, config_path: str | None, project: str | None
+) -> None:
     """labeltriage: difficulty triage, planning and guarded auto-labeling for labeling projects.
 
     Exit codes: 0 success, 1 a run that failed, 2 bad usage or bad config.

@@ -28,7 +28,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from connectors.errors import UsageError
 from difficulty.plan import PlanSettings
@@ -69,16 +77,24 @@ class TrainConfig(_Strict):
     """Train a model with a loss-prediction module on the labeled items before scoring."""
 
     task: Literal["detection", "classification"]
-    arch: str | None = Field(None, description="architecture (detection: ssdlite, …; classification: small_cnn, …)")
+    arch: str | None = Field(
+        None, description="architecture (detection: ssdlite, …; classification: small_cnn, …)"
+    )
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float | None = Field(None, gt=0, description="default: 0.1 classification, 0.001 detection")
-    image_size: int | None = Field(None, ge=16, description="input size of the model (default: the arch's)")
-    min_steps: int = Field(0, ge=0, description="raise epochs until training makes at least this many steps")
+    image_size: int | None = Field(
+        None, ge=16, description="input size of the model (default: the arch's)"
+    )
+    min_steps: int = Field(
+        0, ge=0, description="raise epochs until training makes at least this many steps"
+    )
     seed: int = 0
     calibration_share: float = Field(0.2, ge=0, lt=1)
     device: str = "cpu"
-    classes: list[str] | None = Field(None, description="class names; default: the project's classes")
+    classes: list[str] | None = Field(
+        None, description="class names; default: the project's classes"
+    )
 
 
 class LabelMapConfig(_Strict):
@@ -86,7 +102,9 @@ class LabelMapConfig(_Strict):
 
     map: dict[str, str] = Field(default_factory=dict)
     ignore: list[str] = Field(default_factory=list)
-    file: str | None = Field(None, description="a label-map file (YAML/JSON); merged under map/ignore")
+    file: str | None = Field(
+        None, description="a label-map file (YAML/JSON); merged under map/ignore"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -101,30 +119,40 @@ class ProjectConfig(_Strict):
     source: str = Field(description="fsspec URL or path of the project root (or export file)")
     format: str = Field("auto", description="format name, or auto")
     storage_options: dict[str, Any] = Field(default_factory=dict)
-    options: dict[str, Any] = Field(default_factory=dict, description="format options (e.g. unlabeled folder name)")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="format options (e.g. unlabeled folder name)"
+    )
     predictions: PredictionsConfig | None = None
     model: str | None = Field(None, description="checkpoint of a trained model (labeltriage train)")
     train: TrainConfig | None = None
     stage: Literal["report", "shadow", "autolabel"] = "report"
-    label_map: LabelMapConfig = Field(default_factory=LabelMapConfig)
-    scorers: list[str] | None = Field(None, description="scorer names; default: every scorer the inputs allow")
+    label_map: LabelMapConfig = Field(default_factory=lambda: LabelMapConfig.model_validate({}))
+    scorers: list[str] | None = Field(
+        None, description="scorer names; default: every scorer the inputs allow"
+    )
     scorer_settings: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per-scorer settings under the scorer's name"
     )
-    tiers: TierConfig = Field(default_factory=TierConfig, description="mode quantiles|thresholds, easy, hard")
+    tiers: TierConfig = Field(
+        default_factory=lambda: TierConfig.model_validate({}),
+        description="mode quantiles|thresholds, easy, hard",
+    )
     epsilon: float = Field(0.05, gt=0, lt=1, description="target auto-label error")
     delta: float = Field(0.05, gt=0, lt=1, description="1 - confidence of the error bound")
-    audit_share: float = Field(0.05, ge=0, le=1, description="share of auto-labels routed to human audit")
+    audit_share: float = Field(
+        0.05, ge=0, le=1, description="share of auto-labels routed to human audit"
+    )
     min_count: int = Field(30, ge=1, description="fewest labeled easy items needed to calibrate")
     seed: int = 0
     batch_size: int = Field(64, ge=1)
     num_workers: int = Field(2, ge=0)
     planning: PlanSettings = Field(
-        default_factory=PlanSettings,
+        default_factory=lambda: PlanSettings.model_validate({}),
         description="team_size, hours_per_day, seconds_per_tier, min_history, audit_share, annotators",
     )
     score_with: Literal["auto", "predictions", "model"] = Field(
-        "auto", description="what scoring reads besides images; auto: what labels come from (label_with)"
+        "auto",
+        description="what scoring reads besides images; auto: what labels come from (label_with)",
     )
     label_with: Literal["auto", "predictions", "model"] = Field(
         "auto", description="what shadow/autolabel write; auto: the predictions when there are some"
@@ -134,7 +162,9 @@ class ProjectConfig(_Strict):
     @field_validator("scorers", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
-        return [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else value
+        return (
+            [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else value
+        )
 
     @field_validator("schedule")
     @classmethod
@@ -153,8 +183,15 @@ class ProjectConfig(_Strict):
     def _consistent(self) -> ProjectConfig:
         if self.model is not None and self.train is not None:
             raise ValueError("give either model (a checkpoint) or train, not both")
-        if self.stage != "report" and self.predictions is None and self.model is None and self.train is None:
-            raise ValueError(f"stage {self.stage!r} needs predictions, model or train to predict with")
+        if (
+            self.stage != "report"
+            and self.predictions is None
+            and self.model is None
+            and self.train is None
+        ):
+            raise ValueError(
+                f"stage {self.stage!r} needs predictions, model or train to predict with"
+            )
         has_model = self.model is not None or self.train is not None
         for field, choice in (("score_with", self.score_with), ("label_with", self.label_with)):
             if choice == "predictions" and self.predictions is None:
@@ -163,7 +200,9 @@ class ProjectConfig(_Strict):
                 raise ValueError(f"{field} is model but neither model nor train is configured")
         unknown = set(self.scorer_settings) - set(self.scorers or self.scorer_settings)
         if unknown:
-            raise ValueError(f"scorer_settings for scorers not in scorers: {', '.join(sorted(unknown))}")
+            raise ValueError(
+                f"scorer_settings for scorers not in scorers: {', '.join(sorted(unknown))}"
+            )
         return self
 
 
@@ -171,11 +210,16 @@ class SchedulerConfig(_Strict):
     """The scheduler daemon: job store, timezone, misfires, the project lock."""
 
     job_store: str | None = Field(
-        None, description="SQLAlchemy URL; default sqlite:///<report_store>/scheduler.sqlite for a local store"
+        None,
+        description="SQLAlchemy URL; default sqlite:///<report_store>/scheduler.sqlite for a local store",
     )
     timezone: str = "UTC"
-    misfire_grace_seconds: int = Field(3600, ge=1, description="how late a missed run may still start (then coalesced)")
-    lock_ttl_seconds: int = Field(900, ge=10, description="a lock not refreshed for this long is stale (crashed run)")
+    misfire_grace_seconds: int = Field(
+        3600, ge=1, description="how late a missed run may still start (then coalesced)"
+    )
+    lock_ttl_seconds: int = Field(
+        900, ge=10, description="a lock not refreshed for this long is stale (crashed run)"
+    )
 
     @field_validator("timezone")
     @classmethod
@@ -192,9 +236,11 @@ class SchedulerConfig(_Strict):
 class AppConfig(_Strict):
     """The whole deployment."""
 
-    report_store: str = Field("reports", description="fsspec URL or path where runs, reports and records go")
+    report_store: str = Field(
+        "reports", description="fsspec URL or path where runs, reports and records go"
+    )
     report_store_options: dict[str, Any] = Field(default_factory=dict)
-    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=lambda: SchedulerConfig.model_validate({}))
     projects: dict[ProjectName, ProjectConfig] = Field(default_factory=dict)
     commands: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
@@ -205,10 +251,14 @@ class AppConfig(_Strict):
         """The named project, or the only one when ``name`` is ``None``."""
         if name is None:
             if len(self.projects) != 1:
-                raise UsageError(f"the config has {len(self.projects)} projects; choose one with --project ({', '.join(self.projects) or 'none'})")
+                raise UsageError(
+                    f"the config has {len(self.projects)} projects; choose one with --project ({', '.join(self.projects) or 'none'})"
+                )
             name = next(iter(self.projects))
         if name not in self.projects:
-            raise UsageError(f"unknown project {name!r}; the config has: {', '.join(self.projects) or 'none'}")
+            raise UsageError(
+                f"unknown project {name!r}; the config has: {', '.join(self.projects) or 'none'}"
+            )
         return name, self.projects[name]
 
     @property
@@ -281,13 +331,22 @@ def resolve_paths(cfg: AppConfig, base: Path) -> AppConfig:
     """Make relative local paths absolute against ``base`` (the config file's folder)."""
     projects = {}
     for name, p in cfg.projects.items():
-        update: dict[str, Any] = {"source": _resolve(p.source, base), "model": _resolve(p.model, base)}
+        update: dict[str, Any] = {
+            "source": _resolve(p.source, base),
+            "model": _resolve(p.model, base),
+        }
         if p.predictions is not None:
-            update["predictions"] = p.predictions.model_copy(update={"source": _resolve(p.predictions.source, base)})
+            update["predictions"] = p.predictions.model_copy(
+                update={"source": _resolve(p.predictions.source, base)}
+            )
         if p.label_map.file is not None:
-            update["label_map"] = p.label_map.model_copy(update={"file": _resolve(p.label_map.file, base)})
+            update["label_map"] = p.label_map.model_copy(
+                update={"file": _resolve(p.label_map.file, base)}
+            )
         projects[name] = p.model_copy(update=update)
-    return cfg.model_copy(update={"report_store": _resolve(cfg.report_store, base), "projects": projects})
+    return cfg.model_copy(
+        update={"report_store": _resolve(cfg.report_store, base), "projects": projects}
+    )
 
 
 def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None = None) -> AppConfig:
@@ -295,7 +354,9 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(source, [("", f"the config must be a mapping, not {type(data).__name__}")])
+        raise ConfigError(
+            source, [("", f"the config must be a mapping, not {type(data).__name__}")]
+        )
     problems: list[tuple[str, str]] = []
     data = _interpolate(data, (), problems)
     try:
@@ -325,14 +386,22 @@ def scorer_problems(cfg: AppConfig) -> list[tuple[str, str]]:
     for name, p in cfg.projects.items():
         for i, scorer in enumerate(p.scorers or []):
             if scorer not in SCORERS:
-                problems.append((f"projects.{name}.scorers.{i}", f"unknown scorer {scorer!r}; choose one of: {', '.join(SCORERS)}"))
+                problems.append(
+                    (
+                        f"projects.{name}.scorers.{i}",
+                        f"unknown scorer {scorer!r}; choose one of: {', '.join(SCORERS)}",
+                    )
+                )
         for scorer, settings in p.scorer_settings.items():
             if scorer not in SCORERS:
                 continue
             try:
                 SCORERS[scorer].settings.model_validate(settings)
             except ValidationError as exc:
-                problems.extend((f"projects.{name}.scorer_settings.{scorer}.{loc}", msg) for loc, msg in validation_problems(exc))
+                problems.extend(
+                    (f"projects.{name}.scorer_settings.{scorer}.{loc}", msg)
+                    for loc, msg in validation_problems(exc)
+                )
     return problems
 
 
@@ -350,7 +419,9 @@ def load_config(path: str | os.PathLike[str]) -> AppConfig:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(str(path), [(where, f"malformed YAML: {getattr(exc, 'problem', exc)}")]) from exc
+        raise ConfigError(
+            str(path), [(where, f"malformed YAML: {getattr(exc, 'problem', exc)}")]
+        ) from exc
     return parse_config(data, source=str(path), base_dir=path.resolve().parent)
 
 
@@ -374,9 +445,8 @@ def command_defaults(cfg: AppConfig, project: str | None) -> dict[str, dict[str,
     have.
     """
     defaults: dict[str, dict[str, Any]] = {}
-    name: str | None = None
     if project is not None or len(cfg.projects) == 1:
-        name, p = cfg.project(project)
+        _, p = cfg.project(project)
         common: dict[str, Any] = {"source": p.source, "format": p.format}
         if p.storage_options:
             common["storage_options"] = json.dumps(p.storage_options)
@@ -384,7 +454,10 @@ def command_defaults(cfg: AppConfig, project: str | None) -> dict[str, dict[str,
             common["label_map"] = p.label_map.file
         predict: dict[str, Any] = {}
         if p.predictions is not None:
-            predict |= {"predictions": p.predictions.source, "predictions_format": p.predictions.format}
+            predict |= {
+                "predictions": p.predictions.source,
+                "predictions_format": p.predictions.format,
+            }
         if p.model is not None:
             predict["model"] = p.model
         defaults["stats"] = common | {k: v for k, v in predict.items() if k != "model"}
@@ -396,7 +469,10 @@ def command_defaults(cfg: AppConfig, project: str | None) -> dict[str, dict[str,
         if "tiers" in p.model_fields_set:  # else the reference run's thresholds are reused
             score |= {"tier_mode": p.tiers.mode, "easy": p.tiers.easy, "hard": p.tiers.hard}
         defaults["score"] = common | _one_source(predict, p.score_with) | score
-        defaults["report"] = {"team_size": p.planning.team_size, "hours_per_day": p.planning.hours_per_day}
+        defaults["report"] = {
+            "team_size": p.planning.team_size,
+            "hours_per_day": p.planning.hours_per_day,
+        }
         if p.train is not None:
             defaults["train"] = common | {
                 "task": p.train.task, "arch": p.train.arch, "epochs": p.train.epochs,

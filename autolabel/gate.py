@@ -393,7 +393,9 @@ def run_autolabel(
     task = task or _task_of(project)
     run_id = run_id or new_run_id()
     df, score_meta = read_difficulty(difficulty_dir, storage_options)
-    fit_on = int((score_meta.get("combination") or {}).get("n_labeled") or 0)
+    combination = score_meta.get("combination") or {}
+    fitted = combination.get("method") in ("single", "rho", "rho2")  # chosen from labeled errors
+    fit_on = int(combination.get("n_labeled") or 0) if fitted else 0
     if fit_on:
         log.info(
             "the difficulty score's combination weights were fit on %d labeled items; "

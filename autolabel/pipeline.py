@@ -29,7 +29,15 @@ log = logging.getLogger(__name__)
 
 
 class RunFunction(Protocol):
-    def __call__(self, cfg: AppConfig, name: str, *, run_id: str | None = None, trigger: str = "manual", progress: bool = False) -> RunRecord: ...
+    def __call__(
+        self,
+        cfg: AppConfig,
+        name: str,
+        *,
+        run_id: str | None = None,
+        trigger: str = "manual",
+        progress: bool = False,
+    ) -> RunRecord: ...
 
 
 def build_label_map(p: ProjectConfig) -> LabelMap:
@@ -55,15 +63,21 @@ def score_inputs(p: ProjectConfig, checkpoint: str | None) -> tuple[bool, bool]:
     some, else the model): the combination weights follow the measured error of exactly
     those labels, so the easy tier is calibrated on the right thing.
     """
-    choice = p.score_with
+    choice: str = p.score_with
     if choice == "auto":
-        choice = "predictions" if p.predictions is not None else "model" if checkpoint is not None else "none"
+        choice = (
+            "predictions"
+            if p.predictions is not None
+            else "model"
+            if checkpoint is not None
+            else "none"
+        )
     return choice == "predictions", choice == "model" and checkpoint is not None
 
 
 def label_inputs(p: ProjectConfig, checkpoint: str | None) -> tuple[bool, bool]:
     """``(use_predictions, use_model)`` for shadow/autolabel: what would be written."""
-    choice = p.label_with
+    choice: str = p.label_with
     if choice == "auto":
         choice = "predictions" if p.predictions is not None else "model"
     return choice == "predictions", choice == "model" and checkpoint is not None
@@ -72,7 +86,9 @@ def label_inputs(p: ProjectConfig, checkpoint: str | None) -> tuple[bool, bool]:
 class _Run:
     """The state of one run while its steps execute."""
 
-    def __init__(self, cfg: AppConfig, name: str, store: ReportStore, record: RunRecord, progress: bool) -> None:
+    def __init__(
+        self, cfg: AppConfig, name: str, store: ReportStore, record: RunRecord, progress: bool
+    ) -> None:
         self.cfg = cfg
         self.name = name
         self.p = cfg.projects[name]
@@ -109,7 +125,10 @@ class _Run:
         self.project = open_project(p.source, p.format, p.storage_options or None, **p.options)
         if p.predictions is not None:
             self.predictions = open_predictions(
-                p.predictions.source, p.predictions.format, p.predictions.storage_options or None, project=self.project
+                p.predictions.source,
+                p.predictions.format,
+                p.predictions.storage_options or None,
+                project=self.project,
             )
         self.label_map = build_label_map(p)
         stats = compute_stats(self.project, self.predictions, label_map=self.label_map)
@@ -183,7 +202,9 @@ class _Run:
         if reference:
             self.record.counts["reference"] = reference
         summary = result.summary
-        self.record.counts["scored_with"] = "model" if use_model else "predictions" if use_predictions else "images"
+        self.record.counts["scored_with"] = (
+            "model" if use_model else "predictions" if use_predictions else "images"
+        )
         for key in ("scored", "errors", "tiers", "scorers"):
             if key in summary:
                 self.record.counts[f"score_{key}" if key in ("errors",) else key] = summary[key]
@@ -192,7 +213,10 @@ class _Run:
         from difficulty.report import write_report
 
         p = self.p
-        history = [self.store.run_dir(self.name, r.run_id) for r in self.store.earlier_runs(self.name, self.record.run_id)]
+        history = [
+            self.store.run_dir(self.name, r.run_id)
+            for r in self.store.earlier_runs(self.name, self.record.run_id)
+        ]
         outputs = write_report(
             self.run_dir,
             plan_settings=build_plan_settings(p),
@@ -264,7 +288,13 @@ def run_project(
     """
     p = cfg.projects[name]
     store = store or ReportStore(cfg.report_store, cfg.report_store_options)
-    record = RunRecord(run_id=run_id or new_run_id(), project=name, stage=p.stage, trigger=trigger, started=utcnow())
+    record = RunRecord(
+        run_id=run_id or new_run_id(),
+        project=name,
+        stage=p.stage,
+        trigger=trigger,
+        started=utcnow(),
+    )
     run = _Run(cfg, name, store, record, progress)
     store.write_record(record)
     try:
@@ -277,7 +307,13 @@ def run_project(
             run.step(p.stage, run.gate)
         record.status = "ok"
     except StepFailed as exc:
-        log.error("run %s of project %s failed in step %s", record.run_id, name, exc.step, exc_info=exc.cause)
+        log.error(
+            "run %s of project %s failed in step %s",
+            record.run_id,
+            name,
+            exc.step,
+            exc_info=exc.cause,
+        )
         record.status = "failed"
         record.error = str(exc)
     finally:
@@ -287,54 +323,70 @@ def run_project(
     return record
 
 
+def _skipped(cfg: AppConfig, name: str, trigger: str, why: str) -> RunRecord:
+    now = utcnow()
+    return RunRecord(
+        run_id=new_run_id(now), project=name, stage=cfg.projects[name].stage, trigger=trigger,
+        started=now, finished=now, status="skipped", error=why,
+    )  # fmt: skip
+
+
 def run_locked(
     cfg: AppConfig,
     name: str,
     *,
     run_fn: RunFunction = run_project,
     trigger: str = "manual",
+    slot: str | None = None,
     progress: bool = False,
     db: StateDB | None = None,
 ) -> RunRecord:
     """Run ``name`` under its project lock; a run that finds it taken is recorded ``skipped``.
 
     The lock and the run history live in the state database (the scheduler's job store
-    URL).  A remote report store without ``scheduler.job_store`` has no database: the
-    run then goes ahead without a lock, with a warning.
+    URL).  ``slot`` names the scheduled time a run is for: a second run for the same slot
+    (two daemons sharing one store fire the same job) is skipped too.  A remote report
+    store without ``scheduler.job_store`` has no database: the run then goes ahead
+    without a lock, with a warning.
     """
     store = ReportStore(cfg.report_store, cfg.report_store_options)
     url = cfg.job_store_url()
     if db is None and url is None:
-        log.warning("no scheduler.job_store configured for a remote report store: running %s without a lock", name)
+        log.warning(
+            "no scheduler.job_store for a remote report store: running %s without a lock", name
+        )
         return run_fn(cfg, name, trigger=trigger, progress=progress)
     own_db = db is None
-    db = db or StateDB(url)  # type: ignore[arg-type]
+    state = db if db is not None else StateDB(url)  # type: ignore[arg-type]
     try:
-        lock = db.lock(name, ttl=cfg.scheduler.lock_ttl_seconds)
-        with lock.held() as acquired:
-            if acquired:
+        with state.lock(name, ttl=cfg.scheduler.lock_ttl_seconds).held() as acquired:
+            done = state.slot_run(name, slot) if acquired and slot is not None else None
+            if not acquired:
+                holder = state.lock_holder(name)
+                owner = holder["owner"] if holder else "lock held"
+                record = _skipped(
+                    cfg, name, trigger, f"a run of {name} is already in progress ({owner})"
+                )
+            elif done is not None:
+                record = _skipped(
+                    cfg, name, trigger, f"the run scheduled for {slot} already ran (run {done})"
+                )
+            else:
                 run_id = new_run_id()
                 try:
                     record = run_fn(cfg, name, run_id=run_id, trigger=trigger, progress=progress)
-                except Exception as exc:  # the run function broke outside its steps: still record it
+                except (
+                    Exception
+                ) as exc:  # the run function broke outside its steps: still record it
                     log.exception("run %s of project %s raised", run_id, name)
-                    record = RunRecord(
-                        run_id=run_id, project=name, stage=cfg.projects[name].stage, trigger=trigger, started=utcnow(),
-                        finished=utcnow(), status="failed", error=f"{type(exc).__name__}: {exc}",
-                    )  # fmt: skip
-                    store.write_record(record)
-            else:
-                holder = db.lock_holder(name)
-                now = utcnow()
-                record = RunRecord(
-                    run_id=new_run_id(now), project=name, stage=cfg.projects[name].stage, trigger=trigger, started=now,
-                    finished=now, status="skipped",
-                    error=f"a run of {name} is already in progress ({holder['owner'] if holder else 'lock held'})",
-                )  # fmt: skip
+                    record = _skipped(cfg, name, trigger, f"{type(exc).__name__}: {exc}")
+                    record.run_id, record.status = run_id, "failed"
+            if record.status == "skipped" or record.run_id not in store.run_ids(name):
                 store.write_record(record)
+            if record.status == "skipped":
                 log.warning("project %s: skipped, %s", name, record.error)
-        db.add_history(record)
+            state.add_history(record, slot=slot)
     finally:
         if own_db:
-            db.dispose()
+            state.dispose()
     return record

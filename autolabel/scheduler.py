@@ -51,7 +51,7 @@ def resolve_runner(ref: str) -> RunFunction:
     fn = getattr(importlib.import_module(module_name), attr)
     if not callable(fn):
         raise UsageError(f"runner {ref!r} is not callable")
-    return fn  # type: ignore[no-any-return]
+    return fn  # type: ignore[no-any-return,unused-ignore]
 
 
 def scheduled_run(config_path: str, project: str, runner: str = DEFAULT_RUNNER) -> str:
@@ -62,7 +62,11 @@ def scheduled_run(config_path: str, project: str, runner: str = DEFAULT_RUNNER) 
     """
     cfg = load_config(config_path)
     if project not in cfg.projects:
-        log.error("project %s is no longer in %s; run skipped (restart the scheduler to drop its job)", project, config_path)
+        log.error(
+            "project %s is no longer in %s; run skipped (restart the scheduler to drop its job)",
+            project,
+            config_path,
+        )
         return "skipped"
     record = run_locked(cfg, project, run_fn=resolve_runner(runner), trigger="schedule")
     return record.status
@@ -71,17 +75,25 @@ def scheduled_run(config_path: str, project: str, runner: str = DEFAULT_RUNNER) 
 def job_store_url(cfg: AppConfig) -> str:
     url = cfg.job_store_url()
     if url is None:
-        raise UsageError("scheduler.job_store: a SQLAlchemy URL is required when report_store is not a local path")
+        raise UsageError(
+            "scheduler.job_store: a SQLAlchemy URL is required when report_store is not a local path"
+        )
     return url
 
 
 def make_scheduler(cfg: AppConfig) -> BackgroundScheduler:
     """A (not yet started) scheduler on the config's job store."""
-    store = SQLAlchemyJobStore(url=job_store_url(cfg), tablename=JOBS_TABLE, engine_options=_engine_options(cfg))
+    store = SQLAlchemyJobStore(
+        url=job_store_url(cfg), tablename=JOBS_TABLE, engine_options=_engine_options(cfg)
+    )
     return BackgroundScheduler(
         jobstores={"default": store},
         executors={"default": {"type": "threadpool", "max_workers": max(1, len(cfg.projects))}},
-        job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": cfg.scheduler.misfire_grace_seconds},
+        job_defaults={
+            "coalesce": True,
+            "max_instances": 1,
+            "misfire_grace_time": cfg.scheduler.misfire_grace_seconds,
+        },
         timezone=cfg.scheduler.timezone,
     )
 
@@ -100,14 +112,22 @@ def trigger_for(cfg: AppConfig, cron: str) -> CronTrigger:
     return CronTrigger.from_crontab(cron, timezone=cfg.scheduler.timezone)
 
 
-def sync_jobs(scheduler: BackgroundScheduler, cfg: AppConfig, config_path: str, *, runner: str = DEFAULT_RUNNER) -> dict[str, str]:
+def sync_jobs(
+    scheduler: BackgroundScheduler,
+    cfg: AppConfig,
+    config_path: str,
+    *,
+    runner: str = DEFAULT_RUNNER,
+) -> dict[str, str]:
     """Make the stored jobs match the config; returns ``{project: added|kept|rescheduled|updated|removed}``.
 
     The scheduler must be started (paused is fine) so that the job store is open.
     """
     actions: dict[str, str] = {}
     wanted = {name: p.schedule for name, p in cfg.projects.items() if p.schedule}
-    kwargs_for = {name: {"config_path": config_path, "project": name, "runner": runner} for name in wanted}
+    kwargs_for = {
+        name: {"config_path": config_path, "project": name, "runner": runner} for name in wanted
+    }
     for job in scheduler.get_jobs():
         if job.id not in wanted:
             scheduler.remove_job(job.id)
@@ -127,8 +147,17 @@ def sync_jobs(scheduler: BackgroundScheduler, cfg: AppConfig, config_path: str, 
         if repr(job.trigger) != repr(trigger):
             scheduler.reschedule_job(name, trigger=trigger)
             action = "rescheduled"
-        if job.kwargs != kwargs_for[name] or job.misfire_grace_time != cfg.scheduler.misfire_grace_seconds:
-            scheduler.modify_job(name, kwargs=kwargs_for[name], misfire_grace_time=cfg.scheduler.misfire_grace_seconds, coalesce=True, max_instances=1)
+        if (
+            job.kwargs != kwargs_for[name]
+            or job.misfire_grace_time != cfg.scheduler.misfire_grace_seconds
+        ):
+            scheduler.modify_job(
+                name,
+                kwargs=kwargs_for[name],
+                misfire_grace_time=cfg.scheduler.misfire_grace_seconds,
+                coalesce=True,
+                max_instances=1,
+            )
             action = "rescheduled" if action == "rescheduled" else "updated"
         actions[name] = action
     return actions
@@ -152,7 +181,9 @@ def open_job_store(cfg: AppConfig) -> SQLAlchemyJobStore:
     that is shutting down can still pick up a due job, fail to submit it and advance its
     next run time, losing the run of the daemon that owns the store.)
     """
-    store = SQLAlchemyJobStore(url=job_store_url(cfg), tablename=JOBS_TABLE, engine_options=_engine_options(cfg))
+    store = SQLAlchemyJobStore(
+        url=job_store_url(cfg), tablename=JOBS_TABLE, engine_options=_engine_options(cfg)
+    )
     store.start(BackgroundScheduler(timezone=cfg.scheduler.timezone), "default")
     return store
 
@@ -197,7 +228,9 @@ def serve(
 ) -> None:
     """Run the daemon until SIGTERM/SIGINT (or ``stop`` is set); the run in progress finishes first."""
     if not any(p.schedule for p in cfg.projects.values()):
-        raise UsageError("no project has a schedule; add projects.<name>.schedule (a cron string) to the config")
+        raise UsageError(
+            "no project has a schedule; add projects.<name>.schedule (a cron string) to the config"
+        )
     stop = stop or threading.Event()
 
     def handle(signum: int, frame: FrameType | None) -> None:

@@ -115,7 +115,9 @@ class ReportStore:
             try:
                 record = self.read_record(project, run_id)
             except ValueError as exc:
-                log.warning("%s/%s/%s: unreadable run record: %s", project, run_id, RECORD_NAME, exc)
+                log.warning(
+                    "%s/%s/%s: unreadable run record: %s", project, run_id, RECORD_NAME, exc
+                )
                 continue
             if record is not None:
                 out.append(record)
@@ -153,6 +155,7 @@ history_table = sa.Table(
     sa.Column("started", sa.String(40), nullable=False),
     sa.Column("finished", sa.String(40)),
     sa.Column("error", sa.Text),
+    sa.Column("slot", sa.String(40), index=True),
 )
 
 
@@ -191,10 +194,12 @@ class StateDB:
         self.engine.dispose()
 
     # -- history --------------------------------------------------------------------
-    def add_history(self, record: RunRecord) -> None:
+    def add_history(self, record: RunRecord, *, slot: str | None = None) -> None:
+        """One history row per run attempt; ``slot`` is the scheduled time it was for."""
         with self.engine.begin() as conn:
             conn.execute(
                 history_table.insert().values(
+                    slot=slot,
                     run_id=record.run_id,
                     project=record.project,
                     trigger=record.trigger,
@@ -205,7 +210,9 @@ class StateDB:
                 )
             )
 
-    def history(self, project: str | None = None, *, limit: int | None = None) -> list[dict[str, Any]]:
+    def history(
+        self, project: str | None = None, *, limit: int | None = None
+    ) -> list[dict[str, Any]]:
         """History rows, newest first."""
         query = sa.select(history_table).order_by(history_table.c.id.desc())
         if project is not None:
@@ -214,6 +221,16 @@ class StateDB:
             query = query.limit(limit)
         with self.engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
+
+    def slot_run(self, project: str, slot: str) -> str | None:
+        """The run id that already ran (not skipped) for a scheduled ``slot``, if any."""
+        table = history_table
+        query = sa.select(table.c.run_id).where(
+            table.c.project == project, table.c.slot == slot, table.c.status != "skipped"
+        )
+        with self.engine.connect() as conn:
+            row = conn.execute(query.limit(1)).first()
+        return None if row is None else str(row.run_id)
 
     def last_outcome(self, project: str) -> dict[str, Any] | None:
         rows = self.history(project, limit=1)
@@ -225,7 +242,9 @@ class StateDB:
 
     def lock_holder(self, project: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(locks_table).where(locks_table.c.project == project)).first()
+            row = conn.execute(
+                sa.select(locks_table).where(locks_table.c.project == project)
+            ).first()
         return dict(row._mapping) if row is not None and row.expires_at >= time.time() else None
 
 
@@ -236,7 +255,9 @@ class ProjectLock:
     (``with lock.held():``) a thread refreshes the expiry every ``ttl / 3`` seconds.
     """
 
-    def __init__(self, db: StateDB, project: str, *, ttl: float = 900.0, owner: str | None = None) -> None:
+    def __init__(
+        self, db: StateDB, project: str, *, ttl: float = 900.0, owner: str | None = None
+    ) -> None:
         self.db = db
         self.project = project
         self.ttl = float(ttl)
@@ -248,10 +269,19 @@ class ProjectLock:
         now = time.time()
         table = locks_table
         with self.db.engine.begin() as conn:  # a crashed holder's row is stale after ttl
-            conn.execute(table.delete().where(table.c.project == self.project, table.c.expires_at < now))
+            conn.execute(
+                table.delete().where(table.c.project == self.project, table.c.expires_at < now)
+            )
         try:
             with self.db.engine.begin() as conn:
-                conn.execute(table.insert().values(project=self.project, owner=self.owner, acquired_at=now, expires_at=now + self.ttl))
+                conn.execute(
+                    table.insert().values(
+                        project=self.project,
+                        owner=self.owner,
+                        acquired_at=now,
+                        expires_at=now + self.ttl,
+                    )
+                )
         except sa.exc.IntegrityError:
             return False
         return True
@@ -274,7 +304,9 @@ class ProjectLock:
             self._heartbeat = None
         table = locks_table
         with self.db.engine.begin() as conn:
-            conn.execute(table.delete().where(table.c.project == self.project, table.c.owner == self.owner))
+            conn.execute(
+                table.delete().where(table.c.project == self.project, table.c.owner == self.owner)
+            )
 
     def _beat(self) -> None:
         while not self._stop.wait(self.ttl / 3):
@@ -292,7 +324,9 @@ class ProjectLock:
             yield False
             return
         self._stop.clear()
-        self._heartbeat = threading.Thread(target=self._beat, name=f"lock-{self.project}", daemon=True)
+        self._heartbeat = threading.Thread(
+            target=self._beat, name=f"lock-{self.project}", daemon=True
+        )
         self._heartbeat.start()
         try:
             yield True

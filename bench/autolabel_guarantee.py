@@ -52,6 +52,7 @@ sys.path.insert(0, str(REPO))
 from autolabel.calibrate import (  # noqa: E402
     DEFAULT_BOX_CONFIDENCES,
     calibrate_with_confidence,
+    clopper_pearson_upper,
     min_passing_count,
 )
 from connectors.formats.base import ProjectFormat  # noqa: E402
@@ -326,7 +327,7 @@ def write_markdown(
         f"calibration scores, difficulty score `{SCORE}` (prediction-only; see the script's docstring).",
         "",
         "*Violation rate*: share of splits whose realised error on the selected target items exceeds ε "
-        "(must be ≤ δ). *Coverage*: share of target items auto-labeled. *Oracle*: best coverage of the same "
+        "(must be ≤ δ; with the one-sided 95% Clopper–Pearson upper bound of that share over the splits). *Coverage*: share of target items auto-labeled. *Oracle*: best coverage of the same "
         "(c, t) grid chosen on the target itself with realised error ≤ ε. *Labels something*: share of splits "
         "where the gate passed at least one threshold.",
         "",
@@ -337,7 +338,8 @@ def write_markdown(
         base = float(ds.wrong[0.25].mean())
         ok = "≤ δ" if r["violation_rate"] <= DELTA else "**> δ**"
         lines.append(
-            f"| {ds.name} | {ds.n} | {base:.3f} | {eps} | {r['violation_rate']:.3f} ({int(r['violations'])}/{int(r['splits'])}, {ok}) "
+            f"| {ds.name} | {ds.n} | {base:.3f} | {eps} | {r['violation_rate']:.3f} ({int(r['violations'])}/{int(r['splits'])}, {ok}; "
+            f"95% upper {clopper_pearson_upper(int(r['violations']), int(r['splits']), 0.05):.3f}) "
             f"| {r['mean_coverage']:.3f} | {r['oracle_coverage']:.3f} | {r['share_labeling_something']:.3f} "
             f"| {_fmt(r['mean_realised_error'])} | {_fmt(r['mean_bound'])} |"
         )

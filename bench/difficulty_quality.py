@@ -68,7 +68,13 @@ log = logging.getLogger("bench.difficulty_quality")
 
 ROAD_MAP = LabelMap(map={"stop sign": "stop", "traffic light": "trafficlight"})
 KITTI_MAP = LabelMap(
-    map={"car": "Car", "person": "Pedestrian", "bicycle": "Cyclist", "truck": "Truck", "train": "Tram"},
+    map={
+        "car": "Car",
+        "person": "Pedestrian",
+        "bicycle": "Cyclist",
+        "truck": "Truck",
+        "train": "Tram",
+    },
     ignore=("DontCare",),
 )
 
@@ -78,7 +84,9 @@ class ProjectView(ProjectFormat):
 
     name = "view"
 
-    def __init__(self, base: ProjectFormat, *, keep: set[str] | None = None, hide: set[str] | None = None) -> None:
+    def __init__(
+        self, base: ProjectFormat, *, keep: set[str] | None = None, hide: set[str] | None = None
+    ) -> None:
         super().__init__(base.project)
         self.base = base
         self.name = base.name  # type: ignore[misc]
@@ -92,9 +100,13 @@ class ProjectView(ProjectFormat):
     def iter_items(self) -> Iterator[Item]:
         for item in self.base.iter_items():
             if self.keep is not None:
-                item = item.model_copy(update={"annotations": [a for a in item.annotations if a.label in self.keep]})
+                item = item.model_copy(
+                    update={"annotations": [a for a in item.annotations if a.label in self.keep]}
+                )
             if item.item_id in self.hide:
-                item = item.model_copy(update={"annotations": [], "status": ItemStatus.UNLABELED, "source": None})
+                item = item.model_copy(
+                    update={"annotations": [], "status": ItemStatus.UNLABELED, "source": None}
+                )
             yield item
 
     def write_items(self, items: Iterable[Item], classes: list[str] | None = None) -> None:
@@ -116,7 +128,9 @@ def projects(data: Path) -> dict[str, tuple[ProjectFormat, YoloPredictions, Labe
         ("road_signs_4cls", road, ProjectView(road), ROAD_MAP),
         ("kitti_tiny", kitti, ProjectView(kitti), KITTI_MAP),
     ):
-        preds = YoloPredictions(ProjectFS(str(Path(base.project.root) / "predictions" / "yolo")), project=base)
+        preds = YoloPredictions(
+            ProjectFS(str(Path(base.project.root) / "predictions" / "yolo")), project=base
+        )
         out[name] = (view, preds, lm)
     return out
 
@@ -130,11 +144,14 @@ def evaluate(table: pd.DataFrame, scorers: list[str], splits: int, seed: int) ->
     single = {s: spearman(pct[s].to_numpy(), err) for s in scorers}
     fit_all = fit_weights(pct, err, seed=seed)
     in_sample = spearman(combine(pct, fit_all.weights), err)
+    fit_signed = fit_weights(pct, err, seed=seed, signed=True)
+    in_sample_signed = spearman(combine(pct, fit_signed.weights), err)
 
     rng = np.random.default_rng(seed)
     labeled = np.flatnonzero(np.isfinite(err))
     rows: list[dict[str, float]] = []
     methods: list[str] = []
+    signed_methods: list[str] = []
     for _ in range(splits):
         perm = rng.permutation(labeled)
         fit_idx, test_idx = perm[: len(perm) // 2], perm[len(perm) // 2 :]
@@ -144,22 +161,37 @@ def evaluate(table: pd.DataFrame, scorers: list[str], splits: int, seed: int) ->
         methods.append(fit.method)
         row = {s: spearman(pct[s].to_numpy()[test_idx], err[test_idx]) for s in scorers}
         row["combined"] = spearman(combine(pct.iloc[test_idx], fit.weights), err[test_idx])
-        chosen = max(scorers, key=lambda s: -np.inf if not np.isfinite(fit.correlations.get(s, np.nan)) else fit.correlations[s])
+        signed = fit_weights(pct, visible, seed=seed, signed=True)
+        row["combined (signed)"] = spearman(
+            combine(pct.iloc[test_idx], signed.weights), err[test_idx]
+        )
+        signed_methods.append(signed.method)
+        chosen = max(
+            scorers,
+            key=lambda s: (
+                -np.inf if not np.isfinite(fit.correlations.get(s, np.nan)) else fit.correlations[s]
+            ),
+        )
         row["best single (chosen on fit half)"] = row[chosen]
         row["best single (oracle)"] = max(row[s] for s in scorers if np.isfinite(row[s]))
         rows.append(row)
     cv = pd.DataFrame(rows)
     return {
-        "n": int(len(t)),
+        "n": len(t),
         "n_labeled": int(labeled.size),
         "mean_error": float(np.nanmean(err)),
         "single": single,
         "fit": fit_all,
         "in_sample": in_sample,
+        "fit_signed": fit_signed,
+        "in_sample_signed": in_sample_signed,
+        "cv_methods_signed": pd.Series(signed_methods).value_counts().to_dict(),
         "cv_mean": cv.mean().to_dict(),
         "cv_sd": cv.std(ddof=1).to_dict() if len(cv) > 1 else dict.fromkeys(cv.columns, 0.0),
         "cv_methods": pd.Series(methods).value_counts().to_dict(),
-        "combined_ge_best_single_share": float((cv["combined"] >= cv["best single (chosen on fit half)"] - 1e-12).mean()),
+        "combined_ge_best_single_share": float(
+            (cv["combined"] >= cv["best single (chosen on fit half)"] - 1e-12).mean()
+        ),
     }
 
 
@@ -176,20 +208,46 @@ def screenshot(report: Path, png: Path) -> list[str]:
     exe = chromium()
     if exe is None:
         raise SystemExit("chromium not found: apt-get install -y chromium")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", f"--user-data-dir={tempfile.mkdtemp()}"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tempfile.mkdtemp()}",
+    ]
     raw = png.with_suffix(".raw.png")
-    subprocess.run([exe, *flags, f"--screenshot={raw}", "--window-size=1280,6200", report.as_uri()], check=True, capture_output=True, timeout=180)
+    subprocess.run(
+        [exe, *flags, f"--screenshot={raw}", "--window-size=1280,6200", report.as_uri()],
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
     from PIL import Image
 
-    with Image.open(raw) as im:  # palette PNG: a fraction of the size, same look
-        im.convert("RGB").quantize(colors=256).save(png, optimize=True)
+    with Image.open(raw) as im:
+        rgb = np.asarray(im.convert("RGB")).astype(np.int16)
+    # cut the empty page background below the footer, keep a palette PNG (a fraction of the size)
+    background = rgb[-1, -1]
+    used = np.flatnonzero(np.abs(rgb - background).sum(axis=2).max(axis=1) > 8)
+    bottom = int(used[-1]) + 40 if used.size else rgb.shape[0]
+    Image.fromarray(rgb[:bottom].astype(np.uint8)).quantize(colors=256).save(png, optimize=True)
     raw.unlink()
-    dom = subprocess.run([exe, *flags, "--dump-dom", report.as_uri()], check=True, capture_output=True, text=True, timeout=180).stdout
+    dom = subprocess.run(
+        [exe, *flags, "--dump-dom", report.as_uri()],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    ).stdout
     return [s for s in SECTIONS if f'id="{s}"' not in dom]
 
 
-def report_runs(name: str, view: ProjectFormat, preds: YoloPredictions, lm: LabelMap, work: Path, seed: int) -> Path:
+def report_runs(
+    name: str, view: ProjectFormat, preds: YoloPredictions, lm: LabelMap, work: Path, seed: int
+) -> Path:
     """Two runs with 80 % then 60 % of the labels hidden; report on the second."""
     base = view.base if isinstance(view, ProjectView) else view
     ids = sorted(it.item_id for it in base.iter_items())
@@ -199,10 +257,26 @@ def report_runs(name: str, view: ProjectFormat, preds: YoloPredictions, lm: Labe
     second_dir = work / name / "run2"
     keep = view.keep if isinstance(view, ProjectView) else None
     first = ProjectView(base, keep=keep, hide=set(order[: int(0.8 * len(ids))]))
-    score_project(first, predictions=preds, label_map=lm, out_dir=str(first_dir), num_workers=0, run_id=f"{name}-run1", min_labeled=10)
+    score_project(
+        first,
+        predictions=preds,
+        label_map=lm,
+        out_dir=str(first_dir),
+        num_workers=0,
+        run_id=f"{name}-run1",
+        min_labeled=10,
+    )
     time.sleep(1.1)  # the runs' created stamps have one-second resolution
     second = ProjectView(base, keep=keep, hide=set(order[: int(0.6 * len(ids))]))
-    score_project(second, predictions=preds, label_map=lm, out_dir=str(second_dir), num_workers=0, run_id=f"{name}-run2", reference=str(first_dir))
+    score_project(
+        second,
+        predictions=preds,
+        label_map=lm,
+        out_dir=str(second_dir),
+        num_workers=0,
+        run_id=f"{name}-run2",
+        reference=str(first_dir),
+    )
     write_report(str(second_dir), team_size=3, hours_per_day=6.0, project=view)
     return second_dir / "report.html"
 
@@ -211,7 +285,9 @@ def fmt_rho(v: float) -> str:
     return "–" if v is None or not np.isfinite(v) else f"{v:+.3f}"
 
 
-def markdown(results: dict[str, dict[str, Any]], shots: dict[str, list[str]], splits: int, seconds: float) -> str:
+def markdown(
+    results: dict[str, dict[str, Any]], shots: dict[str, list[str]], splits: int, seconds: float
+) -> str:
     lines = [
         "# Difficulty score quality on real predictions",
         "",
@@ -234,12 +310,21 @@ def markdown(results: dict[str, dict[str, Any]], shots: dict[str, list[str]], sp
             "| scorer | ρ in sample | weight (all labels) | ρ held out (mean ± sd) |",
             "|---|---:|---:|---:|",
         ]
-        for s in sorted(scorers, key=lambda s: -(r["single"][s] if np.isfinite(r["single"][s]) else -9)):
-            lines.append(f"| `{s}` | {fmt_rho(r['single'][s])} | {fit.weights.get(s, 0.0):.3f} | {fmt_rho(r['cv_mean'][s])} ± {r['cv_sd'][s]:.3f} |")
+        for s in sorted(
+            scorers, key=lambda s: -(r["single"][s] if np.isfinite(r["single"][s]) else -9)
+        ):
+            lines.append(
+                f"| `{s}` | {fmt_rho(r['single'][s])} | {fit.weights.get(s, 0.0):.3f} | {fmt_rho(r['cv_mean'][s])} ± {r['cv_sd'][s]:.3f} |"
+            )
         lines += [
             f"| **combined** | **{fmt_rho(r['in_sample'])}** | | **{fmt_rho(r['cv_mean']['combined'])} ± {r['cv_sd']['combined']:.3f}** |",
             f"| best single (chosen on fit half) | {fmt_rho(max(v for v in r['single'].values() if np.isfinite(v)))} | | {fmt_rho(r['cv_mean']['best single (chosen on fit half)'])} ± {r['cv_sd']['best single (chosen on fit half)']:.3f} |",
             f"| best single (oracle, held-out half) | | | {fmt_rho(r['cv_mean']['best single (oracle)'])} ± {r['cv_sd']['best single (oracle)']:.3f} |",
+            f"| combined, signed weights (opt-in) | {fmt_rho(r['in_sample_signed'])} | | {fmt_rho(r['cv_mean']['combined (signed)'])} ± {r['cv_sd']['combined (signed)']:.3f} |",
+            "",
+            f"Signed weights (`--signed-weights`: scorers with ρ < 0 take part reversed), fit on all labels: "
+            f"**{r['fit_signed'].method}**, weights {', '.join(f'`{k}` {v:+.2f}' for k, v in r['fit_signed'].weights.items() if v)}; "
+            f"methods across the splits: {', '.join(f'{k} ×{v}' for k, v in r['cv_methods_signed'].items())}.",
             "",
             f"Methods chosen across the splits: {', '.join(f'{k} ×{v}' for k, v in r['cv_methods'].items())}. "
             f"Combined ≥ the best single scorer chosen on the fit half in {100 * r['combined_ge_best_single_share']:.0f} % of the splits.",
@@ -248,7 +333,9 @@ def markdown(results: dict[str, dict[str, Any]], shots: dict[str, list[str]], sp
     lines += ["## Report rendering (headless Chromium)", ""]
     for name, missing in shots.items():
         status = "all sections present" if not missing else f"MISSING: {', '.join(missing)}"
-        lines.append(f"- `{name}`: `bench/results/difficulty_report_{name}.png` — {', '.join(SECTIONS)}: {status}")
+        lines.append(
+            f"- `{name}`: `bench/results/difficulty_report_{name}.png` — {', '.join(SECTIONS)}: {status}"
+        )
     lines.append("")
     return "\n".join(lines)
 
@@ -259,7 +346,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--splits", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-report", action="store_true", help="skip the report runs and screenshots")
+    parser.add_argument(
+        "--no-report", action="store_true", help="skip the report runs and screenshots"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     start = time.time()
@@ -268,12 +357,16 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="difficulty_quality_"))
     for name, (view, preds, lm) in projects(args.data).items():
         t0 = time.time()
-        result = score_project(view, predictions=preds, label_map=lm, out_dir=str(work / "full" / name), num_workers=0)
+        result = score_project(
+            view, predictions=preds, label_map=lm, out_dir=str(work / "full" / name), num_workers=0
+        )
         scorers = list(result.meta["scorers"])
         results[name] = evaluate(result.table, scorers, args.splits, args.seed)
         r = results[name]
-        print(f"{name}: {r['n']} items in {time.time() - t0:.1f} s; combined ρ in sample {r['in_sample']:+.3f}, "
-              f"held out {r['cv_mean']['combined']:+.3f} vs best single (fit half) {r['cv_mean']['best single (chosen on fit half)']:+.3f}")
+        print(
+            f"{name}: {r['n']} items in {time.time() - t0:.1f} s; combined ρ in sample {r['in_sample']:+.3f}, "
+            f"held out {r['cv_mean']['combined']:+.3f} vs best single (fit half) {r['cv_mean']['best single (chosen on fit half)']:+.3f}"
+        )
         if not args.no_report and name != "road_signs_4cls":
             report = report_runs(name, view, preds, lm, work / "store", args.seed)
             png = args.out / f"difficulty_report_{name}.png"

@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -190,16 +191,22 @@ def timed(fn: Callable[[], int]) -> tuple[float, int]:
 RSS_SOURCE_IMAGES = 50
 
 
-def _pss_mb(pid: int | str) -> float:
-    """Proportional set size of one process (shared pages split among their users)."""
+def _memory_mb(pid: int | str) -> tuple[float, float]:
+    """``(resident, private)`` MB of one process, from ``/proc/PID/smaps_rollup``.
+
+    ``private`` counts only pages no other process maps (for a forked DataLoader worker:
+    what it added on top of what it shares with the main process and the libraries).
+    """
+    values = {"Rss:": 0, "Private_Clean:": 0, "Private_Dirty:": 0}
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) / 1024
+                key = line.split(maxsplit=1)[0]
+                if key in values:
+                    values[key] = int(line.split()[1])
     except OSError:
-        pass
-    return 0.0
+        return 0.0, 0.0
+    return values["Rss:"] / 1024, (values["Private_Clean:"] + values["Private_Dirty:"]) / 1024
 
 
 def _child_pids() -> list[str]:
@@ -220,13 +227,14 @@ def rss_child(project_dir: str, workers: int, batch_size: int) -> None:
     from connectors.manifest import iter_manifest_items
 
     project = ProjectFS(project_dir)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    peak_pss = [0.0]
+    baseline = _memory_mb("self")[0]
+    peak_total = [0.0]
     done = threading.Event()
 
     def sample() -> None:
         while not done.wait(0.25):
-            peak_pss[0] = max(peak_pss[0], _pss_mb("self") + sum(_pss_mb(p) for p in _child_pids()))
+            total = _memory_mb("self")[0] + sum(_memory_mb(p)[1] for p in _child_pids())
+            peak_total[0] = max(peak_total[0], total)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -251,7 +259,7 @@ def rss_child(project_dir: str, workers: int, batch_size: int) -> None:
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     result = {"items": count, "scored": scored, "errors": errors, "seconds": seconds}
     result.update(
-        {"baseline_mb": baseline, "main_mb": own, "worker_mb": children, "tree_pss_mb": peak_pss[0]}
+        {"baseline_mb": baseline, "main_mb": own, "worker_mb": children, "tree_mb": peak_total[0]}
     )
     print(json.dumps(result))
 
@@ -260,7 +268,7 @@ def measure_rss(
     counts: Sequence[int], image_dir: str, workers: int, batch_size: int
 ) -> list[dict[str, float]]:
     """Write one manifest per count (here), then score each in a fresh subprocess."""
-    from connectors.manifest import write_manifest
+    from connectors.manifest import MANIFEST_NAME, write_manifest
 
     sources = sorted(p for p in os.listdir(image_dir) if p.endswith(".jpg"))[:RSS_SOURCE_IMAGES]
     results = []
@@ -270,9 +278,8 @@ def measure_rss(
             shutil.copyfile(os.path.join(image_dir, name), os.path.join(tmp, "images", name))
         for count in counts:
             project = ProjectFS(tmp)
-            for old in ("manifest.parquet",):
-                if project.exists(old):
-                    project.remove(old)
+            if project.exists(MANIFEST_NAME):
+                project.remove(MANIFEST_NAME)
             items = (
                 Item(item_id=f"item{i:07d}", uri=f"images/{sources[i % len(sources)]}")
                 for i in range(count)
@@ -401,11 +408,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         a_times, b_times, c_times = [], [], []
         n_a = n_b = n_c = 0
         for r in range(args.repeats):
-            t, n_a = timed(lambda ds=ds: run_decode_only(ds, args.workers, args.batch_size))
+            t, n_a = timed(partial(run_decode_only, ds, args.workers, args.batch_size))
             a_times.append(t)
-            t, n_b = timed(lambda ds=ds: run_scoring(ds, args.workers, args.batch_size))
+            t, n_b = timed(partial(run_scoring, ds, args.workers, args.batch_size))
             b_times.append(t)
-            t, n_c = timed(lambda ds=ds: run_naive(ds))
+            t, n_c = timed(partial(run_naive, ds))
             c_times.append(t)
             log.info(
                 "%s repeat %d: a %.2fs b %.2fs c %.2fs",
@@ -456,6 +463,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _seconds(times: Sequence[float]) -> str:
+    return ", ".join(f"{t:.2f}" for t in times)
+
+
 def render(
     args: argparse.Namespace,
     rows: list,
@@ -482,7 +493,7 @@ def render(
     )
     lines.append(f"- whole run: {elapsed:.0f} s")
     lines.append("")
-    lines.append("## Throughput (images/s, median of %d repeats)" % args.repeats)
+    lines.append(f"## Throughput (images/s, median of {args.repeats} repeats)")
     lines.append("")
     lines.append(
         f"(a) decode only through `iter_image_batches` and (b) decode + `fourier` through `score_images`: "
@@ -505,8 +516,7 @@ def render(
     lines.append("Seconds per repeat (a / b / c):")
     lines.append("")
     for name, *_, a_t, b_t, c_t in rows:
-        fmt = lambda ts: ", ".join(f"{t:.2f}" for t in ts)  # noqa: E731
-        lines.append(f"- {name}: a [{fmt(a_t)}] · b [{fmt(b_t)}] · c [{fmt(c_t)}]")
+        lines.append(f"- {name}: a [{_seconds(a_t)}] · b [{_seconds(b_t)}] · c [{_seconds(c_t)}]")
     if rss_rows:
         lines.append("")
         lines.append("## Peak memory scoring a Parquet manifest (fresh process per size)")
@@ -517,20 +527,21 @@ def render(
             f"and scored with `score_images(['fourier'])` ({args.workers} workers) in its own process. "
             "`ru_maxrss`: peak resident set of the main process and of the largest DataLoader worker "
             "(forked workers share most pages, torch's libraries above all, with the main process, so these do "
-            "not add up); `tree PSS`: peak proportional set size of main + workers together, sampled every "
-            "0.25 s, the memory the run really holds. `after imports`: the main process before the first item "
-            f"(torch alone is about 0.5 GB resident). Target: ≤ {RSS_LIMIT_MB:.0f} MB, flat in the item count."
+            "not add up); `main + workers`: peak of the main process's resident set plus the workers' private "
+            "memory (pages no other process maps), sampled every 0.25 s from `/proc/PID/smaps_rollup`: what the "
+            "run really holds. `after imports`: the main process's resident set before the first item (torch "
+            f"alone is about 0.5 GB). Target: ≤ {RSS_LIMIT_MB:.0f} MB, flat in the item count."
         )
         lines.append("")
         lines.append(
-            "| items | scored | errors | seconds | after imports MB | main peak MB | worker peak MB | tree PSS peak MB | within 1.5 GB |"
+            "| items | scored | errors | seconds | after imports MB | main peak MB | worker peak MB | main + workers peak MB | within 1.5 GB |"
         )
         lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for r in rss_rows:
-            ok = "✔" if max(r["tree_pss_mb"], r["main_mb"]) <= RSS_LIMIT_MB else "✘"
+            ok = "✔" if max(r["tree_mb"], r["main_mb"]) <= RSS_LIMIT_MB else "✘"
             lines.append(
                 f"| {r['items']:,} | {r['scored']:,} | {r['errors']} | {r['seconds']:.0f} | {r['baseline_mb']:.0f} | "
-                f"{r['main_mb']:.0f} | {r['worker_mb']:.0f} | {r['tree_pss_mb']:.0f} | {ok} |"
+                f"{r['main_mb']:.0f} | {r['worker_mb']:.0f} | {r['tree_mb']:.0f} | {ok} |"
             )
         if len(rss_rows) == 2:
             lo, hi = rss_rows
@@ -538,7 +549,7 @@ def render(
             lines.append(
                 f"From {lo['items']:,} to {hi['items']:,} items the main-process peak changed by "
                 f"{hi['main_mb'] - lo['main_mb']:+.0f} MB, the worker peak by {hi['worker_mb'] - lo['worker_mb']:+.0f} MB "
-                f"and the tree PSS peak by {hi['tree_pss_mb'] - lo['tree_pss_mb']:+.0f} MB."
+                f"and the main + workers peak by {hi['tree_mb'] - lo['tree_mb']:+.0f} MB."
             )
     lines.append("")
     return "\n".join(lines)

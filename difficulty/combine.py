@@ -153,7 +153,9 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(spearmanr(x[ok], y[ok]).statistic)
 
 
-def candidate_weights(rhos: Mapping[str, float], method: str, *, signed: bool = False) -> dict[str, float]:
+def candidate_weights(
+    rhos: Mapping[str, float], method: str, *, signed: bool = False
+) -> dict[str, float]:
     """Weights of one candidate from per-scorer ρs, ``Σ|w| = 1``; ``{}`` if none qualifies.
 
     Unsigned (the default) only scorers with ρ > 0 get weight.  ``signed``: every scorer
@@ -161,7 +163,11 @@ def candidate_weights(rhos: Mapping[str, float], method: str, *, signed: bool = 
     reversed (``1 − p``): a scorer that ranks the error backwards is as informative as
     one that ranks it forwards.
     """
-    mag = {k: (abs(float(v)) if signed else float(v)) for k, v in rhos.items() if np.isfinite(v) and v != 0}
+    mag = {
+        k: (abs(float(v)) if signed else float(v))
+        for k, v in rhos.items()
+        if np.isfinite(v) and v != 0
+    }
     mag = {k: v for k, v in mag.items() if v > 0}
     if not mag:
         return {}
@@ -224,11 +230,22 @@ class CombineFit:
         }
 
 
-def _fallback(scorers: Sequence[str], default: str, n: int, correlations: dict[str, float], reason: str) -> CombineFit:
+def _fallback(
+    scorers: Sequence[str], default: str, n: int, correlations: dict[str, float], reason: str
+) -> CombineFit:
     if default in scorers:
-        return CombineFit("default", {k: float(k == default) for k in scorers}, correlations, {}, n, reason)
+        return CombineFit(
+            "default", {k: float(k == default) for k in scorers}, correlations, {}, n, reason
+        )
     w = 1.0 / len(scorers) if scorers else 0.0
-    return CombineFit("equal", dict.fromkeys(scorers, w), correlations, {}, n, reason + f"; {default!r} not computed, equal weights")
+    return CombineFit(
+        "equal",
+        dict.fromkeys(scorers, w),
+        correlations,
+        {},
+        n,
+        reason + f"; {default!r} not computed, equal weights",
+    )
 
 
 def fit_weights(
@@ -251,15 +268,27 @@ def fit_weights(
     err = np.asarray(error, dtype=np.float64)
     labeled = np.flatnonzero(np.isfinite(err))
     n = int(labeled.size)
-    correlations = {k: spearman(pct[k].to_numpy()[labeled], err[labeled]) for k in scorers} if n else {}
+    correlations = (
+        {k: spearman(pct[k].to_numpy()[labeled], err[labeled]) for k in scorers} if n else {}
+    )
     if n < min_labeled:
-        return _fallback(scorers, default, n, correlations, f"{n} labeled items with a true error (< {min_labeled})")
+        return _fallback(
+            scorers,
+            default,
+            n,
+            correlations,
+            f"{n} labeled items with a true error (< {min_labeled})",
+        )
     if not candidate_weights(correlations, "single", signed=signed):
-        return _fallback(scorers, default, n, correlations, "no scorer agrees positively with the true error")
+        return _fallback(
+            scorers, default, n, correlations, "no scorer agrees positively with the true error"
+        )
 
     rng = np.random.default_rng(seed)
     k = max(2, min(folds, n // 10))
-    paired: list[dict[str, float]] = []  # one entry per (repeat, fold): held-out ρ of each candidate
+    paired: list[
+        dict[str, float]
+    ] = []  # one entry per (repeat, fold): held-out ρ of each candidate
     for _ in range(repeats):
         order = rng.permutation(labeled)
         fold_of = np.arange(n) % k
@@ -273,7 +302,9 @@ def fit_weights(
                 row[c] = spearman(combine(pct.iloc[test], w), err[test]) if w else float("nan")
             paired.append(row)
     table = pd.DataFrame(paired, columns=list(CANDIDATES))
-    cv_rho = {c: float(table[c].mean()) if table[c].notna().any() else float("nan") for c in CANDIDATES}
+    cv_rho = {
+        c: float(table[c].mean()) if table[c].notna().any() else float("nan") for c in CANDIDATES
+    }
     if not np.isfinite(cv_rho["single"]):
         return _fallback(scorers, default, n, correlations, "cross-validation gave no finite ρ")
     best = "single"

@@ -41,8 +41,10 @@ class Annotator(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    experience: int = Field(1, ge=0, description="higher = more experienced")
-    hours_per_day: float | None = Field(None, gt=0, le=24, description="defaults to the plan's hours_per_day")
+    experience: int = Field(default=1, ge=0, description="higher = more experienced")
+    hours_per_day: float | None = Field(
+        default=None, gt=0, le=24, description="defaults to the plan's hours_per_day"
+    )
 
 
 class PlanSettings(BaseModel):
@@ -50,11 +52,17 @@ class PlanSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    team_size: int = Field(1, ge=1)
-    hours_per_day: float = Field(8.0, gt=0, le=24)
-    seconds_per_tier: dict[str, float] = Field(default_factory=lambda: {"easy": 30.0, "medium": 60.0, "hard": 120.0})
-    min_history: int = Field(5, ge=1, description="timed items a tier needs before its median replaces the default")
-    audit_share: float = Field(0.1, ge=0.0, le=1.0, description="share of auto-labeled items a person still audits")
+    team_size: int = Field(default=1, ge=1)
+    hours_per_day: float = Field(default=8.0, gt=0, le=24)
+    seconds_per_tier: dict[str, float] = Field(
+        default_factory=lambda: {"easy": 30.0, "medium": 60.0, "hard": 120.0}
+    )
+    min_history: int = Field(
+        default=5, ge=1, description="timed items a tier needs before its median replaces the default"
+    )
+    audit_share: float = Field(
+        default=0.1, ge=0.0, le=1.0, description="share of auto-labeled items a person still audits"
+    )
     annotators: list[Annotator] = Field(default_factory=list)
 
     @field_validator("annotators", mode="before")
@@ -63,7 +71,10 @@ class PlanSettings(BaseModel):
         """Plain names are listed most experienced first: ``["ann", "bo"]`` → 2, 1."""
         if isinstance(value, list) and any(isinstance(v, str) for v in value):
             n = len(value)
-            return [{"name": v, "experience": n - i} if isinstance(v, str) else v for i, v in enumerate(value)]
+            return [
+                {"name": v, "experience": n - i} if isinstance(v, str) else v
+                for i, v in enumerate(value)
+            ]
         return value
 
     @field_validator("seconds_per_tier")
@@ -72,7 +83,9 @@ class PlanSettings(BaseModel):
         missing = [t for t in ("easy", "medium", "hard") if t not in value]
         bad = [k for k, v in value.items() if not v > 0]
         if missing or bad:
-            raise ValueError(f"seconds_per_tier needs positive easy, medium and hard (missing {missing}, not positive {bad})")
+            raise ValueError(
+                f"seconds_per_tier needs positive easy, medium and hard (missing {missing}, not positive {bad})"
+            )
         return value
 
     def team(self) -> list[Annotator]:
@@ -91,13 +104,25 @@ class PlanSettings(BaseModel):
 def seconds_per_tier(df: pd.DataFrame, settings: PlanSettings) -> dict[str, dict[str, Any]]:
     """Per tier: ``seconds`` per item and where it came from (``history`` or ``default``)."""
     out: dict[str, dict[str, Any]] = {}
-    secs = df["annotation_seconds"] if "annotation_seconds" in df.columns else pd.Series(np.nan, index=df.index)
+    secs = (
+        df["annotation_seconds"]
+        if "annotation_seconds" in df.columns
+        else pd.Series(np.nan, index=df.index)
+    )
     for tier in ("easy", "medium", "hard"):
         timed = secs[(df["tier"] == tier) & secs.notna() & (secs > 0)]
         if len(timed) >= settings.min_history:
-            out[tier] = {"seconds": float(timed.median()), "source": "history", "timed_items": len(timed)}
+            out[tier] = {
+                "seconds": float(timed.median()),
+                "source": "history",
+                "timed_items": len(timed),
+            }
         else:
-            out[tier] = {"seconds": float(settings.seconds_per_tier[tier]), "source": "default", "timed_items": len(timed)}
+            out[tier] = {
+                "seconds": float(settings.seconds_per_tier[tier]),
+                "source": "default",
+                "timed_items": len(timed),
+            }
     out["unscored"] = {**out["medium"], "source": f"{out['medium']['source']} (medium rate)"}
     return out
 
@@ -119,8 +144,16 @@ def compute_plan(df: pd.DataFrame, settings: PlanSettings = PlanSettings()) -> d
         if t == "unscored" and total == 0:
             continue
         hours = left * rates[t]["seconds"] / 3600.0
-        rows.append({"tier": t, "items": total, "remaining": left, "seconds_per_item": rates[t]["seconds"],
-                     "seconds_source": rates[t]["source"], "hours": hours})
+        rows.append(
+            {
+                "tier": t,
+                "items": total,
+                "remaining": left,
+                "seconds_per_item": rates[t]["seconds"],
+                "seconds_source": rates[t]["source"],
+                "hours": hours,
+            }
+        )
     total_hours = sum(r["hours"] for r in rows)
     easy_hours = next((r["hours"] for r in rows if r["tier"] == "easy"), 0.0)
     saved = easy_hours * (1.0 - settings.audit_share)
@@ -133,10 +166,16 @@ def compute_plan(df: pd.DataFrame, settings: PlanSettings = PlanSettings()) -> d
     for a in team:
         mine = assignment[assignment["assignee"] == a.name]
         counts = mine["tier"].value_counts()
-        per_person.append({"name": a.name, "experience": a.experience,
-                           "hours_per_day": a.hours_per_day or settings.hours_per_day,
-                           "items": len(mine), "hours": float(mine["hours"].sum()),
-                           **{t: int(counts.get(t, 0)) for t in PLAN_TIERS}})
+        per_person.append(
+            {
+                "name": a.name,
+                "experience": a.experience,
+                "hours_per_day": a.hours_per_day or settings.hours_per_day,
+                "items": len(mine),
+                "hours": float(mine["hours"].sum()),
+                **{t: int(counts.get(t, 0)) for t in PLAN_TIERS},
+            }
+        )
     return {
         "tiers": rows,
         "remaining_items": int(remaining.sum()),
@@ -155,14 +194,20 @@ def compute_plan(df: pd.DataFrame, settings: PlanSettings = PlanSettings()) -> d
     }
 
 
-def assign(remaining: pd.DataFrame, rates: dict[str, dict[str, Any]], settings: PlanSettings) -> pd.DataFrame:
+def assign(
+    remaining: pd.DataFrame, rates: dict[str, dict[str, Any]], settings: PlanSettings
+) -> pd.DataFrame:
     """Items hardest first, cut into consecutive blocks by the annotators' capacities.
 
     Returns ``item_id``, ``tier``, ``score``, ``hours`` (planned for the item) and
     ``assignee`` per remaining item; unscored items come last (after the easiest).
     """
     tier = _plan_tier(remaining)
-    score = remaining["score"].to_numpy(dtype=np.float64, na_value=np.nan) if len(remaining) else np.zeros(0)
+    score = (
+        remaining["score"].to_numpy(dtype=np.float64, na_value=np.nan)
+        if len(remaining)
+        else np.zeros(0)
+    )
     hours = np.array([rates[t]["seconds"] / 3600.0 for t in tier], dtype=np.float64)
     key = np.where(np.isfinite(score), -score, np.inf)
     order = np.argsort(key, kind="stable")
@@ -174,13 +219,15 @@ def assign(remaining: pd.DataFrame, rates: dict[str, dict[str, Any]], settings: 
     # the item whose mid-point falls in a person's share of the hours goes to that person
     mid = (cum - hours[order] / 2.0) / total if total > 0 else np.zeros_like(cum)
     who = np.minimum(np.searchsorted(bounds, mid, side="right"), len(team) - 1)
-    out = pd.DataFrame({
-        "item_id": remaining["item_id"].to_numpy()[order],
-        "tier": tier.to_numpy()[order],
-        "score": score[order],
-        "hours": hours[order],
-        "assignee": [team[i].name for i in who],
-    })
+    out = pd.DataFrame(
+        {
+            "item_id": remaining["item_id"].to_numpy()[order],
+            "tier": tier.to_numpy()[order],
+            "score": score[order],
+            "hours": hours[order],
+            "assignee": [team[i].name for i in who],
+        }
+    )
     return out
 
 
@@ -188,24 +235,32 @@ def plan_table(plan: dict[str, Any]) -> pd.DataFrame:
     """``plan.csv``: one row per tier and a ``total`` row."""
     rows = [dict(r) for r in plan["tiers"]]
     for r in rows:
-        r["hours_saved_auto_label"] = plan["hours_saved_auto_label_easy"] if r["tier"] == "easy" else 0.0
-        r["assigned_to"] = " ".join(p["name"] for p in plan["assignment"] if p.get(r["tier"], 0) > 0)
-    rows.append({
-        "tier": "total",
-        "items": sum(r["items"] for r in rows),
-        "remaining": plan["remaining_items"],
-        "seconds_per_item": None,
-        "seconds_source": None,
-        "hours": plan["remaining_hours"],
-        "hours_saved_auto_label": plan["hours_saved_auto_label_easy"],
-        "assigned_to": " ".join(p["name"] for p in plan["assignment"]),
-        "forecast_days": plan["forecast_days"],
-        "forecast_days_auto_label_easy": plan["forecast_days_auto_label_easy"],
-    })
+        r["hours_saved_auto_label"] = (
+            plan["hours_saved_auto_label_easy"] if r["tier"] == "easy" else 0.0
+        )
+        r["assigned_to"] = " ".join(
+            p["name"] for p in plan["assignment"] if p.get(r["tier"], 0) > 0
+        )
+    rows.append(
+        {
+            "tier": "total",
+            "items": sum(r["items"] for r in rows),
+            "remaining": plan["remaining_items"],
+            "seconds_per_item": None,
+            "seconds_source": None,
+            "hours": plan["remaining_hours"],
+            "hours_saved_auto_label": plan["hours_saved_auto_label_easy"],
+            "assigned_to": " ".join(p["name"] for p in plan["assignment"]),
+            "forecast_days": plan["forecast_days"],
+            "forecast_days_auto_label_easy": plan["forecast_days_auto_label_easy"],
+        }
+    )
     return pd.DataFrame(rows)
 
 
-def write_plan(plan: dict[str, Any], out_dir: str, storage_options: dict[str, Any] | None = None) -> str:
+def write_plan(
+    plan: dict[str, Any], out_dir: str, storage_options: dict[str, Any] | None = None
+) -> str:
     """Atomically write ``out_dir/plan.csv``; returns its full path."""
     buf = io.StringIO()
     plan_table(plan).to_csv(buf, index=False, float_format="%.4g")

@@ -64,8 +64,8 @@ class UncertainBand(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    low: float = Field(0.2, ge=0.0, le=1.0)
-    high: float = Field(0.6, ge=0.0, le=1.0)
+    low: float = Field(default=0.2, ge=0.0, le=1.0)
+    high: float = Field(default=0.6, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _ordered(self) -> UncertainBand:
@@ -126,7 +126,7 @@ class MinScore(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    min_score: float = Field(0.25, ge=0.0, le=1.0)
+    min_score: float = Field(default=0.25, ge=0.0, le=1.0)
 
 
 @register_scorer(

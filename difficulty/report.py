@@ -49,7 +49,16 @@ log = logging.getLogger(__name__)
 TEMPLATE = "report.html"
 TIER_COLORS = {"easy": "#2f9e62", "medium": "#e0a31f", "hard": "#d1453b", "unscored": "#9aa3ad"}
 THUMB_BOX = (220, 110)
-SECTIONS = ("tiers", "distributions", "hardest", "easiest", "agreement", "plan", "trend", "autolabel")
+SECTIONS = (
+    "tiers",
+    "distributions",
+    "hardest",
+    "easiest",
+    "agreement",
+    "plan",
+    "trend",
+    "autolabel",
+)
 
 
 # -- plots ---------------------------------------------------------------------------------
@@ -85,7 +94,14 @@ def plot_tiers(counts: dict[str, int]) -> str:
     values = [counts[t] for t in names]
     bars = ax.bar(names, values, color=[TIER_COLORS[t] for t in names], width=0.6)
     for b, v in zip(bars, values, strict=True):
-        ax.annotate(f"{v:,}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=9, color="#1f2a36")
+        ax.annotate(
+            f"{v:,}",
+            (b.get_x() + b.get_width() / 2, b.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=9,
+            color="#1f2a36",
+        )
     ax.set_ylabel("items", fontsize=9, color="#44505c")
     _style(ax)
     return _png(fig)
@@ -96,12 +112,29 @@ def plot_score_distribution(df: pd.DataFrame, thresholds: tuple[float, float]) -
     ax = fig.add_subplot()
     bins = np.linspace(0.0, 1.0, 41)
     data = [df.loc[df["tier"] == t, "score"].dropna().to_numpy() for t in TIERS]
-    ax.hist(data, bins=bins, stacked=True, color=[TIER_COLORS[t] for t in TIERS], label=list(TIERS), edgecolor="white", linewidth=0.4)
+    ax.hist(
+        data,
+        bins=bins,
+        stacked=True,
+        color=[TIER_COLORS[t] for t in TIERS],
+        label=list(TIERS),
+        edgecolor="white",
+        linewidth=0.4,
+    )
     for x, name in zip(thresholds, ("easy ≤", "hard ≥"), strict=True):
         if np.isfinite(x):
             ax.axvline(x, color="#1f2a36", linestyle="--", linewidth=1)
-            ax.annotate(f"{name} {x:.2f}", (x, ax.get_ylim()[1]), xytext=(3, -12), textcoords="offset points", fontsize=8, color="#1f2a36")
-    ax.set_xlabel("combined difficulty score (0 = easiest, 1 = hardest)", fontsize=9, color="#44505c")
+            ax.annotate(
+                f"{name} {x:.2f}",
+                (x, ax.get_ylim()[1]),
+                xytext=(3, -12),
+                textcoords="offset points",
+                fontsize=8,
+                color="#1f2a36",
+            )
+    ax.set_xlabel(
+        "combined difficulty score (0 = easiest, 1 = hardest)", fontsize=9, color="#44505c"
+    )
     ax.set_ylabel("items", fontsize=9, color="#44505c")
     ax.legend(frameon=False, fontsize=8, ncols=3, loc="upper center", bbox_to_anchor=(0.5, 1.16))
     _style(ax)
@@ -119,8 +152,16 @@ def plot_scorers(df: pd.DataFrame, scorers: Sequence[str], weights: dict[str, fl
         v = df[name].to_numpy(dtype=np.float64, na_value=np.nan)
         v = v[np.isfinite(v)]
         w = weights.get(name) or 0.0
-        ax.hist(v, bins=30, color="#3b6ea8" if w > 0 else "#8e5ba8" if w < 0 else "#9aa3ad", edgecolor="white", linewidth=0.3)
-        ax.set_title(f"{name}  (w={w:.2f}{', reversed' if w < 0 else ''})", fontsize=8.5, color="#1f2a36")
+        ax.hist(
+            v,
+            bins=30,
+            color="#3b6ea8" if w > 0 else "#8e5ba8" if w < 0 else "#9aa3ad",
+            edgecolor="white",
+            linewidth=0.3,
+        )
+        ax.set_title(
+            f"{name}  (w={w:.2f}{', reversed' if w < 0 else ''})", fontsize=8.5, color="#1f2a36"
+        )
         _style(ax)
         ax.tick_params(labelsize=7)
     fig.tight_layout()
@@ -138,15 +179,28 @@ def plot_agreement(rhos: dict[str, float | None], combined: float | None) -> str
     ax = fig.add_subplot()
     names = [k for k, _ in items]
     vals = [v for _, v in items]
-    colors = ["#1f2a36" if k == "combined score" else ("#3b6ea8" if v > 0 else "#9aa3ad") for k, v in items]
+    colors = [
+        "#1f2a36" if k == "combined score" else ("#3b6ea8" if v > 0 else "#9aa3ad")
+        for k, v in items
+    ]
     ax.barh(names, vals, color=colors, height=0.62)
     for y, v in enumerate(vals):
-        ax.annotate(f"{v:+.3f}", (v, y), xytext=(4 if v >= 0 else -4, 0), textcoords="offset points", va="center", ha="left" if v >= 0 else "right", fontsize=8)
+        ax.annotate(
+            f"{v:+.3f}",
+            (v, y),
+            xytext=(4 if v >= 0 else -4, 0),
+            textcoords="offset points",
+            va="center",
+            ha="left" if v >= 0 else "right",
+            fontsize=8,
+        )
     ax.axvline(0, color="#44505c", linewidth=0.8)
     lo = min(0.0, min(vals)) - 0.1
     hi = max(0.0, max(vals)) + 0.15
     ax.set_xlim(lo, hi)
-    ax.set_xlabel("Spearman ρ with the true per-item error (labeled items)", fontsize=9, color="#44505c")
+    ax.set_xlabel(
+        "Spearman ρ with the true per-item error (labeled items)", fontsize=9, color="#44505c"
+    )
     _style(ax)
     ax.grid(axis="x", color="#e6e9ed", linewidth=0.8)
     ax.grid(axis="y", visible=False)
@@ -160,10 +214,21 @@ def plot_error_by_tier(df: pd.DataFrame) -> str | None:
     ax = fig.add_subplot()
     means = [df.loc[df["tier"] == t, "true_error"].mean() for t in TIERS]
     counts = [int(df.loc[df["tier"] == t, "true_error"].notna().sum()) for t in TIERS]
-    bars = ax.bar(TIERS, [0 if pd.isna(m) else m for m in means], color=[TIER_COLORS[t] for t in TIERS], width=0.6)
+    bars = ax.bar(
+        TIERS,
+        [0 if pd.isna(m) else m for m in means],
+        color=[TIER_COLORS[t] for t in TIERS],
+        width=0.6,
+    )
     for b, m, c in zip(bars, means, counts, strict=True):
         label = "–" if pd.isna(m) else f"{m:.2f} (n={c})"
-        ax.annotate(label, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
+        ax.annotate(
+            label,
+            (b.get_x() + b.get_width() / 2, b.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     ax.set_ylim(0, 1.08)
     ax.set_ylabel("mean error of predictions", fontsize=9, color="#44505c")
     _style(ax)
@@ -178,7 +243,13 @@ def plot_trend(trend: list[dict[str, Any]]) -> str | None:
     labels = [t["created"][:16].replace("T", " ") for t in trend]
     ax = fig.add_subplot(1, 2, 1)
     for tier in TIERS:
-        ax.plot(x, [t["tiers"].get(tier, 0) for t in trend], marker="o", color=TIER_COLORS[tier], label=tier)
+        ax.plot(
+            x,
+            [t["tiers"].get(tier, 0) for t in trend],
+            marker="o",
+            color=TIER_COLORS[tier],
+            label=tier,
+        )
     ax.set_title("items per tier", fontsize=9)
     ax.legend(frameon=False, fontsize=8)
     ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=7)
@@ -203,12 +274,12 @@ def _thumbnail(uri: str, item_id: str, project: ProjectFS | None) -> tuple[str |
 
     try:
         data = read_image_bytes(uri, project, item=item_id)
-        with Image.open(io.BytesIO(data)) as im:
-            im.draft("RGB", (THUMB_BOX[0] * 2, THUMB_BOX[1] * 2))
-            im = ImageOps.exif_transpose(im).convert("RGB")
-            im.thumbnail(THUMB_BOX)
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=82)
+        with Image.open(io.BytesIO(data)) as source:
+            source.draft("RGB", (THUMB_BOX[0] * 2, THUMB_BOX[1] * 2))
+            thumb = ImageOps.exif_transpose(source).convert("RGB")
+        thumb.thumbnail(THUMB_BOX)
+        buf = io.BytesIO()
+        thumb.save(buf, format="JPEG", quality=82)
     except (InputError, OSError, ValueError) as exc:
         log.warning("no thumbnail for item %s: %s", item_id, exc)
         return None, str(exc)
@@ -229,21 +300,29 @@ def _project_fs(meta: dict[str, Any], project: ProjectFormat | None) -> ProjectF
         return None
 
 
-def thumbnails(df: pd.DataFrame, fs: ProjectFS | None, *, hardest: bool, n: int) -> list[dict[str, Any]]:
+def thumbnails(
+    df: pd.DataFrame, fs: ProjectFS | None, *, hardest: bool, n: int
+) -> list[dict[str, Any]]:
     scored = df[df["rank"].notna()].sort_values("rank", ascending=hardest)
     out = []
     for row in scored.head(n).itertuples():
-        src, why = _thumbnail(str(row.uri), str(row.item_id), fs) if fs is not None else (None, "project not available")
-        out.append({
-            "item_id": row.item_id,
-            "rank": int(row.rank),
-            "score": float(row.score),
-            "tier": row.tier,
-            "status": row.status,
-            "true_error": None if pd.isna(row.true_error) else float(row.true_error),
-            "src": src,
-            "why": why,
-        })
+        src, why = (
+            _thumbnail(str(row.uri), str(row.item_id), fs)
+            if fs is not None
+            else (None, "project not available")
+        )
+        out.append(
+            {
+                "item_id": row.item_id,
+                "rank": int(row.rank),
+                "score": float(row.score),
+                "tier": row.tier,
+                "status": row.status,
+                "true_error": None if pd.isna(row.true_error) else float(row.true_error),
+                "src": src,
+                "why": why,
+            }
+        )
     return out
 
 
@@ -280,7 +359,11 @@ def trend_points(
         except (InputError, OSError) as exc:
             log.warning("earlier run %s is skipped: %s", run, exc)
             continue
-        if m.get("run_id") == meta.get("run_id") or m.get("source") != meta.get("source") or str(m.get("created")) >= str(meta.get("created")):
+        if (
+            m.get("run_id") == meta.get("run_id")
+            or m.get("source") != meta.get("source")
+            or str(m.get("created")) >= str(meta.get("created"))
+        ):
             continue
         points.append(_point(other, m, settings))
     points.sort(key=lambda p: p["created"])
@@ -346,7 +429,9 @@ def autolabel_view(data: dict[str, Any] | None) -> dict[str, Any]:
     walk("", data)
     return {
         "ran": True,
-        "precision": _opt(_find(data, "precision", "calibration.precision", "shadow.precision", "agreement")),
+        "precision": _opt(
+            _find(data, "precision", "calibration.precision", "shadow.precision", "agreement")
+        ),
         "coverage": _opt(_find(data, "coverage", "calibration.coverage")),
         "audit_precision": _opt(_find(data, "audit_precision", "audit.precision")),
         "written": _opt(_find(data, "written", "items_written", "count")),
@@ -375,17 +460,25 @@ def _template() -> Any:
         autoescape=jinja2.select_autoescape(["html"]),
         undefined=jinja2.StrictUndefined,
     )
-    env.filters["num"] = lambda v, d=1: "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:,.{d}f}"
+    env.filters["num"] = lambda v, d=1: (
+        "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:,.{d}f}"
+    )
     env.filters["rho"] = lambda v: "–" if v is None else f"{v:+.3f}"
     return env.get_template(TEMPLATE)
 
 
-def _settings(plan_settings: PlanSettings | None, team_size: int | None, hours_per_day: float | None) -> PlanSettings:
+def _settings(
+    plan_settings: PlanSettings | None, team_size: int | None, hours_per_day: float | None
+) -> PlanSettings:
     base = (plan_settings or PlanSettings()).model_dump()
     if team_size is not None:
         base["team_size"] = team_size
         if base["annotators"] and len(base["annotators"]) != team_size:
-            log.info("team size %d given: the %d configured annotators are replaced by generic ones", team_size, len(base["annotators"]))
+            log.info(
+                "team size %d given: the %d configured annotators are replaced by generic ones",
+                team_size,
+                len(base["annotators"]),
+            )
             base["annotators"] = []
     if hours_per_day is not None:
         base["hours_per_day"] = hours_per_day
@@ -445,14 +538,21 @@ def write_report(
         "total": len(df),
         "tier_colors": TIER_COLORS,
         "tier_plot": plot_tiers({**counts, **({"unscored": unscored} if unscored else {})}),
-        "score_plot": plot_score_distribution(df, (meta["tiers"]["easy_max"], meta["tiers"]["hard_min"])),
+        "score_plot": plot_score_distribution(
+            df, (meta["tiers"]["easy_max"], meta["tiers"]["hard_min"])
+        ),
         "scorer_plot": plot_scorers(df, scorers, weights),
         "agreement_plot": plot_agreement(correlations, combination.get("combined_rho")),
         "error_plot": plot_error_by_tier(df),
         "trend_plot": plot_trend(trend),
         "scorers": [
-            {"name": s, "weight": weights.get(s, 0.0), "rho": correlations.get(s),
-             "median": _median(df[s]), "missing": int(df.loc[df["error"].isna(), s].isna().sum())}
+            {
+                "name": s,
+                "weight": weights.get(s, 0.0),
+                "rho": correlations.get(s),
+                "median": _median(df[s]),
+                "missing": int(df.loc[df["error"].isna(), s].isna().sum()),
+            }
             for s in scorers
         ],
         "combination": combination,

@@ -62,7 +62,16 @@ DEFAULT_SCORER = "fourier"
 CHUNK_SIZE = 1024
 ChunkRunner = Callable[..., Iterable[pd.DataFrame]]
 """``runner(chunks, **score_chunk_kwargs)`` → the tables of :func:`score_chunk`, in chunk order."""
-PREDICTION_FIELDS = ("probs", "committee", "features", "predicted_loss", "box_scores", "box_probs", "box_committee", "box_features")
+PREDICTION_FIELDS = (
+    "probs",
+    "committee",
+    "features",
+    "predicted_loss",
+    "box_scores",
+    "box_probs",
+    "box_committee",
+    "box_features",
+)
 """Needs that a model checkpoint (``difficulty.inference``) can provide."""
 
 
@@ -132,7 +141,9 @@ def resolve_scorers(
         spec = SCORERS[name]  # UsageError with the valid choices on a miss
         missing = sorted(spec.needs - needs)
         if missing:
-            raise UsageError(f"scorer {name!r} needs {', '.join(missing)}, which these inputs do not provide (bring predictions or a model)")
+            raise UsageError(
+                f"scorer {name!r} needs {', '.join(missing)}, which these inputs do not provide (bring predictions or a model)"
+            )
         try:
             out[name] = spec.settings.model_validate(dict(settings.get(name, {}))).model_dump()
         except ValidationError as exc:
@@ -173,12 +184,16 @@ def _split_batch(need: str, value: Any, n: int) -> list[Any]:
     return [value[i] for i in range(n)]
 
 
-def _images(items: list[Item], project: ProjectFS, size: int, batch_size: int, num_workers: int) -> tuple[dict[str, Any], dict[str, str]]:
+def _images(
+    items: list[Item], project: ProjectFS, size: int, batch_size: int, num_workers: int
+) -> tuple[dict[str, Any], dict[str, str]]:
     from difficulty.imagestream import iter_image_batches
 
     images: dict[str, Any] = {}
     errors: dict[str, str] = {}
-    for batch in iter_image_batches(items, project, size=size, batch_size=batch_size, num_workers=num_workers, progress=False):
+    for batch in iter_image_batches(
+        items, project, size=size, batch_size=batch_size, num_workers=num_workers, progress=False
+    ):
         errors.update(batch.errors)
         for i, item_id in enumerate(batch.item_ids):
             images[item_id] = batch.images[i]
@@ -274,7 +289,9 @@ def score_chunk(
         data_needs = spec.needs - {"rng", "n"}
         ids = [i for i in good if all(i in inputs.get(need, {}) for need in data_needs)]
         if ids:
-            kwargs: dict[str, Any] = {need: _collate(need, [inputs[need][i] for i in ids]) for need in data_needs}
+            kwargs: dict[str, Any] = {
+                need: _collate(need, [inputs[need][i] for i in ids]) for need in data_needs
+            }
             if "n" in spec.needs:
                 kwargs["n"] = len(ids)
             if "rng" in spec.needs:
@@ -289,13 +306,27 @@ def score_chunk(
     for i, it in enumerate(items):
         if it.item_id in errors or it.item_id not in preds or not it.has_human_label:
             continue
-        true_error[i] = item_error(it, preds[it.item_id], label_map, task=task, iou_threshold=iou_threshold, min_score=error_min_score)
+        true_error[i] = item_error(
+            it,
+            preds[it.item_id],
+            label_map,
+            task=task,
+            iou_threshold=iou_threshold,
+            min_score=error_min_score,
+        )
     rows["error"] = [errors.get(it.item_id) for it in items]
     rows["true_error"] = true_error
-    rows["annotation_seconds"] = [np.nan if it.annotation_seconds is None else float(it.annotation_seconds) for it in items]
-    rows["model_version"] = [preds[it.item_id].model_version if it.item_id in preds else None for it in items]
+    rows["annotation_seconds"] = [
+        np.nan if it.annotation_seconds is None else float(it.annotation_seconds) for it in items
+    ]
+    rows["model_version"] = [
+        preds[it.item_id].model_version if it.item_id in preds else None for it in items
+    ]
     df = pd.DataFrame(rows)
-    for name in ("error", "model_version"):  # nullable text: the same dtype whether or not a chunk has values
+    for name in (
+        "error",
+        "model_version",
+    ):  # nullable text: the same dtype whether or not a chunk has values
         df[name] = pd.Series(rows[name], dtype=object)
     return df
 
@@ -367,19 +398,28 @@ def finish_table(
 
     ref_sketch = None
     if reference_meta is not None:
-        ref_sketch = {k: v for k, v in reference_meta.get("reference", {}).items() if k in scorers and v}
+        ref_sketch = {
+            k: v for k, v in reference_meta.get("reference", {}).items() if k in scorers and v
+        }
     pct = percentiles(scored, scorers, ref_sketch)
     sketch = dict(ref_sketch or {})
     for name in scorers:
-        sketch.setdefault(name, quantile_sketch(scored[name].to_numpy(dtype=np.float64, na_value=np.nan)))
+        sketch.setdefault(
+            name, quantile_sketch(scored[name].to_numpy(dtype=np.float64, na_value=np.nan))
+        )
 
     err_ok = err[ok]
     if reference_meta is not None:
-        ref_weights = {k: float(v or 0.0) for k, v in reference_meta.get("combination", {}).get("weights", {}).items()}
+        ref_weights = {
+            k: float(v or 0.0)
+            for k, v in reference_meta.get("combination", {}).get("weights", {}).items()
+        }
         weights = {k: ref_weights.get(k, 0.0) for k in scorers}
         dropped = sorted(set(ref_weights) - set(scorers))
         if dropped:
-            log.warning("reference weights for scorers not run here are dropped: %s", ", ".join(dropped))
+            log.warning(
+                "reference weights for scorers not run here are dropped: %s", ", ".join(dropped)
+            )
         fit = CombineFit(
             "reference",
             weights,
@@ -413,7 +453,12 @@ def finish_table(
     meta = {
         "combination": fit_dict,
         "reference": sketch,
-        "tiers": {"config": tiers.model_dump(), "easy_max": easy_max, "hard_min": hard_min, "source": tier_source},
+        "tiers": {
+            "config": tiers.model_dump(),
+            "easy_max": easy_max,
+            "hard_min": hard_min,
+            "source": tier_source,
+        },
     }
     return df, meta
 
@@ -436,10 +481,15 @@ def summarize(df: pd.DataFrame, meta: dict[str, Any], *, max_errors: int = 50) -
         "labeled": int(labeled.sum()),
         "with_true_error": int(df["true_error"].notna().sum()),
         "tiers": {t: int(tiers.get(t, 0)) for t in ("easy", "medium", "hard")},
-        "thresholds": {"easy_max": meta["tiers"]["easy_max"], "hard_min": meta["tiers"]["hard_min"]},
+        "thresholds": {
+            "easy_max": meta["tiers"]["easy_max"],
+            "hard_min": meta["tiers"]["hard_min"],
+        },
         "scorers": meta["scorers"],
         "combination": meta["combination"],
-        "error_items": [{"item_id": r.item_id, "error": r.error} for r in errors.head(max_errors).itertuples()],
+        "error_items": [
+            {"item_id": r.item_id, "error": r.error} for r in errors.head(max_errors).itertuples()
+        ],
     }
 
 
@@ -484,7 +534,9 @@ def score_project(
     if predictions is not None and checkpoint is not None:
         raise UsageError("give predictions or a model checkpoint, not both")
     task = _task(project)
-    needs = available_needs(task, predictions=predictions is not None, checkpoint=checkpoint is not None)
+    needs = available_needs(
+        task, predictions=predictions is not None, checkpoint=checkpoint is not None
+    )
     names = list(scorers) if scorers else default_scorers(needs)
     if not names:
         raise UsageError("no scorer to run")
@@ -525,13 +577,21 @@ def score_project(
         raise UsageError(f"project {project.project.url} has no items")
     raw = pd.concat(parts, ignore_index=True)
     if scorers is None:
-        empty = [n for n in names if raw.loc[raw["error"].isna(), n].isna().all() and n != DEFAULT_SCORER]
+        empty = [
+            n for n in names if raw.loc[raw["error"].isna(), n].isna().all() and n != DEFAULT_SCORER
+        ]
         if empty:
             log.info("scorers without inputs in this project are left out: %s", ", ".join(empty))
             names = [n for n in names if n not in empty]
             raw = raw.drop(columns=empty)
     df, parts_meta = finish_table(
-        raw, names, tiers=tiers, reference_meta=reference_meta, min_labeled=min_labeled, seed=seed, signed_weights=signed_weights
+        raw,
+        names,
+        tiers=tiers,
+        reference_meta=reference_meta,
+        min_labeled=min_labeled,
+        seed=seed,
+        signed_weights=signed_weights,
     )
     versions = sorted({str(v) for v in df["model_version"].dropna()})
     if checkpoint is not None:
@@ -548,14 +608,23 @@ def score_project(
         "task": task,
         "model_version": model_version,
         "scorers": names,
-        "settings": {"scorers": {k: dict(v) for k, v in chosen.items() if k in names}, "label_map": label_map.model_dump(mode="json"),
-                     "iou_threshold": iou_threshold, "error_min_score": error_min_score, "image_size": image_size,
-                     "min_labeled": min_labeled, "signed_weights": signed_weights, "reference": reference},
+        "settings": {
+            "scorers": {k: dict(v) for k, v in chosen.items() if k in names},
+            "label_map": label_map.model_dump(mode="json"),
+            "iou_threshold": iou_threshold,
+            "error_min_score": error_min_score,
+            "image_size": image_size,
+            "min_labeled": min_labeled,
+            "signed_weights": signed_weights,
+            "reference": reference,
+        },
         **parts_meta,
     }
     df = df.drop(columns=["model_version"])
     paths = {"difficulty": write_difficulty(df, out_dir, meta, storage_options)}
     summary = summarize(df, meta)
-    paths["summary"] = ProjectFS(out_dir, storage_options).write_text("summary.json", json.dumps(summary, indent=2, default=str))
+    paths["summary"] = ProjectFS(out_dir, storage_options).write_text(
+        "summary.json", json.dumps(summary, indent=2, default=str)
+    )
     log.info("scored %d items (%d errors) into %s", summary["items"], summary["errors"], out_dir)
     return ScoreResult(df, meta, summary, paths)

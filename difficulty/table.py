@@ -56,17 +56,23 @@ def scorer_columns(df: pd.DataFrame) -> list[str]:
 def to_arrow(df: pd.DataFrame, meta: dict[str, Any]) -> pa.Table:
     """The Arrow table of the contract, with ``meta`` as JSON in the schema metadata."""
     scorers = [str(s) for s in meta.get("scorers", scorer_columns(df))]
-    missing = [c for c in (*LEADING, *scorers, "score", "tier", "rank", "error") if c not in df.columns]
+    missing = [
+        c for c in (*LEADING, *scorers, "score", "tier", "rank", "error") if c not in df.columns
+    ]
     if missing:
         raise ValueError(f"difficulty table lacks columns {missing}")
     fields: list[pa.Field] = []
     arrays: list[pa.Array] = []
+    values: list[Any]
     n = len(df)
     for name in (*LEADING, *scorers, *TRAILING):
         if name in _STRING:
             typ: pa.DataType = pa.string()
             col = df[name] if name in df.columns else pd.Series([None] * n)
-            values = [None if (v is None or (isinstance(v, float) and np.isnan(v))) else str(v) for v in col]
+            values = [
+                None if (v is None or (isinstance(v, float) and np.isnan(v))) else str(v)
+                for v in col
+            ]
         elif name == "rank":
             typ = pa.int64()
             values = [None if pd.isna(v) else int(v) for v in df[name]]
@@ -76,7 +82,9 @@ def to_arrow(df: pd.DataFrame, meta: dict[str, Any]) -> pa.Table:
             values = [None if pd.isna(v) else float(v) for v in col]
         fields.append(pa.field(name, typ))
         arrays.append(pa.array(values, type=typ))
-    schema = pa.schema(fields, metadata={META_KEY: json.dumps(meta, sort_keys=True, default=str).encode()})
+    schema = pa.schema(
+        fields, metadata={META_KEY: json.dumps(meta, sort_keys=True, default=str).encode()}
+    )
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
@@ -114,7 +122,9 @@ def read_difficulty(
         raise InputError(f"unreadable difficulty table: {exc}", file=fs.url_of(name)) from exc
     raw = (table.schema.metadata or {}).get(META_KEY)
     if raw is None:
-        raise InputError("not a labeltriage difficulty table (no run metadata)", file=fs.url_of(name))
+        raise InputError(
+            "not a labeltriage difficulty table (no run metadata)", file=fs.url_of(name)
+        )
     meta = json.loads(raw)
     df = table.to_pandas()
     if "rank" in df.columns:

@@ -32,8 +32,8 @@ class TierConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     mode: Literal["quantiles", "thresholds"] = "quantiles"
-    easy: float = Field(0.3, ge=0.0, le=1.0)
-    hard: float = Field(0.7, ge=0.0, le=1.0)
+    easy: float = Field(default=0.3, ge=0.0, le=1.0)
+    hard: float = Field(default=0.7, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _ordered(self) -> TierConfig:

@@ -30,7 +30,10 @@ def write_config(tmp_path: Path, **project: object) -> Path:
             "roads": {
                 "source": str(EXAMPLES / "sample_project"),
                 "format": "voc",
-                "predictions": {"source": str(EXAMPLES / "sample_project_predictions" / "yolo"), "format": "yolo"},
+                "predictions": {
+                    "source": str(EXAMPLES / "sample_project_predictions" / "yolo"),
+                    "format": "yolo",
+                },
                 "label_map": str(EXAMPLES / "label_map.yaml"),
                 **project,
             }
@@ -73,7 +76,9 @@ def test_unknown_command_is_usage_error(runner: CliRunner) -> None:
 
 
 @pytest.mark.parametrize("name", ["run", "schedule"])
-def test_operator_commands_need_a_config(runner: CliRunner, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_operator_commands_need_a_config(
+    runner: CliRunner, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("LABELTRIAGE_CONFIG", raising=False)
     result = runner.invoke(cli, [name])
     assert result.exit_code == 2
@@ -81,7 +86,9 @@ def test_operator_commands_need_a_config(runner: CliRunner, name: str, monkeypat
 
 
 @pytest.mark.parametrize("where", ["command", "group"])
-def test_bad_config_names_the_field_and_exits_2(runner: CliRunner, tmp_path: Path, where: str) -> None:
+def test_bad_config_names_the_field_and_exits_2(
+    runner: CliRunner, tmp_path: Path, where: str
+) -> None:
     path = write_config(tmp_path, epsilon=3)
     args = ["run", "--config", str(path)] if where == "command" else ["--config", str(path), "run"]
     result = runner.invoke(cli, args)
@@ -95,7 +102,9 @@ def test_missing_config_file_exits_2(runner: CliRunner, tmp_path: Path) -> None:
 
 
 def test_run_unknown_project_exits_2(runner: CliRunner, tmp_path: Path) -> None:
-    result = runner.invoke(cli, ["run", "--config", str(write_config(tmp_path)), "--project", "kitti"])
+    result = runner.invoke(
+        cli, ["run", "--config", str(write_config(tmp_path)), "--project", "kitti"]
+    )
     assert result.exit_code == 2 and "unknown project 'kitti'" in result.output
 
 
@@ -123,7 +132,9 @@ def test_demo_refuses_a_folder_it_did_not_make(runner: CliRunner, tmp_path: Path
 
 def test_demo_needs_the_examples(runner: CliRunner, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    result = runner.invoke(cli, ["demo", "--out", str(tmp_path / "out"), "--examples", str(tmp_path / "empty")])
+    result = runner.invoke(
+        cli, ["demo", "--out", str(tmp_path / "out"), "--examples", str(tmp_path / "empty")]
+    )
     assert result.exit_code == 2 and "missing" in result.output
 
 
@@ -139,12 +150,16 @@ def test_config_fills_options_of_other_commands(runner: CliRunner, tmp_path: Pat
 def test_inline_label_map_reaches_commands_as_a_file(runner: CliRunner, tmp_path: Path) -> None:
     path = write_config(tmp_path, label_map={"map": {"stop sign": "stop"}})
     with_map = json.loads(runner.invoke(cli, ["--config", str(path), "stats"]).output)
-    path = write_config(tmp_path, label_map={"map": {"stop sign": "stop", "traffic light": "trafficlight"}})
+    path = write_config(
+        tmp_path, label_map={"map": {"stop sign": "stop", "traffic light": "trafficlight"}}
+    )
     with_two = json.loads(runner.invoke(cli, ["--config", str(path), "stats"]).output)
     assert 0 < with_map["predictions"] < with_two["predictions"]
 
 
-def test_commands_section_sets_any_option_and_unknown_ones_exit_2(runner: CliRunner, tmp_path: Path) -> None:
+def test_commands_section_sets_any_option_and_unknown_ones_exit_2(
+    runner: CliRunner, tmp_path: Path
+) -> None:
     path = write_config(tmp_path)
     data = yaml.safe_load(path.read_text())
     data["commands"] = {"stats": {"format": "yolo"}}
@@ -161,7 +176,9 @@ def test_commands_section_sets_any_option_and_unknown_ones_exit_2(runner: CliRun
     assert "commands.frobnicate: unknown command" in result.output
 
 
-def test_main_maps_library_errors_to_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_main_maps_library_errors_to_exit_codes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["run", "--config", str(tmp_path / "nope.yaml")])
     assert exc.value.code == 2
@@ -180,13 +197,23 @@ def test_run_that_fails_exits_1_and_is_recorded(runner: CliRunner, tmp_path: Pat
 
 def test_run_end_to_end_then_again_against_the_first(runner: CliRunner, tmp_path: Path) -> None:
     """The real pipeline on the 120-image sample project, stage shadow, with its predictions."""
-    path = write_config(tmp_path, stage="shadow", epsilon=0.3, delta=0.1, min_count=10, schedule="0 2 * * *")
+    path = write_config(
+        tmp_path, stage="shadow", epsilon=0.3, delta=0.1, min_count=10, schedule="0 2 * * *"
+    )
     first = runner.invoke(cli, ["run", "--config", str(path), "--json"])
     assert first.exit_code == 0, first.output
     record = json.loads(first.output.strip().splitlines()[-1])
     assert record["status"] == "ok" and record["stage"] == "shadow"
     run_dir = Path(record["outputs"]["report"]).parent
-    for name in ("stats.json", "difficulty.parquet", "summary.json", "report.html", "plan.csv", "autolabel.json", "run.json"):
+    for name in (
+        "stats.json",
+        "difficulty.parquet",
+        "summary.json",
+        "report.html",
+        "plan.csv",
+        "autolabel.json",
+        "run.json",
+    ):
         assert (run_dir / name).is_file(), name
     assert record["counts"]["items"] == 120 and sum(record["counts"]["tiers"].values()) == 120
     shadow = record["counts"]["shadow"]

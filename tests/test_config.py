@@ -19,7 +19,10 @@ def write(tmp_path: Path, data: object, name: str = "config.yaml") -> Path:
 
 
 def minimal(**project: object) -> dict[str, object]:
-    return {"report_store": "reports", "projects": {"roads": {"source": "data/roads", "format": "voc", **project}}}
+    return {
+        "report_store": "reports",
+        "projects": {"roads": {"source": "data/roads", "format": "voc", **project}},
+    }
 
 
 def problems(exc: pytest.ExceptionInfo[ConfigError]) -> dict[str, str]:
@@ -28,7 +31,7 @@ def problems(exc: pytest.ExceptionInfo[ConfigError]) -> dict[str, str]:
 
 def test_example_config_is_valid() -> None:
     cfg = load_config(REPO / "examples" / "config.yaml")
-    name, project = cfg.project("road_signs")
+    _, project = cfg.project("road_signs")
     assert project.stage in ("report", "shadow", "autolabel") and project.predictions is not None
     assert cfg.projects["road_signs_model"].train is not None
     assert Path(project.source) == (REPO / "examples" / "sample_project").resolve()
@@ -56,7 +59,10 @@ def test_remote_paths_are_left_alone(tmp_path: Path) -> None:
     data["report_store"] = "s3://bucket/reports"
     data["projects"]["roads"]["source"] = "s3://bucket/roads"  # type: ignore[index]
     cfg = load_config(write(tmp_path, data))
-    assert cfg.report_store == "s3://bucket/reports" and cfg.projects["roads"].source == "s3://bucket/roads"
+    assert (
+        cfg.report_store == "s3://bucket/reports"
+        and cfg.projects["roads"].source == "s3://bucket/roads"
+    )
     assert cfg.job_store_url() is None  # a remote store needs scheduler.job_store
 
 
@@ -70,9 +76,17 @@ def test_remote_paths_are_left_alone(tmp_path: Path) -> None:
         ({"schedule": "every day"}, "projects.roads.schedule", "invalid cron string"),
         ({"tiers": {"easy": 0.8, "hard": 0.2}}, "projects.roads.tiers", "out of order"),
         ({"tiers": {"mode": "buckets"}}, "projects.roads.tiers.mode", "quantiles"),
-        ({"planning": {"team_size": 0}}, "projects.roads.planning.team_size", "greater than or equal to 1"),
+        (
+            {"planning": {"team_size": 0}},
+            "projects.roads.planning.team_size",
+            "greater than or equal to 1",
+        ),
         ({"train": {"task": "segmentation"}}, "projects.roads.train.task", "detection"),
-        ({"predictions": {"format": "yolo"}}, "projects.roads.predictions.source", "Field required"),
+        (
+            {"predictions": {"format": "yolo"}},
+            "projects.roads.predictions.source",
+            "Field required",
+        ),
         ({"colour": "red"}, "projects.roads.colour", "Extra inputs are not permitted"),
         ({"stage": "autolabel"}, "projects.roads", "needs predictions, model or train"),
         ({"model": "m.pt", "train": {"task": "detection"}}, "projects.roads", "either model"),
@@ -80,7 +94,9 @@ def test_remote_paths_are_left_alone(tmp_path: Path) -> None:
         ({"score_with": "predictions"}, "projects.roads", "no predictions are configured"),
     ],
 )
-def test_errors_name_the_field(tmp_path: Path, project: dict[str, object], field: str, words: str) -> None:
+def test_errors_name_the_field(
+    tmp_path: Path, project: dict[str, object], field: str, words: str
+) -> None:
     with pytest.raises(ConfigError) as exc:
         load_config(write(tmp_path, minimal(**project)))
     found = problems(exc)
@@ -96,7 +112,12 @@ def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         load_config(write(tmp_path, data))
     found = problems(exc)
-    assert {"projects.roads.epsilon", "projects.roads.delta", "scheduler.timezone", "projects.bad name!.[key]"} <= set(found)
+    assert {
+        "projects.roads.epsilon",
+        "projects.roads.delta",
+        "scheduler.timezone",
+        "projects.bad name!.[key]",
+    } <= set(found)
     assert "unknown timezone" in found["scheduler.timezone"]
 
 
@@ -107,18 +128,26 @@ def test_scorer_settings_are_validated_by_the_scorer(tmp_path: Path) -> None:
     assert "projects.roads.scorer_settings.fourier.no_such_setting" in problems(exc)
 
 
-def test_environment_variables_are_interpolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_environment_variables_are_interpolated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("ROADS_TOKEN", "abc123")
-    data = minimal(storage_options={"token": "${ROADS_TOKEN}", "region": "${ROADS_REGION:-eu-west-1}"})
+    data = minimal(
+        storage_options={"token": "${ROADS_TOKEN}", "region": "${ROADS_REGION:-eu-west-1}"}
+    )
     cfg = load_config(write(tmp_path, data))
     assert cfg.projects["roads"].storage_options == {"token": "abc123", "region": "eu-west-1"}
 
 
-def test_missing_environment_variable_names_the_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_environment_variable_names_the_field(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("NOPE_TOKEN", raising=False)
     with pytest.raises(ConfigError) as exc:
         load_config(write(tmp_path, minimal(storage_options={"token": "${NOPE_TOKEN}"})))
-    assert problems(exc) == {"projects.roads.storage_options.token": "environment variable NOPE_TOKEN is not set"}
+    assert problems(exc) == {
+        "projects.roads.storage_options.token": "environment variable NOPE_TOKEN is not set"
+    }
 
 
 @pytest.mark.parametrize(
@@ -136,7 +165,9 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_label_map_inline_or_file(tmp_path: Path) -> None:
-    cfg = load_config(write(tmp_path, minimal(label_map={"map": {"stop sign": "stop"}, "ignore": ["DontCare"]})))
+    cfg = load_config(
+        write(tmp_path, minimal(label_map={"map": {"stop sign": "stop"}, "ignore": ["DontCare"]}))
+    )
     assert cfg.projects["roads"].label_map.map == {"stop sign": "stop"}
     cfg = load_config(write(tmp_path, minimal(label_map="maps/roads.yaml")))
     assert cfg.projects["roads"].label_map.file == str(tmp_path / "maps" / "roads.yaml")
@@ -154,7 +185,10 @@ def test_project_choice() -> None:
 
 def test_command_defaults_come_from_the_project_and_commands_section() -> None:
     data = minimal(
-        predictions={"source": "/p/yolo", "format": "yolo"}, epsilon=0.1, planning={"team_size": 4}, scorers="fourier,entropy"
+        predictions={"source": "/p/yolo", "format": "yolo"},
+        epsilon=0.1,
+        planning={"team_size": 4},
+        scorers="fourier,entropy",
     )
     data["projects"]["roads"]["storage_options"] = {"anon": True}  # type: ignore[index]
     cfg = AppConfig.model_validate(data)
@@ -163,9 +197,16 @@ def test_command_defaults_come_from_the_project_and_commands_section() -> None:
     assert defaults["score"]["scorers"] == "fourier,entropy"
     assert defaults["autolabel"]["epsilon"] == 0.1
     assert defaults["report"]["team_size"] == 4
-    assert "tier_mode" not in defaults["score"]  # not configured: the reference run's tiers are reused
-    both = AppConfig.model_validate(minimal(predictions={"source": "/p"}, model="/m.pt", score_with="model"))
-    assert "predictions" not in command_defaults(both, None)["score"] and command_defaults(both, None)["score"]["model"] == "/m.pt"
+    assert (
+        "tier_mode" not in defaults["score"]
+    )  # not configured: the reference run's tiers are reused
+    both = AppConfig.model_validate(
+        minimal(predictions={"source": "/p"}, model="/m.pt", score_with="model")
+    )
+    assert (
+        "predictions" not in command_defaults(both, None)["score"]
+        and command_defaults(both, None)["score"]["model"] == "/m.pt"
+    )
     assert "model" not in command_defaults(both, None)["autolabel"]
     assert defaults["stats"] == {
         "source": "data/roads", "format": "voc", "storage_options": '{"anon": true}',

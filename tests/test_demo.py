@@ -62,7 +62,9 @@ def test_prepare_replaces_an_earlier_demo_but_nothing_else(tmp_path: Path) -> No
 def test_demo_runs_the_whole_job(tmp_path: Path) -> None:
     before = _tree_digest(EXAMPLES / "sample_project")
     start = time.perf_counter()
-    result = CliRunner().invoke(cli, ["-q", "demo", "--out", str(tmp_path / "demo"), "--no-progress"])
+    result = CliRunner().invoke(
+        cli, ["-q", "demo", "--out", str(tmp_path / "demo"), "--no-progress"]
+    )
     elapsed = time.perf_counter() - start
     assert result.exit_code == 0, result.output
     assert elapsed < 300, f"the demo took {elapsed:.0f} s"
@@ -82,11 +84,16 @@ def test_demo_runs_the_whole_job(tmp_path: Path) -> None:
     assert final.counts["reference"].endswith(shadow.run_id)
     for record in (*model_runs, *runs):
         assert Path(record.outputs["report"]).is_file()
-        assert f"report ({record.project}, {record.stage}): {record.outputs['report']}" in result.output
+        assert (
+            f"report ({record.project}, {record.stage}): {record.outputs['report']}"
+            in result.output
+        )
 
     sidecars = list((out / "project" / ".labeltriage" / "auto").glob("*.json"))
     assert len(sidecars) == written
     assert all((out / "project" / "annotations" / f"{p.stem}.xml").is_file() for p in sidecars)
-    assert _tree_digest(EXAMPLES / "sample_project") == before  # the bundled sample is never touched
+    assert (
+        _tree_digest(EXAMPLES / "sample_project") == before
+    )  # the bundled sample is never touched
     data = yaml.safe_load((out / "config.yaml").read_text())
     assert data["projects"][PROJECT]["stage"] == "autolabel"

@@ -16,7 +16,7 @@ from PIL import Image
 
 import connectors.formats  # noqa: F401  (registers every format)
 from autolabel.audit import choose_audit, measure_audit_precision
-from autolabel.gate import AutolabelResult, run_autolabel
+from autolabel.gate import AutolabelResult, auto_label, run_autolabel
 from connectors.errors import UsageError
 from connectors.formats._filebased import LabelFileFormat
 from connectors.formats.base import FORMATS, PredictionSource, ProjectFormat
@@ -590,3 +590,44 @@ def test_checkpoint_without_calibration_split_is_refused(
         run_autolabel(
             fmt, difficulty_dir=report, checkpoint=ckpt, epsilon=0.1, delta=0.1, label_map=LABEL_MAP
         )
+
+
+def test_auto_label_classification_and_detection() -> None:
+    lm = LabelMap(map={"seven": "7", "one": "1", "car": "Car"}, ignore=("DontCare",))
+    pred = Prediction(item_id="a", probs={"seven": 0.7, "one": 0.2, "dog": 0.1})
+    assert auto_label(pred, lm, task="classification", box_confidence=0.5) == [
+        Annotation(label="7", score=0.7)
+    ]
+    assert auto_label(pred, lm, task="classification", box_confidence=0.8) is None
+    boxes = Prediction(
+        item_id="b",
+        annotations=[
+            Annotation(label="car", box=(0, 0, 5, 5), score=0.9),
+            Annotation(label="car", box=(5, 5, 9, 9), score=0.2),
+            Annotation(label="dog", box=(1, 1, 4, 4), score=0.95),
+        ],
+    )
+    assert auto_label(boxes, lm, task="detection", box_confidence=0.25) == [
+        Annotation(label="Car", box=(0, 0, 5, 5), score=0.9)
+    ]
+    assert auto_label(boxes, lm, task="detection", box_confidence=0.95) == []  # "nothing here"
+
+
+def test_score_weights_fit_on_labels_are_recorded(
+    project: tuple[VocFormat, DictPredictions, str, Path],
+) -> None:
+    fmt, preds, report, _ = project
+    df = pd.read_parquet(Path(report, "difficulty.parquet"))
+    write_difficulty(
+        df,
+        report,
+        {"scorers": [], "combination": {"method": "rho", "n_labeled": 80, "weights": {}}},
+    )
+    res = _run(fmt, preds, report, dry_run=True)
+    assert res.score_weights_fit_on == 80
+    write_difficulty(
+        df,
+        report,
+        {"scorers": [], "combination": {"method": "default", "n_labeled": 80, "weights": {}}},
+    )
+    assert _run(fmt, preds, report, dry_run=True).score_weights_fit_on == 0

@@ -57,7 +57,13 @@ def write_run(run_dir: Path, *, threshold: float | None, run_id: str = "run-1") 
         }
     )
     write_difficulty(df, str(run_dir), {"run_id": run_id, "scorers": ["fourier"]})
-    body = {"run_id": run_id, "task": "detection", "threshold": threshold, "box_confidence": 0.5, "model_version": "yolov5n"}
+    body = {
+        "run_id": run_id,
+        "task": "detection",
+        "threshold": threshold,
+        "box_confidence": 0.5,
+        "model_version": "yolov5n",
+    }
     (run_dir / "autolabel.json").write_text(json.dumps(body))
 
 
@@ -110,7 +116,12 @@ def backend(run_dir: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
 
 def predict(url: str, task_ids: list[int], **kwargs: Any) -> requests.Response:
     tasks = [{"id": i, "data": {"image": f"/data/upload/1/{i}.jpg"}} for i in task_ids]
-    return requests.post(f"{url}/predict", json={"tasks": tasks, "label_config": LABEL_CONFIG, "project": "1.1"}, timeout=10, **kwargs)
+    return requests.post(
+        f"{url}/predict",
+        json={"tasks": tasks, "label_config": LABEL_CONFIG, "project": "1.1"},
+        timeout=10,
+        **kwargs,
+    )
 
 
 def test_server_binds_loopback_by_default(backend: tuple[str, Path]) -> None:
@@ -123,7 +134,9 @@ def test_health_and_setup_report_the_calibrated_model_version(backend: tuple[str
     assert health["status"] == "UP"
     assert health["model_version"] == "yolov5n@run-1"
     assert health["easy_items"] == 1
-    setup = requests.post(f"{url}/setup", json={"project": "1.1", "schema": LABEL_CONFIG}, timeout=10).json()
+    setup = requests.post(
+        f"{url}/setup", json={"project": "1.1", "schema": LABEL_CONFIG}, timeout=10
+    ).json()
     assert setup == {"model_version": "yolov5n@run-1"}
 
 
@@ -134,10 +147,16 @@ def test_predict_labels_easy_tasks_only(backend: tuple[str, Path]) -> None:
     results = r.json()["results"]
     assert len(results) == 5  # one per task, in order
     easy = results[0]
-    assert [reg["value"]["rectanglelabels"] for reg in easy["result"]] == [["stop"]]  # car unmapped, 0.2 below c
+    assert [reg["value"]["rectanglelabels"] for reg in easy["result"]] == [
+        ["stop"]
+    ]  # car unmapped, 0.2 below c
     region = easy["result"][0]
-    assert region["value"]["x"] == pytest.approx(10.0) and region["value"]["width"] == pytest.approx(40.0)
-    assert region["value"]["y"] == pytest.approx(10.0) and region["value"]["height"] == pytest.approx(40.0)
+    assert region["value"]["x"] == pytest.approx(10.0) and region["value"][
+        "width"
+    ] == pytest.approx(40.0)
+    assert region["value"]["y"] == pytest.approx(10.0) and region["value"][
+        "height"
+    ] == pytest.approx(40.0)
     assert region["original_width"] == 400 and region["original_height"] == 300
     assert region["meta"]["labeltriage"]["tier"] == "easy"
     assert easy["score"] == pytest.approx(0.9)
@@ -165,7 +184,9 @@ def test_newest_run_folder_is_used_and_reloaded(run_dir: Path, backend: tuple[st
     assert set(tier.scores) == {"1", "2"}
 
 
-def test_calibration_change_takes_effect_without_restart(run_dir: Path, backend: tuple[str, Path]) -> None:
+def test_calibration_change_takes_effect_without_restart(
+    run_dir: Path, backend: tuple[str, Path]
+) -> None:
     url, _ = backend
     assert predict(url, [2]).json()["results"][0]["result"] == []
     write_run(run_dir, threshold=0.5, run_id="run-3")
@@ -178,14 +199,25 @@ def test_webhook_records_annotations_to_jsonl(backend: tuple[str, Path]) -> None
         "action": "ANNOTATION_CREATED",
         "project": {"id": 1},
         "task": {"id": 3, "data": {"image": "/data/upload/1/3.jpg"}},
-        "annotation": {"id": 7, "task": 3, "result": [{"type": "rectanglelabels"}], "was_cancelled": False},
+        "annotation": {
+            "id": 7,
+            "task": 3,
+            "result": [{"type": "rectanglelabels"}],
+            "was_cancelled": False,
+        },
     }
     assert requests.post(f"{url}/webhook", json=event, timeout=10).json()["status"] == "recorded"
-    ignored = requests.post(f"{url}/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 1}}, timeout=10)
+    ignored = requests.post(
+        f"{url}/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 1}}, timeout=10
+    )
     assert ignored.json()["status"] == "ignored"
     recorded = read_events(str(events))
     assert len(recorded) == 1
-    assert recorded[0]["task"] == 3 and recorded[0]["annotation"]["id"] == 7 and recorded[0]["project"] == 1
+    assert (
+        recorded[0]["task"] == 3
+        and recorded[0]["annotation"]["id"] == 7
+        and recorded[0]["project"] == 1
+    )
 
 
 @pytest.mark.parametrize(
@@ -200,14 +232,18 @@ def test_webhook_records_annotations_to_jsonl(backend: tuple[str, Path]) -> None
 )
 def test_bad_bodies_are_400(backend: tuple[str, Path], data: bytes, status: int) -> None:
     url, _ = backend
-    r = requests.post(f"{url}/predict", data=data, headers={"Content-Type": "application/json"}, timeout=10)
+    r = requests.post(
+        f"{url}/predict", data=data, headers={"Content-Type": "application/json"}, timeout=10
+    )
     assert r.status_code == status
     assert "error" in r.json()
     assert requests.get(f"{url}/health", timeout=10).status_code == 200  # still serving
 
 
 def test_oversized_body_is_413_and_server_survives(run_dir: Path) -> None:
-    config = BackendConfig(run_url=str(run_dir), predictions=DictPredictions(PREDS), max_body_bytes=1000)
+    config = BackendConfig(
+        run_url=str(run_dir), predictions=DictPredictions(PREDS), max_body_bytes=1000
+    )
     server, thread = serve(config)
     try:
         r = requests.post(f"{server.url}/predict", data=b"{" + b" " * 5000 + b"}", timeout=10)
@@ -228,16 +264,25 @@ def test_unknown_path_and_wrong_method(backend: tuple[str, Path]) -> None:
 
 def test_basic_auth_is_required_when_configured(run_dir: Path) -> None:
     config = BackendConfig(
-        run_url=str(run_dir), predictions=DictPredictions(PREDS), basic_auth=("ls", "s3cret"), size_of=lambda t: (400, 300)
+        run_url=str(run_dir),
+        predictions=DictPredictions(PREDS),
+        basic_auth=("ls", "s3cret"),
+        size_of=lambda t: (400, 300),
     )
     server, thread = serve(config)
     try:
         assert requests.get(f"{server.url}/health", timeout=10).status_code == 401
-        assert requests.get(f"{server.url}/health", auth=("ls", "wrong"), timeout=10).status_code == 401
+        assert (
+            requests.get(f"{server.url}/health", auth=("ls", "wrong"), timeout=10).status_code
+            == 401
+        )
         r = requests.get(f"{server.url}/health", headers={"Authorization": "Basic !!!"}, timeout=10)
         assert r.status_code == 401
         assert predict(server.url, [1]).status_code == 401
-        assert requests.get(f"{server.url}/health", auth=("ls", "s3cret"), timeout=10).status_code == 200
+        assert (
+            requests.get(f"{server.url}/health", auth=("ls", "s3cret"), timeout=10).status_code
+            == 200
+        )
         assert predict(server.url, [1], auth=("ls", "s3cret")).status_code == 200
     finally:
         server.shutdown()

@@ -34,17 +34,23 @@ def tiny_voc(tmp_path: Path) -> Path:
     for i in range(12):
         noise = rng.uniform(0, 255, (48, 64, 3)) * (i / 11)
         base = np.linspace(0, 255, 64)[None, :, None].repeat(48, 0).repeat(3, 2) * (1 - i / 11)
-        Image.fromarray((noise + base).clip(0, 255).astype(np.uint8)).save(root / "images" / f"img{i:02d}.jpg")
+        Image.fromarray((noise + base).clip(0, 255).astype(np.uint8)).save(
+            root / "images" / f"img{i:02d}.jpg"
+        )
         if i % 3 != 2:
             label = "stop" if i % 2 else "trafficlight"
-            (root / "annotations" / f"img{i:02d}.xml").write_text(_voc_xml(f"img{i:02d}", [(label, 5 + i, 4, 30 + i, 40)]))
+            (root / "annotations" / f"img{i:02d}.xml").write_text(
+                _voc_xml(f"img{i:02d}", [(label, 5 + i, 4, 30 + i, 40)])
+            )
     return root
 
 
 def make_config(tmp_path: Path, source: Path, **project: object) -> AppConfig:
     data = {
         "report_store": "reports",
-        "projects": {"tiny": {"source": str(source), "format": "voc", "scorers": ["fourier"], **project}},
+        "projects": {
+            "tiny": {"source": str(source), "format": "voc", "scorers": ["fourier"], **project}
+        },
     }
     return parse_config(data, base_dir=tmp_path)
 
@@ -54,7 +60,14 @@ def test_run_writes_outputs_and_an_ok_record(tmp_path: Path, tiny_voc: Path) -> 
     record = run_project(cfg, "tiny", run_id="20260101T000000000000Z-aaaaaa")
     assert record.status == "ok", record.error
     run_dir = tmp_path / "reports" / "tiny" / record.run_id
-    assert {"stats.json", "difficulty.parquet", "summary.json", "report.html", "plan.csv", "run.json"} <= {p.name for p in run_dir.iterdir()}
+    assert {
+        "stats.json",
+        "difficulty.parquet",
+        "summary.json",
+        "report.html",
+        "plan.csv",
+        "run.json",
+    } <= {p.name for p in run_dir.iterdir()}
     stored = RunRecord.model_validate_json((run_dir / "run.json").read_text())
     assert stored == record
     assert stored.finished is not None and stored.started <= stored.finished
@@ -65,7 +78,9 @@ def test_run_writes_outputs_and_an_ok_record(tmp_path: Path, tiny_voc: Path) -> 
     assert not (tiny_voc / ".labeltriage").exists()  # stage report writes nothing into the project
 
 
-def test_second_run_scores_against_the_first_and_reports_history(tmp_path: Path, tiny_voc: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_second_run_scores_against_the_first_and_reports_history(
+    tmp_path: Path, tiny_voc: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = make_config(tmp_path, tiny_voc)
     first = run_project(cfg, "tiny")
     import difficulty.report
@@ -86,7 +101,9 @@ def test_second_run_scores_against_the_first_and_reports_history(tmp_path: Path,
     assert seen["plan_settings"].audit_share == cfg.projects["tiny"].audit_share  # type: ignore[attr-defined]
 
 
-def test_failing_step_makes_the_run_failed_but_the_record_is_written(tmp_path: Path, tiny_voc: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failing_step_makes_the_run_failed_but_the_record_is_written(
+    tmp_path: Path, tiny_voc: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import difficulty.report
 
     def broken(run_dir: str, **kwargs: object) -> dict[str, str]:
@@ -104,13 +121,19 @@ def test_failing_step_makes_the_run_failed_but_the_record_is_written(tmp_path: P
     monkeypatch.undo()
     later = run_project(cfg, "tiny")
     assert later.status == "ok"
-    assert "reference" not in later.counts or record.run_id not in later.counts["reference"]  # failed runs are no reference
+    assert (
+        "reference" not in later.counts or record.run_id not in later.counts["reference"]
+    )  # failed runs are no reference
 
 
 def test_bad_source_fails_in_stats(tmp_path: Path) -> None:
     cfg = make_config(tmp_path, tmp_path / "missing")
     record = run_project(cfg, "tiny")
-    assert record.status == "failed" and record.error is not None and record.error.startswith("stats: ")
+    assert (
+        record.status == "failed"
+        and record.error is not None
+        and record.error.startswith("stats: ")
+    )
 
 
 def test_report_store_on_another_filesystem(tmp_path: Path, tiny_voc: Path) -> None:
@@ -137,9 +160,18 @@ def test_run_locked_without_a_database_for_a_remote_store(tmp_path: Path, tiny_v
 
 def test_label_map_file_and_inline_are_merged(tmp_path: Path) -> None:
     path = tmp_path / "map.yaml"
-    path.write_text(yaml.safe_dump({"map": {"stop sign": "stop", "car": "vehicle"}, "ignore": ["DontCare"]}))
+    path.write_text(
+        yaml.safe_dump({"map": {"stop sign": "stop", "car": "vehicle"}, "ignore": ["DontCare"]})
+    )
     cfg = parse_config(
-        {"projects": {"p": {"source": "x", "label_map": {"file": str(path), "map": {"car": "car"}, "ignore": ["Misc"]}}}},
+        {
+            "projects": {
+                "p": {
+                    "source": "x",
+                    "label_map": {"file": str(path), "map": {"car": "car"}, "ignore": ["Misc"]},
+                }
+            }
+        },
         base_dir=tmp_path,
     )
     label_map = build_label_map(cfg.projects["p"])
@@ -153,12 +185,32 @@ def test_label_map_file_and_inline_are_merged(tmp_path: Path) -> None:
         ({"predictions": {"source": "p"}}, None, (True, False), (True, False)),
         ({"model": "m.pt"}, "m.pt", (False, True), (False, True)),
         ({"predictions": {"source": "p"}, "model": "m.pt"}, "m.pt", (True, False), (True, False)),
-        ({"predictions": {"source": "p"}, "model": "m.pt", "score_with": "model"}, "m.pt", (False, True), (True, False)),
-        ({"predictions": {"source": "p"}, "model": "m.pt", "score_with": "predictions", "label_with": "model"}, "m.pt", (True, False), (False, True)),
+        (
+            {"predictions": {"source": "p"}, "model": "m.pt", "score_with": "model"},
+            "m.pt",
+            (False, True),
+            (True, False),
+        ),
+        (
+            {
+                "predictions": {"source": "p"},
+                "model": "m.pt",
+                "score_with": "predictions",
+                "label_with": "model",
+            },
+            "m.pt",
+            (True, False),
+            (False, True),
+        ),
         ({}, None, (False, False), (False, False)),
     ],
 )
-def test_what_scores_and_what_labels(project: dict[str, object], checkpoint: str | None, score: tuple[bool, bool], label: tuple[bool, bool]) -> None:
+def test_what_scores_and_what_labels(
+    project: dict[str, object],
+    checkpoint: str | None,
+    score: tuple[bool, bool],
+    label: tuple[bool, bool],
+) -> None:
     p = parse_config({"projects": {"p": {"source": "x", **project}}}).projects["p"]
     assert score_inputs(p, checkpoint) == score
     assert label_inputs(p, checkpoint) == label

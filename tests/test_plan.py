@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from difficulty.plan import PlanSettings, assign, compute_plan, plan_table, seconds_per_tier, write_plan
+from difficulty.plan import (
+    PlanSettings,
+    assign,
+    compute_plan,
+    plan_table,
+    seconds_per_tier,
+    write_plan,
+)
 
 
 def _table() -> pd.DataFrame:
@@ -41,8 +49,14 @@ SETTINGS = PlanSettings(
 
 def test_rates_from_history_or_defaults() -> None:
     rates = seconds_per_tier(_table(), SETTINGS)
-    assert rates["easy"] == {"seconds": 900.0, "source": "history", "timed_items": 2}  # median(600, 1200)
-    assert rates["medium"]["seconds"] == 1800.0 and rates["medium"]["source"] == "default"  # 1 timed < 2
+    assert rates["easy"] == {
+        "seconds": 900.0,
+        "source": "history",
+        "timed_items": 2,
+    }  # median(600, 1200)
+    assert (
+        rates["medium"]["seconds"] == 1800.0 and rates["medium"]["source"] == "default"
+    )  # 1 timed < 2
     assert rates["hard"]["seconds"] == 3600.0 and rates["hard"]["source"] == "default"
     assert rates["unscored"]["seconds"] == 1800.0
 
@@ -70,20 +84,37 @@ def test_hard_items_go_to_the_most_experienced() -> None:
     people = {p["name"]: p for p in plan["assignment"]}
     assert list(people) == ["senior-1", "mid-2"]
     # hardest first, cut at half of the 5 h: h3, h2 (2 h) and h1 (mid-point 2.5 h) … the senior's share is [0, 2.5 h)
-    assert people["senior-1"]["hard"] == 2 and people["senior-1"]["medium"] == 0 and people["senior-1"]["easy"] == 0
-    assert people["mid-2"]["hard"] == 1 and people["mid-2"]["easy"] == 2 and people["mid-2"]["unscored"] == 1
-    table = assign(_table()[_table()["status"] == "unlabeled"], seconds_per_tier(_table(), SETTINGS), SETTINGS)
+    assert (
+        people["senior-1"]["hard"] == 2
+        and people["senior-1"]["medium"] == 0
+        and people["senior-1"]["easy"] == 0
+    )
+    assert (
+        people["mid-2"]["hard"] == 1
+        and people["mid-2"]["easy"] == 2
+        and people["mid-2"]["unscored"] == 1
+    )
+    table = assign(
+        _table()[_table()["status"] == "unlabeled"], seconds_per_tier(_table(), SETTINGS), SETTINGS
+    )
     assert list(table["item_id"][:3]) == ["h3", "h2", "h1"]
     assert table["item_id"].iloc[-1] == "x1"  # unscored last
     assert list(table.loc[table["assignee"] == "senior-1", "item_id"]) == ["h3", "h2"]
 
 
 def test_configured_annotators_by_name_are_most_experienced_first() -> None:
-    s = PlanSettings(annotators=["ann", "bo", "cy"])  # type: ignore[list-item]
+    s = PlanSettings.model_validate({"annotators": ["ann", "bo", "cy"]})
     team = s.team()
     assert [a.name for a in team] == ["ann", "bo", "cy"]
     assert [a.experience for a in team] == [3, 2, 1]
-    explicit = PlanSettings(annotators=[{"name": "new", "experience": 1}, {"name": "lead", "experience": 5, "hours_per_day": 4}])  # type: ignore[list-item]
+    explicit = PlanSettings.model_validate(
+        {
+            "annotators": [
+                {"name": "new", "experience": 1},
+                {"name": "lead", "experience": 5, "hours_per_day": 4},
+            ]
+        }
+    )
     assert explicit.team()[0].name == "lead"
 
 
@@ -94,9 +125,23 @@ def test_generic_team_levels() -> None:
 
 
 def test_capacity_weights_the_blocks() -> None:
-    df = pd.DataFrame({"item_id": [f"i{k}" for k in range(8)], "tier": ["medium"] * 8, "score": np.linspace(0.9, 0.4, 8),
-                       "status": ["unlabeled"] * 8, "annotation_seconds": [np.nan] * 8})
-    s = PlanSettings(annotators=[{"name": "full", "experience": 2, "hours_per_day": 6}, {"name": "part", "experience": 1, "hours_per_day": 2}])  # type: ignore[list-item]
+    df = pd.DataFrame(
+        {
+            "item_id": [f"i{k}" for k in range(8)],
+            "tier": ["medium"] * 8,
+            "score": np.linspace(0.9, 0.4, 8),
+            "status": ["unlabeled"] * 8,
+            "annotation_seconds": [np.nan] * 8,
+        }
+    )
+    s = PlanSettings.model_validate(
+        {
+            "annotators": [
+                {"name": "full", "experience": 2, "hours_per_day": 6},
+                {"name": "part", "experience": 1, "hours_per_day": 2},
+            ]
+        }
+    )
     plan = compute_plan(df, s)
     people = {p["name"]: p for p in plan["assignment"]}
     assert people["full"]["items"] == 6 and people["part"]["items"] == 2
@@ -118,7 +163,7 @@ def test_nothing_left_is_zero_days() -> None:
     assert plan["remaining_hours"] == 0 and plan["forecast_days"] == 0 and plan["working_days"] == 0
 
 
-def test_plan_csv(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_plan_csv(tmp_path: Path) -> None:
     plan = compute_plan(_table(), SETTINGS)
     path = write_plan(plan, str(tmp_path))
     csv = pd.read_csv(path)

@@ -19,7 +19,18 @@ from difficulty.plan import PlanSettings
 from difficulty.report import SECTIONS, write_report
 from difficulty.table import write_difficulty
 
-CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), shutil.which("google-chrome")) if p), None)
+CHROMIUM = next(
+    (
+        p
+        for p in (
+            shutil.which("chromium"),
+            shutil.which("chromium-browser"),
+            shutil.which("google-chrome"),
+        )
+        if p
+    ),
+    None,
+)
 
 
 def _run(root: Path, run: str, *, created: str, shift: float = 0.0, n: int = 30) -> Path:
@@ -33,30 +44,55 @@ def _run(root: Path, run: str, *, created: str, shift: float = 0.0, n: int = 30)
             Image.fromarray((rng.random((40, 60, 3)) * 255 * (i / n)).astype(np.uint8)).save(path)
     score = np.clip(np.linspace(0.0, 1.0, n) + shift, 0, 1)
     tier = np.where(score <= 0.3, "easy", np.where(score >= 0.7, "hard", "medium")).astype(object)
-    df = pd.DataFrame({
-        "item_id": [f"<im{i}>" for i in range(n)],
-        "uri": [f"images/<im{i}>.jpg" for i in range(n)],
-        "status": ["labeled" if i % 3 == 0 else "unlabeled" for i in range(n)],
-        "fourier": score + 0.01,
-        "box_least_confidence": score[::-1].copy(),
-        "score": score,
-        "tier": tier,
-        "rank": pd.array(np.argsort(np.argsort(-score, kind="stable"), kind="stable") + 1, dtype="Int64"),
-        "error": [None] * n,
-        "true_error": [float(s > 0.5) if i % 3 == 0 else np.nan for i, s in enumerate(score)],
-        "annotation_seconds": [20.0 + 40 * s if i % 3 == 0 else np.nan for i, s in enumerate(score)],
-    })
+    df = pd.DataFrame(
+        {
+            "item_id": [f"<im{i}>" for i in range(n)],
+            "uri": [f"images/<im{i}>.jpg" for i in range(n)],
+            "status": ["labeled" if i % 3 == 0 else "unlabeled" for i in range(n)],
+            "fourier": score + 0.01,
+            "box_least_confidence": score[::-1].copy(),
+            "score": score,
+            "tier": tier,
+            "rank": pd.array(
+                np.argsort(np.argsort(-score, kind="stable"), kind="stable") + 1, dtype="Int64"
+            ),
+            "error": [None] * n,
+            "true_error": [float(s > 0.5) if i % 3 == 0 else np.nan for i, s in enumerate(score)],
+            "annotation_seconds": [
+                20.0 + 40 * s if i % 3 == 0 else np.nan for i, s in enumerate(score)
+            ],
+        }
+    )
     df.loc[n - 1, ["score", "tier"]] = [np.nan, None]
     df.loc[n - 1, "error"] = "images/<im29>.jpg: item '<im29>': cannot decode"
     df["rank"] = df["score"].rank(ascending=False, method="first").astype("Int64")
     meta = {
-        "run_id": run, "created": created, "source": str(project), "format": "voc", "task": "detection",
-        "model_version": "predictions/yolo", "scorers": ["fourier", "box_least_confidence"],
-        "combination": {"method": "rho", "weights": {"fourier": 0.7, "box_least_confidence": 0.3},
-                        "correlations": {"fourier": 0.6, "box_least_confidence": -0.2}, "cv_rho": {"single": 0.5, "rho": 0.55, "rho2": 0.52},
-                        "n_labeled": 10, "reason": "rho has the highest 2-fold cross-validated ρ", "combined_rho": 0.58},
-        "reference": {"fourier": list(np.linspace(0, 1, 101)), "box_least_confidence": list(np.linspace(0, 1, 101))},
-        "tiers": {"config": {"mode": "thresholds", "easy": 0.3, "hard": 0.7}, "easy_max": 0.3, "hard_min": 0.7, "source": "thresholds"},
+        "run_id": run,
+        "created": created,
+        "source": str(project),
+        "format": "voc",
+        "task": "detection",
+        "model_version": "predictions/yolo",
+        "scorers": ["fourier", "box_least_confidence"],
+        "combination": {
+            "method": "rho",
+            "weights": {"fourier": 0.7, "box_least_confidence": 0.3},
+            "correlations": {"fourier": 0.6, "box_least_confidence": -0.2},
+            "cv_rho": {"single": 0.5, "rho": 0.55, "rho2": 0.52},
+            "n_labeled": 10,
+            "reason": "rho has the highest 2-fold cross-validated ρ",
+            "combined_rho": 0.58,
+        },
+        "reference": {
+            "fourier": list(np.linspace(0, 1, 101)),
+            "box_least_confidence": list(np.linspace(0, 1, 101)),
+        },
+        "tiers": {
+            "config": {"mode": "thresholds", "easy": 0.3, "hard": 0.7},
+            "easy_max": 0.3,
+            "hard_min": 0.7,
+            "source": "thresholds",
+        },
     }
     out = root / "store" / "proj" / run
     write_difficulty(df, str(out), meta)
@@ -88,8 +124,8 @@ def test_report_files_and_sections(run_dir: Path) -> None:
 def test_hardest_and_easiest_in_score_order(run_dir: Path) -> None:
     write_report(str(run_dir))
     page = (run_dir / "report.html").read_text()
-    hardest = page[page.index('id="hardest"'): page.index('id="easiest"')]
-    easiest = page[page.index('id="easiest"'): page.index('id="agreement"')]
+    hardest = page[page.index('id="hardest"') : page.index('id="easiest"')]
+    easiest = page[page.index('id="easiest"') : page.index('id="agreement"')]
     ranks_h = [int(r) for r in re.findall(r"<b>#(\d+)</b>", hardest)]
     ranks_e = [int(r) for r in re.findall(r"<b>#(\d+)</b>", easiest)]
     assert ranks_h == list(range(1, 13))
@@ -97,21 +133,30 @@ def test_hardest_and_easiest_in_score_order(run_dir: Path) -> None:
 
 
 def test_summary_and_plan_numbers(run_dir: Path) -> None:
-    settings = PlanSettings(seconds_per_tier={"easy": 36.0, "medium": 72.0, "hard": 144.0}, min_history=100, audit_share=0.0)
+    settings = PlanSettings(
+        seconds_per_tier={"easy": 36.0, "medium": 72.0, "hard": 144.0},
+        min_history=100,
+        audit_share=0.0,
+    )
     write_report(str(run_dir), plan_settings=settings, team_size=1, hours_per_day=1.0)
     summary = json.loads((run_dir / "summary.json").read_text())
     plan = summary["plan"]
     tiers = {r["tier"]: r for r in plan["tiers"]}
     df = pd.read_parquet(run_dir / "difficulty.parquet")
     left = df[df["status"] == "unlabeled"]
-    expected = sum({"easy": 36, "medium": 72, "hard": 144}[t] for t in left["tier"].dropna()) + 72 * left["tier"].isna().sum()
+    expected = (
+        sum({"easy": 36, "medium": 72, "hard": 144}[t] for t in left["tier"].dropna())
+        + 72 * left["tier"].isna().sum()
+    )
     assert plan["remaining_hours"] == pytest.approx(expected / 3600)
     assert plan["forecast_days"] == pytest.approx(expected / 3600)
     assert tiers["easy"]["seconds_source"] == "default"
     assert summary["items"] == 30 and summary["errors"] == 1
     assert summary["combination"]["weights"]["fourier"] == 0.7
     csv = pd.read_csv(run_dir / "plan.csv")
-    assert csv.iloc[-1]["tier"] == "total" and csv.iloc[-1]["hours"] == pytest.approx(expected / 3600, rel=1e-3)
+    assert csv.iloc[-1]["tier"] == "total" and csv.iloc[-1]["hours"] == pytest.approx(
+        expected / 3600, rel=1e-3
+    )
     assignment = pd.read_csv(run_dir / "assignment.csv")
     assert len(assignment) == len(left) and set(assignment["assignee"]) == {"senior-1"}
 
@@ -125,15 +170,28 @@ def test_trend_across_runs_of_the_same_project(tmp_path: Path) -> None:
     assert [p["run_id"] for p in summary["trend"]] == ["r1", "r2"]
     assert summary["trend"][0]["tiers"]["hard"] > summary["trend"][1]["tiers"]["hard"]
     page = (later / "report.html").read_text()
-    trend = page[page.index('id="trend"'): page.index('id="autolabel"')]
+    trend = page[page.index('id="trend"') : page.index('id="autolabel"')]
     assert "r1" in trend and "data:image/png" in trend
 
 
 def test_autolabel_section_reads_autolabel_json(run_dir: Path) -> None:
-    ProjectFS(str(run_dir)).write_text("autolabel.json", json.dumps({"run_id": "a1", "threshold": 0.21, "bound": 0.048, "coverage": 0.31, "precision": 0.97, "written": 12, "audit": {"precision": 0.95, "items": 20}}))
+    ProjectFS(str(run_dir)).write_text(
+        "autolabel.json",
+        json.dumps(
+            {
+                "run_id": "a1",
+                "threshold": 0.21,
+                "bound": 0.048,
+                "coverage": 0.31,
+                "precision": 0.97,
+                "written": 12,
+                "audit": {"precision": 0.95, "items": 20},
+            }
+        ),
+    )
     write_report(str(run_dir))
     page = (run_dir / "report.html").read_text()
-    section = page[page.index('id="autolabel"'):]
+    section = page[page.index('id="autolabel"') :]
     assert "not run" not in section
     assert "0.97" in section and "0.31" in section and "0.95" in section
     assert json.loads((run_dir / "summary.json").read_text())["autolabel"]["written"] == 12
@@ -149,15 +207,35 @@ def test_missing_images_give_a_placeholder(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
 def test_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> None:
+    assert CHROMIUM is not None
     write_report(str(run_dir), team_size=3)
     url = (run_dir / "report.html").as_uri()
     shot = tmp_path / "report.png"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", f"--user-data-dir={tempfile.mkdtemp()}"]
-    subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1280,3000", url], check=True, capture_output=True, timeout=120)
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tempfile.mkdtemp()}",
+    ]
+    subprocess.run(
+        [CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1280,3000", url],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     with Image.open(shot) as im:
         assert im.size == (1280, 3000)
         assert len(np.unique(np.asarray(im.convert("L").resize((64, 64))))) > 10  # not a blank page
-    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", url], check=True, capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run(
+        [CHROMIUM, *flags, "--dump-dom", url],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     for section in SECTIONS:
         assert f'id="{section}"' in dom

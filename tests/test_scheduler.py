@@ -20,7 +20,14 @@ import yaml
 
 from autolabel.config import AppConfig, load_config
 from autolabel.pipeline import run_locked
-from autolabel.scheduler import list_jobs, make_scheduler, open_job_store, scheduled_run, serve, sync_jobs
+from autolabel.scheduler import (
+    list_jobs,
+    make_scheduler,
+    open_job_store,
+    scheduled_run,
+    serve,
+    sync_jobs,
+)
 from autolabel.store import ReportStore, RunRecord, StateDB, locks_table, new_run_id, utcnow
 
 TESTS = Path(__file__).resolve().parent
@@ -29,10 +36,23 @@ RUNNER = "test_scheduler:fake_run"
 FAILING_RUNNER = "test_scheduler:failing_run"
 
 
-def fake_run(cfg: AppConfig, name: str, *, run_id: str | None = None, trigger: str = "manual", progress: bool = False) -> RunRecord:
+def fake_run(
+    cfg: AppConfig,
+    name: str,
+    *,
+    run_id: str | None = None,
+    trigger: str = "manual",
+    progress: bool = False,
+) -> RunRecord:
     """Writes a record, leaves a ``started`` marker, sleeps ``FAKE_RUN_SECONDS``, finishes ``ok``."""
     store = ReportStore(cfg.report_store)
-    record = RunRecord(run_id=run_id or new_run_id(), project=name, stage="report", trigger=trigger, started=utcnow())
+    record = RunRecord(
+        run_id=run_id or new_run_id(),
+        project=name,
+        stage="report",
+        trigger=trigger,
+        started=utcnow(),
+    )
     store.write_record(record)
     store.fs.write_text(f"{name}/{record.run_id}/started", str(os.getpid()))
     time.sleep(float(os.environ.get("FAKE_RUN_SECONDS", "0.05")))
@@ -43,15 +63,31 @@ def fake_run(cfg: AppConfig, name: str, *, run_id: str | None = None, trigger: s
     return record
 
 
-def failing_run(cfg: AppConfig, name: str, *, run_id: str | None = None, trigger: str = "manual", progress: bool = False) -> RunRecord:
+def failing_run(
+    cfg: AppConfig,
+    name: str,
+    *,
+    run_id: str | None = None,
+    trigger: str = "manual",
+    progress: bool = False,
+) -> RunRecord:
     raise RuntimeError("model file vanished")
+
+
+def db_url(cfg: AppConfig) -> str:
+    url = cfg.job_store_url()
+    assert url is not None
+    return url
 
 
 def write_config(tmp_path: Path, projects: dict[str, str | None], **scheduler: object) -> Path:
     data = {
         "report_store": "store",
         "scheduler": {"misfire_grace_seconds": 600, **scheduler},
-        "projects": {name: {"source": "project", "format": "voc", "schedule": cron} for name, cron in projects.items()},
+        "projects": {
+            name: {"source": "project", "format": "voc", "schedule": cron}
+            for name, cron in projects.items()
+        },
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -84,7 +120,10 @@ def test_job_persists_across_restart_with_its_next_run_time(tmp_path: Path) -> N
         assert job.next_run_time == next_roads
         assert (job.next_run_time.hour, job.next_run_time.minute) == (3, 0)
         assert job.coalesce is True and job.max_instances == 1 and job.misfire_grace_time == 600
-        assert sync_jobs(second, cfg, str(path), runner=RUNNER) == {"roads": "kept", "kitti": "kept"}
+        assert sync_jobs(second, cfg, str(path), runner=RUNNER) == {
+            "roads": "kept",
+            "kitti": "kept",
+        }
         assert second.get_job("roads").next_run_time == next_roads
     finally:
         second.shutdown(wait=False)
@@ -106,7 +145,10 @@ def test_changed_schedule_is_rescheduled_and_removed_project_dropped(tmp_path: P
     sched = make_scheduler(cfg)
     sched.start(paused=True)
     try:
-        assert sync_jobs(sched, cfg, str(path), runner=RUNNER) == {"roads": "rescheduled", "kitti": "removed"}
+        assert sync_jobs(sched, cfg, str(path), runner=RUNNER) == {
+            "roads": "rescheduled",
+            "kitti": "removed",
+        }
         job = sched.get_job("roads")
         assert (job.next_run_time.hour, job.next_run_time.minute) == (4, 15)
         assert sched.get_job("kitti") is None
@@ -114,7 +156,9 @@ def test_changed_schedule_is_rescheduled_and_removed_project_dropped(tmp_path: P
         sched.shutdown(wait=False)
 
 
-def test_two_threads_one_project_only_one_runs_other_recorded_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_threads_one_project_only_one_runs_other_recorded_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("FAKE_RUN_SECONDS", "1.0")
     cfg = load_config(write_config(tmp_path, {"roads": None}))
     results: list[RunRecord] = []
@@ -135,7 +179,7 @@ def test_two_threads_one_project_only_one_runs_other_recorded_skipped(tmp_path: 
 
     records = ReportStore(cfg.report_store).records("roads")
     assert sorted(r.status for r in records) == ["ok", "skipped"]
-    db = StateDB(cfg.job_store_url())
+    db = StateDB(db_url(cfg))
     assert sorted(h["status"] for h in db.history("roads")) == ["ok", "skipped"]
     assert db.lock_holder("roads") is None  # released after the run
 
@@ -144,7 +188,10 @@ def test_two_processes_one_project_only_one_runs(tmp_path: Path) -> None:
     path = write_config(tmp_path, {"roads": "0 3 * * *"})
     code = f"from autolabel.scheduler import scheduled_run; print(scheduled_run({str(path)!r}, 'roads', {RUNNER!r}))"
     env = _env() | {"FAKE_RUN_SECONDS": "4"}
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=120)[0].strip().splitlines()[-1] for p in procs]
     assert sorted(outs) == ["ok", "skipped"]
     cfg = load_config(path)
@@ -163,7 +210,7 @@ def test_a_record_and_history_row_per_run(tmp_path: Path) -> None:
     assert [r.status for r in records] == ["ok", "ok", "ok", "failed"]
     assert "model file vanished" in (records[-1].error or "")
     assert all(r.finished is not None and r.finished >= r.started for r in records)
-    history = StateDB(cfg.job_store_url()).history("roads")
+    history = StateDB(db_url(cfg)).history("roads")
     assert [h["run_id"] for h in reversed(history)] == [r.run_id for r in records]
     last = {j.project: j for j in list_jobs(cfg)}["roads"]
     assert last.last_status == "failed" and last.last_run_id == records[-1].run_id
@@ -171,9 +218,13 @@ def test_a_record_and_history_row_per_run(tmp_path: Path) -> None:
 
 def test_stale_lock_of_a_crashed_run_is_taken_over(tmp_path: Path) -> None:
     cfg = load_config(write_config(tmp_path, {"roads": None}))
-    db = StateDB(cfg.job_store_url())
+    db = StateDB(db_url(cfg))
     with db.engine.begin() as conn:
-        conn.execute(locks_table.insert().values(project="roads", owner="dead:1", acquired_at=0.0, expires_at=1.0))
+        conn.execute(
+            locks_table.insert().values(
+                project="roads", owner="dead:1", acquired_at=0.0, expires_at=1.0
+            )
+        )
     assert run_locked(cfg, "roads", run_fn=fake_run, db=db).status == "ok"
     live = db.lock("roads", ttl=60)
     assert live.acquire()
@@ -201,7 +252,9 @@ def test_missed_run_runs_once_after_restart(tmp_path: Path) -> None:
     cfg = load_config(path)
     store = ReportStore(cfg.report_store)
     stop = threading.Event()
-    thread = threading.Thread(target=serve, args=(cfg, str(path)), kwargs={"runner": RUNNER, "stop": stop})
+    thread = threading.Thread(
+        target=serve, args=(cfg, str(path)), kwargs={"runner": RUNNER, "stop": stop}
+    )
     thread.start()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not any(r.status == "ok" for r in store.records("roads")):
@@ -223,7 +276,12 @@ def test_sigterm_lets_the_run_in_progress_finish(tmp_path: Path) -> None:
         "from autolabel.config import load_config; from autolabel.scheduler import serve\n"
         f"serve(load_config({str(path)!r}), {str(path)!r}, runner={RUNNER!r})\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], env=_env() | {"FAKE_RUN_SECONDS": "3"}, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=_env() | {"FAKE_RUN_SECONDS": "3"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     store_root = Path(cfg.report_store) / "roads"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not list(store_root.glob("*/started")):

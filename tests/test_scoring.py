@@ -13,7 +13,13 @@ import pytest
 from PIL import Image
 
 from connectors.errors import UsageError
-from connectors.formats.base import LabelWrite, PredictionSource, ProjectFormat, WriteOutcome, WrittenRecord
+from connectors.formats.base import (
+    LabelWrite,
+    PredictionSource,
+    ProjectFormat,
+    WriteOutcome,
+    WrittenRecord,
+)
 from connectors.labelmap import LabelMap
 from connectors.model import Annotation, Item, ItemStatus, Prediction
 from connectors.storage import ProjectFS
@@ -25,7 +31,9 @@ from difficulty.table import read_difficulty
 SEEN: dict[str, Any] = {}
 
 
-@register_scorer("test_scoring_probe", needs={"box_scores", "n"}, description="records its inputs (tests only)")
+@register_scorer(
+    "test_scoring_probe", needs={"box_scores", "n"}, description="records its inputs (tests only)"
+)
 def _probe(box_scores: list[np.ndarray], n: int) -> np.ndarray:
     SEEN["box_scores"] = [np.asarray(b).copy() for b in box_scores]
     SEEN["n"] = n
@@ -70,7 +78,9 @@ class FakePredictions(PredictionSource):
 BOX = (10.0, 10.0, 30.0, 30.0)
 
 
-def make_project(root: Path, n: int = 40, *, labeled: bool = True, corrupt: bool = True) -> tuple[FakeProject, FakePredictions]:
+def make_project(
+    root: Path, n: int = 40, *, labeled: bool = True, corrupt: bool = True
+) -> tuple[FakeProject, FakePredictions]:
     """``n`` 48×48 images of rising noise; item ``i``'s prediction is right for even ``i``,
     wrong (a missed box) for odd ``i`` — and the wrong ones have low confidence."""
     rng = np.random.default_rng(0)
@@ -79,33 +89,66 @@ def make_project(root: Path, n: int = 40, *, labeled: bool = True, corrupt: bool
     for i in range(n):
         noise = rng.random((48, 48)) * (i / n)
         pixels = (np.full((48, 48), 0.5) * (1 - i / n) + noise) * 255
-        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / "images" / f"im{i:03d}.png")
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(
+            root / "images" / f"im{i:03d}.png"
+        )
         gt = [Annotation(label="car", box=BOX)]
         status = ItemStatus.LABELED if labeled else ItemStatus.UNLABELED
-        items.append(Item(item_id=f"im{i:03d}", uri=f"images/im{i:03d}.png", width=48, height=48, status=status,
-                          annotations=gt if labeled else [], annotation_seconds=10.0 + i if labeled else None))
+        items.append(
+            Item(
+                item_id=f"im{i:03d}",
+                uri=f"images/im{i:03d}.png",
+                width=48,
+                height=48,
+                status=status,
+                annotations=gt if labeled else [],
+                annotation_seconds=10.0 + i if labeled else None,
+            )
+        )
         conf = 0.9 - 0.3 * (i % 2) - 0.004 * i
         box = BOX if i % 2 == 0 else (0.0, 0.0, 5.0, 5.0)
-        preds[f"im{i:03d}"] = Prediction(item_id=f"im{i:03d}", annotations=[Annotation(label="car", box=box, score=conf)], model_version="yolo-test")
+        preds[f"im{i:03d}"] = Prediction(
+            item_id=f"im{i:03d}",
+            annotations=[Annotation(label="car", box=box, score=conf)],
+            model_version="yolo-test",
+        )
     if corrupt:
         (root / "images" / "bad.png").write_bytes(b"not an image")
         items.append(Item(item_id="bad", uri="images/bad.png", status=ItemStatus.UNLABELED))
-        items.append(Item(item_id="unreadable", uri="images/none.png", error="labels/unreadable.xml: malformed XML"))
+        items.append(
+            Item(
+                item_id="unreadable",
+                uri="images/none.png",
+                error="labels/unreadable.xml: malformed XML",
+            )
+        )
     return FakeProject(ProjectFS(str(root)), items), FakePredictions(preds)
 
 
 def test_writes_the_contract_with_error_rows(tmp_path: Path) -> None:
     project, preds = make_project(tmp_path / "p")
     out = tmp_path / "run"
-    result = score_project(project, predictions=preds, out_dir=str(out), num_workers=0, min_labeled=10)
+    result = score_project(
+        project, predictions=preds, out_dir=str(out), num_workers=0, min_labeled=10
+    )
     df, meta = read_difficulty(str(out))
     assert list(df.columns[:3]) == ["item_id", "uri", "status"]
     assert meta["scorers"][0] == "fourier"
-    assert {"box_least_confidence", "box_uncertain_share", "box_expected_count", "box_count"} <= set(meta["scorers"])
+    assert {
+        "box_least_confidence",
+        "box_uncertain_share",
+        "box_expected_count",
+        "box_count",
+    } <= set(meta["scorers"])
     for name in meta["scorers"]:
         assert df[name].dtype == np.float64
     bad = df.set_index("item_id").loc[["bad", "unreadable"]]
-    assert bad["error"].notna().all() and bad["score"].isna().all() and bad["tier"].isna().all() and bad["rank"].isna().all()
+    assert (
+        bad["error"].notna().all()
+        and bad["score"].isna().all()
+        and bad["tier"].isna().all()
+        and bad["rank"].isna().all()
+    )
     assert "bad.png" in bad.loc["bad", "error"]
     good = df[df["error"].isna()]
     assert good["score"].between(0, 1).all()
@@ -116,13 +159,19 @@ def test_writes_the_contract_with_error_rows(tmp_path: Path) -> None:
     assert len(meta["reference"]["fourier"]) == 101
     assert meta["tiers"]["easy_max"] <= meta["tiers"]["hard_min"]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["items"] == 42 and summary["errors"] == 2 and summary["run_id"] == result.meta["run_id"]
+    assert (
+        summary["items"] == 42
+        and summary["errors"] == 2
+        and summary["run_id"] == result.meta["run_id"]
+    )
     assert sum(summary["tiers"].values()) == 40
 
 
 def test_labels_drive_the_weights(tmp_path: Path) -> None:
     project, preds = make_project(tmp_path / "p", corrupt=False)
-    result = score_project(project, predictions=preds, out_dir=str(tmp_path / "run"), num_workers=0, min_labeled=10)
+    result = score_project(
+        project, predictions=preds, out_dir=str(tmp_path / "run"), num_workers=0, min_labeled=10
+    )
     comb = result.meta["combination"]
     assert comb["method"] in ("single", "rho", "rho2")
     assert comb["n_labeled"] == 40
@@ -135,7 +184,10 @@ def test_labels_drive_the_weights(tmp_path: Path) -> None:
     best = rhos[best_name]
     assert comb["combined_rho"] >= best - 0.05
     hard = result.table[result.table["tier"] == "hard"]
-    assert hard["true_error"].mean() > result.table[result.table["tier"] == "easy"]["true_error"].mean()
+    assert (
+        hard["true_error"].mean()
+        > result.table[result.table["tier"] == "easy"]["true_error"].mean()
+    )
 
 
 def test_no_labels_is_fourier_alone(tmp_path: Path) -> None:
@@ -151,15 +203,34 @@ def test_no_labels_is_fourier_alone(tmp_path: Path) -> None:
 
 def test_chunks_are_pure_and_concatenate(tmp_path: Path) -> None:
     project, preds = make_project(tmp_path / "p")
-    a = score_project(project, predictions=preds, out_dir=str(tmp_path / "a"), num_workers=0, chunk_size=7, run_id="a")
-    b = score_project(project, predictions=preds, out_dir=str(tmp_path / "b"), num_workers=0, chunk_size=1000, run_id="b")
+    a = score_project(
+        project,
+        predictions=preds,
+        out_dir=str(tmp_path / "a"),
+        num_workers=0,
+        chunk_size=7,
+        run_id="a",
+    )
+    b = score_project(
+        project,
+        predictions=preds,
+        out_dir=str(tmp_path / "b"),
+        num_workers=0,
+        chunk_size=1000,
+        run_id="b",
+    )
     pd.testing.assert_frame_equal(a.table.drop(columns="error"), b.table.drop(columns="error"))
     assert a.table["error"].isna().tolist() == b.table["error"].isna().tolist()
     scorers = {"fourier": {"cutoff": 0.25, "window": True, "size": 128}, "box_least_confidence": {}}
     items = list(project.iter_items())
     one = score_chunk(items, project=project.project, scorers=scorers, predictions=preds)
-    two = pd.concat([score_chunk(items[:5], project=project.project, scorers=scorers, predictions=preds),
-                     score_chunk(items[5:], project=project.project, scorers=scorers, predictions=preds)], ignore_index=True)
+    two = pd.concat(
+        [
+            score_chunk(items[:5], project=project.project, scorers=scorers, predictions=preds),
+            score_chunk(items[5:], project=project.project, scorers=scorers, predictions=preds),
+        ],
+        ignore_index=True,
+    )
     pd.testing.assert_frame_equal(one.drop(columns="error"), two.drop(columns="error"))
 
 
@@ -167,20 +238,40 @@ def test_each_scorer_gets_exactly_its_needs(tmp_path: Path) -> None:
     project, preds = make_project(tmp_path / "p", n=6, corrupt=False)
     preds.preds.pop("im003")  # no prediction for one item
     lm = LabelMap(map={"car": "car"})
-    df = score_chunk(list(project.iter_items()), project=project.project, scorers={"test_scoring_probe": {}}, predictions=preds, label_map=lm)
+    df = score_chunk(
+        list(project.iter_items()),
+        project=project.project,
+        scorers={"test_scoring_probe": {}},
+        predictions=preds,
+        label_map=lm,
+    )
     assert SEEN["n"] == 5 and len(SEEN["box_scores"]) == 5
     assert all(b.shape == (1,) for b in SEEN["box_scores"])
     assert np.isnan(df.set_index("item_id").loc["im003", "test_scoring_probe"])
     assert df["error"].isna().all()
     # a label map that maps nothing away leaves every image without boxes
-    score_chunk(list(project.iter_items()), project=project.project, scorers={"test_scoring_probe": {}}, predictions=preds, label_map=LabelMap(map={"bus": "bus"}))
+    score_chunk(
+        list(project.iter_items()),
+        project=project.project,
+        scorers={"test_scoring_probe": {}},
+        predictions=preds,
+        label_map=LabelMap(map={"bus": "bus"}),
+    )
     assert all(b.size == 0 for b in SEEN["box_scores"])
 
 
 def test_reference_run_is_reused(tmp_path: Path) -> None:
     project, preds = make_project(tmp_path / "p", corrupt=False)
-    first = score_project(project, predictions=preds, out_dir=str(tmp_path / "r1"), num_workers=0, min_labeled=10)
-    second = score_project(project, predictions=preds, out_dir=str(tmp_path / "r2"), num_workers=0, reference=str(tmp_path / "r1"))
+    first = score_project(
+        project, predictions=preds, out_dir=str(tmp_path / "r1"), num_workers=0, min_labeled=10
+    )
+    second = score_project(
+        project,
+        predictions=preds,
+        out_dir=str(tmp_path / "r2"),
+        num_workers=0,
+        reference=str(tmp_path / "r1"),
+    )
     assert second.meta["combination"]["method"] == "reference"
     assert second.meta["combination"]["weights"] == first.meta["combination"]["weights"]
     assert second.meta["reference"] == first.meta["reference"]
@@ -191,16 +282,33 @@ def test_reference_run_is_reused(tmp_path: Path) -> None:
 def test_bad_usage(tmp_path: Path) -> None:
     project, preds = make_project(tmp_path / "p", n=3, corrupt=False)
     with pytest.raises(UsageError, match="unknown scorer"):
-        score_project(project, predictions=preds, scorers=["fourrier"], out_dir=str(tmp_path / "x"), num_workers=0)
+        score_project(
+            project,
+            predictions=preds,
+            scorers=["fourrier"],
+            out_dir=str(tmp_path / "x"),
+            num_workers=0,
+        )
     with pytest.raises(UsageError, match="needs box_scores"):
         score_project(project, scorers=["box_count"], out_dir=str(tmp_path / "x"), num_workers=0)
     with pytest.raises(UsageError, match="invalid setting"):
-        score_project(project, predictions=preds, scorers=["box_uncertain_share"], settings={"box_uncertain_share": {"low": 0.9, "high": 0.1}}, out_dir=str(tmp_path / "x"), num_workers=0)
+        score_project(
+            project,
+            predictions=preds,
+            scorers=["box_uncertain_share"],
+            settings={"box_uncertain_share": {"low": 0.9, "high": 0.1}},
+            out_dir=str(tmp_path / "x"),
+            num_workers=0,
+        )
 
 
 def test_defaults_follow_the_inputs() -> None:
     images_only = default_scorers(frozenset({"images", "rng", "n"}))
-    assert images_only[0] == "fourier" and "box_count" not in images_only and "random" not in images_only
+    assert (
+        images_only[0] == "fourier"
+        and "box_count" not in images_only
+        and "random" not in images_only
+    )
     with_boxes = default_scorers(frozenset({"images", "rng", "n", "box_scores"}))
     assert "box_least_confidence" in with_boxes
 
@@ -212,7 +320,9 @@ def test_road_signs_real_predictions(road_signs: Path, tmp_path: Path) -> None:
     fmt = VocFormat(ProjectFS(str(road_signs)))
     preds = YoloPredictions(ProjectFS(str(road_signs / "predictions" / "yolo")), project=fmt)
     lm = LabelMap(map={"stop sign": "stop", "traffic light": "trafficlight", "car": "speedlimit"})
-    result = score_project(fmt, predictions=preds, label_map=lm, out_dir=str(tmp_path / "run"), num_workers=0)
+    result = score_project(
+        fmt, predictions=preds, label_map=lm, out_dir=str(tmp_path / "run"), num_workers=0
+    )
     comb = result.meta["combination"]
     assert result.summary["items"] == 700 and result.summary["errors"] == 0
     assert comb["n_labeled"] == 700

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,19 +17,21 @@ from difficulty.table import FILENAME, META_KEY, read_difficulty, scorer_columns
 
 
 def _df() -> pd.DataFrame:
-    return pd.DataFrame({
-        "item_id": ["a", "b", "c"],
-        "uri": ["images/a.jpg", "images/b.jpg", "s3://bucket/c.png"],
-        "status": ["labeled", "unlabeled", "unlabeled"],
-        "fourier": [0.1, 0.5, np.nan],
-        "box_least_confidence": [0.2, 0.9, np.nan],
-        "score": [0.15, 0.7, np.nan],
-        "tier": ["easy", "hard", None],
-        "rank": pd.array([2, 1, pd.NA], dtype="Int64"),
-        "error": [None, None, "images/c.png: item 'c': cannot decode"],
-        "true_error": [0.0, np.nan, np.nan],
-        "annotation_seconds": [12.5, np.nan, np.nan],
-    })
+    return pd.DataFrame(
+        {
+            "item_id": ["a", "b", "c"],
+            "uri": ["images/a.jpg", "images/b.jpg", "s3://bucket/c.png"],
+            "status": ["labeled", "unlabeled", "unlabeled"],
+            "fourier": [0.1, 0.5, np.nan],
+            "box_least_confidence": [0.2, 0.9, np.nan],
+            "score": [0.15, 0.7, np.nan],
+            "tier": ["easy", "hard", None],
+            "rank": pd.array([2, 1, pd.NA], dtype="Int64"),
+            "error": [None, None, "images/c.png: item 'c': cannot decode"],
+            "true_error": [0.0, np.nan, np.nan],
+            "annotation_seconds": [12.5, np.nan, np.nan],
+        }
+    )
 
 
 META = {
@@ -36,19 +39,46 @@ META = {
     "created": "2026-01-01T00:00:00+00:00",
     "scorers": ["fourier", "box_least_confidence"],
     "model_version": "predictions/yolo",
-    "combination": {"method": "single", "weights": {"fourier": 0.0, "box_least_confidence": 1.0}, "correlations": {"fourier": 0.1, "box_least_confidence": 0.7}},
-    "reference": {"fourier": list(np.linspace(0, 1, 101)), "box_least_confidence": list(np.linspace(0, 1, 101))},
-    "tiers": {"config": {"mode": "quantiles", "easy": 0.3, "hard": 0.7}, "easy_max": 0.3, "hard_min": 0.6},
+    "combination": {
+        "method": "single",
+        "weights": {"fourier": 0.0, "box_least_confidence": 1.0},
+        "correlations": {"fourier": 0.1, "box_least_confidence": 0.7},
+    },
+    "reference": {
+        "fourier": list(np.linspace(0, 1, 101)),
+        "box_least_confidence": list(np.linspace(0, 1, 101)),
+    },
+    "tiers": {
+        "config": {"mode": "quantiles", "easy": 0.3, "hard": 0.7},
+        "easy_max": 0.3,
+        "hard_min": 0.6,
+    },
 }
 
 
-def test_schema_and_metadata(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_schema_and_metadata(tmp_path: Path) -> None:
     path = write_difficulty(_df(), str(tmp_path), META)
     assert path.endswith(FILENAME)
     schema = pq.read_schema(path)
-    assert schema.names == ["item_id", "uri", "status", "fourier", "box_least_confidence", "score", "tier", "rank", "error", "true_error", "annotation_seconds"]
+    assert schema.names == [
+        "item_id",
+        "uri",
+        "status",
+        "fourier",
+        "box_least_confidence",
+        "score",
+        "tier",
+        "rank",
+        "error",
+        "true_error",
+        "annotation_seconds",
+    ]
     types = {f.name: f.type for f in schema}
-    assert types["item_id"] == pa.string() and types["tier"] == pa.string() and types["error"] == pa.string()
+    assert (
+        types["item_id"] == pa.string()
+        and types["tier"] == pa.string()
+        and types["error"] == pa.string()
+    )
     assert types["fourier"] == pa.float64() and types["score"] == pa.float64()
     assert types["rank"] == pa.int64()
     import json
@@ -59,7 +89,7 @@ def test_schema_and_metadata(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert len(meta["reference"]["fourier"]) == 101
 
 
-def test_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_round_trip(tmp_path: Path) -> None:
     write_difficulty(_df(), str(tmp_path), META)
     df, meta = read_difficulty(str(tmp_path))
     assert meta == META
@@ -86,11 +116,13 @@ def test_memory_url_and_overwrite_leave_no_temporaries() -> None:
     assert names == [FILENAME]
 
 
-def test_atomic_local_write_keeps_old_file_on_failure(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_atomic_local_write_keeps_old_file_on_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     write_difficulty(_df(), str(tmp_path), META)
     before = (tmp_path / FILENAME).read_bytes()
 
-    def boom(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def boom(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", boom)
@@ -100,21 +132,21 @@ def test_atomic_local_write_keeps_old_file_on_failure(tmp_path, monkeypatch) -> 
     assert sorted(os.listdir(tmp_path)) == [FILENAME]
 
 
-def test_missing_columns_are_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_missing_columns_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="lacks columns"):
         write_difficulty(_df().drop(columns=["tier"]), str(tmp_path), META)
     with pytest.raises(ValueError, match="box_least_confidence"):
         write_difficulty(_df().drop(columns=["box_least_confidence"]), str(tmp_path), META)
 
 
-def test_optional_columns_may_be_absent(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_optional_columns_may_be_absent(tmp_path: Path) -> None:
     write_difficulty(_df().drop(columns=["true_error", "annotation_seconds"]), str(tmp_path), META)
     df, _ = read_difficulty(str(tmp_path))
     assert df["true_error"].isna().all()
 
 
-def test_read_errors_name_the_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(InputError, match="no difficulty.parquet"):
+def test_read_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"no difficulty\.parquet"):
         read_difficulty(str(tmp_path))
     pq.write_table(pa.table({"x": [1]}), tmp_path / FILENAME)
     with pytest.raises(InputError, match="no run metadata"):

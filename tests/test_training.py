@@ -316,3 +316,33 @@ def test_detection_train_and_infer_on_road_signs(road_signs: Path, tmp_path: Pat
             assert comm.shape == (2, *probs.shape)
             for a in pred.annotations:
                 assert a.box is not None and a.label in ckpt.classes
+
+
+def test_module_alone_on_a_frozen_checkpoint(digit_project, tmp_path: Path) -> None:
+    project, items = digit_project
+    first = train_model(
+        items,
+        project,
+        task="classification",
+        epochs=1,
+        batch_size=16,
+        out=str(tmp_path / "a.pt"),
+        image_size=16,
+    )
+    second = train_model(
+        items,
+        project,
+        task="classification",
+        epochs=2,
+        batch_size=16,
+        out=str(tmp_path / "b.pt"),
+        init=str(tmp_path / "a.pt"),
+        freeze_target=True,
+    )
+    target_keys = [k for k in first.state_dict if k.startswith("target.")]
+    lossnet_keys = [k for k in first.state_dict if k.startswith("lossnet.")]
+    assert target_keys and lossnet_keys
+    for k in target_keys:  # BatchNorm statistics included: the target model stayed in eval mode
+        assert torch.equal(first.state_dict[k], second.state_dict[k]), k
+    assert any(not torch.equal(first.state_dict[k], second.state_dict[k]) for k in lossnet_keys)
+    assert second.meta["training"]["freeze_target"] is True

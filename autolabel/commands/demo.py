@@ -39,15 +39,26 @@ def prepare(out: Path, examples: Path) -> Path:
     """Fresh ``out`` with a copy of the sample project and a config for it; returns the config path."""
     sample = examples / "sample_project"
     template = examples / "config.yaml"
-    for needed in (sample, template, examples / "sample_project_predictions", examples / "label_map.yaml"):
+    for needed in (
+        sample,
+        template,
+        examples / "sample_project_predictions",
+        examples / "label_map.yaml",
+    ):
         if not needed.exists():
-            raise UsageError(f"{needed}: missing; the demo needs the repository's examples/ folder (give --examples DIR)")
+            raise UsageError(
+                f"{needed}: missing; the demo needs the repository's examples/ folder (give --examples DIR)"
+            )
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
-            raise UsageError(f"{out} exists and is not an earlier demo folder; choose another --out")
+            raise UsageError(
+                f"{out} exists and is not an earlier demo folder; choose another --out"
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("made by labeltriage demo; removed and recreated by the next demo run\n")
+    (out / MARKER).write_text(
+        "made by labeltriage demo; removed and recreated by the next demo run\n"
+    )
     shutil.copytree(sample, out / "project")
     data = yaml.safe_load(template.read_text(encoding="utf-8"))
     data["report_store"] = "reports"
@@ -71,9 +82,13 @@ def promote(config: Path) -> None:
 
 def _summary(record: Any) -> list[str]:
     counts = record.counts
-    lines = [f"  run {record.run_id}: {record.status} in {sum(record.steps.values()):.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in record.steps.items())})"]
+    lines = [
+        f"  run {record.run_id}: {record.status} in {sum(record.steps.values()):.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in record.steps.items())})"
+    ]
     if "tiers" in counts:
-        lines.append(f"  tiers: {', '.join(f'{k} {v}' for k, v in counts['tiers'].items())} (scorers: {', '.join(counts.get('scorers', []))})")
+        lines.append(
+            f"  tiers: {', '.join(f'{k} {v}' for k, v in counts['tiers'].items())} (scorers: {', '.join(counts.get('scorers', []))})"
+        )
     gate = counts.get(record.stage)
     if isinstance(gate, dict):
         threshold = "none passed" if gate.get("threshold") is None else f"{gate['threshold']:.3f}"
@@ -95,10 +110,25 @@ def _summary(record: Any) -> list[str]:
     "--examples", "examples_dir", type=click.Path(file_okay=False, exists=True), default=None,
     help="The examples folder with sample_project/ and config.yaml (default: the repository's).",
 )  # fmt: skip
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs (default: examples/config.yaml's).")
-@click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Training epochs (default: examples/config.yaml's).",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Progress bars (default: when stderr is a terminal).",
+)
 @click.pass_context
-def demo(ctx: click.Context, out_dir: str, examples_dir: str | None, epochs: int | None, progress: bool | None) -> None:
+def demo(
+    ctx: click.Context,
+    out_dir: str,
+    examples_dir: str | None,
+    epochs: int | None,
+    progress: bool | None,
+) -> None:
     """The whole job on the bundled sample project: train, score, tier, report, shadow, autolabel.
 
     Works on a copy of examples/sample_project in --out; the original is never touched.
@@ -116,16 +146,22 @@ def demo(ctx: click.Context, out_dir: str, examples_dir: str | None, epochs: int
     click.echo(f"sample project copied to {out / 'project'}; config {config}")
     show = want_progress(progress)
 
-    click.echo(f"\n[1/3] {MODEL_PROJECT}: train a small detector with its loss-prediction module, score, tier, report")
+    click.echo(
+        f"\n[1/3] {MODEL_PROJECT}: train a small detector with its loss-prediction module, score, tier, report"
+    )
     model_run = run_project(load_config(config), MODEL_PROJECT, trigger="demo", progress=show)
     click.echo("\n".join(_summary(model_run)))
 
-    click.echo(f"\n[2/3] {PROJECT} at stage shadow: score with the platform's predictions, tier, report, calibrate")
+    click.echo(
+        f"\n[2/3] {PROJECT} at stage shadow: score with the platform's predictions, tier, report, calibrate"
+    )
     shadow = run_project(load_config(config), PROJECT, trigger="demo", progress=show)
     click.echo("\n".join(_summary(shadow)))
 
     promote(config)
-    click.echo(f"\n[3/3] {PROJECT} promoted to stage autolabel in {config.name}: auto-label the calibrated easy tier into the copy")
+    click.echo(
+        f"\n[3/3] {PROJECT} promoted to stage autolabel in {config.name}: auto-label the calibrated easy tier into the copy"
+    )
     final = run_project(load_config(config), PROJECT, trigger="demo", progress=show)
     click.echo("\n".join(_summary(final)))
 
@@ -135,7 +171,11 @@ def demo(ctx: click.Context, out_dir: str, examples_dir: str | None, epochs: int
         if "report" in record.outputs:
             click.echo(f"report ({record.project}, {record.stage}): {record.outputs['report']}")
     click.echo(f"run again:            labeltriage run --config {config}")
-    click.echo(f"undo the write-back:  labeltriage rollback {final.run_id} --source {out / 'project'} --format voc")
+    click.echo(
+        f"undo the write-back:  labeltriage rollback {final.run_id} --source {out / 'project'} --format voc"
+    )
     click.echo(f"demo finished in {time.perf_counter() - start:.0f} s")
     if failed:
-        raise click.ClickException("; ".join(f"{r.project} run {r.run_id} failed: {r.error}" for r in failed))
+        raise click.ClickException(
+            "; ".join(f"{r.project} run {r.run_id} failed: {r.error}" for r in failed)
+        )

@@ -2,16 +2,41 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
+
+if TYPE_CHECKING:
+    from difficulty.plan import PlanSettings
 
 
 @click.command("report")
 @click.argument("run_dir")
-@click.option("--team-size", type=int, default=None, help="Annotators on the project (default 1, or the plan config's).")
-@click.option("--hours-per-day", type=float, default=None, help="Annotation hours per person per day (default 8).")
-@click.option("--plan-config", default=None, help="YAML/JSON planning settings: seconds_per_tier, annotators, audit_share, ...")
-@click.option("--history", multiple=True, help="An earlier run folder to show in the trend (repeatable; default: the run's sibling folders).")
-@click.option("--storage-options", default=None, help="fsspec storage options as a JSON object (for RUN_DIR).")
+@click.option(
+    "--team-size",
+    type=int,
+    default=None,
+    help="Annotators on the project (default 1, or the plan config's).",
+)
+@click.option(
+    "--hours-per-day",
+    type=float,
+    default=None,
+    help="Annotation hours per person per day (default 8).",
+)
+@click.option(
+    "--plan-config",
+    default=None,
+    help="YAML/JSON planning settings: seconds_per_tier, annotators, audit_share, ...",
+)
+@click.option(
+    "--history",
+    multiple=True,
+    help="An earlier run folder to show in the trend (repeatable; default: the run's sibling folders).",
+)
+@click.option(
+    "--storage-options", default=None, help="fsspec storage options as a JSON object (for RUN_DIR)."
+)
 def report(
     run_dir: str,
     team_size: int | None,
@@ -42,7 +67,7 @@ def report(
         click.echo(f"{name}: {path}")
 
 
-def _load_plan_settings(path: str):  # type: ignore[no-untyped-def]
+def _load_plan_settings(path: str) -> PlanSettings:
     import json
 
     import fsspec
@@ -51,7 +76,6 @@ def _load_plan_settings(path: str):  # type: ignore[no-untyped-def]
 
     from connectors.errors import UsageError
     from difficulty.plan import PlanSettings
-
     try:
         with fsspec.open(path, "rt") as f:
             text = f.read()

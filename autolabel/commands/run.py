@@ -22,9 +22,20 @@ from connectors.errors import UsageError
     "--progress/--no-progress", default=None,
     help="Show progress bars on long steps (default: when stderr is a terminal).",
 )  # fmt: skip
-@click.option("--json", "as_json", is_flag=True, help="Print each run record as one JSON line instead of a summary.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print each run record as one JSON line instead of a summary.",
+)
 @click.pass_context
-def run(ctx: click.Context, config_path: str | None, projects: tuple[str, ...], progress: bool | None, as_json: bool) -> None:
+def run(
+    ctx: click.Context,
+    config_path: str | None,
+    projects: tuple[str, ...],
+    progress: bool | None,
+    as_json: bool,
+) -> None:
     """One full run of each project at its stage: stats, score, report, then shadow or autolabel.
 
     Each run writes <report_store>/<project>/<run_id>/ with its outputs and run.json (its

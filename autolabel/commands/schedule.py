@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import click
 
@@ -15,7 +16,12 @@ from autolabel.commands._common import config_from
     "-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None,
     help="YAML config of the deployment (default: the one given to labeltriage --config).",
 )  # fmt: skip
-@click.option("--list", "list_only", is_flag=True, help="Show the jobs, their next run times and last outcome, then exit.")
+@click.option(
+    "--list",
+    "list_only",
+    is_flag=True,
+    help="Show the jobs, their next run times and last outcome, then exit.",
+)
 @click.option("--json", "as_json", is_flag=True, help="With --list: one JSON object per job.")
 @click.pass_context
 def schedule(ctx: click.Context, config_path: str | None, list_only: bool, as_json: bool) -> None:
@@ -33,22 +39,39 @@ def schedule(ctx: click.Context, config_path: str | None, list_only: bool, as_js
         jobs = list_jobs(cfg)
         if as_json:
             for job in jobs:
-                click.echo(json.dumps({**job.__dict__, "next_run": job.next_run.isoformat() if job.next_run else None}))
+                click.echo(
+                    json.dumps(
+                        {
+                            **job.__dict__,
+                            "next_run": job.next_run.isoformat() if job.next_run else None,
+                        }
+                    )
+                )
             return
         click.echo(f"{'project':<20} {'schedule':<16} {'next run':<26} last outcome")
         for job in jobs:
             next_run = job.next_run.isoformat(timespec="seconds") if job.next_run else "-"
-            last = f"{job.last_status} {job.last_run_id} {job.last_finished or ''}".strip() if job.last_status else "-"
+            last = (
+                f"{job.last_status} {job.last_run_id} {job.last_finished or ''}".strip()
+                if job.last_status
+                else "-"
+            )
             if job.last_error:
                 last += f" ({job.last_error})"
             click.echo(f"{job.project:<20} {job.schedule or '-':<16} {next_run:<26} {last}")
         return
 
-    def started(scheduler, actions):  # type: ignore[no-untyped-def]
+    def started(scheduler: Any, actions: dict[str, str]) -> None:
         for name, action in sorted(actions.items()):
             job = scheduler.get_job(name)
-            next_run = job.next_run_time.isoformat(timespec="seconds") if job and job.next_run_time else "-"
+            next_run = (
+                job.next_run_time.isoformat(timespec="seconds")
+                if job and job.next_run_time
+                else "-"
+            )
             click.echo(f"{name}: {action}, next run {next_run}")
-        click.echo("scheduler running; SIGTERM or Ctrl-C stops it after the run in progress", err=True)
+        click.echo(
+            "scheduler running; SIGTERM or Ctrl-C stops it after the run in progress", err=True
+        )
 
     serve(cfg, os.path.abspath(path), on_started=started)

@@ -28,8 +28,9 @@ trained on per-item losses, so:
 * Faster R-CNN runs the detector once per image of the batch (anchor and proposal sampling
   are per image anyway), so each image's loss is exactly torchvision's loss for that image
   (RPN objectness + RPN box + classifier + box regression); the detector is trained on their
-  mean.  A batch of one per pass is fine for its BatchNorm because every image is at least
-  ``image_size`` (≥ 128) pixels a side.
+  mean.  BatchNorm then sees one image per pass; that works because every image is
+  resized to ``image_size`` a side, so even the deepest map has several positions
+  (SSDlite's last maps are 1×1, which is why it is not run image by image).
 
 **Inference** keeps, for every kept detection, which anchor (SSD) or proposal (Faster
 R-CNN) it came from, so each box carries the full softmax over ``K + 1`` classes

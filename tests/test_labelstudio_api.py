@@ -1,0 +1,353 @@
+"""The live Label Studio connector against a small in-process stand-in of its REST API.
+
+The stand-in answers the same endpoints, with the same JSON shapes, as Label Studio 1.23
+(checked against a real server by ``tests/integration``): paged ``/api/tasks``, tasks with
+``annotations``/``predictions``, ``/api/predictions`` create/get/delete, uploaded images
+behind token auth.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from PIL import Image
+
+from connectors.errors import UsageError
+from connectors.formats.base import LabelWrite, Provenance
+from connectors.formats.labelstudio_api import (
+    LabelStudioAPI,
+    LabelStudioPredictions,
+    parse_label_config,
+    parse_project_url,
+    percent_to_xyxy,
+)
+from connectors.model import Annotation, ItemStatus
+from connectors.project import open_project
+from connectors.writeback import rollback, write_run
+from difficulty.imageio import read_image_bytes
+
+TOKEN = "secret-token"
+CONFIG = (
+    '<View><Image name="img" value="$picture"/>'
+    '<RectangleLabels name="box" toName="img"><Label value="stop"/><Label value="trafficlight"/></RectangleLabels>'
+    "</View>"
+)
+
+
+def _png(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (120, 30, 200)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _region(label: str, x: float, y: float, w: float, h: float, **extra: Any) -> dict[str, Any]:
+    return {
+        "id": "r", "from_name": "box", "to_name": "img", "type": "rectanglelabels",
+        "original_width": 200, "original_height": 100,
+        "value": {"x": x, "y": y, "width": w, "height": h, "rotation": 0, "rectanglelabels": [label]}, **extra,
+    }  # fmt: skip
+
+
+class FakeLabelStudio:
+    """Tasks 1..7 of project 5; 2 and 3 annotated (3 only with a cancelled one), 4 has a model prediction."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[int, dict[str, Any]] = {}
+        for i in range(1, 8):
+            self.tasks[i] = {
+                "id": i,
+                "project": 5,
+                "data": {"picture": f"/data/upload/5/{i}.png"},
+                "annotations": [],
+                "predictions": [],
+            }
+        self.tasks[2]["annotations"] = [
+            {"id": 11, "result": [_region("stop", 10, 20, 30, 40)], "was_cancelled": False, "lead_time": 7.5,
+             "updated_at": "2026-01-01T00:00:00Z", "ground_truth": False},
+        ]  # fmt: skip
+        self.tasks[3]["annotations"] = [
+            {"id": 12, "result": [], "was_cancelled": True, "updated_at": "2026-01-01T00:00:00Z"}
+        ]
+        self.tasks[4]["predictions"] = [
+            {"id": 900, "task": 4, "model_version": "yolo", "score": 0.8, "created_at": "2026-01-01T00:00:00Z",
+             "result": [_region("trafficlight", 50, 50, 10, 20, score=0.7)]},
+        ]  # fmt: skip
+        self.next_id = 1000
+        self.images = {f"/data/upload/5/{i}.png": _png(200, 100) for i in range(1, 8)}
+        self.requests: list[str] = []
+
+    def predictions(self) -> list[dict[str, Any]]:
+        return [p for t in self.tasks.values() for p in t["predictions"]]
+
+
+@pytest.fixture
+def ls() -> Iterator[tuple[str, FakeLabelStudio]]:
+    state = FakeLabelStudio()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def _json(self, status: int, body: Any) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _auth(self) -> bool:
+            if self.headers.get("Authorization") != f"Token {TOKEN}":
+                self._json(401, {"detail": "Authentication credentials were not provided."})
+                return False
+            return True
+
+        def do_HEAD(self) -> None:
+            self.do_GET()
+
+        def do_GET(self) -> None:
+            state.requests.append(f"GET {self.path}")
+            if not self._auth():
+                return
+            url = urlsplit(self.path)
+            q = {k: v[0] for k, v in parse_qs(url.query).items()}
+            if url.path in state.images:
+                data = state.images[url.path]
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+            elif url.path == "/api/projects/5":
+                self._json(200, {"id": 5, "label_config": CONFIG})
+            elif url.path == "/api/tasks":
+                page, size = int(q["page"]), int(q["page_size"])
+                ids = sorted(state.tasks)
+                chunk = ids[(page - 1) * size : page * size]
+                if not chunk:
+                    self._json(404, {"detail": "Invalid page."})
+                else:
+                    self._json(200, {"total": len(ids), "tasks": [state.tasks[i] for i in chunk]})
+            elif m := re.fullmatch(r"/api/tasks/(\d+)", url.path):
+                task = state.tasks.get(int(m.group(1)))
+                self._json(200 if task else 404, task or {"detail": "Not found."})
+            elif url.path == "/api/predictions":
+                self._json(200, state.predictions())
+            elif m := re.fullmatch(r"/api/predictions/(\d+)", url.path):
+                found = [p for p in state.predictions() if p["id"] == int(m.group(1))]
+                self._json(200 if found else 404, found[0] if found else {"detail": "Not found."})
+            else:
+                self._json(404, {"detail": "Not found."})
+
+        def do_POST(self) -> None:
+            state.requests.append(f"POST {self.path}")
+            if not self._auth():
+                return
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.path == "/api/predictions":
+                pred = {"id": state.next_id, "task": body["task"], "result": body["result"], "score": body.get("score"),
+                        "model_version": body.get("model_version"), "created_at": "2026-02-01T00:00:00Z"}  # fmt: skip
+                state.next_id += 1
+                state.tasks[body["task"]]["predictions"].append(pred)
+                self._json(201, pred)
+            else:
+                self._json(404, {"detail": "Not found."})
+
+        def do_DELETE(self) -> None:
+            state.requests.append(f"DELETE {self.path}")
+            if not self._auth():
+                return
+            m = re.fullmatch(r"/api/predictions/(\d+)", self.path)
+            for task in state.tasks.values():
+                for p in list(task["predictions"]):
+                    if m and p["id"] == int(m.group(1)):
+                        task["predictions"].remove(p)
+                        self.send_response(204)
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+            self._json(404, {"detail": "Not found."})
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", state
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def _open(url: str, tmp_path: Path, **options: Any) -> LabelStudioAPI:
+    return LabelStudioAPI.from_url(
+        f"{url}/projects/5", {"token": TOKEN}, state_dir=str(tmp_path / "state"), **options
+    )
+
+
+def test_project_url_parsing() -> None:
+    loc = parse_project_url("http://127.0.0.1:8080/projects/3/data?tab=1")
+    assert (loc.base_url, loc.project_id) == ("http://127.0.0.1:8080", 3)
+    assert (
+        parse_project_url("https://ls.example.org/label/api/projects/12/").base_url
+        == "https://ls.example.org/label"
+    )
+    with pytest.raises(UsageError, match="not a Label Studio project URL"):
+        parse_project_url("http://127.0.0.1:8080/tasks/3")
+
+
+def test_percent_boxes_convert_to_pixels() -> None:
+    assert percent_to_xyxy({"x": 10, "y": 20, "width": 30, "height": 40}, 200, 100) == (
+        20.0,
+        20.0,
+        80.0,
+        60.0,
+    )
+    x1, y1, x2, y2 = percent_to_xyxy(
+        {"x": 50, "y": 0, "width": 10, "height": 10, "rotation": 90}, 100, 100
+    )
+    assert (x1, y1, x2, y2) == pytest.approx((40.0, 0.0, 50.0, 10.0))
+    with pytest.raises(ValueError, match="outside"):
+        percent_to_xyxy({"x": 95, "y": 0, "width": 20, "height": 10}, 100, 100)
+    config = parse_label_config(CONFIG)
+    assert (config.image_key, config.boxes_from, config.labels) == (
+        "picture",
+        "box",
+        ("stop", "trafficlight"),
+    )
+
+
+def test_reads_all_pages_with_status_and_pixel_boxes(
+    ls: tuple[str, FakeLabelStudio], tmp_path: Path
+) -> None:
+    url, state = ls
+    api = _open(url, tmp_path, page_size=3)
+    items = list(api.iter_items())
+    assert [it.item_id for it in items] == [str(i) for i in range(1, 8)]
+    assert sum(1 for r in state.requests if r.startswith("GET /api/tasks?")) == 3
+    by_id = {it.item_id: it for it in items}
+    assert by_id["2"].status is ItemStatus.LABELED and by_id["2"].has_human_label
+    assert by_id["2"].annotations == [Annotation(label="stop", box=(20.0, 20.0, 80.0, 60.0))]
+    assert by_id["2"].annotation_seconds == 7.5 and (by_id["2"].width, by_id["2"].height) == (
+        200,
+        100,
+    )
+    assert by_id["3"].status is ItemStatus.UNLABELED  # only a cancelled (skipped) annotation
+    assert by_id["1"].uri == f"{url}/data/upload/5/1.png"
+    # the image reader gets through with the project's storage options (token header)
+    assert (
+        read_image_bytes(by_id["1"].uri, api.project, item="1")
+        == state.images["/data/upload/5/1.png"]
+    )
+
+
+def test_open_project_routes_urls_and_needs_a_token(
+    ls: tuple[str, FakeLabelStudio], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, _ = ls
+    monkeypatch.delenv("LABEL_STUDIO_TOKEN", raising=False)
+    with pytest.raises(UsageError, match="token"):
+        open_project(f"{url}/projects/5", "labelstudio")
+    monkeypatch.setenv("LABEL_STUDIO_TOKEN", "wrong")
+    with pytest.raises(UsageError, match="refused"):
+        list(open_project(f"{url}/projects/5", "auto", state_dir=str(tmp_path)).iter_items())
+    monkeypatch.setenv("LABEL_STUDIO_TOKEN", TOKEN)
+    assert (
+        len(
+            list(
+                open_project(
+                    f"{url}/projects/5", "labelstudio", state_dir=str(tmp_path)
+                ).iter_items()
+            )
+        )
+        == 7
+    )
+
+
+def test_existing_predictions_are_read_in_pixels(
+    ls: tuple[str, FakeLabelStudio], tmp_path: Path
+) -> None:
+    url, _ = ls
+    preds = LabelStudioPredictions(_open(url, tmp_path), model_version="yolo")
+    p = preds.get("4")
+    assert p is not None and p.model_version == "yolo"
+    assert p.annotations == [
+        Annotation(label="trafficlight", box=(100.0, 50.0, 120.0, 70.0), score=0.7)
+    ]
+    assert preds.get("1") is None
+
+
+def _writes(api: LabelStudioAPI, run_id: str) -> list[LabelWrite]:
+    items = {it.item_id: it for it in api.iter_items()}
+    prov = Provenance(run_id=run_id, model_version="yolov5n", score=0.9, tier="easy")
+    box = [Annotation(label="stop", box=(20.0, 10.0, 60.0, 50.0), score=0.9)]
+    return [LabelWrite(item=items[i], annotations=box, provenance=prov) for i in ("1", "2", "5")]
+
+
+def test_write_predictions_for_unlabeled_only_then_rollback(
+    ls: tuple[str, FakeLabelStudio], tmp_path: Path
+) -> None:
+    url, state = ls
+    api = _open(url, tmp_path)
+    annotations_before = json.dumps(
+        {i: t["annotations"] for i, t in state.tasks.items()}, sort_keys=True
+    )
+    writes = _writes(api, "run-a")
+    # task 5 gains a human annotation after it was read: refused at write time
+    state.tasks[5]["annotations"] = [
+        {"id": 50, "result": [], "was_cancelled": False, "updated_at": "x"}
+    ]
+    manifest = write_run(api, writes, "run-a")
+    assert manifest.stage == "committed"
+    assert set(manifest.refused) == {"2", "5"} and "human" in manifest.refused["5"]
+    assert [r.item_id for r in manifest.records] == ["1"]
+    written = state.tasks[1]["predictions"]
+    assert len(written) == 1
+    pred = written[0]
+    assert pred["model_version"] == "yolov5n" and pred["score"] == 0.9
+    region = pred["result"][0]
+    assert region["value"]["x"] == pytest.approx(10.0) and region["value"][
+        "width"
+    ] == pytest.approx(20.0)
+    assert region["meta"]["labeltriage"] == {
+        "run_id": "run-a",
+        "model_version": "yolov5n",
+        "tier": "easy",
+        "score": 0.9,
+    }
+    assert (tmp_path / "state" / ".labeltriage" / "runs" / "run-a.json").exists()
+    assert api.records_of_run("run-a") == manifest.records
+
+    result = rollback(api, "run-a")
+    assert result.removed == ["1"]
+    assert state.tasks[1]["predictions"] == []
+    assert [p["id"] for p in state.tasks[4]["predictions"]] == [900]  # not ours: untouched
+    state.tasks[5]["annotations"] = []
+    assert (
+        json.dumps({i: t["annotations"] for i, t in state.tasks.items()}, sort_keys=True)
+        == annotations_before
+    )
+    assert not any(
+        r.startswith(("POST /api/tasks", "DELETE /api/annotations", "PATCH"))
+        for r in state.requests
+    )
+
+
+def test_a_changed_prediction_is_kept_on_removal(
+    ls: tuple[str, FakeLabelStudio], tmp_path: Path
+) -> None:
+    url, state = ls
+    api = _open(url, tmp_path)
+    outcome = api.write_labels(_writes(api, "run-b")[:1])
+    state.tasks[1]["predictions"][0]["result"][0]["value"]["rectanglelabels"] = ["trafficlight"]
+    kept = api.remove_written(outcome.records)
+    assert len(kept) == 1 and "changed" in kept[0]
+    assert len(state.tasks[1]["predictions"]) == 1
