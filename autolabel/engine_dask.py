@@ -42,7 +42,7 @@ import pandas as pd
 from connectors.errors import UsageError
 from connectors.formats.base import PredictionSource, ProjectFormat
 from connectors.manifest import ITEM_SCHEMA, items_to_batches, iter_manifest_items, write_batches
-from connectors.model import Item
+from connectors.model import Item, Prediction
 from connectors.storage import ProjectFS
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,33 @@ def score_partition(
     return score_chunk(
         items, project=project, predictions=predictions, checkpoint=ckpt, **score_kwargs
     )
+
+
+def predict_partition(
+    work_url: str,
+    part: str,
+    *,
+    work_storage_options: dict[str, Any] | None,
+    project: ProjectFS,
+    checkpoint: str,
+    checkpoint_storage_options: dict[str, Any] | None,
+    batch_size: int,
+) -> list[Prediction]:
+    """One Dask task: the model's predictions for partition ``part`` of the manifest.
+
+    An item that could not be decoded gets a :class:`Prediction` with ``error`` set.
+    """
+    from difficulty.inference import infer
+
+    items = list(iter_manifest_items(ProjectFS(work_url, work_storage_options), part))
+    ckpt = worker_checkpoint(checkpoint, checkpoint_storage_options)
+    out: list[Prediction] = [
+        Prediction(item_id=it.item_id, error=it.error) for it in items if it.error
+    ]
+    for batch in infer(ckpt, [it for it in items if not it.error], project, batch_size=batch_size):
+        out.extend(batch.predictions or [])
+        out.extend(Prediction(item_id=i, error=e) for i, e in batch.errors.items())
+    return out
 
 
 # -- the driver side ---------------------------------------------------------------------------
@@ -246,6 +273,46 @@ class DaskEngine:
             with contextlib.suppress(FileNotFoundError, OSError):
                 work.fs.rm(work.resolve(run), recursive=True)
 
+    def predict_chunks(
+        self,
+        chunks: Iterable[Sequence[Item]],
+        *,
+        project: ProjectFS,
+        checkpoint: str,
+        batch_size: int = 32,
+    ) -> Iterator[list[Prediction]]:
+        """The checkpoint's predictions, one Dask task per chunk, yielded in chunk order."""
+        if self.client is None or self.work_url is None:
+            raise RuntimeError("use DaskEngine as a context manager")
+        run = uuid.uuid4().hex[:8]
+        work = ProjectFS(self.work_url, self.work_storage_options)
+        futures = []
+        for index, chunk in enumerate(chunks):
+            part = f"{run}/part-{index:05d}.parquet"
+            write_batches(items_to_batches(chunk), work, part, ITEM_SCHEMA)
+            futures.append(
+                self.client.submit(
+                    predict_partition,
+                    self.work_url,
+                    part,
+                    work_storage_options=self.work_storage_options,
+                    project=project,
+                    checkpoint=checkpoint,
+                    checkpoint_storage_options=self.checkpoint_storage_options,
+                    batch_size=batch_size,
+                    key=f"labeltriage-predict-{run}-{index:05d}",
+                    pure=False,
+                )
+            )
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
+            with contextlib.suppress(FileNotFoundError, OSError):
+                work.fs.rm(work.resolve(run), recursive=True)
+
     def checkpoint_loads(self) -> dict[str, dict[str, int]]:
         """Per worker: how many times each checkpoint was loaded there."""
         return dict(self.client.run(checkpoint_loads))
@@ -281,6 +348,7 @@ def score_project_with_engine(
 __all__ = [
     "ENGINES",
     "DaskEngine",
+    "predict_partition",
     "score_partition",
     "score_project_with_engine",
     "worker_checkpoint",

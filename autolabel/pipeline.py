@@ -375,15 +375,13 @@ def run_locked(
                 run_id = new_run_id()
                 try:
                     record = run_fn(cfg, name, run_id=run_id, trigger=trigger, progress=progress)
-                except (
-                    Exception
-                ) as exc:  # the run function broke outside its steps: still record it
+                except Exception as exc:
                     log.exception("run %s of project %s raised", run_id, name)
                     record = _skipped(cfg, name, trigger, f"{type(exc).__name__}: {exc}")
                     record.run_id, record.status = run_id, "failed"
-            if record.status == "skipped" or record.run_id not in store.run_ids(name):
-                store.write_record(record)
+                    store.write_record(record)
             if record.status == "skipped":
+                store.write_record(record)
                 log.warning("project %s: skipped, %s", name, record.error)
             state.add_history(record, slot=slot)
     finally:

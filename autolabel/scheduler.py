@@ -26,7 +26,7 @@ import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from types import FrameType
 from typing import Any
 
@@ -61,15 +61,35 @@ def scheduled_run(config_path: str, project: str, runner: str = DEFAULT_RUNNER) 
     run without a restart; a config that became invalid makes the run fail loudly.
     """
     cfg = load_config(config_path)
-    if project not in cfg.projects:
+    p = cfg.projects.get(project)
+    if p is None:
         log.error(
             "project %s is no longer in %s; run skipped (restart the scheduler to drop its job)",
             project,
             config_path,
         )
         return "skipped"
-    record = run_locked(cfg, project, run_fn=resolve_runner(runner), trigger="schedule")
+    slot = current_slot(cfg, p.schedule) if p.schedule else None
+    record = run_locked(cfg, project, run_fn=resolve_runner(runner), trigger="schedule", slot=slot)
     return record.status
+
+
+def current_slot(cfg: AppConfig, cron: str, now: datetime | None = None) -> str | None:
+    """The latest fire time of ``cron`` at or before ``now`` within the misfire grace (ISO, UTC).
+
+    Two daemons that share a store both fire a job; the slot lets the second one see
+    that this scheduled run already happened.
+    """
+    now = now or datetime.now(timezone.utc)
+    trigger = trigger_for(cfg, cron)
+    fire = trigger.get_next_fire_time(
+        None, now - timedelta(seconds=cfg.scheduler.misfire_grace_seconds)
+    )
+    latest = None
+    while fire is not None and fire <= now:
+        latest = fire
+        fire = trigger.get_next_fire_time(fire, fire + timedelta(seconds=1))
+    return latest.astimezone(timezone.utc).isoformat() if latest is not None else None
 
 
 def job_store_url(cfg: AppConfig) -> str:

@@ -138,6 +138,32 @@ def test_model_scores_identical_and_model_loaded_once_per_worker(
     assert sum(counts.get(checkpoint, 0) for counts in loads.values()) >= 1
 
 
+def test_predictions_identical_to_local_inference(
+    project_dir: Path, checkpoint: str, engine: DaskEngine
+) -> None:
+    from difficulty.inference import infer
+
+    project = open_project(str(project_dir), "imagefolder")
+    items = list(project.iter_items())
+    local = {
+        p.item_id: p
+        for batch in infer(checkpoint, [it for it in items if not it.error], project.project)
+        for p in batch.predictions or []
+    }
+    chunks = [items[i : i + 6] for i in range(0, len(items), 6)]
+    dask = [
+        p
+        for part in engine.predict_chunks(chunks, project=project.project, checkpoint=checkpoint)
+        for p in part
+    ]
+    assert {p.item_id for p in dask if p.error is None} == set(local)
+    for p in dask:
+        if p.error is None:
+            assert p.probs == pytest.approx(local[p.item_id].probs)
+            assert p.annotations == local[p.item_id].annotations
+    assert [p.item_id for p in dask if p.error] == ["_unlabeled/broken"]
+
+
 def test_bad_engine_settings_are_usage_errors(project_dir: Path, tmp_path: Path) -> None:
     project = open_project(str(project_dir), "imagefolder")
     with pytest.raises(UsageError, match="unknown engine"):

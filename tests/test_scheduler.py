@@ -21,10 +21,10 @@ import yaml
 from autolabel.config import AppConfig, load_config
 from autolabel.pipeline import run_locked
 from autolabel.scheduler import (
+    current_slot,
     list_jobs,
     make_scheduler,
     open_job_store,
-    scheduled_run,
     serve,
     sync_jobs,
 )
@@ -202,10 +202,10 @@ def test_two_processes_one_project_only_one_runs(tmp_path: Path) -> None:
 
 def test_a_record_and_history_row_per_run(tmp_path: Path) -> None:
     path = write_config(tmp_path, {"roads": "0 3 * * *"})
-    statuses = [scheduled_run(str(path), "roads", RUNNER) for _ in range(3)]
-    statuses.append(scheduled_run(str(path), "roads", FAILING_RUNNER))
-    assert statuses == ["ok", "ok", "ok", "failed"]
     cfg = load_config(path)
+    returned = [run_locked(cfg, "roads", run_fn=fake_run, trigger="schedule") for _ in range(3)]
+    returned.append(run_locked(cfg, "roads", run_fn=failing_run, trigger="schedule"))
+    assert [r.status for r in returned] == ["ok", "ok", "ok", "failed"]
     records = ReportStore(cfg.report_store).records("roads")
     assert [r.status for r in records] == ["ok", "ok", "ok", "failed"]
     assert "model file vanished" in (records[-1].error or "")
@@ -214,6 +214,32 @@ def test_a_record_and_history_row_per_run(tmp_path: Path) -> None:
     assert [h["run_id"] for h in reversed(history)] == [r.run_id for r in records]
     last = {j.project: j for j in list_jobs(cfg)}["roads"]
     assert last.last_status == "failed" and last.last_run_id == records[-1].run_id
+
+
+def test_a_scheduled_slot_runs_once_even_when_two_daemons_fire_it(tmp_path: Path) -> None:
+    cfg = load_config(write_config(tmp_path, {"roads": "0 3 * * *"}))
+    slot = "2026-01-01T03:00:00+00:00"
+    first = run_locked(cfg, "roads", run_fn=fake_run, trigger="schedule", slot=slot)
+    second = run_locked(cfg, "roads", run_fn=fake_run, trigger="schedule", slot=slot)
+    assert (first.status, second.status) == ("ok", "skipped")
+    assert f"already ran (run {first.run_id})" in (second.error or "")
+    assert (
+        run_locked(
+            cfg, "roads", run_fn=fake_run, trigger="schedule", slot="2026-01-02T03:00:00+00:00"
+        ).status
+        == "ok"
+    )
+    assert (
+        run_locked(cfg, "roads", run_fn=fake_run, trigger="manual").status == "ok"
+    )  # manual runs have no slot
+
+
+def test_current_slot_is_the_latest_fire_time_within_the_grace(tmp_path: Path) -> None:
+    cfg = load_config(write_config(tmp_path, {"roads": "0 3 * * *"}, misfire_grace_seconds=3600))
+    at = datetime(2026, 3, 1, 3, 20, tzinfo=timezone.utc)
+    assert current_slot(cfg, "0 3 * * *", at) == "2026-03-01T03:00:00+00:00"
+    assert current_slot(cfg, "*/5 * * * *", at) == "2026-03-01T03:20:00+00:00"
+    assert current_slot(cfg, "0 3 * * *", at + timedelta(hours=2)) is None  # past the grace
 
 
 def test_stale_lock_of_a_crashed_run_is_taken_over(tmp_path: Path) -> None:

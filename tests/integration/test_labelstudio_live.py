@@ -1,8 +1,9 @@
 """labeltriage against a live Label Studio server, end to end.
 
 A real Label Studio (its own venv, 127.0.0.1, a temporary data folder) gets a project of
-real road-sign photos (../shared/data/road_signs), uploaded through its import API; two
-thirds of them get human annotations from the VOC boxes restricted to {stop, trafficlight}.
+120 real road-sign photos (../shared/data/road_signs; the photos of the bundled sample
+project), uploaded through its import API; the 80 that the sample project has labels for get
+human annotations from the VOC boxes restricted to {stop, trafficlight}.
 The real YOLOv5n predictions of those photos are the predictions brought to labeltriage
 (re-keyed by task id, as a COCO file).  Then ``labeltriage run`` takes the project through
 its stages — report, shadow, autolabel — and the test checks what Label Studio holds:
@@ -36,8 +37,6 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ("stop", "trafficlight")
 LABEL_MAP = {"map": {"stop sign": "stop", "traffic light": "trafficlight"}}
-N_IMAGES = 40
-N_LABELED = 28
 LABEL_CONFIG = (
     '<View><Image name="image" value="$image"/>'
     '<RectangleLabels name="label" toName="image">'
@@ -61,17 +60,20 @@ def voc_boxes(xml_path: Path) -> list[tuple[str, tuple[float, float, float, floa
     return out
 
 
-def choose_images(road_signs: Path) -> list[str]:
-    """N_IMAGES stems in sorted order, every other one with a stop sign or a traffic light.
+def choose_images(road_signs: Path) -> tuple[list[str], list[str]]:
+    """The photos of the bundled sample project (120), and those it has labels for (80).
 
-    Images with neither (speed limits, crosswalks) are labeled "nothing here" in this
-    two-class project, which the detector mostly gets right too.
+    A calibrated easy tier needs enough labeled items for the Clopper–Pearson bound to
+    reach ε = 0.3 at δ = 0.1 through the fixed-sequence test: a few dozen labels are not
+    enough, 80 are.  The files themselves are read from ``road_signs``.
     """
-    stems = sorted(p.stem for p in (road_signs / "annotations").glob("*.xml"))
-    with_signs = [s for s in stems if voc_boxes(road_signs / "annotations" / f"{s}.xml")]
-    without = [s for s in stems if s not in set(with_signs)]
-    chosen = [s for pair in zip(with_signs, without, strict=False) for s in pair]
-    return chosen[:N_IMAGES]
+    sample = REPO / "examples" / "sample_project"
+    stems = sorted(p.stem for p in (sample / "images").glob("*.jpg"))
+    labeled = [s for s in stems if (sample / "annotations" / f"{s}.xml").exists()]
+    missing = [s for s in stems if not (road_signs / "images" / f"{s}.jpg").exists()]
+    if not stems or missing:
+        pytest.skip(f"sample project photos not found (missing {missing[:3]})")
+    return stems, labeled
 
 
 class LS:
@@ -123,7 +125,7 @@ def ls_project(
         "POST", "/api/projects", json={"title": "road signs triage", "label_config": LABEL_CONFIG}
     )
     pid = project["id"]
-    stems = choose_images(road_signs)
+    stems, labeled = choose_images(road_signs)
     task_of: dict[str, int] = {}
     for stem in stems:
         with open(road_signs / "images" / f"{stem}.jpg", "rb") as f:
@@ -138,7 +140,6 @@ def ls_project(
     assert sorted(task_of) == sorted(stems)
 
     sizes = {s: Image.open(road_signs / "images" / f"{s}.jpg").size for s in stems}
-    labeled = stems[:N_LABELED]
     for stem in labeled:
         w, h = sizes[stem]
         result = []
@@ -201,7 +202,7 @@ def test_run_report_shadow_autolabel_then_rollback(
     ls = LS(server)
     pid = ls_project["id"]
     before = annotations_of(ls, pid)
-    assert sum(1 for a in before.values() if a) == N_LABELED
+    assert sum(1 for a in before.values() if a) == len(ls_project["labeled"])
 
     env = {
         **os.environ,
