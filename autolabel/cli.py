@@ -50,6 +50,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "The scheduler daemon: cron runs of every configured project.",
     ),
     "demo": ("autolabel.commands.demo:demo", "The whole job on the bundled sample project."),
+    "serve": (
+        "autolabel.commands.serve:serve",
+        "Serve the calibrated easy tier to Label Studio as an ML backend.",
+    ),
 }
 
 
@@ -271,4 +275,4 @@ def main(argv: list[str] | None = None) -> Any:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

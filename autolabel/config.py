@@ -95,6 +95,10 @@ class TrainConfig(_Strict):
     classes: list[str] | None = Field(
         None, description="class names; default: the project's classes"
     )
+    warm_start: bool = Field(
+        False,
+        description="start from the previous successful run's model (same classes), not from scratch",
+    )
 
 
 class LabelMapConfig(_Strict):

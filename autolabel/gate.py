@@ -51,8 +51,7 @@ from autolabel.stages import (
     read_shadow_record,
     write_shadow_record,
 )
-from connectors.errors import InputError, UsageError
-from connectors.formats._filebased import image_size
+from connectors.errors import UsageError
 from connectors.formats.base import LabelWrite, PredictionSource, ProjectFormat, Provenance
 from connectors.labelmap import LabelMap
 from connectors.model import Annotation, Item, ItemStatus, Prediction
@@ -258,23 +257,6 @@ def _label_confidence(annotations: list[Annotation]) -> float | None:
 # -- the run -------------------------------------------------------------------------------
 
 
-def _with_size(fmt: ProjectFormat, item: Item) -> Item:
-    """``item`` with its image size, read from the image header when the reader left it out.
-
-    Formats that store boxes relative to the image (Label Studio percent, YOLO normalised)
-    need the size to write; an unlabeled item often has none recorded.  When the header
-    cannot be read the item is returned as it is and the format refuses it with its reason.
-    """
-    if (item.width is not None and item.height is not None) or "://" in item.uri:
-        return item
-    try:
-        width, height = image_size(fmt.project, item.uri, item=item.item_id)
-    except InputError as exc:
-        log.warning("%s", exc)
-        return item
-    return item.model_copy(update={"width": width, "height": height})
-
-
 def _task_of(fmt: ProjectFormat) -> str:
     return (
         "classification"
@@ -449,7 +431,6 @@ def run_autolabel(
             anns = auto_label(pred, label_map, task=task, box_confidence=c)
             if anns is None:
                 continue
-            item = _with_size(project, item) if anns and task == "detection" else item
             provenance = Provenance(
                 run_id=run_id,
                 model_version=predictor.version_of(pred),

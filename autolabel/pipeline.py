@@ -20,8 +20,9 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from autolabel.config import AppConfig, ProjectConfig
+from autolabel.config import AppConfig, ProjectConfig, is_local_path
 from autolabel.store import ReportStore, RunRecord, StateDB, new_run_id, utcnow
+from connectors.errors import LabelTriageError
 from connectors.labelmap import LabelMap, load_label_map
 from difficulty.plan import PlanSettings
 
@@ -42,7 +43,10 @@ class RunFunction(Protocol):
 
 def build_label_map(p: ProjectConfig) -> LabelMap:
     """The project's label map: the file's (if any) with the inline ``map``/``ignore`` on top."""
-    base = load_label_map(p.label_map.file, p.storage_options) if p.label_map.file else LabelMap()
+    file = p.label_map.file
+    # a remote label-map file is read with the project's storage options
+    options = p.storage_options if file is not None and not is_local_path(file) else None
+    base = load_label_map(file, options) if file is not None else LabelMap()
     return LabelMap(
         map={**base.map, **p.label_map.map},
         ignore=tuple(dict.fromkeys([*base.ignore, *p.label_map.ignore])),
@@ -147,6 +151,10 @@ class _Run:
             self.checkpoint = self.p.model
             return
         out = f"{self.run_dir}/model.pt"
+        init = self.previous_model() if t.warm_start else None
+        if init is not None:
+            log.info("%s: training starts from the previous run's model %s", self.name, init)
+            self.record.counts["warm_start"] = init
         train_model(
             self.project.iter_items(),
             self.project,
@@ -163,9 +171,19 @@ class _Run:
             out=out,
             image_size=t.image_size,
             min_steps=t.min_steps,
+            init=init,
         )
         self.checkpoint = out
         self.record.outputs["model"] = out
+
+    def previous_model(self) -> str | None:
+        """The model trained by the latest earlier successful run, if any."""
+        for earlier in reversed(self.store.earlier_runs(self.name, self.record.run_id)):
+            if "model" in earlier.outputs and self.store.has_output(
+                self.name, earlier.run_id, "model.pt"
+            ):
+                return earlier.outputs["model"]
+        return None
 
     def reference(self) -> str | None:
         """The folder of the latest earlier successful run that has scores."""
@@ -207,7 +225,9 @@ class _Run:
         )
         for key in ("scored", "errors", "tiers", "scorers"):
             if key in summary:
-                self.record.counts[f"score_{key}" if key in ("errors",) else key] = summary[key]
+                self.record.counts[f"score_{key}" if key in ("errors",) else key] = plain(
+                    summary[key]
+                )
 
     def report(self) -> None:
         from difficulty.report import write_report
@@ -249,18 +269,30 @@ class _Run:
             run_id=self.record.run_id,
         )
         self.record.outputs["autolabel"] = result.report_path or f"{self.run_dir}/autolabel.json"
-        self.record.counts[p.stage] = {
-            "threshold": result.threshold,
-            "bound": result.bound,
-            "coverage": result.coverage,
-            "eligible": result.n_eligible,
-            "selected": len(result.selected),
-            "written": len(result.written),
-            "refused": len(result.refused),
-            "audit": len(result.audit),
-            "audit_precision": result.precision,
-            "agreement": result.agreement,
-        }
+        self.record.counts[p.stage] = plain(
+            {
+                "threshold": result.threshold,
+                "bound": result.bound,
+                "coverage": result.coverage,
+                "eligible": result.n_eligible,
+                "selected": len(result.selected),
+                "written": len(result.written),
+                "refused": len(result.refused),
+                "audit": len(result.audit),
+                "audit_precision": result.precision,
+                "agreement": result.agreement,
+            }
+        )
+
+
+def plain(value: Any) -> Any:
+    """``value`` as plain JSON data (numpy scalars become numbers, other objects strings)."""
+
+    def default(obj: Any) -> Any:
+        item = getattr(obj, "item", None)
+        return item() if callable(item) else str(obj)
+
+    return json.loads(json.dumps(value, default=default))
 
 
 class StepFailed(Exception):
@@ -307,13 +339,18 @@ def run_project(
             run.step(p.stage, run.gate)
         record.status = "ok"
     except StepFailed as exc:
+        # Errors raised on purpose (bad input, bad usage) carry their own message; anything
+        # else is a bug somewhere and gets its traceback.
+        expected = isinstance(exc.cause, LabelTriageError)
         log.error(
-            "run %s of project %s failed in step %s",
+            "run %s of project %s failed: %s",
             record.run_id,
             name,
-            exc.step,
-            exc_info=exc.cause,
+            exc,
+            exc_info=None if expected else exc.cause,
         )
+        if expected:
+            log.debug("traceback of %s", exc.step, exc_info=exc.cause)
         record.status = "failed"
         record.error = str(exc)
     finally:

@@ -34,7 +34,7 @@ from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
-from autolabel.config import AppConfig, load_config
+from autolabel.config import AppConfig, ConfigError, load_config
 from autolabel.pipeline import RunFunction, run_locked
 from autolabel.store import RunRecord, StateDB
 from connectors.errors import UsageError
@@ -60,7 +60,11 @@ def scheduled_run(config_path: str, project: str, runner: str = DEFAULT_RUNNER) 
     The config is read at every run, so edits (stage, ε, tiers) take effect at the next
     run without a restart; a config that became invalid makes the run fail loudly.
     """
-    cfg = load_config(config_path)
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as exc:  # an edit broke the config: this run cannot start, later ones may
+        log.error("scheduled run of %s not started: %s", project, exc)
+        return "failed"
     p = cfg.projects.get(project)
     if p is None:
         log.error(

@@ -60,7 +60,7 @@ from connectors.formats.yolo import YoloPredictions  # noqa: E402
 from connectors.labelmap import LabelMap  # noqa: E402
 from connectors.model import Item, ItemStatus  # noqa: E402
 from connectors.storage import ProjectFS  # noqa: E402
-from difficulty.combine import combine, fit_weights, percentiles, spearman  # noqa: E402
+from difficulty.combine import fit_weights, percentiles, spearman  # noqa: E402
 from difficulty.report import SECTIONS, write_report  # noqa: E402
 from difficulty.scoring import score_project  # noqa: E402
 
@@ -143,9 +143,9 @@ def evaluate(table: pd.DataFrame, scorers: list[str], splits: int, seed: int) ->
     pct = percentiles(t, scorers)
     single = {s: spearman(pct[s].to_numpy(), err) for s in scorers}
     fit_all = fit_weights(pct, err, seed=seed)
-    in_sample = spearman(combine(pct, fit_all.weights), err)
+    in_sample = spearman(fit_all.score(pct), err)
     fit_signed = fit_weights(pct, err, seed=seed, signed=True)
-    in_sample_signed = spearman(combine(pct, fit_signed.weights), err)
+    in_sample_signed = spearman(fit_signed.score(pct), err)
 
     rng = np.random.default_rng(seed)
     labeled = np.flatnonzero(np.isfinite(err))
@@ -160,11 +160,9 @@ def evaluate(table: pd.DataFrame, scorers: list[str], splits: int, seed: int) ->
         fit = fit_weights(pct, visible, seed=seed)
         methods.append(fit.method)
         row = {s: spearman(pct[s].to_numpy()[test_idx], err[test_idx]) for s in scorers}
-        row["combined"] = spearman(combine(pct.iloc[test_idx], fit.weights), err[test_idx])
+        row["combined"] = spearman(fit.score(pct.iloc[test_idx]), err[test_idx])
         signed = fit_weights(pct, visible, seed=seed, signed=True)
-        row["combined (signed)"] = spearman(
-            combine(pct.iloc[test_idx], signed.weights), err[test_idx]
-        )
+        row["combined (signed)"] = spearman(signed.score(pct.iloc[test_idx]), err[test_idx])
         signed_methods.append(signed.method)
         chosen = max(
             scorers,
@@ -285,6 +283,18 @@ def fmt_rho(v: float) -> str:
     return "–" if v is None or not np.isfinite(v) else f"{v:+.3f}"
 
 
+def _criterion(r: dict[str, Any]) -> str:
+    best_in = max(v for v in r["single"].values() if np.isfinite(v))
+    gap_in = r["in_sample"] - best_in
+    gap_cv = r["cv_mean"]["combined"] - r["cv_mean"]["best single (chosen on fit half)"]
+    ok_in = "yes" if gap_in >= -1e-9 else "NO"
+    ok_cv = "yes" if gap_cv >= -1e-9 else "NO"
+    return (
+        f"**Combined ≥ best single scorer?** in sample: {ok_in} ({gap_in:+.3f}); "
+        f"held out, vs the best single scorer chosen on the same fit half: {ok_cv} ({gap_cv:+.3f})."
+    )
+
+
 def markdown(
     results: dict[str, dict[str, Any]], shots: dict[str, list[str]], splits: int, seconds: float
 ) -> str:
@@ -328,6 +338,8 @@ def markdown(
             "",
             f"Methods chosen across the splits: {', '.join(f'{k} ×{v}' for k, v in r['cv_methods'].items())}. "
             f"Combined ≥ the best single scorer chosen on the fit half in {100 * r['combined_ge_best_single_share']:.0f} % of the splits.",
+            "",
+            _criterion(r),
             "",
         ]
     lines += ["## Report rendering (headless Chromium)", ""]

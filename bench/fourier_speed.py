@@ -492,6 +492,15 @@ def render(
         f"- load average (1/5/15 min) before: {load_before[0]:.2f} / {load_before[1]:.2f} / {load_before[2]:.2f}, after: {load_after[0]:.2f} / {load_after[1]:.2f} / {load_after[2]:.2f}"
     )
     lines.append(f"- whole run: {elapsed:.0f} s")
+    cores = os.cpu_count() or 1
+    if max(load_before[0], load_after[0]) > 0.5 * cores:
+        lines.append("")
+        lines.append(
+            f"**Other work was running concurrently** (1-minute load average up to "
+            f"{max(load_before[0], load_after[0]):.1f} on {cores} cores, most of it not this benchmark's): "
+            "absolute rates are depressed and noisy, and ratios between paths measured seconds apart "
+            "carry that noise too. Re-run on a quiet machine before relying on the numbers."
+        )
     lines.append("")
     lines.append(f"## Throughput (images/s, median of {args.repeats} repeats)")
     lines.append("")

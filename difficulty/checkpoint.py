@@ -3,7 +3,13 @@
 A checkpoint file is ``torch.save`` of a dict with only tensors and JSON-able values::
 
     {"format": "labeltriage-checkpoint", "format_version": 1,
-     "meta": {...}, "state_dict": {name: tensor}}
+     "meta": {...}, "state_dict": {name: tensor},
+     "committee": [{name: tensor}, ...]}          # only with a stored committee
+
+``committee`` (optional; readers that do not know it ignore it) holds the state dicts of
+the members of a bootstrap committee: each is a whole target classifier of the same
+architecture as ``state_dict``'s ``target.`` part, keyed as that part without the prefix
+(see :mod:`difficulty.committee`); ``meta["committee"]`` describes how they were trained.
 
 ``meta`` holds everything needed to rebuild the model and to trust its outputs:
 
@@ -12,14 +18,18 @@ A checkpoint file is ``torch.save`` of a dict with only tensors and JSON-able va
 ``arch``               model name (:data:`~difficulty.models.classification.CLASSIFICATION_ARCHS`,
                        :data:`~difficulty.models.detection.DETECTION_ARCHS`)
 ``classes``            project class names (detection label ``i`` = ``classes[i-1]``)
-``model``              constructor settings: ``in_channels``, ``image_size``, ``width``, ``dropout``
+``model``              constructor settings: ``in_channels``, ``image_size``, ``width``, ``dropout``,
+                       ``small_input`` (ResNet-18 stem; absent = ``image_size <= 64``)
 ``lossnet``            :class:`~difficulty.models.lossnet.LossNetConfig` as a dict
 ``data_hash``          sha256 over the sorted (item id, label) pairs trained on
 ``calibration_ids``    the held-out items never trained on (sorted), with ``calibration``
                        giving the rule, share and a hash of the ids
 ``version``            ``<arch>-<data_hash[:8]>-<created>``; also as ``model_version``
 ``created``            UTC ISO time
-``training``           epochs, batch size, lr, seed, init, freeze_target, per-epoch losses
+``training``           epochs, batch size, lr, seed, init, freeze_target, per-epoch losses,
+                       ``target_weights`` (the user's weights file the target came from, or null)
+``committee``          only with a stored committee: ``kind`` (``bootstrap``), ``members``,
+                       ``epochs``, ``lr``, ``seed``, ``resample``
 =====================  ===============================================================
 
 Files are written atomically (temporary object, then move) on any fsspec URL.
@@ -56,6 +66,8 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     path: str | None = None
     model: nn.Module | None = field(default=None, repr=False)
+    committee: list[dict[str, torch.Tensor]] | None = field(default=None, repr=False)
+    _members: list[nn.Module] | None = field(default=None, repr=False)
 
     @property
     def task(self) -> str:
@@ -84,6 +96,28 @@ class Checkpoint:
         self.model.eval()
         return self.model
 
+    def build_committee(self) -> list[nn.Module]:
+        """The stored committee's members (target classifiers), in eval mode; ``[]`` if none.
+
+        Each member is a copy of the target model with the member's weights (built once,
+        then cached).
+        """
+        if not self.committee:
+            return []
+        if self._members is None:
+            import copy
+
+            target = self.build_model().target  # type: ignore[union-attr]
+            members = []
+            for state in self.committee:
+                member = copy.deepcopy(target)
+                member.load_state_dict(state)
+                members.append(member)
+            self._members = members
+        for member in self._members:
+            member.eval()
+        return self._members
+
 
 def _check_json(meta: dict[str, Any]) -> dict[str, Any]:
     try:
@@ -108,41 +142,80 @@ def save_checkpoint(
     model: nn.Module | dict[str, torch.Tensor],
     meta: dict[str, Any],
     *,
+    committee: list[dict[str, torch.Tensor]] | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> Checkpoint:
     """Write ``model``'s weights (or a state dict) and ``meta`` to ``path`` atomically.
 
+    ``committee``: state dicts of stored committee members (see the module docstring).
     ``path`` is a local path or an fsspec URL; an existing file is replaced.
     """
-    state = model if isinstance(model, dict) else model.state_dict()
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+    def cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+    state = cpu(model if isinstance(model, dict) else model.state_dict())
+    members = [cpu(m) for m in committee] if committee else None
     clean = _check_json(meta)
+    blob: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "meta": clean,
+        "state_dict": state,
+    }
+    if members:
+        blob["committee"] = members
     buffer = io.BytesIO()
-    torch.save(
-        {"format": FORMAT, "format_version": FORMAT_VERSION, "meta": clean, "state_dict": state},
-        buffer,
-    )
+    torch.save(blob, buffer)
     parent, name = _split_url(path)
     ProjectFS(parent, storage_options).write_bytes(name, buffer.getvalue())
     return Checkpoint(
-        meta=clean, state_dict=state, path=path, model=None if isinstance(model, dict) else model
+        meta=clean,
+        state_dict=state,
+        path=path,
+        model=None if isinstance(model, dict) else model,
+        committee=members,
     )
 
 
-def _read(path: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+def read_torch_file(
+    path: str, *, storage_options: dict[str, Any] | None = None, what: str = "checkpoint"
+) -> tuple[Any, bytes]:
+    """``torch.load(weights_only=True)`` of the file at ``path`` (any fsspec URL), and its bytes.
+
+    Raises :class:`UsageError` when it does not exist, :class:`InputError` (naming the
+    file) when torch cannot read it safely.
+    """
     parent, name = _split_url(path)
     try:
         data = ProjectFS(parent, storage_options).read_bytes(name)
     except FileNotFoundError as exc:
-        raise UsageError(f"checkpoint {path} not found") from exc
+        raise UsageError(f"{what} {path} not found") from exc
     try:
         blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (
         Exception
     ) as exc:  # torch raises many kinds for a bad file (UnpicklingError, RuntimeError, …)
-        raise InputError(
-            f"not a readable checkpoint: {type(exc).__name__}: {exc}", file=path
-        ) from exc
+        raise InputError(f"not a readable {what}: {type(exc).__name__}: {exc}", file=path) from exc
+    return blob, data
+
+
+def is_state_dict(blob: Any) -> bool:
+    """True for a plain ``model.state_dict()``: a non-empty dict of tensors keyed by name."""
+    return (
+        isinstance(blob, dict)
+        and bool(blob)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in blob.items())
+    )
+
+
+def _read(path: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    blob, _ = read_torch_file(path, storage_options=storage_options)
+    if is_state_dict(blob):
+        raise UsageError(
+            f"{path} is a plain state_dict, not a {FORMAT} file; to train on top of these "
+            "weights give them as --target-weights FILE (with --arch)"
+        )
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise InputError(f"not a {FORMAT} file", file=path)
     if int(blob.get("format_version", 0)) > FORMAT_VERSION:
@@ -160,7 +233,14 @@ def load_checkpoint(
     if isinstance(path, Checkpoint):
         return path
     blob = _read(path, storage_options)
-    return Checkpoint(meta=blob["meta"], state_dict=blob["state_dict"], path=path)
+    committee = blob.get("committee")
+    if committee is not None and not (
+        isinstance(committee, list) and all(is_state_dict(m) for m in committee)
+    ):
+        raise InputError("'committee' is not a list of state dicts", file=path)
+    return Checkpoint(
+        meta=blob["meta"], state_dict=blob["state_dict"], path=path, committee=committee or None
+    )
 
 
 def load_checkpoint_meta(

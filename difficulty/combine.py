@@ -38,6 +38,10 @@ Two steps, both plain functions of arrays:
    fit: the ``default`` scorer (``fourier``, the model-free one) is used alone; when it
    was not computed, every scorer gets the same weight.
 
+Ties are kept: a coarse scorer chosen alone (a box count) leaves many items with one
+score, and the report shows them as such.  Breaking those ties with a weaker blend adds
+rank variance without information about the error inside the tie, which lowers ρ.
+
 The combined score is ``Σ_i w_i·p_i / Σ_i w_i`` (``1 − p_i`` and ``|w_i|`` for a reversed
 scorer) over the scorers with a value for the
 item (weights renormalised per item when a scorer has no value for it), so it stays in
@@ -215,6 +219,10 @@ class CombineFit:
     cv_rho: dict[str, float] = field(default_factory=dict)
     n_labeled: int = 0
     reason: str = ""
+
+    def score(self, pct: pd.DataFrame) -> np.ndarray:
+        """The combined score ``(N,)`` of percentiles ``pct`` (see :func:`combine`)."""
+        return combine(pct, self.weights)
 
     def to_dict(self) -> dict[str, Any]:
         def clean(d: Mapping[str, float]) -> dict[str, float | None]:

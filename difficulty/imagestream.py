@@ -128,7 +128,11 @@ class _DecodeChunks(Dataset[_Decoded]):
                 errors[item_id] = str(exc)
                 continue
             ids.append(item_id)
-        pixels = torch.stack(images).numpy() if images else np.empty((0, self.size, self.size), np.float32)
+        pixels = (
+            torch.stack(images).numpy()
+            if images
+            else np.empty((0, self.size, self.size), np.float32)
+        )
         return _Decoded(order=order, item_ids=ids, pixels=pixels, errors=errors)
 
 
@@ -160,6 +164,20 @@ def iter_image_batches(
         raise UsageError(f"batch size must be at least 1, got {batch_size}")
     if num_workers < 0:
         raise UsageError(f"num_workers must be 0 or more, got {num_workers}")
+    if prefetch_factor < 1:
+        raise UsageError(f"prefetch_factor must be at least 1, got {prefetch_factor}")
+    return _iter_batches(items, project, size, batch_size, num_workers, progress, prefetch_factor)
+
+
+def _iter_batches(
+    items: Iterable[Item],
+    project: ProjectFS | None,
+    size: int,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+    prefetch_factor: int,
+) -> Iterator[ImageBatch]:
     loader: DataLoader[_Decoded] = DataLoader(
         _DecodeChunks(project, size),
         batch_size=None,
@@ -207,7 +225,7 @@ def _scorer_plan(
             )
             raise UsageError(f"bad settings for scorer {name!r}: {problems}") from exc
         kwargs = config.model_dump()
-        if "size" in kwargs:
+        if "size" in config.model_fields_set:
             sizes[name] = int(kwargs["size"])
         plan.append((name, spec.fn, kwargs))
     if size is not None:
@@ -217,7 +235,11 @@ def _scorer_plan(
         raise UsageError(
             f"image scorers disagree on the decode size ({listed}); set one size for all"
         )
-    return plan, next(iter(sizes.values()), DEFAULT_SIZE)
+    common = next(iter(sizes.values()), DEFAULT_SIZE)
+    for _, _, kwargs in plan:
+        if "size" in kwargs:
+            kwargs["size"] = common
+    return plan, common
 
 
 def score_images(
@@ -231,12 +253,20 @@ def score_images(
 
     ``scorers`` are names from :data:`difficulty.registry.SCORERS` that need only
     ``images``; ``settings`` maps a scorer name to its settings (validated by the scorer's
-    settings model).  All scorers must agree on ``size`` (the decode size).  Items that
+    settings model).  The decode size is the ``size`` set in the settings or given as a
+    keyword argument (default 128); where several are set they must agree.  Items that
     could not be decoded come back with empty values and ``error`` set.  Remaining keyword
-    arguments go to :func:`iter_image_batches`.
+    arguments go to :func:`iter_image_batches`.  Names, settings and stream arguments are
+    checked when this is called (:class:`UsageError`), before any item is read.
     """
     plan, size = _scorer_plan(scorers, settings, stream_kwargs.pop("size", None))
-    for batch in iter_image_batches(items, project, size=size, **stream_kwargs):
+    return _score_batches(plan, iter_image_batches(items, project, size=size, **stream_kwargs))
+
+
+def _score_batches(
+    plan: list[tuple[str, Any, dict[str, Any]]], batches: Iterator[ImageBatch]
+) -> Iterator[tuple[str, dict[str, float], str | None]]:
+    for batch in batches:
         columns: dict[str, list[float]] = {}
         if batch.item_ids:
             for name, fn, kwargs in plan:

@@ -5,10 +5,12 @@ torch ``DataLoader``, with workers if asked); :func:`infer_arrays` does the same
 in-memory arrays (the active-learning benchmark).
 
 Classification: ``probs`` ``(n, C)``; ``features`` ``(n, D)`` = the input of the last FC
-(EGL, k-center); ``committee`` ``(M, n, C)`` = ``M`` MC-dropout samples of the last layer
-(dropout before ``fc`` is the only stochastic layer, so the backbone runs once and only
-``fc(dropout(h))`` is sampled); ``predictions``: the arg-max class with its probability as
-score and the whole ``probs`` dict.
+(EGL, k-center); ``committee`` ``(M, n, C)``: when the checkpoint stores a bootstrap
+committee (:mod:`difficulty.committee`), the class probabilities of its first ``M``
+members (all of them when it has fewer); otherwise ``M`` MC-dropout samples of the last
+layer (dropout before ``fc`` is the only stochastic layer, so the backbone runs once and
+only ``fc(dropout(h))`` is sampled); ``predictions``: the arg-max class with its
+probability as score and the whole ``probs`` dict.
 
 Detection: per image ``box_probs`` ``(B_i, K+1)`` (column 0 = background) and
 ``box_scores`` ``(B_i,)`` of every kept detection (score > 0.01, after NMS, at most 100:
@@ -86,7 +88,12 @@ def _classify(
     out = model(x)
     probs = F.softmax(out.logits, dim=1)
     comm = None
-    if committee > 0:
+    stored = ckpt.build_committee() if committee > 0 else []
+    if stored:
+        comm = torch.stack(
+            [F.softmax(member.to(x.device)(x).logits, dim=1) for member in stored[:committee]]
+        )
+    elif committee > 0:
         target: Any = model.target
         target.dropout.train()
         try:
@@ -197,7 +204,8 @@ def infer(
 
     ``checkpoint``: a path/URL or a loaded :class:`Checkpoint`; ``project``: the
     :class:`ProjectFS` the item URIs are relative to (or a format object carrying it as
-    ``.project``).  ``committee``: the number ``M`` of MC-dropout members (0: none).
+    ``.project``).  ``committee``: the number ``M`` of committee members (0: none) — the
+    checkpoint's stored bootstrap members when it has them, else MC-dropout passes.
     A batch whose items all failed to decode is still yielded (empty arrays, ``errors`` set).
     """
     ckpt = load_checkpoint(checkpoint, storage_options=storage_options)

@@ -121,13 +121,13 @@ def plot_score_distribution(df: pd.DataFrame, thresholds: tuple[float, float]) -
         edgecolor="white",
         linewidth=0.4,
     )
-    for x, name in zip(thresholds, ("easy ≤", "hard ≥"), strict=True):
+    for row, (x, name) in enumerate(zip(thresholds, ("easy ≤", "hard ≥"), strict=True)):
         if np.isfinite(x):
             ax.axvline(x, color="#1f2a36", linestyle="--", linewidth=1)
             ax.annotate(
                 f"{name} {x:.2f}",
                 (x, ax.get_ylim()[1]),
-                xytext=(3, -12),
+                xytext=(3, -12 - 12 * row),
                 textcoords="offset points",
                 fontsize=8,
                 color="#1f2a36",
@@ -251,7 +251,7 @@ def plot_trend(trend: list[dict[str, Any]]) -> str | None:
             label=tier,
         )
     ax.set_title("items per tier", fontsize=9)
-    ax.legend(frameon=False, fontsize=8)
+    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=7)
     _style(ax)
     ax2 = fig.add_subplot(1, 2, 2)
@@ -539,7 +539,7 @@ def write_report(
         "tier_colors": TIER_COLORS,
         "tier_plot": plot_tiers({**counts, **({"unscored": unscored} if unscored else {})}),
         "score_plot": plot_score_distribution(
-            df, (meta["tiers"]["easy_max"], meta["tiers"]["hard_min"])
+            df, (_threshold(meta, "easy_max"), _threshold(meta, "hard_min"))
         ),
         "scorer_plot": plot_scorers(df, scorers, weights),
         "agreement_plot": plot_agreement(correlations, combination.get("combined_rho")),
@@ -577,6 +577,11 @@ def write_report(
     paths["assignment"] = out.write_text("assignment.csv", buf.getvalue())
     log.info("report written to %s", paths["report"])
     return paths
+
+
+def _threshold(meta: dict[str, Any], key: str) -> float:
+    value = (meta.get("tiers") or {}).get(key)
+    return float("nan") if value is None else float(value)
 
 
 def _median(s: pd.Series) -> float | None:

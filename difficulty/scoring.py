@@ -43,7 +43,6 @@ from connectors.model import Item, Prediction
 from connectors.storage import ProjectFS
 from difficulty.combine import (
     CombineFit,
-    combine,
     fit_weights,
     percentiles,
     quantile_sketch,
@@ -59,7 +58,7 @@ SCORER_MODULES = ("difficulty.fourier", "difficulty.strategies", "difficulty.pre
 """Modules whose import registers scorers."""
 
 DEFAULT_SCORER = "fourier"
-CHUNK_SIZE = 1024
+CHUNK_SIZE = 512
 ChunkRunner = Callable[..., Iterable[pd.DataFrame]]
 """``runner(chunks, **score_chunk_kwargs)`` → the tables of :func:`score_chunk`, in chunk order."""
 PREDICTION_FIELDS = (
@@ -108,14 +107,16 @@ def available_needs(task: str, *, predictions: bool, checkpoint: bool) -> frozen
 def default_scorers(needs: frozenset[str]) -> list[str]:
     """``fourier`` plus every scorer the inputs support, without baselines and aliases.
 
-    Baselines are scorers that read ``rng`` (``random``); when two names share one
-    function (``learning_loss`` / ``predicted_loss``) the one not tagged ``strategy`` is kept.
+    Left out: baselines (scorers that read ``rng``: ``random``) and batch-mode selection
+    strategies (tag ``batch``: their value depends on the rest of the batch, it is no
+    per-item difficulty).  When two names share one function (``learning_loss`` /
+    ``predicted_loss``) the one not tagged ``strategy`` is kept.
     """
     load_scorers()
     chosen: dict[int, ScorerSpec] = {}
     for name in SCORERS:
         spec = SCORERS[name]
-        if "rng" in spec.needs or not spec.needs <= needs:
+        if "rng" in spec.needs or "batch" in spec.tags or not spec.needs <= needs:
             continue
         key = id(spec.fn)
         if key not in chosen or ("strategy" in chosen[key].tags and "strategy" not in spec.tags):
@@ -432,10 +433,16 @@ def finish_table(
         fit = fit_weights(pct, err_ok, min_labeled=min_labeled, seed=seed, signed=signed_weights)
 
     score = np.full(len(df), np.nan)
-    score[ok] = combine(pct, fit.weights)
-    if reference_meta is not None and not tiers.model_fields_set and "tiers" in reference_meta:
-        easy_max = float(reference_meta["tiers"]["easy_max"])
-        hard_min = float(reference_meta["tiers"]["hard_min"])
+    score[ok] = fit.score(pct)
+    ref_tiers = (reference_meta or {}).get("tiers") or {}
+    if (
+        reference_meta is not None
+        and not tiers.model_fields_set
+        and ref_tiers.get("easy_max") is not None
+        and ref_tiers.get("hard_min") is not None
+    ):
+        easy_max = float(ref_tiers["easy_max"])
+        hard_min = float(ref_tiers["hard_min"])
         tier_source = f"reference run {reference_meta.get('run_id')}"
     else:
         easy_max, hard_min = tier_thresholds(score, tiers)
@@ -455,8 +462,8 @@ def finish_table(
         "reference": sketch,
         "tiers": {
             "config": tiers.model_dump(),
-            "easy_max": easy_max,
-            "hard_min": hard_min,
+            "easy_max": easy_max if np.isfinite(easy_max) else None,  # None: nothing scored
+            "hard_min": hard_min if np.isfinite(hard_min) else None,
             "source": tier_source,
         },
     }

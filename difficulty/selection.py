@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 DIVERSITY = ("kcenter",)
 DEFAULT_COMMITTEE = 8
-"""MC-dropout members for the committee strategies."""
+"""Committee members for the committee strategies (the stored bootstrap ones, at most this
+many, when the checkpoint has them; else MC-dropout passes)."""
 
 
 def kcenter_greedy(features: np.ndarray, k: int, *, first: int = 0) -> list[int]:

@@ -19,11 +19,22 @@ Classification (``probs`` ``(N, C)`` rows summing to 1):
                        ``predicted_loss``, the difficulty scorer of the same function)
 =====================  =================================================================
 
-**The committee** is built by MC dropout (Gal & Ghahramani 2016): ``M`` forward passes of
-the one trained model with its dropout layer active (classification: dropout before the
-last FC; detection: dropout on the classification head's input).  One trained model, so
-the committee costs ``M`` cheap passes rather than ``M`` trainings; bootstrap members
-would need ``M`` models.
+**The committee** ``(M, N, C)`` comes from :func:`difficulty.inference.infer` with
+``committee=M`` and is built in one of two ways, chosen when the model is trained
+(``committee_kind``, ``labeltriage train --committee-kind``; :mod:`difficulty.committee`):
+
+* ``dropout`` (default) — MC dropout (Gal & Ghahramani 2016): ``M`` forward passes of the
+  one trained model with its dropout layer active (classification: dropout before the
+  last FC; detection: dropout on the classification head's input).  One trained model, so
+  the committee costs ``M`` cheap passes rather than ``M`` trainings;
+* ``bootstrap`` (classification) — query by bagging (Abe & Mamitsuka 1998): after the
+  main training, each of ``M`` members starts from the trained classifier and trains a
+  short schedule (5 epochs by default, cross-entropy, the main learning rate then a tenth
+  of it for the last epoch) on its own bootstrap resample of the training items (``n``
+  drawn with replacement, seeded by ``(seed, member)``).  The members are stored in the
+  checkpoint; when it has them, ``committee=M`` uses its first ``M`` members (all of them
+  if it has fewer) instead of MC dropout.  Costs ``M`` short trainings, ``M`` copies of
+  the model on disk and ``M`` full forward passes per item.
 
 **EGL in closed form.**  For a softmax cross-entropy last layer ``z = W h + b``, the
 gradient for label ``y`` is ``∂L/∂W = (p − e_y) ⊗ h`` and ``∂L/∂b = p − e_y``, so its norm

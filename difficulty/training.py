@@ -44,18 +44,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from connectors.errors import UsageError
 from connectors.model import Item
 from connectors.storage import ProjectFS
 from difficulty.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from difficulty.committee import (
+    RESAMPLE_RULE,
+    CommitteeConfig,
+    bootstrap_indices,
+    member_epochs,
+    train_members,
+)
 from difficulty.datasets import ItemDataset, Sample, collate_samples
 from difficulty.inference import infer_arrays
 from difficulty.models.build import ARCHS, DEFAULT_ARCH, TASKS, model_from_meta
 from difficulty.models.classification import LossPredictionClassifier, TappedClassifier
 from difficulty.models.lossnet import LossNetConfig, loss_pred_loss
+from difficulty.models.user_weights import load_target_weights, read_target_weights
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +123,22 @@ def _target_module(model: nn.Module) -> nn.Module:
     return model.target if isinstance(model, LossPredictionClassifier) else model.detector  # type: ignore[return-value]
 
 
+def _hold_frozen(target: nn.Module) -> None:
+    """Put a frozen target model in the mode that computes its losses without changing it.
+
+    A classifier runs in eval mode.  A torchvision detector computes its losses (and
+    samples anchors/proposals) only in train mode, so it stays there with every BatchNorm
+    and dropout layer in eval mode: running statistics never move.
+    """
+    if isinstance(target, TappedClassifier):
+        target.eval()
+        return
+    target.train()
+    for m in target.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm | nn.Dropout):
+            m.eval()
+
+
 def _fit(
     model: nn.Module,
     batches: Callable[[int], Iterable[Any]],
@@ -148,7 +172,7 @@ def _fit(
     for epoch in bar:
         model.train()
         if freeze_target:
-            target.eval()
+            _hold_frozen(target)
         detach = freeze_target or epoch >= stop_epoch
         sums = {"target": 0.0, "ranking": 0.0, "n": 0.0}
         for batch in batches(epoch):
@@ -225,6 +249,30 @@ def _warm_start(model: nn.Module, init: Checkpoint, meta: dict[str, Any]) -> Non
     model.load_state_dict(init.state_dict)
 
 
+def _committee_config(kind: str, size: int, epochs: int, task: str, arch: str) -> CommitteeConfig:
+    try:
+        config = CommitteeConfig(kind=kind, members=size, epochs=epochs)  # type: ignore[arg-type]
+    except ValueError as exc:  # pydantic ValidationError
+        raise UsageError(f"bad committee settings: {exc}") from exc
+    if config.kind == "bootstrap" and (task != "classification" or arch not in ARCHS[task]):
+        raise UsageError(
+            f"a bootstrap committee is for the built-in classifiers ({', '.join(ARCHS['classification'])}); "
+            f"this is {task} / {arch}: use committee_kind='dropout'"
+        )
+    return config
+
+
+def _committee_meta(config: CommitteeConfig, epochs: int, lr: float, seed: int) -> dict[str, Any]:
+    return {
+        "kind": config.kind,
+        "members": config.members,
+        "epochs": epochs,
+        "lr": lr,
+        "seed": seed,
+        "resample": RESAMPLE_RULE,
+    }
+
+
 # -- in-memory arrays (the active-learning benchmark) ---------------------------------
 
 
@@ -248,6 +296,9 @@ def train_on_arrays(
     ids: Sequence[str] | None = None,
     device: str = "cpu",
     progress: bool = False,
+    committee_kind: str = "dropout",
+    committee_size: int = 5,
+    committee_epochs: int = 5,
 ) -> Checkpoint:
     """Train a classifier + loss module on arrays, in memory, with the CLI's model code.
 
@@ -256,8 +307,11 @@ def train_on_arrays(
     ``["0", …, str(max(y))]``).  ``init``: warm start from an earlier result.
     ``target`` + ``freeze_target``: train only the module on a user's own frozen model
     (see :class:`~difficulty.models.classification.HookedClassifier`).  No calibration
-    split is held out here (the caller owns its splits).  Returns an in-memory
-    :class:`Checkpoint` (``path=None``) for :func:`infer_arrays` or :func:`save_checkpoint`.
+    split is held out here (the caller owns its splits).  ``committee_kind="bootstrap"``
+    also trains ``committee_size`` members on bootstrap resamples for ``committee_epochs``
+    (:mod:`difficulty.committee`), kept in ``Checkpoint.committee``.  Returns an in-memory
+    :class:`Checkpoint` (``path=None``) for :func:`infer_arrays` or :func:`save_checkpoint`
+    (pass ``committee=ckpt.committee`` to store the members).
     """
     xt = torch.as_tensor(np.asarray(x), dtype=torch.float32)
     if xt.dim() == 3:
@@ -268,6 +322,13 @@ def train_on_arrays(
     if yt.shape != (xt.shape[0],):
         raise ValueError(f"y must be ({xt.shape[0]},), got {tuple(yt.shape)}")
     classes = list(classes) if classes is not None else [str(i) for i in range(int(yt.max()) + 1)]
+    committee = _committee_config(
+        committee_kind,
+        committee_size,
+        committee_epochs,
+        "classification",
+        arch if target is None else "user",
+    )
     torch.manual_seed(seed)
     init_ckpt = load_checkpoint(init) if init is not None else None
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -338,12 +399,36 @@ def train_on_arrays(
         "items": n,
         "history": history,
     }
+    members = None
+    if committee.kind == "bootstrap":
+        m_epochs = member_epochs(committee.epochs, steps, min_steps)
+
+        def member_batches(member: int, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+            idx = torch.as_tensor(bootstrap_indices(n, member, seed)).to(device)
+            order = torch.randperm(
+                n, generator=torch.Generator().manual_seed(seed * 7919 + member * 131 + epoch)
+            ).to(device)
+            for start in range(0, n - bs + 1 if drop_last else n, bs):
+                chosen = idx[order[start : start + bs]]
+                yield xt[chosen], yt[chosen]
+
+        members = train_members(
+            model.target,
+            member_batches,
+            members=committee.members,
+            epochs=m_epochs,
+            lr=lr,
+            seed=seed,
+            device=device,
+        )
+        meta["committee"] = _committee_meta(committee, m_epochs, lr, seed)
     model.to("cpu")
     return Checkpoint(
         meta=meta,
         state_dict={k: v.detach().clone() for k, v in model.state_dict().items()},
         path=None,
         model=model,
+        committee=members,
     )
 
 
@@ -381,6 +466,7 @@ def train_model(
     calibration_share: float = 0.2,
     init: str | Checkpoint | None = None,
     freeze_target: bool = False,
+    target_weights: str | None = None,
     device: str = "cpu",
     progress: bool = False,
     out: str,
@@ -389,6 +475,9 @@ def train_model(
     num_workers: int = 0,
     augment: bool = False,
     storage_options: dict[str, Any] | None = None,
+    committee_kind: str = "dropout",
+    committee_size: int = 5,
+    committee_epochs: int = 5,
 ) -> Checkpoint:
     """Train a target model + loss module on the human-labeled items of a project; save to ``out``.
 
@@ -396,23 +485,43 @@ def train_model(
     (:func:`is_calibration`, ``calibration_share``) is held out and recorded in the
     checkpoint as ``calibration_ids``.  ``classes``: the project's classes (default: the
     ``init`` checkpoint's, else the sorted labels seen).  ``init``: warm start (same task,
-    arch and classes).  ``freeze_target``: train only the module on the ``init`` model,
-    which stays frozen.  ``lr`` defaults to 0.1 (classification) / 0.001 (detection).
+    arch and classes).  ``target_weights``: start the target model from a user's own
+    weights file instead — a plain torchvision ``state_dict`` of ``arch`` for these classes,
+    or a labeltriage checkpoint (:mod:`difficulty.models.user_weights`); the loss module
+    starts fresh.  ``freeze_target``: train only the module on the ``init`` or
+    ``target_weights`` model, whose weights (BatchNorm statistics included) stay
+    bit-identical.  ``lr`` defaults to 0.1 (classification) / 0.001 (detection).
     Items whose image cannot be read are skipped with a warning naming them.
+    ``committee_kind="bootstrap"`` (classification): also train ``committee_size`` members
+    on bootstrap resamples of the training items for ``committee_epochs`` and store them in
+    the checkpoint (:mod:`difficulty.committee`).
     Raises :class:`UsageError` when nothing is left to train on.
     """
     if task not in TASKS:
         raise UsageError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
     if not 0.0 <= calibration_share < 1.0:
         raise UsageError(f"calibration share {calibration_share} must be in [0, 1)")
-    init_ckpt = load_checkpoint(init, storage_options=storage_options) if init is not None else None
-    if freeze_target and init_ckpt is None:
+    if init is not None and target_weights is not None:
         raise UsageError(
-            "training the loss module alone (freeze_target) needs the frozen model as --init CHECKPOINT"
+            "give either --init CHECKPOINT (warm start) or --target-weights FILE, not both"
         )
+    init_ckpt = load_checkpoint(init, storage_options=storage_options) if init is not None else None
+    if freeze_target and init_ckpt is None and target_weights is None:
+        raise UsageError(
+            "training the loss module alone (freeze_target) needs the frozen model: "
+            "--init CHECKPOINT or --target-weights FILE"
+        )
+    user = (
+        read_target_weights(target_weights, task=task, arch=arch, storage_options=storage_options)
+        if target_weights is not None
+        else None
+    )
+    if user is not None:
+        arch = user.arch
     arch = arch or (init_ckpt.arch if init_ckpt is not None else DEFAULT_ARCH[task])
     if arch not in ARCHS[task]:
         raise UsageError(f"unknown {task} arch {arch!r}; choose one of: {', '.join(ARCHS[task])}")
+    committee = _committee_config(committee_kind, committee_size, committee_epochs, task, arch)
     fs = _project_fs(project)
 
     train_items: list[Item] = []
@@ -436,6 +545,8 @@ def train_model(
     if classes is None:
         if init_ckpt is not None:
             classes = init_ckpt.classes
+        elif user is not None and user.classes:
+            classes = user.classes
         elif task == "classification":
             classes = sorted({str(i.class_label) for i in train_items})
         else:
@@ -457,6 +568,13 @@ def train_model(
         raise UsageError("no classes: the labeled items have no labels; give the project's classes")
 
     settings = dict(init_ckpt.meta.get("model") or {}) if init_ckpt is not None else {}
+    if user is not None:
+        settings.update(user.settings)
+        if int(settings.get("in_channels", 3)) != 3:
+            raise UsageError(
+                f"--target-weights {target_weights}: its first layer takes "
+                f"{settings['in_channels']} channels; project images are read as RGB (3)"
+            )
     size = image_size or int(settings.get("image_size", DEFAULT_IMAGE_SIZE[task]))
     settings.update({"in_channels": 3, "image_size": size})
     settings.setdefault("width", 32)
@@ -484,6 +602,8 @@ def train_model(
     model = model_from_meta(meta)
     if init_ckpt is not None:
         _warm_start(model, init_ckpt, meta)
+    if user is not None:
+        load_target_weights(model, user, classes=list(classes))
     model.to(device)
 
     dataset = ItemDataset(
@@ -552,13 +672,49 @@ def train_model(
         "lr": lr if lr is not None else DEFAULT_LR[task],
         "seed": seed,
         "init": init_ckpt.version if init_ckpt is not None else None,
+        "target_weights": user.record() if user is not None else None,
         "freeze_target": freeze_target,
         "items": len(train_items),
         "skipped_items": sorted(reported),
         "history": history,
     }
+    members = None
+    if committee.kind == "bootstrap":
+        m_epochs = member_epochs(committee.epochs, len(loader), min_steps)
+
+        def member_batches(member: int, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+            resample = Subset(dataset, bootstrap_indices(len(dataset), member, seed).tolist())
+            member_loader = DataLoader(
+                resample,
+                batch_size=bs,
+                shuffle=True,
+                drop_last=drop_last,
+                collate_fn=collate_samples,
+                num_workers=num_workers,
+                generator=torch.Generator().manual_seed(seed * 7919 + member * 131 + epoch),
+            )
+            for samples in member_loader:
+                ok = good(samples)
+                if ok:
+                    yield (
+                        torch.stack([s.image for s in ok]).to(device),
+                        torch.tensor([s.target for s in ok], device=device),
+                    )
+
+        members = train_members(
+            model.target,  # type: ignore[arg-type]
+            member_batches,
+            members=committee.members,
+            epochs=m_epochs,
+            lr=lr if lr is not None else DEFAULT_LR[task],
+            seed=seed,
+            device=device,
+        )
+        meta["committee"] = _committee_meta(
+            committee, m_epochs, lr if lr is not None else DEFAULT_LR[task], seed
+        )
     model.to("cpu")
-    ckpt = save_checkpoint(out, model, meta, storage_options=storage_options)
+    ckpt = save_checkpoint(out, model, meta, committee=members, storage_options=storage_options)
     log.info(
         "trained %s on %d items (%d held out for calibration) → %s",
         arch,

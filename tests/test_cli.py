@@ -58,9 +58,12 @@ def test_every_command_has_help_for_every_option(runner: CliRunner, name: str) -
     assert result.exit_code == 0, result.output
     command = cli.get_command(click.Context(cli), name)
     assert command is not None and command.help
-    for param in command.params:
-        if isinstance(param, click.Option) and param.name != "help":
-            assert param.help, f"{name} {param.opts} has no help text"
+    missing = [
+        "/".join(param.opts)
+        for param in command.params
+        if isinstance(param, click.Option) and param.name != "help" and not param.help
+    ]
+    assert not missing, f"options of {name} without help text: {', '.join(missing)}"
 
 
 @pytest.mark.parametrize("name", list(COMMANDS))
@@ -68,6 +71,21 @@ def test_every_command_rejects_an_unknown_option(runner: CliRunner, name: str) -
     result = runner.invoke(cli, [name, "--no-such-option"])
     assert result.exit_code == 2
     assert "No such option" in result.output
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_missing_required_options_exit_2(
+    runner: CliRunner, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LABELTRIAGE_CONFIG", raising=False)
+    command = cli.get_command(click.Context(cli), name)
+    assert command is not None
+    required = [p for p in command.params if p.required]
+    if not required:
+        pytest.skip(f"{name} has no required option")
+    result = runner.invoke(cli, [name])
+    assert result.exit_code == 2
+    assert "Missing" in result.output
 
 
 def test_unknown_command_is_usage_error(runner: CliRunner) -> None:

@@ -214,3 +214,30 @@ def test_command_defaults_come_from_the_project_and_commands_section() -> None:
     }  # fmt: skip
     assert "run" not in defaults
     assert command_defaults(cfg, "roads")["run"] == {"project": ["roads"]}
+
+
+def test_kubernetes_configmap_holds_a_valid_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(var, "x")
+    monkeypatch.setenv("LABELTRIAGE_JOB_STORE", "postgresql+psycopg://u:p@db/labeltriage")
+    configmap = yaml.safe_load((REPO / "deploy" / "k8s" / "configmap.yaml").read_text())
+    cfg = parse_config(yaml.safe_load(configmap["data"]["config.yaml"]))
+    assert cfg.job_store_url() == "postgresql+psycopg://u:p@db/labeltriage"
+    cronjob = yaml.safe_load((REPO / "deploy" / "k8s" / "cronjob.yaml").read_text())
+    spec = cronjob["spec"]
+    assert cronjob["kind"] == "CronJob" and spec["concurrencyPolicy"] == "Forbid"
+    container = spec["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][-3:] == ["run", "--config", "/etc/labeltriage/config.yaml"]
+    volume = spec["jobTemplate"]["spec"]["template"]["spec"]["volumes"][0]
+    assert volume["configMap"]["name"] == configmap["metadata"]["name"]
+
+
+def test_compose_runs_the_scheduler_with_a_volume() -> None:
+    compose = yaml.safe_load((REPO / "deploy" / "compose.yaml").read_text())
+    service = compose["services"]["scheduler"]
+    assert "schedule" in service["command"]
+    assert (
+        any(v.startswith("reports:") for v in service["volumes"])
+        and "reports" in compose["volumes"]
+    )
+    assert (REPO / "deploy" / "Dockerfile").read_text().count("ENTRYPOINT") == 1

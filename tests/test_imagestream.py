@@ -174,7 +174,7 @@ def test_progress_bar_goes_to_stderr(
 @pytest.mark.parametrize(("field", "value"), [("size", 0), ("batch_size", 0), ("num_workers", -1)])
 def test_bad_stream_arguments_are_usage_errors(field: str, value: int) -> None:
     with pytest.raises(UsageError, match=str(value)):
-        next(iter_image_batches([], None, **{field: value}))
+        iter_image_batches([], None, **{field: value})
 
 
 def test_score_images_matches_direct_computation(project: tuple[ProjectFS, list[Item]]) -> None:
@@ -219,27 +219,39 @@ def test_score_images_same_with_workers(project: tuple[ProjectFS, list[Item]]) -
 def test_score_images_validates_scorers_and_settings(project: tuple[ProjectFS, list[Item]]) -> None:
     fs, items = project
     with pytest.raises(UsageError, match="fourirer"):
-        next(score_images(items, fs, ["fourirer"]))
+        score_images(items, fs, ["fourirer"])
     with pytest.raises(UsageError, match=r"fourier.*cutoff"):
-        next(score_images(items, fs, ["fourier"], {"fourier": {"cutoff": 3}}))
+        score_images(items, fs, ["fourier"], {"fourier": {"cutoff": 3}})
     with pytest.raises(UsageError, match="decode size"):
-        next(score_images(items, fs, ["fourier", "fourier_entropy"], {"fourier": {"size": 64}}))
+        sizes = {"fourier": {"size": 64}, "fourier_entropy": {"size": 32}}
+        score_images(items, fs, ["fourier", "fourier_entropy"], sizes)
     with pytest.raises(UsageError, match="decode size"):
-        next(score_images(items, fs, ["fourier"], size=64))
+        score_images(items, fs, ["fourier"], {"fourier": {"size": 32}}, size=64)
+    with pytest.raises(UsageError, match="batch size"):
+        score_images(items, fs, ["fourier"], batch_size=0)
     with pytest.raises(UsageError, match="no scorers"):
-        next(score_images(items, fs, []))
+        score_images(items, fs, [])
 
 
-def test_score_images_size_from_settings(project: tuple[ProjectFS, list[Item]]) -> None:
+@pytest.mark.parametrize(
+    ("settings", "kwargs"),
+    [
+        ({"fourier": {"size": 32}, "fourier_entropy": {"size": 32}}, {}),
+        ({"fourier": {"size": 32}}, {}),
+        (None, {"size": 32}),
+    ],
+)
+def test_score_images_size_from_settings_or_argument(
+    project: tuple[ProjectFS, list[Item]],
+    settings: dict[str, dict[str, int]] | None,
+    kwargs: dict[str, int],
+) -> None:
     fs, items = project
-    settings = {"fourier": {"size": 32}, "fourier_entropy": {"size": 32}}
-    rows = list(
-        score_images(items[:2], fs, ["fourier", "fourier_entropy"], settings, num_workers=0)
-    )
+    scorers = ["fourier", "fourier_entropy"]
+    rows = list(score_images(items[:2], fs, scorers, settings, num_workers=0, **kwargs))
     image = decode_gray(fs.read_bytes(items[0].uri), size=32)
-    assert rows[0][1]["fourier"] == pytest.approx(
-        float(high_frequency_ratio(image[None])[0]), abs=1e-6
-    )
+    expected = float(high_frequency_ratio(image[None])[0])
+    assert rows[0][1]["fourier"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_real_road_signs_stream_through_workers(road_signs: Path) -> None:

@@ -314,7 +314,53 @@ def test_write_labels_adds_predictions_only(mem: ProjectFS) -> None:
 def test_write_labels_refuses_when_unknown_size(mem: ProjectFS) -> None:
     fmt = make(mem)
     d = by_id(list(fmt.iter_items()))["13"]
-    assert "image size unknown" in fmt.write_labels([write(d)]).refused["13"]
+    refused = fmt.write_labels([write(d)]).refused["13"]
+    assert "image size unknown" in refused and "images/d.jpg" in refused  # no such image
+
+
+def _png(width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_write_labels_reads_the_image_header_when_no_size_is_recorded(mem: ProjectFS) -> None:
+    tasks = export_tasks()
+    tasks.append({"id": 15, "data": {"image": "/data/local-files/?d=images/f.png"}})
+    fmt = make(mem, tasks)
+    mem.write_bytes("images/d.jpg", _png(400, 200))
+    mem.write_bytes("images/f.png", _png(800, 100))
+    items = by_id(list(fmt.iter_items()))
+    assert items["13"].width is None and items["15"].width is None  # unlabeled: no size recorded
+    outcome = fmt.write_labels([write(items["13"]), write(items["15"])])
+    assert not outcome.refused and len(outcome.records) == 2
+    after = {t["id"]: t for t in json.loads(mem.read_text("export.json"))}
+    r13, r15 = after[13]["predictions"][-1]["result"][0], after[15]["predictions"][-1]["result"][0]
+    assert (r13["original_width"], r13["original_height"]) == (400, 200)
+    assert r13["value"]["width"] == pytest.approx(50.0) and r13["value"]["height"] == pytest.approx(
+        50.0
+    )
+    assert (r15["original_width"], r15["original_height"]) == (800, 100)
+    assert r15["value"]["width"] == pytest.approx(25.0) and r15["value"]["height"] == pytest.approx(
+        100.0
+    )
+    reread = by_id(list(LabelStudioFormat(mem).iter_items()))
+    assert reread["15"].annotations[0].box == pytest.approx((0.0, 0.0, 200.0, 100.0))
+    assert (reread["15"].width, reread["15"].height) == (800, 100)
+
+
+def test_write_labels_refuses_a_box_past_the_image_read_from_its_header(mem: ProjectFS) -> None:
+    fmt = make(mem)
+    mem.write_bytes("images/d.jpg", _png(100, 50))  # the box (0, 0, 200, 100) does not fit
+    d = by_id(list(fmt.iter_items()))["13"]
+    outcome = fmt.write_labels([write(d)])
+    assert not outcome.records and "width 100" in outcome.refused["13"]
+    mem.write_bytes("images/d.jpg", b"not an image", overwrite=True)
+    assert "cannot read image header" in fmt.write_labels([write(d)]).refused["13"]
 
 
 def test_annotation_added_between_read_and_write_is_respected(mem: ProjectFS) -> None:

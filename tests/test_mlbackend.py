@@ -300,3 +300,11 @@ def test_missing_calibration_answers_503_not_crash(tmp_path: Path) -> None:
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+def test_serve_command_refuses_a_folder_without_a_calibrated_run(tmp_path: Path) -> None:
+    from autolabel.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--run", str(tmp_path), "--predictions", str(tmp_path)])
+    assert exc.value.code == 1

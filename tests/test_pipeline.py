@@ -219,3 +219,31 @@ def test_what_scores_and_what_labels(
 def test_run_ids_sort_by_time() -> None:
     ids = [new_run_id() for _ in range(50)]
     assert ids == sorted(ids) and len(set(ids)) == 50
+
+
+@pytest.mark.slow
+def test_training_run_and_warm_start_from_the_previous_model(
+    tmp_path: Path, tiny_voc: Path
+) -> None:
+    train = {
+        "task": "detection",
+        "arch": "ssdlite",
+        "epochs": 1,
+        "batch_size": 4,
+        "image_size": 64,
+        "warm_start": True,
+    }
+    cfg = make_config(tmp_path, tiny_voc, train=train, scorers=None)
+    first = run_project(cfg, "tiny")
+    assert first.status == "ok", first.error
+    assert Path(first.outputs["model"]).is_file() and list(first.steps) == [
+        "stats",
+        "train",
+        "score",
+        "report",
+    ]
+    assert "predicted_loss" in first.counts["scorers"]  # scored with the trained model
+    assert "warm_start" not in first.counts
+    second = run_project(cfg, "tiny")
+    assert second.status == "ok", second.error
+    assert second.counts["warm_start"] == first.outputs["model"]

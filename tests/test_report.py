@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from connectors.formats.base import ProjectFormat
 from connectors.storage import ProjectFS
 from difficulty.plan import PlanSettings
 from difficulty.report import SECTIONS, write_report
@@ -239,3 +240,31 @@ def test_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> None:
     ).stdout
     for section in SECTIONS:
         assert f'id="{section}"' in dom
+
+
+def test_without_labels_the_agreement_section_says_so(tmp_path: Path) -> None:
+    project, preds = _unlabeled_project(tmp_path)
+    from difficulty.scoring import score_project
+
+    score_project(project, out_dir=str(tmp_path / "store" / "p" / "r1"), num_workers=0)
+    write_report(str(tmp_path / "store" / "p" / "r1"), project=project)
+    page = (tmp_path / "store" / "p" / "r1" / "report.html").read_text()
+    agreement = page[page.index('id="agreement"') : page.index('id="plan"')]
+    assert "No labeled item has a known error" in agreement
+    assert "Combination: default" in agreement
+    summary = json.loads((tmp_path / "store" / "p" / "r1" / "summary.json").read_text())
+    assert summary["combination"]["weights"] == {"fourier": 1.0, "fourier_entropy": 0.0}
+    assert summary["plan"]["remaining_items"] == 8
+
+
+def _unlabeled_project(tmp_path: Path) -> tuple[ProjectFormat, None]:
+    from connectors.formats.imagefolder import ImageFolderFormat
+
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "proj" / "_unlabeled"
+    folder.mkdir(parents=True)
+    for i in range(8):
+        Image.fromarray((rng.random((32, 32)) * 255 * i / 8).astype(np.uint8)).save(
+            folder / f"u{i}.png"
+        )
+    return ImageFolderFormat(ProjectFS(str(tmp_path / "proj"))), None

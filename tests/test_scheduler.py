@@ -25,6 +25,7 @@ from autolabel.scheduler import (
     list_jobs,
     make_scheduler,
     open_job_store,
+    scheduled_run,
     serve,
     sync_jobs,
 )
@@ -44,7 +45,11 @@ def fake_run(
     trigger: str = "manual",
     progress: bool = False,
 ) -> RunRecord:
-    """Writes a record, leaves a ``started`` marker, sleeps ``FAKE_RUN_SECONDS``, finishes ``ok``."""
+    """Writes a record, leaves a ``started`` marker, sleeps ``FAKE_RUN_SECONDS``, finishes ``ok``.
+
+    With ``FAKE_RUN_UNTIL_SKIPPED`` set it first holds on until a rival attempt of the same
+    project has been recorded ``skipped`` (so overlap tests do not depend on timing).
+    """
     store = ReportStore(cfg.report_store)
     record = RunRecord(
         run_id=run_id or new_run_id(),
@@ -55,6 +60,12 @@ def fake_run(
     )
     store.write_record(record)
     store.fs.write_text(f"{name}/{record.run_id}/started", str(os.getpid()))
+    if os.environ.get("FAKE_RUN_UNTIL_SKIPPED"):  # hold the lock until the rival attempt gave up
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(
+            r.status == "skipped" for r in store.records(name)
+        ):
+            time.sleep(0.05)
     time.sleep(float(os.environ.get("FAKE_RUN_SECONDS", "0.05")))
     record.status = "ok"
     record.finished = utcnow()
@@ -159,7 +170,7 @@ def test_changed_schedule_is_rescheduled_and_removed_project_dropped(tmp_path: P
 def test_two_threads_one_project_only_one_runs_other_recorded_skipped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("FAKE_RUN_SECONDS", "1.0")
+    monkeypatch.setenv("FAKE_RUN_UNTIL_SKIPPED", "1")
     cfg = load_config(write_config(tmp_path, {"roads": None}))
     results: list[RunRecord] = []
     barrier = threading.Barrier(2)
@@ -187,7 +198,7 @@ def test_two_threads_one_project_only_one_runs_other_recorded_skipped(
 def test_two_processes_one_project_only_one_runs(tmp_path: Path) -> None:
     path = write_config(tmp_path, {"roads": "0 3 * * *"})
     code = f"from autolabel.scheduler import scheduled_run; print(scheduled_run({str(path)!r}, 'roads', {RUNNER!r}))"
-    env = _env() | {"FAKE_RUN_SECONDS": "4"}
+    env = _env() | {"FAKE_RUN_UNTIL_SKIPPED": "1"}
     procs = [
         subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
         for _ in range(2)
@@ -240,6 +251,17 @@ def test_current_slot_is_the_latest_fire_time_within_the_grace(tmp_path: Path) -
     assert current_slot(cfg, "0 3 * * *", at) == "2026-03-01T03:00:00+00:00"
     assert current_slot(cfg, "*/5 * * * *", at) == "2026-03-01T03:20:00+00:00"
     assert current_slot(cfg, "0 3 * * *", at + timedelta(hours=2)) is None  # past the grace
+
+
+def test_a_config_broken_between_runs_fails_that_run_loudly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_config(tmp_path, {"roads": "0 3 * * *"})
+    path.write_text(
+        path.read_text().replace("misfire_grace_seconds: 600", "misfire_grace_seconds: -1")
+    )
+    assert scheduled_run(str(path), "roads", RUNNER) == "failed"
+    assert "scheduler.misfire_grace_seconds" in caplog.text
 
 
 def test_stale_lock_of_a_crashed_run_is_taken_over(tmp_path: Path) -> None:

@@ -311,6 +311,11 @@ def test_defaults_follow_the_inputs() -> None:
     )
     with_boxes = default_scorers(frozenset({"images", "rng", "n", "box_scores"}))
     assert "box_least_confidence" in with_boxes
+    import difficulty.hybrid  # noqa: F401  (registers batch-mode strategies)
+
+    model = default_scorers(frozenset({"images", "rng", "n", "probs", "features", "predicted_loss"}))
+    assert {"entropy", "egl", "predicted_loss"} <= set(model)
+    assert not {"badge", "margin_kcenter", "learning_loss", "random"} & set(model)
 
 
 def test_road_signs_real_predictions(road_signs: Path, tmp_path: Path) -> None:
@@ -328,3 +333,114 @@ def test_road_signs_real_predictions(road_signs: Path, tmp_path: Path) -> None:
     assert comb["n_labeled"] == 700
     best = max(v for v in comb["correlations"].values() if v is not None)
     assert comb["combined_rho"] >= best - 0.02
+
+
+def test_cli_score_then_report_on_kitti(
+    kitti_tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from autolabel.cli import main
+
+    label_map = tmp_path / "map.yaml"
+    label_map.write_text(
+        "map: {car: Car, person: Pedestrian, bicycle: Cyclist}\nignore: [DontCare]\n"
+    )
+    out = tmp_path / "store" / "kitti" / "run1"
+    main([
+        "score", "--source", str(kitti_tiny), "--format", "kitti",
+        "--predictions", str(kitti_tiny / "predictions" / "yolo"), "--predictions-format", "yolo",
+        "--label-map", str(label_map), "--scorers", "fourier,box_least_confidence,box_count",
+        "--num-workers", "0", "--no-progress", "--out", str(out),
+    ])  # fmt: skip
+    assert "scored 75 of 75 items" in capsys.readouterr().out
+    df, meta = read_difficulty(str(out))
+    assert meta["scorers"] == ["fourier", "box_least_confidence", "box_count"]
+    assert meta["settings"]["label_map"]["ignore"] == ["DontCare"]
+    assert df["true_error"].notna().sum() == 75
+    main(["report", str(out), "--team-size", "2", "--hours-per-day", "7.5"])
+    assert (out / "report.html").exists() and (out / "plan.csv").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["plan"]["team_size"] == 2 and summary["plan"]["hours_per_day"] == 7.5
+
+
+def test_cli_usage_errors_exit_2(tmp_path: Path) -> None:
+    from autolabel.cli import main
+
+    make_project(tmp_path / "p", n=2, corrupt=False)
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "score",
+                "--source",
+                str(tmp_path / "p"),
+                "--format",
+                "voc",
+                "--scorers",
+                "nope",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "score",
+                "--source",
+                str(tmp_path / "p"),
+                "--easy",
+                "0.9",
+                "--hard",
+                "0.1",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["report", str(tmp_path / "missing")])
+    assert exc.value.code == 1
+
+
+def test_model_checkpoint_feeds_model_scorers(tmp_path: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    from connectors.project import open_project
+    from difficulty.training import train_model
+
+    x, y = load_digits(return_X_y=True)
+    for i in range(60):
+        folder = tmp_path / "proj" / f"c{int(y[i]) % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((x[i].reshape(8, 8) * 16).astype(np.uint8)).resize((16, 16)).save(
+            folder / f"{i}.png"
+        )
+    fmt = open_project(str(tmp_path / "proj"), "imagefolder")
+    train_model(
+        list(fmt.iter_items()),
+        fmt,
+        task="classification",
+        epochs=1,
+        out=str(tmp_path / "m.pt"),
+        min_steps=2,
+    )
+    result = score_project(
+        fmt,
+        checkpoint=str(tmp_path / "m.pt"),
+        out_dir=str(tmp_path / "run"),
+        num_workers=0,
+        min_labeled=10,
+    )
+    names = set(result.meta["scorers"])
+    assert {
+        "fourier",
+        "entropy",
+        "margin",
+        "least_confidence",
+        "predicted_loss",
+        "egl",
+        "vote_entropy",
+    } <= names
+    assert "random" not in names and "learning_loss" not in names  # baseline and alias left out
+    assert result.meta["model_version"] == str(tmp_path / "m.pt")
+    assert result.table["true_error"].notna().sum() == 60
+    assert result.table[list(names)].notna().all().all()

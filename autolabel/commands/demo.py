@@ -30,6 +30,19 @@ from connectors.errors import UsageError
 log = logging.getLogger(__name__)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+"""The repository's examples folder (an editable install or a source checkout)."""
+
+
+def find_examples(given: str | None) -> Path:
+    """``--examples``, else the repository's ``examples/``, else ``./examples`` (a container's workdir)."""
+    if given:
+        return Path(given).resolve()
+    for candidate in (EXAMPLES, Path.cwd() / "examples"):
+        if (candidate / "sample_project").is_dir():
+            return candidate.resolve()
+    return EXAMPLES
+
+
 MARKER = ".labeltriage-demo"
 PROJECT = "road_signs"
 MODEL_PROJECT = "road_signs_model"
@@ -138,7 +151,7 @@ def demo(
 
     start = time.perf_counter()
     out = Path(out_dir).resolve()
-    config = prepare(out, Path(examples_dir).resolve() if examples_dir else EXAMPLES)
+    config = prepare(out, find_examples(examples_dir))
     if epochs is not None:
         data = yaml.safe_load(config.read_text(encoding="utf-8"))
         data["projects"][MODEL_PROJECT]["train"]["epochs"] = epochs

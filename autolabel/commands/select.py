@@ -67,7 +67,8 @@ STRATEGY_NAMES = (
     type=click.IntRange(min=2),
     default=8,
     show_default=True,
-    help="MC-dropout members for vote/consensus entropy.",
+    help="Committee members for vote/consensus entropy: the model's stored bootstrap "
+    "committee when it has one (at most this many members), else this many MC-dropout passes.",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--device", default="cpu", show_default=True)

@@ -65,9 +65,18 @@ TASKS = ("classification", "detection")
     help="Warm start from this checkpoint (same task, arch, classes).",
 )
 @click.option(
+    "--target-weights",
+    default=None,
+    metavar="FILE",
+    help="Start the target model from your own weights: a plain state_dict "
+    "(torch.save(model.state_dict())) of the --arch torchvision model built for the "
+    "project's classes, or a labeltriage checkpoint. Architecture guessed when --arch is not given.",
+)
+@click.option(
     "--freeze-target",
     is_flag=True,
-    help="Train only the loss-prediction module on the --init model, kept frozen.",
+    help="Train only the loss-prediction module on the --init or --target-weights model, "
+    "whose weights stay unchanged.",
 )
 @click.option(
     "--margin",
@@ -89,6 +98,28 @@ TASKS = ("classification", "detection")
     default=0.6,
     show_default=True,
     help="Share of epochs after which the module's gradient stops at the backbone.",
+)
+@click.option(
+    "--committee-kind",
+    type=click.Choice(["dropout", "bootstrap"]),
+    default="dropout",
+    show_default=True,
+    help="Committee for vote/consensus entropy: MC dropout at inference, or (classification) "
+    "members trained on bootstrap resamples and stored in the checkpoint.",
+)
+@click.option(
+    "--committee-size",
+    type=click.IntRange(min=2),
+    default=5,
+    show_default=True,
+    help="Bootstrap committee: number of members.",
+)
+@click.option(
+    "--committee-epochs",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Bootstrap committee: epochs of each member, warm-started from the trained model.",
 )
 @click.option("--augment", is_flag=True, help="Random horizontal flips.")
 @click.option(
@@ -122,10 +153,14 @@ def train(
     seed: int,
     calibration_share: float,
     init: str | None,
+    target_weights: str | None,
     freeze_target: bool,
     margin: float,
     loss_weight: float,
     stop_grad_share: float,
+    committee_kind: str,
+    committee_size: int,
+    committee_epochs: int,
     augment: bool,
     device: str,
     num_workers: int,
@@ -140,8 +175,12 @@ def train(
     from difficulty.models.lossnet import LossNetConfig
     from difficulty.training import train_model
 
-    if freeze_target and init is None:
-        raise UsageError("--freeze-target needs the frozen model as --init CHECKPOINT")
+    if freeze_target and init is None and target_weights is None:
+        raise UsageError(
+            "--freeze-target needs the frozen model: --init CHECKPOINT or --target-weights FILE"
+        )
+    if init is not None and target_weights is not None:
+        raise UsageError("give either --init or --target-weights, not both")
     options = parse_storage_options(storage_options)
     project = open_project(source, fmt, options)
     class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
@@ -160,6 +199,7 @@ def train(
         lossnet=LossNetConfig(margin=margin, weight=loss_weight, stop_grad_share=stop_grad_share),
         calibration_share=calibration_share,
         init=init,
+        target_weights=target_weights,
         freeze_target=freeze_target,
         device=device,
         progress=sys.stderr.isatty() if progress is None else progress,
@@ -169,6 +209,9 @@ def train(
         num_workers=num_workers,
         augment=augment,
         storage_options=options,
+        committee_kind=committee_kind,
+        committee_size=committee_size,
+        committee_epochs=committee_epochs,
     )
     meta = ckpt.meta
     history = meta["training"]["history"]
@@ -184,5 +227,6 @@ def train(
         "epochs": meta["training"]["epochs"],
         "final_target_loss": history[-1]["target_loss"] if history else None,
         "final_ranking_loss": history[-1]["ranking_loss"] if history else None,
+        "committee": meta.get("committee", {"kind": "dropout"}),
     }
     click.echo(json.dumps(summary, indent=2))

@@ -22,6 +22,10 @@ Write-back (:meth:`LabelStudioFormat.write_labels`) adds a ``predictions`` entry
 ``model_version``, ``score``, regions each with ``score``, and ``labeltriage`` =
 ``{run_id, tier, entry_id, …}`` — to tasks that have no annotation at write time, never
 touching ``annotations``; the export is re-read at write time and rewritten atomically.
+Percent boxes need the image size: the task's regions give it, else the item's
+``width``/``height``, else the image's header is read (only the header, through the
+project's storage; relative and ``/data/local-files/`` images).  A box is refused, with
+the reason, only when none of these gives a size.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 from connectors.errors import InputError, UsageError
+from connectors.formats._filebased import image_size
 from connectors.formats._jsonfile import (
     dump_json,
     entries_sha256,
@@ -474,6 +479,7 @@ class LabelStudioFormat(ProjectFormat):
     def write_labels(self, writes: list[LabelWrite]) -> WriteOutcome:
         """Add a ``predictions`` entry to each task with no annotation *at write time*."""
         rel = self.file
+        sizes: dict[str, tuple[int, int]] = {}  # header reads, kept across re-tries
 
         def change(tasks: Any) -> tuple[bool, WriteOutcome]:
             if not isinstance(tasks, list):
@@ -505,6 +511,12 @@ class LabelStudioFormat(ProjectFormat):
                     continue
                 width, height = _task_size(task)
                 width, height = width or w.item.width, height or w.item.height
+                if not (width and height) and any(a.box is not None for a in w.annotations):
+                    try:
+                        width, height = self._header_size(task, w.item, sizes)
+                    except InputError as exc:
+                        outcome.refused[item_id] = f"image size unknown: {exc}"
+                        continue
                 try:
                     result = [
                         annotation_to_region(a, width, height, names=names) for a in w.annotations
@@ -555,6 +567,33 @@ class LabelStudioFormat(ProjectFormat):
         for item_id, why in outcome.refused.items():
             log.info("%s: not writing task %s: %s", self.url, item_id, why)
         return outcome
+
+    def _header_size(
+        self, task: dict[str, Any], item: Item, sizes: dict[str, tuple[int, int]]
+    ) -> tuple[int, int]:
+        """``(width, height)`` from the header of the task's image (``sizes`` caches reads).
+
+        The image is the task's ``data`` reference as it is at write time (a
+        ``/data/local-files/`` or relative path inside the project), else the item's
+        ``uri``.  Raises :class:`InputError` saying why when it cannot be read.
+        """
+        data = task.get("data") if isinstance(task.get("data"), dict) else {}
+        ref = data.get(self.image_key) if isinstance(data, dict) else None
+        uri = (
+            uri_from_task(ref, local_files_prefix=self.local_files_prefix)
+            if isinstance(ref, str)
+            else item.uri
+        )
+        if uri in sizes:
+            return sizes[uri]
+        if not uri or "://" in uri:
+            raise InputError(
+                "the task records no original_width/original_height and its image is not a file of the project",
+                file=uri or self.url,
+                item=item.item_id,
+            )
+        sizes[uri] = image_size(self.project, uri, item=item.item_id)
+        return sizes[uri]
 
     def remove_written(self, records: list[WrittenRecord]) -> list[str]:
         return [

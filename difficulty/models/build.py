@@ -36,6 +36,9 @@ def model_from_meta(meta: dict[str, Any]) -> nn.Module:
             image_size=int(settings.get("image_size", 32)),
             width=int(settings.get("width", 32)),
             dropout=float(settings.get("dropout", 0.2)),
+            small_input=(
+                bool(settings["small_input"]) if settings.get("small_input") is not None else None
+            ),
         )
         return LossPredictionClassifier(target, lossnet)
     if task == "detection":

@@ -129,13 +129,22 @@ def build_classifier(
     image_size: int = 32,
     width: int = 32,
     dropout: float = 0.2,
+    small_input: bool | None = None,
 ) -> TappedClassifier:
-    """A classification target model by name (see :data:`CLASSIFICATION_ARCHS`)."""
+    """A classification target model by name (see :data:`CLASSIFICATION_ARCHS`).
+
+    ``small_input`` (ResNet-18): the CIFAR stem; default ``image_size <= 64``.  Weights
+    brought from a plain torchvision ResNet-18 have the ImageNet stem (7×7 conv, max-pool)
+    and set it to ``False``.
+    """
     if arch == "small_cnn":
         return SmallCNN(num_classes, in_channels=in_channels, width=width, dropout=dropout)
     if arch == "resnet18":
         return ResNet18Tapped(
-            num_classes, in_channels=in_channels, small_input=image_size <= 64, dropout=dropout
+            num_classes,
+            in_channels=in_channels,
+            small_input=image_size <= 64 if small_input is None else small_input,
+            dropout=dropout,
         )
     raise ValueError(
         f"unknown classification arch {arch!r}; choose one of: {', '.join(CLASSIFICATION_ARCHS)}"

@@ -14,6 +14,7 @@ those predictions.  The ML backend is then connected to the same server.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -224,7 +225,7 @@ def test_run_report_shadow_autolabel_then_rollback(
                     "stage": stage,
                     "epsilon": 0.3,
                     "delta": 0.1,
-                    "min_count": 10,
+                    "min_count": 25,
                     "audit_share": 0.0,
                     "num_workers": 0,
                 }
@@ -342,8 +343,9 @@ def test_ml_backend_serves_easy_tier_to_label_studio(
             for pred in preds:
                 ls.call("DELETE", f"/api/predictions/{pred['id']}")
 
+        basic = "Basic " + base64.b64encode(b"labelstudio:backend-secret").decode()
         hook = ls.call("POST", "/api/webhooks", json={
-            "project": pid, "url": f"{backend.url.replace('http://', 'http://labelstudio:backend-secret@')}/webhook",
+            "project": pid, "url": f"{backend.url}/webhook", "headers": {"Authorization": basic},
             "send_payload": True, "send_for_all_actions": False, "actions": ["ANNOTATION_CREATED"],
         })  # fmt: skip
         new_task = unlabeled[0]
