@@ -353,6 +353,10 @@ def run_project(
             log.debug("traceback of %s", exc.step, exc_info=exc.cause)
         record.status = "failed"
         record.error = str(exc)
+    except (KeyboardInterrupt, SystemExit) as exc:  # SIGINT / SIGTERM: record it, then stop
+        record.status = "failed"
+        record.error = f"interrupted ({type(exc).__name__})"
+        raise
     finally:
         record.finished = utcnow()
         store.write_record(record)
@@ -412,6 +416,11 @@ def run_locked(
                 run_id = new_run_id()
                 try:
                     record = run_fn(cfg, name, run_id=run_id, trigger=trigger, progress=progress)
+                except (KeyboardInterrupt, SystemExit):
+                    interrupted = store.read_record(name, run_id)
+                    if interrupted is not None:
+                        state.add_history(interrupted, slot=slot)
+                    raise
                 except Exception as exc:
                     log.exception("run %s of project %s raised", run_id, name)
                     record = _skipped(cfg, name, trigger, f"{type(exc).__name__}: {exc}")

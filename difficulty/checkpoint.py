@@ -107,15 +107,15 @@ class Checkpoint:
         if self._members is None:
             import copy
 
-            target = self.build_model().target  # type: ignore[union-attr]
-            members = []
+            target: Any = self.build_model().target
+            members: list[nn.Module] = []
             for state in self.committee:
                 member = copy.deepcopy(target)
                 member.load_state_dict(state)
                 members.append(member)
             self._members = members
-        for member in self._members:
-            member.eval()
+        for m in self._members:
+            m.eval()
         return self._members
 
 

@@ -58,7 +58,9 @@ class PlanSettings(BaseModel):
         default_factory=lambda: {"easy": 30.0, "medium": 60.0, "hard": 120.0}
     )
     min_history: int = Field(
-        default=5, ge=1, description="timed items a tier needs before its median replaces the default"
+        default=5,
+        ge=1,
+        description="timed items a tier needs before its median replaces the default",
     )
     audit_share: float = Field(
         default=0.1, ge=0.0, le=1.0, description="share of auto-labeled items a person still audits"

@@ -27,6 +27,16 @@ across cycles (an item never moves between the splits when the pool grows) and n
 trained on.  Its ids go into the checkpoint (``calibration_ids``) for the calibrated
 auto-labeling.
 
+**A user's own model.**  ``target_weights`` starts the target model from a plain torchvision
+``state_dict`` (or a labeltriage checkpoint) of a supported architecture
+(:mod:`difficulty.models.user_weights`); with ``freeze_target`` only the loss module trains
+and the target's weights, BatchNorm statistics included, stay bit-identical (a frozen
+detector stays in train mode, which torchvision needs for its losses, with every
+BatchNorm and dropout layer in eval mode).
+
+**Committee.**  ``committee_kind="bootstrap"`` trains committee members after the main
+model (:mod:`difficulty.committee`); the default ``dropout`` trains nothing extra.
+
 **Determinism**: ``seed`` fixes initialisation, shuffling and augmentation.
 """
 
@@ -413,7 +423,7 @@ def train_on_arrays(
                 yield xt[chosen], yt[chosen]
 
         members = train_members(
-            model.target,
+            model.target,  # type: ignore[arg-type]
             member_batches,
             members=committee.members,
             epochs=m_epochs,
@@ -566,6 +576,10 @@ def train_model(
         )
     if not classes:
         raise UsageError("no classes: the labeled items have no labels; give the project's classes")
+    if user is not None and user.classes and list(classes) != user.classes:
+        raise UsageError(
+            f"--target-weights {target_weights} has classes {user.classes}, this training has {list(classes)}"
+        )
 
     settings = dict(init_ckpt.meta.get("model") or {}) if init_ckpt is not None else {}
     if user is not None:
@@ -697,7 +711,7 @@ def train_model(
                 ok = good(samples)
                 if ok:
                     yield (
-                        torch.stack([s.image for s in ok]).to(device),
+                        torch.stack([s.image for s in ok if s.image is not None]).to(device),
                         torch.tensor([s.target for s in ok], device=device),
                     )
 

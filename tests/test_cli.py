@@ -4,6 +4,11 @@ and one end-to-end ``run`` of the sample project."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import click
@@ -12,7 +17,8 @@ import yaml
 from click.testing import CliRunner
 
 from autolabel.cli import COMMANDS, cli, main
-from autolabel.store import ReportStore
+from autolabel.config import load_config
+from autolabel.store import ReportStore, StateDB
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -247,3 +253,30 @@ def test_run_end_to_end_then_again_against_the_first(runner: CliRunner, tmp_path
 
     listed = runner.invoke(cli, ["schedule", "--config", str(path), "--list"])
     assert listed.exit_code == 0 and f"ok {records[1].run_id}" in listed.output
+
+
+def test_sigterm_during_run_records_it_failed_and_frees_the_project(tmp_path: Path) -> None:
+    """A container being stopped: the run ends, is recorded failed, and its lock is released."""
+    train = {"task": "detection", "arch": "ssdlite", "epochs": 200, "image_size": 64}
+    path = write_config(tmp_path, train=train, score_with="model")
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autolabel.cli", "run", "--config", str(path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    store = ReportStore(str(tmp_path / "reports"))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not store.records("roads"):
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    [record] = store.records("roads")
+    assert record.status == "failed" and record.error == "interrupted (SystemExit)"
+    db = StateDB(str(load_config(path).job_store_url()))
+    assert db.lock_holder("roads") is None
+    assert [h["status"] for h in db.history("roads")] == ["failed"]

@@ -243,7 +243,7 @@ def test_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> None:
 
 
 def test_without_labels_the_agreement_section_says_so(tmp_path: Path) -> None:
-    project, preds = _unlabeled_project(tmp_path)
+    project = _unlabeled_project(tmp_path)
     from difficulty.scoring import score_project
 
     score_project(project, out_dir=str(tmp_path / "store" / "p" / "r1"), num_workers=0)
@@ -257,7 +257,7 @@ def test_without_labels_the_agreement_section_says_so(tmp_path: Path) -> None:
     assert summary["plan"]["remaining_items"] == 8
 
 
-def _unlabeled_project(tmp_path: Path) -> tuple[ProjectFormat, None]:
+def _unlabeled_project(tmp_path: Path) -> ProjectFormat:
     from connectors.formats.imagefolder import ImageFolderFormat
 
     rng = np.random.default_rng(1)
@@ -267,4 +267,4 @@ def _unlabeled_project(tmp_path: Path) -> tuple[ProjectFormat, None]:
         Image.fromarray((rng.random((32, 32)) * 255 * i / 8).astype(np.uint8)).save(
             folder / f"u{i}.png"
         )
-    return ImageFolderFormat(ProjectFS(str(tmp_path / "proj"))), None
+    return ImageFolderFormat(ProjectFS(str(tmp_path / "proj")))

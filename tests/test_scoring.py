@@ -313,7 +313,9 @@ def test_defaults_follow_the_inputs() -> None:
     assert "box_least_confidence" in with_boxes
     import difficulty.hybrid  # noqa: F401  (registers batch-mode strategies)
 
-    model = default_scorers(frozenset({"images", "rng", "n", "probs", "features", "predicted_loss"}))
+    model = default_scorers(
+        frozenset({"images", "rng", "n", "probs", "features", "predicted_loss"})
+    )
     assert {"entropy", "egl", "predicted_loss"} <= set(model)
     assert not {"badge", "margin_kcenter", "learning_loss", "random"} & set(model)
 

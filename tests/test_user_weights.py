@@ -157,6 +157,27 @@ def test_module_alone_on_a_plain_torchvision_resnet18(
             ]
         )
         assert json.loads(capsys.readouterr().out)["selected"] == 4
+    scored = tmp_path / "scored"
+    main(
+        [
+            "score",
+            "--source",
+            str(digits_folder),
+            "--format",
+            "imagefolder",
+            "--model",
+            str(out),
+            "--scorers",
+            "predicted_loss",
+            "--out",
+            str(scored),
+        ]
+    )
+    capsys.readouterr()
+    import pandas as pd
+
+    table = pd.read_parquet(scored / "difficulty.parquet")
+    assert len(table) == 40 and np.all(np.isfinite(table["predicted_loss"]))
 
 
 def test_weights_that_do_not_fit_are_refused_with_the_keys_named(

@@ -76,6 +76,7 @@ def _load_plan_settings(path: str) -> PlanSettings:
 
     from connectors.errors import UsageError
     from difficulty.plan import PlanSettings
+
     try:
         with fsspec.open(path, "rt") as f:
             text = f.read()

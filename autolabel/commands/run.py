@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+from types import FrameType
+
 import click
 
 from autolabel.commands._common import config_from, want_progress
@@ -44,26 +48,36 @@ def run(
     """
     from autolabel.pipeline import run_locked
 
+    def terminate(signum: int, frame: FrameType | None) -> None:
+        # SIGTERM (a container or CronJob being stopped) ends the run like Ctrl-C does:
+        # the run is recorded as failed ("interrupted") and its project lock released.
+        raise SystemExit(128 + signum)
+
     cfg, _ = config_from(ctx, config_path)
     names = list(projects) or list(cfg.projects)
     if not names:
         raise UsageError("the config has no projects")
     for name in names:
         cfg.project(name)  # unknown names are a usage error before anything runs
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminate) if in_main else None
     failed = []
-    for name in names:
-        record = run_locked(cfg, name, trigger="manual", progress=want_progress(progress))
-        if as_json:
-            click.echo(record_json(record))
-        else:
-            where = record.outputs.get("report") or record.outputs.get("report.html") or ""
-            line = f"{name}: {record.status} (run {record.run_id}, stage {record.stage})"
-            if record.error:
-                line += f": {record.error}"
-            click.echo(line)
-            if where:
-                click.echo(f"  report: {where}")
-        if record.status == "failed":
-            failed.append(name)
+    try:
+        for name in names:
+            record = run_locked(cfg, name, trigger="manual", progress=want_progress(progress))
+            if as_json:
+                click.echo(record_json(record))
+            else:
+                line = f"{name}: {record.status} (run {record.run_id}, stage {record.stage})"
+                if record.error:
+                    line += f": {record.error}"
+                click.echo(line)
+                if "report" in record.outputs:
+                    click.echo(f"  report: {record.outputs['report']}")
+            if record.status == "failed":
+                failed.append(name)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     if failed:
         ctx.exit(1)

@@ -253,17 +253,16 @@ def test_run_report_shadow_autolabel_then_rollback(
     table = pd.read_parquet(run_dir / "difficulty.parquet")
     threshold = result["threshold"]
     assert threshold is not None, f"calibration failed: {result}"
-    easy_unlabeled = {
-        str(r.item_id)
-        for r in table.itertuples()
-        if r.status == "unlabeled"
-        and r.error is None
-        and r.score is not None
-        and r.score <= threshold
-    }
+    easy = table[
+        (table["status"] == "unlabeled") & table["error"].isna() & (table["score"] <= threshold)
+    ]
+    easy_unlabeled = {str(i) for i in easy["item_id"]}
     written = set(result["written"])
     assert written, f"nothing was written: {result}"
-    assert written <= easy_unlabeled
+    assert written <= easy_unlabeled, (
+        threshold,
+        table[["item_id", "status", "score", "tier", "error"]].to_dict("records"),
+    )
     assert written.isdisjoint(ls_project["labeled"])
 
     held = predictions_of(ls, pid)
