@@ -458,6 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cycles", type=int, default=None)
     parser.add_argument("--strategies", default=None, help="comma-separated (default: all)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--train", default=None, help="JSON object overriding the per-cycle training settings (TrainSettings)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--detection", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--det-strategies", default=None)
@@ -478,7 +479,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             strategies = ("random", *strategies)
         seeds = args.seeds or (2 if args.quick else 5)
         cycles = args.cycles if args.cycles is not None else (3 if args.quick else 10)
-        settings = CycleSettings(initial=50, step=50, cycles=cycles, train=TRAIN)
+        train = TRAIN.model_copy(update=json.loads(args.train)) if args.train else TRAIN
+        settings = CycleSettings(initial=50, step=50, cycles=cycles, train=TrainSettings.model_validate(train.model_dump()))
         xp, yp, xt, yt = digits_split()
         t0 = time.perf_counter()
         print(f"digits: {len(strategies)} strategies × {seeds} seeds × {cycles} cycles", flush=True)

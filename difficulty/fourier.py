@@ -108,68 +108,80 @@ def _window(height: int, width: int, window: bool, device: str, dtype: torch.dty
 
 
 @lru_cache(maxsize=16)
-def _half_grid(
-    height: int, width: int, device: str, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Radial frequency ``ρ`` and bin multiplicity on the ``rfft2`` half grid, ``(H, W//2+1)``."""
+def _multiplicity(height: int, width: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """How many full-grid bins each ``rfft2`` half-grid bin stands for, flattened ``(H·(W//2+1),)``."""
+    columns = torch.full((width // 2 + 1,), 2.0, dtype=dtype)
+    columns[0] = 1.0
+    if width % 2 == 0:
+        columns[-1] = 1.0
+    return columns[None, :].expand(height, -1).reshape(-1).to(device)
+
+
+@lru_cache(maxsize=16)
+def _ratio_weights(
+    height: int, width: int, cutoff: float, device: str, dtype: torch.dtype
+) -> torch.Tensor:
+    """``(H·(W//2+1), 2)``: bin multiplicity, and multiplicity where ``ρ > cutoff``.
+
+    One matrix product with the flattened half-grid power gives the total and the
+    high-frequency power of every image at once.
+    """
     f_y = torch.fft.fftfreq(height, dtype=torch.float64)
     f_x = torch.fft.rfftfreq(width, dtype=torch.float64)
-    rho = torch.sqrt(f_y[:, None] ** 2 + f_x[None, :] ** 2)
-    multiplicity = torch.full((width // 2 + 1,), 2.0, dtype=torch.float64)
-    multiplicity[0] = 1.0
-    if width % 2 == 0:
-        multiplicity[-1] = 1.0
-    weights = multiplicity[None, :].expand(height, -1).contiguous()
-    return rho.to(device), weights.to(device=device, dtype=dtype)
+    rho = torch.sqrt(f_y[:, None] ** 2 + f_x[None, :] ** 2).reshape(-1)
+    multiplicity = _multiplicity(height, width, "cpu", torch.float64)
+    weights = torch.stack([multiplicity, multiplicity * (rho > cutoff)], dim=1)
+    return weights.to(device=device, dtype=dtype)
 
 
 def _power(images: torch.Tensor, window: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted half-grid power ``(N, H, W//2+1)`` and a ``(N,)`` mask of images without power.
+    """Half-grid power ``|rfft2(y)|²`` flattened to ``(N, H·(W//2+1))``, and a ``(N,)`` mask
+    of constant images.
 
     Computed in float64 for float64 input, in float32 otherwise.
     """
     x = images if images.dtype == torch.float64 else images.to(torch.float32)
-    _, height, width = x.shape
-    device = str(x.device)
-    w = _window(height, width, window, device, x.dtype)
-    mean = (x * w).sum(dim=(-2, -1), keepdim=True) / w.sum()
-    spectrum = torch.fft.rfft2((x - mean) * w)
-    power = spectrum.real.square() + spectrum.imag.square()
-    _, weights = _half_grid(height, width, device, x.dtype)
-    power = power * weights
+    n, height, width = x.shape
+    w = _window(height, width, window, str(x.device), x.dtype)
+    y = x * w
+    mean = y.sum(dim=(-2, -1), keepdim=True) / w.sum()
+    y.addcmul_(mean, w, value=-1.0)  # (x − μ)·w, in place
+    spectrum = torch.fft.rfft2(y)
+    power = spectrum.real.square().addcmul_(spectrum.imag, spectrum.imag)
     constant = x.amax(dim=(-2, -1)) == x.amin(dim=(-2, -1))
-    return power, constant | ~(power.sum(dim=(-2, -1)) > 0)
+    return power.reshape(n, -1), constant
+
+
+def _empty(images: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(0, dtype=torch.float64 if images.dtype == torch.float64 else torch.float32)
 
 
 def _high_frequency_ratio(images: torch.Tensor, cutoff: float, window: bool) -> torch.Tensor:
     if images.shape[0] == 0:
-        return torch.zeros(
-            0, dtype=images.dtype if images.dtype == torch.float64 else torch.float32
-        )
+        return _empty(images)
     power, constant = _power(images, window)
-    rho, _ = _half_grid(images.shape[1], images.shape[2], str(images.device), power.dtype)
-    total = power.sum(dim=(-2, -1))
-    high = (power * (rho > cutoff)).sum(dim=(-2, -1))
-    ratio = (high / torch.where(constant, torch.ones_like(total), total)).clamp(0.0, 1.0)
-    return torch.where(constant, torch.zeros_like(ratio), ratio)
+    _, height, width = images.shape
+    sums = power @ _ratio_weights(height, width, cutoff, str(power.device), power.dtype)
+    total, high = sums[:, 0], sums[:, 1]
+    no_power = constant | ~(total > 0)
+    ratio = (high / torch.where(no_power, torch.ones_like(total), total)).clamp(0.0, 1.0)
+    return torch.where(no_power, torch.zeros_like(ratio), ratio)
 
 
 def _spectral_entropy(images: torch.Tensor, window: bool) -> torch.Tensor:
     if images.shape[0] == 0:
-        return torch.zeros(
-            0, dtype=images.dtype if images.dtype == torch.float64 else torch.float32
-        )
+        return _empty(images)
     power, constant = _power(images, window)
     _, height, width = images.shape
-    _, weights = _half_grid(height, width, str(images.device), power.dtype)
-    total = power.sum(dim=(-2, -1), keepdim=True)
-    safe_total = torch.where(constant[:, None, None], torch.ones_like(total), total)
-    # ``power`` already carries the multiplicity; each of the m bins it stands for has
-    # probability p = power / (m · total), so its share of the entropy is −m · p log p.
-    p = power / (weights * safe_total)
-    entropy = -(weights * torch.xlogy(p, p)).sum(dim=(-2, -1)) / math.log(height * width)
+    multiplicity = _multiplicity(height, width, str(power.device), power.dtype)
+    total = power @ multiplicity
+    no_power = constant | ~(total > 0)
+    # p is the probability of one full-grid bin; a half-grid bin stands for
+    # ``multiplicity`` bins of equal power, so its share of −Σ p log p is −m · p log p.
+    p = power / torch.where(no_power, torch.ones_like(total), total)[:, None]
+    entropy = -(torch.xlogy(p, p) @ multiplicity) / math.log(height * width)
     entropy = entropy.clamp(0.0, 1.0)
-    return torch.where(constant, torch.zeros_like(entropy), entropy)
+    return torch.where(no_power, torch.zeros_like(entropy), entropy)
 
 
 # -- registered scorers ---------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -174,8 +175,6 @@ def test_module_alone_on_a_plain_torchvision_resnet18(
         ]
     )
     capsys.readouterr()
-    import pandas as pd
-
     table = pd.read_parquet(scored / "difficulty.parquet")
     assert len(table) == 40 and np.all(np.isfinite(table["predicted_loss"]))
 
