@@ -100,7 +100,7 @@ def parse_scorer_settings(text: str | None) -> dict[str, dict[str, Any]] | None:
     is_flag=True,
     help="Let scorers that rank the true error backwards take part, reversed.",
 )
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Images decoded and scored per batch.")
 @click.option(
     "--num-workers", type=int, default=2, show_default=True, help="Image-decoding worker processes."
 )

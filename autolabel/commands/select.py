@@ -70,9 +70,9 @@ STRATEGY_NAMES = (
     help="Committee members for vote/consensus entropy: the model's stored bootstrap "
     "committee when it has one (at most this many members), else this many MC-dropout passes.",
 )
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Items per inference batch.")
+@click.option("--device", default="cpu", show_default=True, help="torch device for inference (cpu, cuda, cuda:1).")
+@click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True, help="Image-decoding worker processes (0 = in the main process).")
 @click.option(
     "--progress/--no-progress",
     default=None,

@@ -33,7 +33,7 @@ from connectors.errors import UsageError
     show_default=True,
     help="Address to bind (127.0.0.1: this machine only).",
 )
-@click.option("--port", type=int, default=9090, show_default=True)
+@click.option("--port", type=int, default=9090, show_default=True, help="TCP port to listen on.")
 @click.option(
     "--label-studio-url", default=None,
     help="Label Studio's URL, to read image sizes of tasks (token from $LABEL_STUDIO_TOKEN).",

@@ -29,8 +29,8 @@ TASKS = ("classification", "detection")
     default=None,
     help="Comma-separated project classes (default: the format's, else the labels seen).",
 )
-@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True, help="Passes over the labeled training pool.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Items per training step (even sizes pair up fully for the ranking loss).")
 @click.option(
     "--lr",
     type=click.FloatRange(min=0, min_open=True),
@@ -50,7 +50,7 @@ TASKS = ("classification", "detection")
     default=None,
     help="Side images are resized to (default 32 classification, 320 detection).",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation, shuffling and augmentation (runs are reproducible).")
 @click.option(
     "--calibration-share",
     type=click.FloatRange(0.0, 1.0, max_open=True),

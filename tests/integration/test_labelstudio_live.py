@@ -190,7 +190,11 @@ def labeltriage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[
 
 
 def annotations_of(ls: LS, project_id: int) -> dict[int, list[dict[str, Any]]]:
-    return {t["id"]: t["annotations"] for t in ls.tasks(project_id)}
+    """Every task's annotations as stored (``created_ago`` is display text computed per request)."""
+    return {
+        t["id"]: [{k: v for k, v in a.items() if k != "created_ago"} for a in t["annotations"]]
+        for t in ls.tasks(project_id)
+    }
 
 
 def predictions_of(ls: LS, project_id: int) -> dict[str, list[dict[str, Any]]]:
@@ -259,6 +263,8 @@ def test_run_report_shadow_autolabel_then_rollback(
     easy_unlabeled = {str(i) for i in easy["item_id"]}
     written = set(result["written"])
     assert written, f"nothing was written: {result}"
+    assert result["refused"] == {}
+    assert written == easy_unlabeled  # every unlabeled task of the calibrated easy tier, no other
     assert written <= easy_unlabeled, (
         threshold,
         table[["item_id", "status", "score", "tier", "error"]].to_dict("records"),
