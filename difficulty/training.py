@@ -261,7 +261,7 @@ def _warm_start(model: nn.Module, init: Checkpoint, meta: dict[str, Any]) -> Non
 
 def _committee_config(kind: str, size: int, epochs: int, task: str, arch: str) -> CommitteeConfig:
     try:
-        config = CommitteeConfig(kind=kind, members=size, epochs=epochs)  # type: ignore[arg-type]
+        config = CommitteeConfig(kind=kind, members=size, epochs=epochs)
     except ValueError as exc:  # pydantic ValidationError
         raise UsageError(f"bad committee settings: {exc}") from exc
     if config.kind == "bootstrap" and (task != "classification" or arch not in ARCHS[task]):
