@@ -88,7 +88,7 @@ DET_STRATEGIES = ("random", "entropy", "learning_loss")
 DET_STRATEGIES_GPU = ("random", "least_confidence", "margin", "entropy", "vote_entropy", "egl", "learning_loss")
 CLASSES_DET = ["crosswalk", "speedlimit", "stop", "trafficlight"]
 
-TRAIN = TrainSettings(width=16, epochs=15, min_steps=80, batch_size=32, lr=0.1, lossnet=LossNetConfig(weight=0.1))
+TRAIN = TrainSettings(width=32, epochs=30, min_steps=200, batch_size=32, lr=0.1, lossnet=LossNetConfig(weight=0.1))
 """Per-cycle training of the digits benchmark (chosen before the strategy comparison)."""
 
 
@@ -385,7 +385,7 @@ def report(data: dict[str, Any], out_dir: Path) -> str:
     ]
     header = "| strategy | " + " | ".join(str(int(v)) for v in rl) + " |"
     md += [header, "|---|" + "---:|" * len(rl)]
-    for s, (lab, m, sd) in curves.items():
+    for s, (_, m, sd) in curves.items():
         md.append(f"| {s} | " + " | ".join(f"{100 * a:.1f} ± {100 * d:.1f}" for a, d in zip(m, sd, strict=True)) + " |")
     md += [
         "",
@@ -430,7 +430,7 @@ def report(data: dict[str, Any], out_dir: Path) -> str:
         dsecs: dict[str, list[tuple[float, float]]] = {}
         for r in detection:
             dsecs.setdefault(r["strategy"], []).append((np.mean(r["train_seconds"]), np.mean(r["select_seconds"])))
-        for s, (lab, m, sd) in dc.items():
+        for s, (_, m, sd) in dc.items():
             t = np.mean(dsecs[s], axis=0)
             md.append(f"| {s} | " + " | ".join(f"{a:.3f} ± {d:.3f}" for a, d in zip(m, sd, strict=True)) + f" | {t.sum():.0f} ({t[0]:.0f} + {t[1]:.0f}) |")
         rm_d = dc["random"][1]
@@ -446,7 +446,7 @@ def report(data: dict[str, Any], out_dir: Path) -> str:
 
 
 DET_SETTINGS = {
-    "cpu": {"name": "reduced CPU setting", "arch": "ssdlite", "image_size": 128, "test": 150, "initial": 50, "step": 50, "cycles": 3, "epochs": 6, "epochs_warm": 3, "batch_size": 16, "seeds": 1},
+    "cpu": {"name": "reduced CPU setting", "arch": "ssdlite", "image_size": 128, "test": 150, "initial": 50, "step": 50, "cycles": 3, "epochs": 8, "epochs_warm": 4, "batch_size": 16, "seeds": 1},
     "cuda": {"name": "GPU setting", "arch": "ssdlite", "image_size": 320, "test": 150, "initial": 100, "step": 50, "cycles": 6, "epochs": 120, "epochs_warm": 40, "batch_size": 32, "seeds": 3},
 }
 
@@ -460,11 +460,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--train", default=None, help="JSON object overriding the per-cycle training settings (TrainSettings)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--digits", action=argparse.BooleanOptionalAction, default=True, help="run the digits benchmark (--no-digits: detection only, to its own JSON)")
     parser.add_argument("--detection", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--det-threads", type=int, default=max(1, os.cpu_count() or 1), help="torch threads for the detection runs")
     parser.add_argument("--det-strategies", default=None)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "road_signs"))
     parser.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--from-json", default=None, help="redo the report from a saved active_learning.json")
+    parser.add_argument("--detection-json", default=None, help="with --from-json: take the detection runs from this active_learning_detection.json")
     parser.add_argument("--analysis", default=None, help="a Markdown file appended to the report as its analysis section")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -473,7 +476,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
+        if args.detection_json:
+            det = json.loads(Path(args.detection_json).read_text())
+            data["detection"] = det["detection"]
+            data["config"]["detection"] = det["config"]["detection"]
+            data["config"]["detection_argv"] = det["config"]["argv"]
+            data["detection_machine"] = det["machine"]
     else:
+        argv_text = " ".join(argv if argv is not None else sys.argv[1:])
+        date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         strategies = tuple(args.strategies.split(",")) if args.strategies else (QUICK_STRATEGIES if args.quick else STRATEGIES)
         if "random" not in strategies:
             strategies = ("random", *strategies)
@@ -481,34 +492,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         cycles = args.cycles if args.cycles is not None else (3 if args.quick else 10)
         train = TRAIN.model_copy(update=json.loads(args.train)) if args.train else TRAIN
         settings = CycleSettings(initial=50, step=50, cycles=cycles, train=TrainSettings.model_validate(train.model_dump()))
-        xp, yp, xt, yt = digits_split()
-        t0 = time.perf_counter()
-        print(f"digits: {len(strategies)} strategies × {seeds} seeds × {cycles} cycles", flush=True)
-        digits = run_digits(list(strategies), seeds, settings, args.workers, args.device)
-        digits_s = time.perf_counter() - t0
+        digits: list[dict[str, Any]] = []
+        _, yp, _, yt = digits_split()
+        digits_s = 0.0
+        if args.digits:
+            t0 = time.perf_counter()
+            print(f"digits: {len(strategies)} strategies × {seeds} seeds × {cycles} cycles", flush=True)
+            digits = run_digits(list(strategies), seeds, settings, args.workers, args.device)
+            digits_s = time.perf_counter() - t0
         detection: list[dict[str, Any]] = []
         dset = dict(DET_SETTINGS["cuda" if args.device == "cuda" else "cpu"])
         if args.quick:
             dset.update(cycles=1, epochs=2, epochs_warm=1)
         det_strats = tuple(args.det_strategies.split(",")) if args.det_strategies else (DET_STRATEGIES_GPU if args.device == "cuda" else DET_STRATEGIES)
         if args.detection and Path(args.data).is_dir():
-            torch.set_num_threads(max(1, os.cpu_count() or 1))
+            torch.set_num_threads(args.det_threads)
             print(f"detection: {len(det_strats)} strategies, {dset['name']}", flush=True)
             detection = run_detection(Path(args.data), det_strats, dset, args.device)
         elif args.detection:
             print(f"detection skipped: {args.data} not found", flush=True)
         data = {
             "config": {
-                "argv": " ".join(argv if argv is not None else sys.argv[1:]),
-                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                "digits": {"test": int(len(yt)), "pool": int(len(yp)), "initial": settings.initial, "step": settings.step, "cycles": cycles, "seeds": seeds, "train": settings.train.model_dump_json(), "seconds": digits_s},
+                "argv": argv_text,
+                "date": date,
+                "digits": {"test": len(yt), "pool": len(yp), "initial": settings.initial, "step": settings.step, "cycles": cycles, "seeds": seeds, "train": settings.train.model_dump_json(), "seconds": digits_s},
                 "detection": dset,
             },
             "machine": _machine(),
             "digits": digits,
             "detection": detection,
         }
-        (out_dir / "active_learning.json").write_text(json.dumps(data, indent=1))
+        name = "active_learning.json" if args.digits else "active_learning_detection.json"
+        (out_dir / name).write_text(json.dumps(data, indent=1))
+        if not args.digits:
+            print(f"wrote {out_dir / name}", flush=True)
+            return 0
     if args.analysis:
         data["analysis"] = Path(args.analysis).read_text()
     plot(data["digits"], data.get("detection") or [], out_dir / "active_learning.png")

@@ -55,13 +55,8 @@ from autolabel.calibrate import (  # noqa: E402
     clopper_pearson_upper,
     min_passing_count,
 )
-from connectors.formats.base import ProjectFormat  # noqa: E402
-from connectors.formats.kitti import KittiFormat  # noqa: E402
-from connectors.formats.voc import VocFormat  # noqa: E402
-from connectors.formats.yolo import YoloPredictions  # noqa: E402
-from connectors.labelmap import LabelMap  # noqa: E402
+from bench._common import PROJECTS, real_project  # noqa: E402
 from connectors.model import Item, Prediction  # noqa: E402
-from connectors.storage import ProjectFS  # noqa: E402
 from difficulty import prediction_scores  # noqa: E402
 from difficulty.matching import item_correct  # noqa: E402
 
@@ -72,17 +67,6 @@ DELTA = 0.1
 MIN_COUNT = 30
 SCORE = "box_count_variance"
 OTHER_SCORES = ("box_least_confidence", "box_margin", "box_uncertain_share", "box_expected_count")
-ROAD_MAP = LabelMap(map={"stop sign": "stop", "traffic light": "trafficlight"})
-KITTI_MAP = LabelMap(
-    map={
-        "car": "Car",
-        "person": "Pedestrian",
-        "bicycle": "Cyclist",
-        "truck": "Truck",
-        "train": "Tram",
-    },
-    ignore=("DontCare",),
-)
 
 
 @dataclass
@@ -100,17 +84,8 @@ class Dataset:
 
 
 def load(name: str, data: Path) -> Dataset:
-    if name.startswith("road_signs"):
-        root = data / "road_signs"
-        fmt: ProjectFormat = VocFormat(ProjectFS(str(root)))
-        label_map = ROAD_MAP
-        keep = {"stop", "trafficlight"} if name == "road_signs_2cls" else None
-    else:
-        root = data / "kitti_tiny"
-        fmt = KittiFormat(ProjectFS(str(root)))
-        label_map = KITTI_MAP
-        keep = None
-    source = YoloPredictions(ProjectFS(str(root / "predictions" / "yolo")), project=fmt)
+    real = real_project(name, data)
+    fmt, source, label_map, keep = real.project, real.predictions, real.label_map, real.keep
     items: list[Item] = []
     preds: list[Prediction] = []
     for item in fmt.iter_items():
@@ -284,9 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.splits < 200:
         parser.error("use at least 200 splits")
     t0 = time.time()
-    datasets = [
-        load(name, args.data) for name in ("road_signs_2cls", "road_signs_4cls", "kitti_tiny")
-    ]
+    datasets = [load(name, args.data) for name in PROJECTS]
     t_load = time.time() - t0
     rows = []
     for ds in datasets:

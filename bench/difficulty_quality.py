@@ -53,9 +53,8 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench._common import PROJECTS, real_project  # noqa: E402
 from connectors.formats.base import LabelWrite, ProjectFormat, WriteOutcome, WrittenRecord  # noqa: E402
-from connectors.formats.kitti import KittiFormat  # noqa: E402
-from connectors.formats.voc import VocFormat  # noqa: E402
 from connectors.formats.yolo import YoloPredictions  # noqa: E402
 from connectors.labelmap import LabelMap  # noqa: E402
 from connectors.model import Item, ItemStatus  # noqa: E402
@@ -65,18 +64,6 @@ from difficulty.report import SECTIONS, write_report  # noqa: E402
 from difficulty.scoring import score_project  # noqa: E402
 
 log = logging.getLogger("bench.difficulty_quality")
-
-ROAD_MAP = LabelMap(map={"stop sign": "stop", "traffic light": "trafficlight"})
-KITTI_MAP = LabelMap(
-    map={
-        "car": "Car",
-        "person": "Pedestrian",
-        "bicycle": "Cyclist",
-        "truck": "Truck",
-        "train": "Tram",
-    },
-    ignore=("DontCare",),
-)
 
 
 class ProjectView(ProjectFormat):
@@ -120,18 +107,10 @@ class ProjectView(ProjectFormat):
 
 
 def projects(data: Path) -> dict[str, tuple[ProjectFormat, YoloPredictions, LabelMap]]:
-    road = VocFormat(ProjectFS(str(data / "road_signs")))
-    kitti = KittiFormat(ProjectFS(str(data / "kitti_tiny")))
     out: dict[str, tuple[ProjectFormat, YoloPredictions, LabelMap]] = {}
-    for name, base, view, lm in (
-        ("road_signs_2cls", road, ProjectView(road, keep={"stop", "trafficlight"}), ROAD_MAP),
-        ("road_signs_4cls", road, ProjectView(road), ROAD_MAP),
-        ("kitti_tiny", kitti, ProjectView(kitti), KITTI_MAP),
-    ):
-        preds = YoloPredictions(
-            ProjectFS(str(Path(base.project.root) / "predictions" / "yolo")), project=base
-        )
-        out[name] = (view, preds, lm)
+    for name in PROJECTS:
+        real = real_project(name, data)
+        out[name] = (ProjectView(real.project, keep=real.keep), real.predictions, real.label_map)
     return out
 
 

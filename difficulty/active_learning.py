@@ -237,6 +237,8 @@ def run_active_learning(
             else:
                 batch = infer_arrays(ckpt, x_pool[candidates], committee=committee, device=device)
                 arrays = pool_arrays(batch, x_pool[candidates], needs, rng)
+                if strategy in hybrid.NEEDS_LABELED:
+                    arrays["labeled_features"] = infer_arrays(ckpt, x_pool[np.asarray(labeled)], device=device).features
             picked = choose(strategy, arrays, budget, rng, combined=combined)
             new = candidates[picked]
             if combined is not None:

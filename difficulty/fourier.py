@@ -31,6 +31,12 @@ expectation, so the ratio is the share of grid bins with ``ρ > cutoff``, about
 ``1 − π·cutoff²`` (0.80 at 0.25).  Natural photographs, whose power falls like
 ``1/ρ²``, score far lower; clutter, edges and texture raise it.
 
+Both scores are shares of the image's own power, so they do not change with brightness
+or contrast (``a·x + b`` scores as ``x``).  The same holds for the amount of clutter on a
+perfectly uniform background: N randomly placed shapes have, in expectation, the
+spectral shape of one.  Clutter raises the scores against the low-frequency content
+(illumination, sky, road) that every real scene has; see ``tests/test_fourier.py``.
+
 Spectral entropy (scorer ``fourier_entropy``)
 ---------------------------------------------
 With ``p[k] = P[k] / Σ P``: ``entropy = −Σ_k p[k] log p[k] / log(H·W)``, the Shannon

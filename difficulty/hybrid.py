@@ -13,6 +13,14 @@ loss-prediction module) is noisy.  The strategies here fix the *batch*, not the 
 ``margin_kcenter``     margin values, k-center greedy on the model's features among the
                        ``candidate_factor × budget`` highest (:func:`difficulty.selection.select`)
 ``entropy_kcenter``    the same with entropy
+``margin_cluster``     margin values; the ``candidate_factor × budget`` highest are split
+                       into ``budget`` clusters by k-means on the model's features and the
+                       highest-margin item of each cluster is taken (cluster-margin: one
+                       uncertain item per region, without k-center's pull to outliers)
+``margin_coreset``     margin values; k-center greedy (the core-set rule of Sener & Savarese
+                       2018) among the ``candidate_factor × budget`` highest, with the
+                       distances started from the *already labeled* items' features, so
+                       the batch fills the regions farthest from everything labeled so far
 ``learning_loss_subset``  the loss-prediction module's ranking inside a seeded random
                        subset of the pool (Yoo & Kweon's random-subset trick), then
                        k-center greedy among its top candidates
@@ -51,7 +59,10 @@ from difficulty.combine import fit_weights, percentiles
 from difficulty.registry import SCORERS, register_scorer
 from difficulty.selection import select
 
-BATCH_STRATEGIES = ("badge", "margin_kcenter", "entropy_kcenter", "learning_loss_subset")
+BATCH_STRATEGIES = ("badge", "margin_kcenter", "entropy_kcenter", "margin_cluster", "margin_coreset", "learning_loss_subset")
+
+NEEDS_LABELED = frozenset({"margin_coreset"})
+"""Batch strategies that also read the labeled items' features (``arrays["labeled_features"]``)."""
 """Strategies whose batch is not simply the top of a ranking."""
 
 DEFAULT_PARTS = ("margin", "entropy", "egl", "learning_loss", "fourier")
@@ -122,11 +133,95 @@ def kmeanspp_seeding(embedding: np.ndarray, k: int, rng: np.random.Generator) ->
     return chosen
 
 
+def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, *, iters: int = 25) -> np.ndarray:
+    """Lloyd's k-means on ``x`` ``(N, D)`` from a k-means++ start: cluster index per row ``(N,)``.
+
+    The k-means++ start draws the first centre uniformly; an emptied cluster keeps its
+    centre.  Stops when no assignment changes or after ``iters`` rounds.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n = x.shape[0]
+    k = min(int(k), n)
+    sq = (x * x).sum(axis=1)
+    centres = [int(rng.integers(n))]
+    d2 = np.maximum(sq + sq[centres[0]] - 2.0 * x @ x[centres[0]], 0.0)
+    while len(centres) < k:
+        total = d2.sum()
+        nxt = int(rng.choice(n, p=d2 / total)) if total > 0 else int(np.flatnonzero(~np.isin(np.arange(n), centres))[0])
+        centres.append(nxt)
+        d2 = np.minimum(d2, np.maximum(sq + sq[nxt] - 2.0 * x @ x[nxt], 0.0))
+    c = x[centres].copy()
+    assign = np.full(n, -1)
+    for _ in range(iters):
+        dist = sq[:, None] + (c * c).sum(axis=1)[None, :] - 2.0 * x @ c.T
+        new = dist.argmin(axis=1)
+        if np.array_equal(new, assign):
+            break
+        assign = new
+        for j in range(k):
+            members = assign == j
+            if members.any():
+                c[j] = x[members].mean(axis=0)
+    return assign
+
+
+def cluster_pick(values: np.ndarray, features: np.ndarray, budget: int, rng: np.random.Generator, *, candidate_factor: int = 4) -> np.ndarray:
+    """Cluster-diverse top items: row indices (rank order) of ``budget`` items.
+
+    The ``candidate_factor × budget`` highest ``values`` ``(N,)`` are clustered into
+    ``budget`` groups by :func:`kmeans` on ``features`` ``(N, D)``; each group gives its
+    highest-valued member, ranked by value.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    order = np.argsort(-v, kind="stable")
+    candidates = order[: max(budget, candidate_factor * budget)]
+    if candidates.size <= budget:
+        return candidates[:budget]
+    assign = kmeans(np.asarray(features)[candidates], budget, rng)
+    best = [int(candidates[assign == j][np.argmax(v[candidates[assign == j]])]) for j in np.unique(assign)]
+    best.sort(key=lambda i: -v[i])
+    if len(best) < budget:  # fewer non-empty clusters than asked: fill by value
+        rest = [int(i) for i in candidates if int(i) not in set(best)]
+        best.extend(rest[: budget - len(best)])
+    return np.asarray(best[:budget], dtype=np.int64)
+
+
+def coreset_pick(values: np.ndarray, features: np.ndarray, labeled_features: np.ndarray | None, budget: int, *, candidate_factor: int = 4) -> np.ndarray:
+    """k-center greedy among the top candidates, counting the labeled items as centres.
+
+    ``values`` ``(N,)``; ``features`` ``(N, D)`` of the pool; ``labeled_features``
+    ``(L, D)`` of the labeled items (``None`` or empty: start from the highest value).
+    Among the ``candidate_factor × budget`` highest values, repeatedly take the candidate
+    farthest (Euclidean) from every labeled item and every item taken so far.  Returns
+    row indices in pick order.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    order = np.argsort(-v, kind="stable")
+    candidates = order[: max(budget, candidate_factor * budget)]
+    x = np.asarray(features, dtype=np.float64)[candidates]
+    if labeled_features is not None and len(labeled_features):
+        lab = np.asarray(labeled_features, dtype=np.float64)
+        d2 = (x * x).sum(axis=1)[:, None] + (lab * lab).sum(axis=1)[None, :] - 2.0 * x @ lab.T
+        dist = np.sqrt(np.maximum(d2.min(axis=1), 0.0))
+        chosen: list[int] = []
+    else:
+        chosen = [0]
+        dist = np.linalg.norm(x - x[0], axis=1)
+    taken = np.zeros(len(candidates), dtype=bool)
+    taken[chosen] = True
+    while len(chosen) < min(budget, len(candidates)):
+        nxt = int(np.where(taken, -1.0, dist).argmax())
+        chosen.append(nxt)
+        taken[nxt] = True
+        dist = np.minimum(dist, np.linalg.norm(x - x[nxt], axis=1))
+    return candidates[np.asarray(chosen, dtype=np.int64)]
+
+
 # -- the batch rule -----------------------------------------------------------------------
 
 
 def _base_of(name: str) -> str:
-    return {"margin_kcenter": "margin", "entropy_kcenter": "entropy", "learning_loss_subset": "learning_loss"}.get(name, name)
+    return {"margin_kcenter": "margin", "entropy_kcenter": "entropy", "margin_cluster": "margin", "margin_coreset": "margin", "learning_loss_subset": "learning_loss"}.get(name, name)
 
 
 def strategy_needs(name: str, *, parts: Sequence[str] = DEFAULT_PARTS) -> frozenset[str]:
@@ -180,6 +275,10 @@ def pick_batch(
         values = values_of(_base_of(name), arrays)
         ranked = select(values, ids, budget, features=arrays["features"], diversity="kcenter", candidate_factor=candidate_factor)
         return np.array([int(i) for i, _ in ranked], dtype=np.int64)
+    if name == "margin_coreset":
+        return coreset_pick(values_of("margin", arrays), arrays["features"], arrays.get("labeled_features"), budget, candidate_factor=candidate_factor)
+    if name == "margin_cluster":
+        return cluster_pick(values_of("margin", arrays), arrays["features"], budget, rng, candidate_factor=candidate_factor)
     if name == "learning_loss_subset":
         size = subset if subset is not None else max(n // 2, candidate_factor * budget)
         keep = np.sort(rng.choice(n, size=min(size, n), replace=False))
@@ -191,12 +290,12 @@ def pick_batch(
 
 
 def _register_batch_values() -> None:
-    for name in ("margin_kcenter", "entropy_kcenter", "learning_loss_subset"):
+    for name in ("margin_kcenter", "entropy_kcenter", "margin_cluster", "margin_coreset", "learning_loss_subset"):
         base = SCORERS[_base_of(name)]
         register_scorer(
             name,
             needs=base.needs,
-            description=f"{base.description}; batch diversified by k-center greedy (see difficulty.hybrid.pick_batch)",
+            description=f"{base.description}; batch diversified on the model's features (see difficulty.hybrid.pick_batch)",
             tags=set(base.tags) | {"batch"},
         )(base.fn)
 
@@ -255,7 +354,10 @@ __all__ = [
     "DEFAULT_PARTS",
     "CombinedState",
     "badge",
+    "cluster_pick",
+    "coreset_pick",
     "gradient_embedding",
+    "kmeans",
     "kmeanspp_seeding",
     "pick_batch",
     "strategy_needs",

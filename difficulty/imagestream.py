@@ -61,16 +61,16 @@ _Task = tuple[str, str, str | None]
 class ImageBatch:
     """One chunk of the item stream, decoded.
 
-    ``order``: every item id of the chunk, in input order.  ``item_ids``: the ids that
-    decoded, in input order, row ``i`` of ``images`` (``(n, size, size)`` float32 in
-    ``[0, 1]``) belongs to ``item_ids[i]``.  ``errors``: item id → message naming the file,
-    for the items that did not decode (or arrived with ``error`` set).
+    ``item_ids``: the ids that decoded, in input order; row ``i`` of ``images``
+    (``(n, size, size)`` float32 in ``[0, 1]``) belongs to ``item_ids[i]``.  ``errors``:
+    item id → message naming the file, for the items that did not decode (or arrived with
+    ``error`` set).  ``order``: every item id of the chunk, in input order.
     """
 
-    order: list[str]
     item_ids: list[str]
     images: torch.Tensor
     errors: dict[str, str] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.order)

@@ -78,7 +78,11 @@ STRATEGIES = (
     "egl",
     "learning_loss",
 )
-"""The query strategies of ``labeltriage select``."""
+"""The query strategies (each also registered as a scorer tagged ``strategy``)."""
+
+SELECT_STRATEGIES = (*STRATEGIES, "predicted_loss")
+"""What ``labeltriage select --strategy`` accepts: the query strategies and the
+difficulty scorer ``predicted_loss``."""
 
 _EPS = 1e-12
 
@@ -290,6 +294,24 @@ def _per_box(
     return _reduce(values, reduction, empty, top)
 
 
+def _per_box_committee(
+    box_committee: list[np.ndarray],
+    fn: Callable[[np.ndarray], np.ndarray],
+    measure_max: Callable[[list[np.ndarray]], float],
+    reduction: str,
+    empty: str | float,
+) -> np.ndarray:
+    """``fn`` of each image's committee ``(M, B_i, C)`` (``(B_i,)`` values), reduced per image."""
+    arrays = [np.asarray(c, dtype=np.float64) for c in box_committee]
+    values = [fn(a) if a.ndim == 3 and a.shape[1] > 0 else np.zeros(0) for a in arrays]
+    return _reduce(values, reduction, empty, measure_max(arrays))
+
+
+def _vote_entropy_max(arrays: list[np.ndarray]) -> float:
+    m = next((a.shape[0] for a in arrays if a.ndim == 3 and a.shape[1] > 0), 1)
+    return float(np.log(max(1, min(m, _num_classes(arrays)))))
+
+
 _DET_TAGS = {"strategy", "detection", "model"}
 
 
@@ -346,14 +368,7 @@ def det_vote_entropy(
     box_committee: list[np.ndarray], reduction: str = "max", empty: str | float = "max"
 ) -> np.ndarray:
     """:func:`vote_entropy` per box; ``box_committee`` per image ``(M, B_i, C)``."""
-    arrays = [np.asarray(c, dtype=np.float64) for c in box_committee]
-    m = next((a.shape[0] for a in arrays if a.ndim == 3 and a.shape[1] > 0), 1)
-    return _reduce(
-        [vote_entropy(a) if a.ndim == 3 and a.shape[1] > 0 else np.zeros(0) for a in arrays],
-        reduction,
-        empty,
-        float(np.log(max(1, min(m, _num_classes(arrays))))),
-    )
+    return _per_box_committee(box_committee, vote_entropy, _vote_entropy_max, reduction, empty)
 
 
 @register_scorer(
@@ -367,12 +382,12 @@ def det_consensus_entropy(
     box_committee: list[np.ndarray], reduction: str = "max", empty: str | float = "max"
 ) -> np.ndarray:
     """:func:`consensus_entropy` per box; ``box_committee`` per image ``(M, B_i, C)``."""
-    arrays = [np.asarray(c, dtype=np.float64) for c in box_committee]
-    return _reduce(
-        [consensus_entropy(a) if a.ndim == 3 and a.shape[1] > 0 else np.zeros(0) for a in arrays],
+    return _per_box_committee(
+        box_committee,
+        consensus_entropy,
+        lambda arrays: float(np.log(_num_classes(arrays))),
         reduction,
         empty,
-        float(np.log(_num_classes(arrays))),
     )
 
 

@@ -17,6 +17,11 @@ def fresh_url(tag: str) -> str:
     return f"memory://{tag}-{uuid.uuid4().hex}"
 
 
+def fresh_project() -> ProjectFS:
+    """An empty project on a fresh ``memory://`` root."""
+    return ProjectFS(fresh_url("t"))
+
+
 @functools.lru_cache(maxsize=64)
 def png_bytes(width: int = 40, height: int = 30) -> bytes:
     buf = io.BytesIO()

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _fileformat_helpers import fresh_project
+
+from connectors.storage import ProjectFS
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LABELTRIAGE_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -14,7 +18,9 @@ SHARED_DATA = Path(os.environ.get("LABELTRIAGE_SHARED_DATA", REPO.parent / "shar
 def _shared(name: str) -> Path:
     path = SHARED_DATA / name
     if not path.is_dir():
-        pytest.skip(f"real data set {name!r} not found at {path} (set LABELTRIAGE_SHARED_DATA to its parent)")
+        pytest.skip(
+            f"real data set {name!r} not found at {path} (set LABELTRIAGE_SHARED_DATA to its parent)"
+        )
     return path
 
 
@@ -28,3 +34,12 @@ def road_signs() -> Path:
 def kitti_tiny() -> Path:
     """../shared/data/kitti_tiny: 75 KITTI frames with DontCare regions and predictions."""
     return _shared("kitti_tiny")
+
+
+@pytest.fixture
+def mem() -> Iterator[ProjectFS]:
+    """An empty project on a fresh ``memory://`` root, removed afterwards."""
+    project = fresh_project()
+    yield project
+    if project.fs.exists(project.root):
+        project.fs.rm(project.root, recursive=True)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _fileformat_helpers import fresh_project
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -17,18 +16,6 @@ from connectors.formats.base import FORMATS, PREDICTION_FORMATS, LabelWrite, Pro
 from connectors.formats.coco import CocoFormat, CocoPredictions
 from connectors.model import Annotation, AnnotationSource, Item, ItemStatus
 from connectors.storage import ProjectFS
-
-
-def fresh_project() -> ProjectFS:
-    return ProjectFS(f"memory://t-{uuid.uuid4().hex}")
-
-
-@pytest.fixture
-def mem() -> Iterator[ProjectFS]:
-    project = fresh_project()
-    yield project
-    if project.fs.exists(project.root):
-        project.fs.rm(project.root, recursive=True)
 
 
 def coco_doc(

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from _cli_helpers import select_args, train_args, write_digits_folder
 
 from autolabel.cli import main
 from connectors.errors import UsageError
@@ -104,79 +104,34 @@ def test_bootstrap_committee_settings_are_checked() -> None:
 def test_cli_trains_a_bootstrap_committee_that_select_uses(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    x, y = _digits(200)
-    keep = np.where(y < 3)[0][:36]
-    root = tmp_path / "digits"
-    for k, i in enumerate(keep):
-        folder = root / (str(y[i]) if k < 24 else "_unlabeled")
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((x[i] * 255).astype(np.uint8)).resize((16, 16)).convert("RGB").save(
-            folder / f"{k:03d}.png"
-        )
+    root = write_digits_folder(tmp_path / "digits", 36, 24)
     ckpt = str(tmp_path / "bagged.pt")
     main(
-        [
-            "train",
-            "--source",
-            str(root),
-            "--format",
+        train_args(
+            root,
             "imagefolder",
-            "--task",
             "classification",
-            "--epochs",
-            "2",
-            "--batch-size",
-            "8",
-            "--image-size",
-            "16",
-            "--calibration-share",
-            "0",
-            "--committee-kind",
-            "bootstrap",
-            "--committee-size",
-            "2",
-            "--committee-epochs",
-            "1",
-            "--out",
             ckpt,
-        ]
+            *("--epochs", "2", "--batch-size", "8", "--image-size", "16"),
+            *("--calibration-share", "0", "--committee-kind", "bootstrap"),
+            *("--committee-size", "2", "--committee-epochs", "1"),
+        )
     )
     summary = json.loads(capsys.readouterr().out)
     assert summary["committee"]["kind"] == "bootstrap" and summary["committee"]["members"] == 2
     assert len(load_checkpoint(ckpt).committee) == 2
     out = tmp_path / "sel.csv"
-    main(
-        [
-            "select",
-            "--source",
-            str(root),
-            "--format",
-            "imagefolder",
-            "--strategy",
-            "vote_entropy",
-            "--budget",
-            "5",
-            "--model",
-            ckpt,
-            "--out",
-            str(out),
-        ]
-    )
+    main(select_args(root, "imagefolder", "vote_entropy", 5, out, "--model", ckpt))
     assert json.loads(capsys.readouterr().out)["selected"] == 5
     with pytest.raises(SystemExit) as exc:  # detection has no bootstrap committee
         main(
-            [
-                "train",
-                "--source",
-                str(root),
-                "--format",
+            train_args(
+                root,
                 "imagefolder",
-                "--task",
                 "detection",
+                tmp_path / "det.pt",
                 "--committee-kind",
                 "bootstrap",
-                "--out",
-                str(tmp_path / "det.pt"),
-            ]
+            )
         )
     assert exc.value.code == 2 and "bootstrap committee" in capsys.readouterr().err

@@ -164,6 +164,18 @@ def test_predictions_identical_to_local_inference(
     assert [p.item_id for p in dask if p.error] == ["_unlabeled/broken"]
 
 
+def test_existing_scheduler_by_address(
+    project_dir: Path, tmp_path: Path, engine: DaskEngine
+) -> None:
+    address = engine.client.scheduler.address
+    assert address.startswith("tcp://127.0.0.1:")
+    local = _score(project_dir, tmp_path / "local", scorers=["fourier"])
+    remote = _score(
+        project_dir, tmp_path / "remote", scorers=["fourier"], engine="dask", scheduler=address
+    )
+    _same(local, remote)
+
+
 def test_bad_engine_settings_are_usage_errors(project_dir: Path, tmp_path: Path) -> None:
     project = open_project(str(project_dir), "imagefolder")
     with pytest.raises(UsageError, match="unknown engine"):

@@ -341,6 +341,19 @@ def test_write_predictions_for_unlabeled_only_then_rollback(
     )
 
 
+def test_an_empty_label_is_written_and_rolled_back(
+    ls: tuple[str, FakeLabelStudio], tmp_path: Path
+) -> None:
+    url, state = ls
+    api = _open(url, tmp_path)
+    item = next(it for it in api.iter_items() if it.item_id == "6")
+    prov = Provenance(run_id="run-c", model_version="yolov5n", score=None, tier="easy")
+    manifest = write_run(api, [LabelWrite(item=item, annotations=[], provenance=prov)], "run-c")
+    assert [p["result"] for p in state.tasks[6]["predictions"]] == [[]]
+    assert rollback(api, "run-c").removed == ["6"]
+    assert state.tasks[6]["predictions"] == [] and manifest.records[0].item_id == "6"
+
+
 def test_a_changed_prediction_is_kept_on_removal(
     ls: tuple[str, FakeLabelStudio], tmp_path: Path
 ) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,14 +18,6 @@ from connectors.formats.labelstudio import (
 )
 from connectors.model import Annotation, AnnotationSource, Item, ItemStatus
 from connectors.storage import ProjectFS
-
-
-@pytest.fixture
-def mem() -> Iterator[ProjectFS]:
-    project = ProjectFS(f"memory://t-{uuid.uuid4().hex}")
-    yield project
-    if project.fs.exists(project.root):
-        project.fs.rm(project.root, recursive=True)
 
 
 def rect(

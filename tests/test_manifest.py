@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import gc
 import tracemalloc
-import uuid
 from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from _fileformat_helpers import fresh_project
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,19 +25,6 @@ from connectors.manifest import (
 )
 from connectors.model import Annotation, AnnotationSource, Item, ItemStatus, item_to_row
 from connectors.storage import ProjectFS
-
-
-def fresh_project() -> ProjectFS:
-    return ProjectFS(f"memory://t-{uuid.uuid4().hex}")
-
-
-@pytest.fixture
-def mem() -> Iterator[ProjectFS]:
-    project = fresh_project()
-    yield project
-    if project.fs.exists(project.root):
-        project.fs.rm(project.root, recursive=True)
-
 
 finite = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False)
 

@@ -8,21 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from _cli_helpers import select_args, train_args, write_digits_folder
 
 from autolabel.cli import main
-
-STRATEGIES = [
-    "random",
-    "least_confidence",
-    "margin",
-    "entropy",
-    "vote_entropy",
-    "consensus_entropy",
-    "egl",
-    "learning_loss",
-    "predicted_loss",
-]
+from difficulty.strategies import SELECT_STRATEGIES
 
 
 def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
@@ -33,75 +22,40 @@ def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
 @pytest.fixture(scope="module")
 def digits_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An imagefolder project: 3 digit classes, 45 labeled and 30 unlabeled 16×16 images."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    root = tmp_path_factory.mktemp("digits")
-    keep = np.where(d.target < 3)[0][:75]
-    for k, i in enumerate(keep):
-        folder = str(d.target[i]) if k < 45 else "_unlabeled"
-        (root / folder).mkdir(exist_ok=True)
-        img = (
-            Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8))
-            .resize((16, 16))
-            .convert("RGB")
-        )
-        img.save(root / folder / f"{k:03d}.png")
-    return root
+    return write_digits_folder(tmp_path_factory.mktemp("digits"), 75, 45)
 
 
 @pytest.fixture(scope="module")
 def digits_model(digits_project: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     out = str(tmp_path_factory.mktemp("ckpt") / "cls.pt")
     main(
-        [
-            "train",
-            "--source",
-            str(digits_project),
-            "--format",
+        train_args(
+            digits_project,
             "imagefolder",
-            "--task",
             "classification",
-            "--out",
             out,
-            "--epochs",
-            "3",
-            "--batch-size",
-            "16",
-            "--image-size",
-            "16",
-            "--lr",
-            "0.05",
+            *("--epochs", "3", "--batch-size", "16", "--image-size", "16", "--lr", "0.05"),
             "--no-progress",
-        ]
+        )
     )
     return out
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", SELECT_STRATEGIES)
 def test_select_every_strategy_on_a_classification_project(
     strategy: str, digits_project: Path, digits_model: str, tmp_path: Path, capsys
 ) -> None:
     capsys.readouterr()
     out = tmp_path / "picked.csv"
     summary = _run(
-        [
-            "select",
-            "--source",
-            str(digits_project),
-            "--format",
+        select_args(
+            digits_project,
             "imagefolder",
-            "--strategy",
             strategy,
-            "--budget",
-            "5",
-            "--model",
-            digits_model,
-            "--out",
-            str(out),
-            "--committee",
-            "4",
-        ],
+            5,
+            out,
+            *("--model", digits_model, "--committee", "4"),
+        ),
         capsys,
     )
     assert summary["selected"] == 5 and summary["unlabeled"] == 30
@@ -119,27 +73,14 @@ def test_select_subset_diversity_and_parquet(
 ) -> None:
     capsys.readouterr()
     out = tmp_path / "picked.parquet"
-    args = [
-        "select",
-        "--source",
-        str(digits_project),
-        "--format",
+    args = select_args(
+        digits_project,
         "imagefolder",
-        "--strategy",
         "entropy",
-        "--budget",
-        "4",
-        "--model",
-        digits_model,
-        "--subset",
-        "10",
-        "--seed",
-        "3",
-        "--diversity",
-        "kcenter",
-        "--out",
-        str(out),
-    ]
+        4,
+        out,
+        *("--model", digits_model, "--subset", "10", "--seed", "3", "--diversity", "kcenter"),
+    )
     summary = _run(args, capsys)
     assert summary["scored"] == 10 and summary["selected"] == 4
     first = pd.read_parquet(out)
@@ -152,55 +93,14 @@ def test_select_without_model_is_a_usage_error_except_for_random(
     digits_project: Path, tmp_path: Path, capsys
 ) -> None:
     with pytest.raises(SystemExit) as exc:
-        main(
-            [
-                "select",
-                "--source",
-                str(digits_project),
-                "--format",
-                "imagefolder",
-                "--strategy",
-                "entropy",
-                "--budget",
-                "3",
-                "--out",
-                str(tmp_path / "x.csv"),
-            ]
-        )
+        main(select_args(digits_project, "imagefolder", "entropy", 3, tmp_path / "x.csv"))
     assert exc.value.code == 2
     assert "--model" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
-        main(
-            [
-                "select",
-                "--source",
-                str(digits_project),
-                "--format",
-                "imagefolder",
-                "--strategy",
-                "entropie",
-                "--budget",
-                "3",
-                "--out",
-                str(tmp_path / "x.csv"),
-            ]
-        )
+        main(select_args(digits_project, "imagefolder", "entropie", 3, tmp_path / "x.csv"))
     assert exc.value.code == 2
     summary = _run(
-        [
-            "select",
-            "--source",
-            str(digits_project),
-            "--format",
-            "imagefolder",
-            "--strategy",
-            "random",
-            "--budget",
-            "3",
-            "--out",
-            str(tmp_path / "r.csv"),
-        ],
-        capsys,
+        select_args(digits_project, "imagefolder", "random", 3, tmp_path / "r.csv"), capsys
     )
     assert summary["selected"] == 3
 
@@ -211,22 +111,13 @@ def test_train_warm_start_records_its_init(
     capsys.readouterr()
     out = str(tmp_path / "warm.pt")
     summary = _run(
-        [
-            "train",
-            "--source",
-            str(digits_project),
-            "--format",
+        train_args(
+            digits_project,
             "imagefolder",
-            "--task",
             "classification",
-            "--out",
             out,
-            "--epochs",
-            "1",
-            "--init",
-            digits_model,
-            "--no-progress",
-        ],
+            *("--epochs", "1", "--init", digits_model, "--no-progress"),
+        ),
         capsys,
     )
     from difficulty.checkpoint import load_checkpoint
@@ -258,56 +149,29 @@ def sign_project(road_signs: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def sign_model(sign_project: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     out = str(tmp_path_factory.mktemp("det") / "det.pt")
     main(
-        [
-            "train",
-            "--source",
-            str(sign_project),
-            "--format",
+        train_args(
+            sign_project,
             "voc",
-            "--task",
             "detection",
-            "--out",
             out,
-            "--epochs",
-            "1",
-            "--batch-size",
-            "4",
-            "--image-size",
-            "160",
-            "--calibration-share",
-            "0",
-            "--classes",
-            "crosswalk,speedlimit,stop,trafficlight",
+            *("--epochs", "1", "--batch-size", "4", "--image-size", "160"),
+            *("--calibration-share", "0", "--classes", "crosswalk,speedlimit,stop,trafficlight"),
             "--no-progress",
-        ]
+        )
     )
     return out
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", SELECT_STRATEGIES)
 def test_select_every_strategy_on_a_detection_project(
     strategy: str, sign_project: Path, sign_model: str, tmp_path: Path, capsys
 ) -> None:
     capsys.readouterr()
     out = tmp_path / "picked.csv"
     summary = _run(
-        [
-            "select",
-            "--source",
-            str(sign_project),
-            "--format",
-            "voc",
-            "--strategy",
-            strategy,
-            "--budget",
-            "2",
-            "--model",
-            sign_model,
-            "--committee",
-            "3",
-            "--out",
-            str(out),
-        ],
+        select_args(
+            sign_project, "voc", strategy, 2, out, *("--model", sign_model, "--committee", "3")
+        ),
         capsys,
     )
     assert summary["unlabeled"] == 2 and summary["selected"] == 2
@@ -323,47 +187,27 @@ def test_detection_reduction_and_empty_options(
     capsys.readouterr()
     for reduction in ("mean", "sum"):
         _run(
-            [
-                "select",
-                "--source",
-                str(sign_project),
-                "--format",
+            select_args(
+                sign_project,
                 "voc",
-                "--strategy",
                 "entropy",
-                "--budget",
-                "2",
-                "--model",
-                sign_model,
-                "--reduction",
-                reduction,
-                "--empty",
-                "zero",
-                "--out",
-                str(tmp_path / f"{reduction}.csv"),
-            ],
+                2,
+                tmp_path / f"{reduction}.csv",
+                *("--model", sign_model, "--reduction", reduction, "--empty", "zero"),
+            ),
             capsys,
         )
     mean, total = pd.read_csv(tmp_path / "mean.csv"), pd.read_csv(tmp_path / "sum.csv")
     assert total["value"].max() >= mean["value"].max()
     with pytest.raises(SystemExit) as exc:
         main(
-            [
-                "select",
-                "--source",
-                str(sign_project),
-                "--format",
+            select_args(
+                sign_project,
                 "voc",
-                "--strategy",
                 "entropy",
-                "--budget",
-                "2",
-                "--model",
-                sign_model,
-                "--empty",
-                "lots",
-                "--out",
-                str(tmp_path / "x.csv"),
-            ]
+                2,
+                tmp_path / "x.csv",
+                *("--model", sign_model, "--empty", "lots"),
+            )
         )
     assert exc.value.code == 2

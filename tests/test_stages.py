@@ -6,12 +6,13 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 from PIL import Image
 
-from autolabel.gate import run_autolabel
+from autolabel.gate import AutolabelResult, run_autolabel
 from autolabel.stages import (
     ShadowLabel,
     ShadowRecord,
@@ -97,6 +98,23 @@ def setup(tmp_path: Path) -> tuple[VocFormat, Preds, Path, Path]:
     return fmt, preds, tmp_path / "proj", store
 
 
+def run_stage(
+    setup: tuple[VocFormat, Preds, Path, Path], stage: str, **options: Any
+) -> AutolabelResult:
+    """The gate at ε = δ = 0.1 on the project of ``setup`` and its first scored run."""
+    fmt, preds, _, store = setup
+    return run_autolabel(
+        fmt,
+        difficulty_dir=str(store / "run1"),
+        predictions=preds,
+        epsilon=0.1,
+        delta=0.1,
+        label_map=LABEL_MAP,
+        stage=stage,
+        **options,
+    )
+
+
 def test_check_stage() -> None:
     assert check_stage("shadow") == "shadow"
     with pytest.raises(UsageError, match="report, shadow, autolabel"):
@@ -106,17 +124,9 @@ def test_check_stage() -> None:
 def test_report_stage_calibrates_and_writes_nothing(
     setup: tuple[VocFormat, Preds, Path, Path],
 ) -> None:
-    fmt, preds, root, store = setup
+    _, _, root, store = setup
     before = tree(root)
-    res = run_autolabel(
-        fmt,
-        difficulty_dir=str(store / "run1"),
-        predictions=preds,
-        epsilon=0.1,
-        delta=0.1,
-        label_map=LABEL_MAP,
-        stage="report",
-    )
+    res = run_stage(setup, "report")
     assert res.threshold is not None and res.selected == [] and res.written == []
     assert tree(root) == before
     assert json.loads((store / "run1" / "autolabel.json").read_text())["stage"] == "report"
@@ -125,17 +135,9 @@ def test_report_stage_calibrates_and_writes_nothing(
 def test_shadow_records_would_be_labels_and_writes_nothing(
     setup: tuple[VocFormat, Preds, Path, Path],
 ) -> None:
-    fmt, preds, root, store = setup
+    _, _, root, store = setup
     before = tree(root)
-    res = run_autolabel(
-        fmt,
-        difficulty_dir=str(store / "run1"),
-        predictions=preds,
-        epsilon=0.1,
-        delta=0.1,
-        label_map=LABEL_MAP,
-        stage="shadow",
-    )
+    res = run_stage(setup, "shadow")
     assert tree(root) == before  # not even the bookkeeping folder
     assert res.written == [] and res.audit == [] and len(res.selected) == 40
     record = read_shadow_record(str(store / "run1"))
@@ -147,16 +149,8 @@ def test_shadow_records_would_be_labels_and_writes_nothing(
 def test_shadow_agreement_says_when_promotion_is_safe(
     setup: tuple[VocFormat, Preds, Path, Path],
 ) -> None:
-    fmt, preds, root, store = setup
-    run_autolabel(
-        fmt,
-        difficulty_dir=str(store / "run1"),
-        predictions=preds,
-        epsilon=0.1,
-        delta=0.1,
-        label_map=LABEL_MAP,
-        stage="shadow",
-    )
+    fmt, _, root, store = setup
+    run_stage(setup, "shadow")
     record = read_shadow_record(str(store / "run1" / "shadow.json"))
     # too early: nobody has labeled the shadow items yet
     early = measure_shadow_agreement(fmt, record, LABEL_MAP)
@@ -180,28 +174,11 @@ def test_shadow_agreement_says_when_promotion_is_safe(
 def test_next_shadow_run_reports_agreement_of_the_previous_one(
     setup: tuple[VocFormat, Preds, Path, Path],
 ) -> None:
-    fmt, preds, root, store = setup
-    first = run_autolabel(
-        fmt,
-        difficulty_dir=str(store / "run1"),
-        predictions=preds,
-        epsilon=0.1,
-        delta=0.1,
-        label_map=LABEL_MAP,
-        stage="shadow",
-    )
+    _, _, root, store = setup
+    first = run_stage(setup, "shadow")
     for item_id in first.selected:
         (root / "annotations" / f"{item_id}.xml").write_text(xml(item_id, BOX))
-    second = run_autolabel(
-        fmt,
-        difficulty_dir=str(store / "run1"),
-        predictions=preds,
-        epsilon=0.1,
-        delta=0.1,
-        label_map=LABEL_MAP,
-        stage="shadow",
-        out_dir=str(store / "run2"),
-    )
+    second = run_stage(setup, "shadow", out_dir=str(store / "run2"))
     assert second.agreement is not None
     assert second.agreement["run_id"] == first.run_id and second.agreement["promotion_safe"] is True
 

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from _cli_helpers import select_args, train_args, write_digits_folder
 from PIL import Image
 
 from autolabel.cli import main
@@ -25,17 +26,7 @@ CLASSES = ["0", "1", "2"]
 @pytest.fixture(scope="module")
 def digits_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An imagefolder project: 3 digit classes, 30 labeled and 10 unlabeled 16×16 images."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    root = tmp_path_factory.mktemp("digits")
-    keep = np.where(d.target < 3)[0][:40]
-    for k, i in enumerate(keep):
-        folder = str(d.target[i]) if k < 30 else "_unlabeled"
-        (root / folder).mkdir(exist_ok=True)
-        img = Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8)).resize((16, 16))
-        img.convert("RGB").save(root / folder / f"{k:03d}.png")
-    return root
+    return write_digits_folder(tmp_path_factory.mktemp("digits"), 40, 30)
 
 
 def _torchvision_resnet18(num_classes: int) -> torch.nn.Module:
@@ -65,28 +56,17 @@ def test_module_alone_on_a_plain_torchvision_resnet18(
     torch.save(user.state_dict(), weights)
     out = tmp_path / "frozen.pt"
     main(
-        [
-            "train",
-            "--source",
-            str(digits_folder),
-            "--format",
+        train_args(
+            digits_folder,
             "imagefolder",
-            "--task",
             "classification",
+            out,
             "--target-weights",
             str(weights),  # the architecture is told from the keys
             "--freeze-target",
-            "--epochs",
-            "2",
-            "--batch-size",
-            "8",
-            "--image-size",
-            "16",
-            "--calibration-share",
-            "0",
-            "--out",
-            str(out),
-        ]
+            *("--epochs", "2", "--batch-size", "8", "--image-size", "16"),
+            *("--calibration-share", "0"),
+        )
     )
     summary = json.loads(capsys.readouterr().out)
     assert summary["arch"] == "resnet18" and summary["trained_items"] == 30
@@ -140,23 +120,7 @@ def test_module_alone_on_a_plain_torchvision_resnet18(
     assert np.all(np.isfinite(b.predicted_loss))
     for strategy in ("predicted_loss", "vote_entropy"):
         sel = tmp_path / f"{strategy}.csv"
-        main(
-            [
-                "select",
-                "--source",
-                str(digits_folder),
-                "--format",
-                "imagefolder",
-                "--strategy",
-                strategy,
-                "--budget",
-                "4",
-                "--model",
-                str(out),
-                "--out",
-                str(sel),
-            ]
-        )
+        main(select_args(digits_folder, "imagefolder", strategy, 4, sel, "--model", str(out)))
         assert json.loads(capsys.readouterr().out)["selected"] == 4
     scored = tmp_path / "scored"
     main(
@@ -182,22 +146,13 @@ def test_module_alone_on_a_plain_torchvision_resnet18(
 def test_weights_that_do_not_fit_are_refused_with_the_keys_named(
     digits_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    base = [
-        "train",
-        "--source",
-        str(digits_folder),
-        "--format",
+    base = train_args(
+        digits_folder,
         "imagefolder",
-        "--task",
         "classification",
-        "--freeze-target",
-        "--epochs",
-        "1",
-        "--image-size",
-        "16",
-        "--out",
-        str(tmp_path / "x.pt"),
-    ]
+        tmp_path / "x.pt",
+        *("--freeze-target", "--epochs", "1", "--image-size", "16"),
+    )
     five = tmp_path / "five_classes.pth"
     torch.save(_torchvision_resnet18(5).state_dict(), five)
     assert _exit_code([*base, "--target-weights", str(five)]) == 2

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -36,15 +35,6 @@ from connectors.writeback import (
     write_run,
     write_sidecar,
 )
-
-
-@pytest.fixture
-def mem() -> Iterator[ProjectFS]:
-    project = ProjectFS(f"memory://t-{uuid.uuid4().hex}")
-    yield project
-    if project.fs.exists(project.root):
-        project.fs.rm(project.root, recursive=True)
-
 
 NAMES = [f"img{i}" for i in range(6)]
 

@@ -6,27 +6,22 @@ import json
 
 import click
 
+from autolabel.commands._common import (
+    label_map_option,
+    model_option,
+    open_inputs,
+    parse_storage_options,
+    predictions_options,
+    project_options,
+    storage_options_option,
+)
 from connectors.errors import UsageError
 
 
 @click.command("autolabel")
-@click.option("--source", "-s", required=True, help="Project folder or file (any fsspec URL).")
-@click.option(
-    "--format", "-f", "fmt", default="auto", show_default=True, help="Project format, or auto."
-)
-@click.option("--predictions", default=None, help="Predictions to write (folder or file).")
-@click.option(
-    "--predictions-format",
-    default="auto",
-    show_default=True,
-    help="Predictions format (yolo, coco, ...) or auto.",
-)
-@click.option(
-    "--model",
-    "model",
-    default=None,
-    help="A labeltriage checkpoint to predict with (instead of --predictions).",
-)
+@project_options
+@predictions_options("Predictions to write (folder or file).")
+@model_option()
 @click.option(
     "--difficulty",
     "difficulty_dir",
@@ -39,11 +34,7 @@ from connectors.errors import UsageError
 @click.option(
     "--delta", type=float, required=True, help="1 − confidence of the error bound, in (0, 1)."
 )
-@click.option(
-    "--label-map",
-    default=None,
-    help="YAML/JSON file: {map: {model class: project class}, ignore: [classes]}.",
-)
+@label_map_option()
 @click.option(
     "--audit-share",
     type=float,
@@ -73,7 +64,7 @@ from connectors.errors import UsageError
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the audit sample.")
 @click.option("--dry-run", is_flag=True, help="Write nothing; print what would be written.")
-@click.option("--storage-options", default=None, help="fsspec storage options as a JSON object.")
+@storage_options_option()
 def autolabel(
     source: str,
     fmt: str,
@@ -97,20 +88,13 @@ def autolabel(
 
     Prints a JSON summary; DIR/autolabel.json holds the full record (not with --dry-run).
     Undo a run with `labeltriage rollback RUN_ID`."""
-    from autolabel.commands.stats import parse_storage_options
     from autolabel.gate import run_autolabel
     from connectors.labelmap import load_label_map
-    from connectors.project import open_predictions, open_project
 
     if (predictions is None) == (model is None):
         raise UsageError("give exactly one of --predictions and --model")
     options = parse_storage_options(storage_options)
-    project = open_project(source, fmt, options)
-    source_obj = (
-        open_predictions(predictions, predictions_format, options, project=project)
-        if predictions
-        else None
-    )
+    project, source_obj = open_inputs(source, fmt, options, predictions, predictions_format)
     result = run_autolabel(
         project,
         difficulty_dir=difficulty_dir,

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from autolabel.commands._common import storage_options_option
+
 if TYPE_CHECKING:
     from difficulty.plan import PlanSettings
 
@@ -34,9 +36,7 @@ if TYPE_CHECKING:
     multiple=True,
     help="An earlier run folder to show in the trend (repeatable; default: the run's sibling folders).",
 )
-@click.option(
-    "--storage-options", default=None, help="fsspec storage options as a JSON object (for RUN_DIR)."
-)
+@storage_options_option("fsspec storage options as a JSON object (for RUN_DIR).")
 def report(
     run_dir: str,
     team_size: int | None,
@@ -46,7 +46,7 @@ def report(
     storage_options: str | None,
 ) -> None:
     """Write RUN_DIR/report.html (self-contained), summary.json, plan.csv and assignment.csv."""
-    from autolabel.commands.stats import parse_storage_options
+    from autolabel.commands._common import parse_storage_options
     from difficulty.report import write_report
 
     options = parse_storage_options(storage_options)

@@ -6,20 +6,22 @@ import json
 
 import click
 
+from autolabel.commands._common import (
+    parse_storage_options,
+    project_options,
+    storage_options_option,
+)
+
 
 @click.command("rollback")
 @click.argument("run_id")
-@click.option("--source", "-s", required=True, help="Project folder or file (any fsspec URL).")
-@click.option(
-    "--format", "-f", "fmt", default="auto", show_default=True, help="Project format, or auto."
-)
-@click.option("--storage-options", default=None, help="fsspec storage options as a JSON object.")
+@project_options
+@storage_options_option()
 def rollback(run_id: str, source: str, fmt: str, storage_options: str | None) -> None:
     """Remove the labels run RUN_ID wrote, and nothing else.
 
     Labels a person has edited since are kept (and listed).  An unknown RUN_ID exits
     with code 2 and lists the project's runs."""
-    from autolabel.commands.stats import parse_storage_options
     from connectors.project import open_project
     from connectors.writeback import rollback as rollback_run
 

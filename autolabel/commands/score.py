@@ -2,54 +2,40 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import click
 
+from autolabel.commands._common import (
+    label_map_option,
+    model_option,
+    open_inputs,
+    parse_json_object,
+    parse_storage_options,
+    predictions_options,
+    progress_option,
+    project_options,
+    storage_options_option,
+    want_progress,
+)
 from connectors.errors import UsageError
 
 
 def parse_scorer_settings(text: str | None) -> dict[str, dict[str, Any]] | None:
     """``--scorer-settings`` is a JSON object of per-scorer objects."""
-    if not text:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(
-            f"--scorer-settings is not valid JSON: {exc.msg} (column {exc.colno})"
-        ) from exc
-    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
-        raise UsageError(
-            '--scorer-settings must be a JSON object of objects, e.g. \'{"box_uncertain_share": {"low": 0.3}}\''
-        )
-    return value
+    return parse_json_object(
+        text,
+        "--scorer-settings",
+        '\'{"box_uncertain_share": {"low": 0.3}}\'',
+        of_objects=True,
+    )
 
 
 @click.command("score")
-@click.option("--source", "-s", required=True, help="Project folder or file (any fsspec URL).")
-@click.option(
-    "--format", "-f", "fmt", default="auto", show_default=True, help="Project format, or auto."
-)
-@click.option("--predictions", default=None, help="Predictions you bring (folder or file).")
-@click.option(
-    "--predictions-format",
-    default="auto",
-    show_default=True,
-    help="Predictions format (yolo, coco, ...) or auto.",
-)
-@click.option(
-    "--model",
-    "model",
-    default=None,
-    help="A labeltriage checkpoint to predict with (instead of --predictions).",
-)
-@click.option(
-    "--label-map",
-    default=None,
-    help="YAML/JSON file: {map: {model class: project class}, ignore: [classes]}.",
-)
+@project_options
+@predictions_options("Predictions you bring (folder or file).")
+@model_option()
+@label_map_option()
 @click.option(
     "--scorers",
     default=None,
@@ -60,11 +46,7 @@ def parse_scorer_settings(text: str | None) -> dict[str, dict[str, Any]] | None:
     default=None,
     help='Per-scorer settings as JSON, e.g. \'{"fourier": {"cutoff": 0.3}}\'.',
 )
-@click.option(
-    "--storage-options",
-    default=None,
-    help="fsspec storage options as a JSON object (project and --out).",
-)
+@storage_options_option("fsspec storage options as a JSON object (project and --out).")
 @click.option(
     "--reference",
     default=None,
@@ -100,16 +82,18 @@ def parse_scorer_settings(text: str | None) -> dict[str, dict[str, Any]] | None:
     is_flag=True,
     help="Let scorers that rank the true error backwards take part, reversed.",
 )
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Images decoded and scored per batch.")
+@click.option(
+    "--batch-size",
+    type=int,
+    default=64,
+    show_default=True,
+    help="Images decoded and scored per batch.",
+)
 @click.option(
     "--num-workers", type=int, default=2, show_default=True, help="Image-decoding worker processes."
 )
 @click.option("--run-id", default=None, help="Run id (default: time-based).")
-@click.option(
-    "--progress/--no-progress",
-    default=None,
-    help="Progress bar (default: when stderr is a terminal).",
-)
+@progress_option("Progress bar (default: when stderr is a terminal).")
 @click.option(
     "--out",
     "out_dir",
@@ -141,10 +125,7 @@ def score(
     """Score every item's difficulty and sort items into easy / medium / hard tiers."""
     from pydantic import ValidationError
 
-    from autolabel.commands._common import want_progress
-    from autolabel.commands.stats import parse_storage_options
     from connectors.labelmap import load_label_map
-    from connectors.project import open_predictions, open_project
     from difficulty.scoring import score_project
     from difficulty.tiers import TierConfig
 
@@ -158,12 +139,7 @@ def score(
         tiers = TierConfig.model_validate(tier_fields)
     except ValidationError as exc:
         raise UsageError(f"tiers: {exc.errors()[0]['msg']}") from exc
-    project = open_project(source, fmt, options)
-    prediction_source = (
-        open_predictions(predictions, predictions_format, options, project=project)
-        if predictions
-        else None
-    )
+    project, prediction_source = open_inputs(source, fmt, options, predictions, predictions_format)
     names = [s.strip() for s in scorers.split(",") if s.strip()] if scorers else None
     result = score_project(
         project,

@@ -6,36 +6,29 @@ import json
 
 import click
 
-from connectors.errors import UsageError
-
-STRATEGY_NAMES = (
-    "random",
-    "least_confidence",
-    "margin",
-    "entropy",
-    "vote_entropy",
-    "consensus_entropy",
-    "egl",
-    "learning_loss",
-    "predicted_loss",
+from autolabel.commands._common import (
+    batch_size_option,
+    device_option,
+    model_option,
+    num_workers_option,
+    parse_storage_options,
+    progress_option,
+    project_options,
+    storage_options_option,
+    want_progress,
 )
+from connectors.errors import UsageError
+from difficulty.strategies import SELECT_STRATEGIES
 
 
 @click.command("select")
-@click.option("--source", "-s", required=True, help="Project folder or file (any fsspec URL).")
-@click.option(
-    "--format", "-f", "fmt", default="auto", show_default=True, help="Project format, or auto."
-)
-@click.option("--storage-options", default=None, help="fsspec storage options as a JSON object.")
-@click.option("--strategy", required=True, help=f"Query strategy: {', '.join(STRATEGY_NAMES)}.")
+@project_options
+@storage_options_option()
+@click.option("--strategy", required=True, help=f"Query strategy: {', '.join(SELECT_STRATEGIES)}.")
 @click.option(
     "--budget", type=click.IntRange(min=1), required=True, help="How many items to select."
 )
-@click.option(
-    "--model",
-    default=None,
-    help="Checkpoint from labeltriage train (every strategy but random needs one).",
-)
+@model_option("Checkpoint from labeltriage train (every strategy but random needs one).")
 @click.option(
     "--subset",
     type=click.IntRange(min=1),
@@ -70,14 +63,10 @@ STRATEGY_NAMES = (
     help="Committee members for vote/consensus entropy: the model's stored bootstrap "
     "committee when it has one (at most this many members), else this many MC-dropout passes.",
 )
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Items per inference batch.")
-@click.option("--device", default="cpu", show_default=True, help="torch device for inference (cpu, cuda, cuda:1).")
-@click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True, help="Image-decoding worker processes (0 = in the main process).")
-@click.option(
-    "--progress/--no-progress",
-    default=None,
-    help="Progress bars (default: when stderr is a terminal).",
-)
+@batch_size_option("Items per inference batch.")
+@device_option("torch device for inference (cpu, cuda, cuda:1).")
+@num_workers_option("Image-decoding worker processes (0 = in the main process).")
+@progress_option()
 @click.option("--out", required=True, help="Output file, .csv or .parquet: item_id, value, rank.")
 def select(
     source: str,
@@ -100,16 +89,12 @@ def select(
 ) -> None:
     """Rank the unlabeled items by STRATEGY and write the BUDGET best to --out; print a JSON summary.
     Labeled items are never selected."""
-    import sys
-
-    from autolabel.commands.stats import parse_storage_options
     from connectors.project import open_project
     from difficulty.selection import select_from_project, write_selection
-    from difficulty.strategies import STRATEGIES
 
-    if strategy not in (*STRATEGIES, "predicted_loss"):
+    if strategy not in SELECT_STRATEGIES:
         raise UsageError(
-            f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGY_NAMES)}"
+            f"unknown strategy {strategy!r}; choose one of: {', '.join(SELECT_STRATEGIES)}"
         )
     if strategy != "random" and model is None:
         raise UsageError(
@@ -155,7 +140,7 @@ def select(
         batch_size=batch_size,
         device=device,
         num_workers=num_workers,
-        progress=sys.stderr.isatty() if progress is None else progress,
+        progress=want_progress(progress),
         storage_options=options,
     )
     write_selection(result.ranked, out, storage_options=options)

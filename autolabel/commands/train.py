@@ -6,17 +6,24 @@ import json
 
 import click
 
+from autolabel.commands._common import (
+    batch_size_option,
+    device_option,
+    num_workers_option,
+    parse_storage_options,
+    progress_option,
+    project_options,
+    storage_options_option,
+    want_progress,
+)
 from connectors.errors import UsageError
 
 TASKS = ("classification", "detection")
 
 
 @click.command("train")
-@click.option("--source", "-s", required=True, help="Project folder or file (any fsspec URL).")
-@click.option(
-    "--format", "-f", "fmt", default="auto", show_default=True, help="Project format, or auto."
-)
-@click.option("--storage-options", default=None, help="fsspec storage options as a JSON object.")
+@project_options
+@storage_options_option()
 @click.option("--task", type=click.Choice(TASKS), required=True, help="What the model does.")
 @click.option("--out", required=True, help="Checkpoint file to write (any fsspec URL).")
 @click.option(
@@ -29,8 +36,14 @@ TASKS = ("classification", "detection")
     default=None,
     help="Comma-separated project classes (default: the format's, else the labels seen).",
 )
-@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True, help="Passes over the labeled training pool.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Items per training step (even sizes pair up fully for the ranking loss).")
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=30,
+    show_default=True,
+    help="Passes over the labeled training pool.",
+)
+@batch_size_option("Items per training step (even sizes pair up fully for the ranking loss).")
 @click.option(
     "--lr",
     type=click.FloatRange(min=0, min_open=True),
@@ -50,7 +63,13 @@ TASKS = ("classification", "detection")
     default=None,
     help="Side images are resized to (default 32 classification, 320 detection).",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation, shuffling and augmentation (runs are reproducible).")
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of initialisation, shuffling and augmentation (runs are reproducible).",
+)
 @click.option(
     "--calibration-share",
     type=click.FloatRange(0.0, 1.0, max_open=True),
@@ -122,21 +141,9 @@ TASKS = ("classification", "detection")
     help="Bootstrap committee: epochs of each member, warm-started from the trained model.",
 )
 @click.option("--augment", is_flag=True, help="Random horizontal flips.")
-@click.option(
-    "--device", default="cpu", show_default=True, help="torch device (cpu, cuda, cuda:1)."
-)
-@click.option(
-    "--num-workers",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="DataLoader worker processes.",
-)
-@click.option(
-    "--progress/--no-progress",
-    default=None,
-    help="Progress bars (default: when stderr is a terminal).",
-)
+@device_option("torch device (cpu, cuda, cuda:1).")
+@num_workers_option("DataLoader worker processes.")
+@progress_option()
 def train(
     source: str,
     fmt: str,
@@ -168,9 +175,6 @@ def train(
 ) -> None:
     """Train a target model jointly with a loss-prediction module (Yoo & Kweon 2019) on the
     human-labeled items; print a JSON summary."""
-    import sys
-
-    from autolabel.commands.stats import parse_storage_options
     from connectors.project import open_project
     from difficulty.models.lossnet import LossNetConfig
     from difficulty.training import train_model
@@ -202,7 +206,7 @@ def train(
         target_weights=target_weights,
         freeze_target=freeze_target,
         device=device,
-        progress=sys.stderr.isatty() if progress is None else progress,
+        progress=want_progress(progress),
         out=out,
         image_size=image_size,
         min_steps=min_steps,

@@ -134,7 +134,20 @@ def read_image_bytes(item: Item, project: ProjectFS, image_root: ProjectFS | Non
     return None
 
 
-class LabelFileFormat(ProjectFormat):
+class RemovesFiles:
+    """Undo for formats whose every write is a whole file (see :func:`remove_file_records`)."""
+
+    project: ProjectFS
+
+    def remove_written(self, records: list[WrittenRecord]) -> list[str]:
+        return [why for why in remove_file_records(self.project, records) if why is not None]
+
+    def remove_written_each(self, records: list[WrittenRecord]) -> list[str | None]:
+        """Like :meth:`remove_written`, with one outcome per record (``None`` = removed)."""
+        return remove_file_records(self.project, records)
+
+
+class LabelFileFormat(RemovesFiles, ProjectFormat):
     """Base of formats with ``images/`` and one label file per image.
 
     Subclasses set :attr:`labels_dir` and :attr:`label_ext` and implement
@@ -151,6 +164,11 @@ class LabelFileFormat(ProjectFormat):
             raise UsageError(
                 f"{self.name}: expected a project folder, got the file {options['file']!r} in {project.url}"
             )
+
+    @classmethod
+    def has_folders(cls, project: ProjectFS) -> bool:
+        """True when ``project`` has both the image folder and the label folder."""
+        return project.isdir(cls.images_dir) and project.isdir(cls.labels_dir)
 
     def accepts_file(self, name: str) -> bool:
         """Whether a single-file ``source`` (option ``file``) means something to this format."""
@@ -376,13 +394,6 @@ class LabelFileFormat(ProjectFormat):
             outcome.records.append(record)
             log.debug("%s: wrote auto-label %s", item_id, label_rel)
         return outcome
-
-    def remove_written(self, records: list[WrittenRecord]) -> list[str]:
-        return [why for why in remove_file_records(self.project, records) if why is not None]
-
-    def remove_written_each(self, records: list[WrittenRecord]) -> list[str | None]:
-        """Like :meth:`remove_written`, with one outcome per record (``None`` = removed)."""
-        return remove_file_records(self.project, records)
 
 
 def _current_sha(project: ProjectFS, rel: str) -> str | None:

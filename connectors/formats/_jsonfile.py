@@ -10,19 +10,25 @@
   and the move; neither POSIX rename nor object stores offer a compare-and-swap that
   would close it.  The human-label check runs on the content that is written;
 * :func:`entries_sha256` is the checksum of written entries that ``remove_written``
-  compares to tell an untouched auto-label from one a person edited.
+  compares to tell an untouched auto-label from one a person edited;
+* :class:`JsonFileFormat` is the base of such formats: locating and detecting the file,
+  items that could not be read, and undoing written entries.
 """
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import logging
 import posixpath
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from connectors.errors import InputError, LabelTriageError, UsageError
+from connectors.formats._entries import RemovesEntries, records_by_file
+from connectors.formats.base import ProjectFormat, WrittenRecord
+from connectors.model import Item, ItemStatus
 from connectors.storage import ProjectFS
 
 log = logging.getLogger(__name__)
@@ -142,3 +148,121 @@ def rewrite_json(
     raise ConcurrentEditError(
         f"{url}: the file kept changing during {REWRITE_ATTEMPTS} attempts to update it; nothing was written"
     )
+
+
+def json_int(value: Any) -> int | None:
+    """An integer JSON value (``3`` or ``3.0``) as ``int``; anything else (bools too) → ``None``."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def problems_error(problems: list[str], url: str, item_id: str) -> str | None:
+    """The ``error`` of item ``item_id`` of ``url`` with ``problems`` (``None`` without any)."""
+    if not problems:
+        return None
+    return str(InputError("; ".join(problems), file=url, item=item_id))
+
+
+class JsonFileFormat(RemovesEntries, ProjectFormat):
+    """A project stored in one JSON file (the ``file`` option, else :meth:`find_file`).
+
+    Subclasses say how to find the file, what its start looks like, and how to take
+    written entries out of the parsed content; removal re-reads and rewrites the file
+    atomically (:func:`rewrite_json`).
+    """
+
+    title: ClassVar[str]
+    """The format's name in messages (``COCO``, ``Label Studio``)."""
+    missing: ClassVar[str]
+    """What was looked for, said when no file is found."""
+    json_indent: ClassVar[int | None] = None
+
+    def __init__(self, project: ProjectFS, **options: Any) -> None:
+        super().__init__(project, **options)
+        self._file: str | None = str(options["file"]) if options.get("file") else None
+
+    @staticmethod
+    @abc.abstractmethod
+    def find_file(project: ProjectFS) -> str | None:
+        """The project's JSON file by convention (``None`` when there is none)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def looks_like(cls, head: str) -> bool:
+        """True when ``head``, the start of the file without leading blanks, is this format."""
+
+    @property
+    def file(self) -> str:
+        """The JSON file, relative to the project root."""
+        if self._file is None:
+            found = self.find_file(self.project)
+            if found is None:
+                raise UsageError(f"{self.project.url}: {self.missing}")
+            self._file = found
+        return self._file
+
+    @property
+    def url(self) -> str:
+        return self.project.url_of(self.file)
+
+    def has_file(self) -> bool:
+        """True when the file is named or can be found."""
+        return self._file is not None or self.find_file(self.project) is not None
+
+    @classmethod
+    def detect(cls, project: ProjectFS) -> bool:
+        try:
+            rel = cls.find_file(project)
+        except UsageError:
+            return False
+        if rel is None:
+            return False
+        return cls.looks_like(peek(project, rel).lstrip())
+
+    def invalid_item(
+        self, item_id: str, uri: str, message: str, status: ItemStatus = ItemStatus.UNLABELED
+    ) -> Item:
+        """An item that could not be read (``error`` names the file and item; logged)."""
+        err = InputError(message, file=self.url, item=item_id)
+        log.warning("%s", err)
+        return Item(
+            item_id=item_id, uri=uri, status=status, meta={"error_file": self.url}, error=str(err)
+        )
+
+    def item_error(self, problems: list[str], item_id: str, meta: dict[str, Any]) -> str | None:
+        """The ``error`` of an item read with ``problems`` (logged; ``meta`` gets the file)."""
+        error = problems_error(problems, self.url, item_id)
+        if error is not None:
+            log.warning("%s", error)
+            meta["error_file"] = self.url
+        return error
+
+    @abc.abstractmethod
+    def drop_entries(
+        self, data: Any, records: list[WrittenRecord], positions: list[int]
+    ) -> tuple[bool, list[tuple[int, str | None]]]:
+        """Take the entries of ``records[i]`` (``i`` in ``positions``) out of the parsed
+        ``data`` where they are unchanged; ``(modified, [(i, None or why kept)])``."""
+
+    def remove_written_each(self, records: list[WrittenRecord]) -> list[str | None]:
+        """Remove written entries whose content is unchanged; ``None`` = removed, else why kept."""
+        outcome, by_path = records_by_file(
+            self.project,
+            records,
+            lambda r: None if r.kind == "entry" else f"not a {self.title} entry record ({r.kind})",
+        )
+        for path, positions in by_path.items():
+
+            def change(
+                data: Any, positions: list[int] = positions
+            ) -> tuple[bool, list[tuple[int, str | None]]]:
+                return self.drop_entries(data, records, positions)
+
+            for i, why in rewrite_json(self.project, path, change, indent=self.json_indent):
+                outcome[i] = why
+        return outcome

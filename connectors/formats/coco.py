@@ -41,12 +41,15 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from connectors.errors import InputError, PathEscapeError, UsageError
+from connectors.formats._entries import entry_record
 from connectors.formats._jsonfile import (
+    JsonFileFormat,
     dump_json,
     entries_sha256,
     find_json,
+    json_int,
     load_json,
-    peek,
+    problems_error,
     rewrite_json,
 )
 from connectors.formats.base import (
@@ -177,7 +180,7 @@ class CocoIndex:
         self, image: dict[str, Any]
     ) -> tuple[list[Annotation], list[str], list[dict[str, Any]]]:
         """(valid annotations, problems, raw annotation dicts) of one image."""
-        width, height = _int_or_none(image.get("width")), _int_or_none(image.get("height"))
+        width, height = json_int(image.get("width")), json_int(image.get("height"))
         raws = [self.annotations[pos] for pos in self.by_image.get(image.get("id"), [])]
         good: list[Annotation] = []
         problems: list[str] = []
@@ -189,18 +192,8 @@ class CocoIndex:
         return good, problems, raws
 
 
-def _int_or_none(value: Any) -> int | None:
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return None
-
-
 @FORMATS.register("coco")
-class CocoFormat(ProjectFormat):
+class CocoFormat(JsonFileFormat):
     """A COCO project: one JSON file plus an image folder (see the module docstring).
 
     Options: ``file`` (the JSON, relative to the root), ``image_root`` (relative to the root).
@@ -208,10 +201,8 @@ class CocoFormat(ProjectFormat):
 
     name = "coco"
     tasks = ("detection",)
-
-    def __init__(self, project: ProjectFS, **options: Any) -> None:
-        super().__init__(project, **options)
-        self._file: str | None = str(options["file"]) if options.get("file") else None
+    title = "COCO"
+    missing = f"no COCO JSON found ({DEFAULT_FILE}, or one *.json in the root or annotations/)"
 
     # -- locating ------------------------------------------------------------------------
     @staticmethod
@@ -220,31 +211,8 @@ class CocoFormat(ProjectFormat):
             project, preferred=(DEFAULT_FILE,), folders=(".", "annotations"), what="COCO file"
         )
 
-    @property
-    def file(self) -> str:
-        """The COCO JSON, relative to the project root."""
-        if self._file is None:
-            found = self.find_file(self.project)
-            if found is None:
-                raise UsageError(
-                    f"{self.project.url}: no COCO JSON found ({DEFAULT_FILE}, or one *.json in the root or annotations/)"
-                )
-            self._file = found
-        return self._file
-
-    @property
-    def url(self) -> str:
-        return self.project.url_of(self.file)
-
     @classmethod
-    def detect(cls, project: ProjectFS) -> bool:
-        try:
-            rel = cls.find_file(project)
-        except UsageError:
-            return False
-        if rel is None:
-            return False
-        head = peek(project, rel).lstrip()
+    def looks_like(cls, head: str) -> bool:
         return head.startswith("{") and any(
             f'"{k}"' in head for k in ("images", "annotations", "categories")
         )
@@ -298,19 +266,7 @@ class CocoFormat(ProjectFormat):
         seen_ids: set[Any],
         seen_items: set[str],
     ) -> Item:
-        def bad(
-            item_id: str, uri: str, message: str, status: ItemStatus = ItemStatus.UNLABELED
-        ) -> Item:
-            err = InputError(message, file=self.url, item=item_id)
-            log.warning("%s", err)
-            return Item(
-                item_id=item_id,
-                uri=uri,
-                status=status,
-                meta={"error_file": self.url},
-                error=str(err),
-            )
-
+        bad = self.invalid_item
         if (
             not isinstance(image, dict)
             or not isinstance(image.get("file_name"), str)
@@ -346,20 +302,15 @@ class CocoFormat(ProjectFormat):
         seen_ids.add(image["id"])
         seen_items.add(item_id)
         meta = {k: v for k, v in image.items() if k not in _IMAGE_KEYS}
-        error = None
-        if problems:
-            err = InputError("; ".join(problems), file=self.url, item=item_id)
-            log.warning("%s", err)
-            error = str(err)
-            meta["error_file"] = self.url
+        error = self.item_error(problems, item_id, meta)
         if status is ItemStatus.AUTO_LABELED:
             prov = raws[0].get(PROVENANCE_KEY) or {}
             meta["auto_label"] = {"run_id": prov.get("run_id"), "provenance": prov}
         return Item(
             item_id=item_id,
             uri=uri,
-            width=_int_or_none(image.get("width")),
-            height=_int_or_none(image.get("height")),
+            width=json_int(image.get("width")),
+            height=json_int(image.get("height")),
             status=status,
             source=source,
             annotations=good,
@@ -511,12 +462,8 @@ class CocoFormat(ProjectFormat):
                     range(len(index.annotations) - len(entries), len(index.annotations))
                 )
                 outcome.records.append(
-                    WrittenRecord(
-                        kind="entry",
-                        path=rel,
-                        item_id=item_id,
-                        sha256=entries_sha256(entries),
-                        entry_ids=[str(e["id"]) for e in entries],
+                    entry_record(
+                        rel, item_id, entries_sha256(entries), [str(e["id"]) for e in entries]
                     )
                 )
             if outcome.records:
@@ -533,7 +480,7 @@ class CocoFormat(ProjectFormat):
     ) -> tuple[list[dict[str, Any]], str | None]:
         if not w.annotations:
             return [], "no boxes to write (COCO cannot record an empty label)"
-        width, height = _int_or_none(image.get("width")), _int_or_none(image.get("height"))
+        width, height = json_int(image.get("width")), json_int(image.get("height"))
         prov: dict[str, Any] = {
             "run_id": w.provenance.run_id,
             "model_version": w.provenance.model_version,
@@ -566,65 +513,38 @@ class CocoFormat(ProjectFormat):
             entries.append(entry)
         return entries, None
 
-    def remove_written(self, records: list[WrittenRecord]) -> list[str]:
-        return [
-            f"{r.item_id}: {why}"
-            for r, why in zip(records, self.remove_written_each(records), strict=True)
-            if why is not None
-        ]
-
-    def remove_written_each(self, records: list[WrittenRecord]) -> list[str | None]:
-        """Remove written annotations whose content is unchanged; ``None`` = removed, else why kept."""
-        outcome: list[str | None] = [None] * len(records)
-        by_path: dict[str, list[int]] = defaultdict(list)
-        for i, r in enumerate(records):
-            if r.kind != "entry":
-                outcome[i] = f"not a COCO entry record ({r.kind})"
+    def drop_entries(
+        self, data: Any, records: list[WrittenRecord], positions: list[int]
+    ) -> tuple[bool, list[tuple[int, str | None]]]:
+        """Remove written annotations whose content is unchanged."""
+        anns = data.get("annotations") if isinstance(data, dict) else None
+        if not isinstance(anns, list):
+            return False, [(i, "the file has no annotations list any more") for i in positions]
+        by_id = {str(a.get("id")): a for a in anns if isinstance(a, dict)}
+        drop: set[int] = set()
+        results: list[tuple[int, str | None]] = []
+        for i in positions:
+            r = records[i]
+            current = [by_id.get(e) for e in r.entry_ids]
+            if any(c is None for c in current):
+                results.append((i, "its annotations are no longer in the file"))
+            elif entries_sha256(current) != r.sha256:
+                results.append(
+                    (
+                        i,
+                        "its annotations were edited since they were written (kept as a human label)",
+                    )
+                )
             else:
-                by_path[r.path].append(i)
-        for path, positions in by_path.items():
-            if not self.project.exists(path):
-                for i in positions:
-                    outcome[i] = f"{path} no longer exists"
-                continue
-
-            def change(
-                data: Any, positions: list[int] = positions
-            ) -> tuple[bool, list[tuple[int, str | None]]]:
-                anns = data.get("annotations") if isinstance(data, dict) else None
-                if not isinstance(anns, list):
-                    return False, [
-                        (i, "the file has no annotations list any more") for i in positions
-                    ]
-                by_id = {str(a.get("id")): a for a in anns if isinstance(a, dict)}
-                drop: set[int] = set()
-                results: list[tuple[int, str | None]] = []
-                for i in positions:
-                    r = records[i]
-                    current = [by_id.get(e) for e in r.entry_ids]
-                    if any(c is None for c in current):
-                        results.append((i, "its annotations are no longer in the file"))
-                    elif entries_sha256(current) != r.sha256:
-                        results.append(
-                            (
-                                i,
-                                "its annotations were edited since they were written (kept as a human label)",
-                            )
-                        )
-                    else:
-                        drop.update(id(c) for c in current)
-                        results.append((i, None))
-                if drop:
-                    data["annotations"] = [a for a in anns if id(a) not in drop]
-                return bool(drop), results
-
-            for i, why in rewrite_json(self.project, path, change):
-                outcome[i] = why
-        return outcome
+                drop.update(id(c) for c in current)
+                results.append((i, None))
+        if drop:
+            data["annotations"] = [a for a in anns if id(a) not in drop]
+        return bool(drop), results
 
     def records_of_run(self, run_id: str) -> list[WrittenRecord]:
         """Records of the annotations that run ``run_id`` left in the file (recovery)."""
-        if self._file is None and self.find_file(self.project) is None:
+        if not self.has_file():
             return []
         index, _ = self.load()
         images = {im.get("id"): im for im in index.images if isinstance(im, dict)}
@@ -637,12 +557,8 @@ class CocoFormat(ProjectFormat):
             image = images.get(image_id) or {}
             item_id = item_id_of(str(image.get("file_name", f"image:{image_id}")))
             records.append(
-                WrittenRecord(
-                    kind="entry",
-                    path=self.file,
-                    item_id=item_id,
-                    sha256=entries_sha256(entries),
-                    entry_ids=[str(e["id"]) for e in entries],
+                entry_record(
+                    self.file, item_id, entries_sha256(entries), [str(e["id"]) for e in entries]
                 )
             )
         return records
@@ -725,9 +641,7 @@ class CocoPredictions(PredictionSource):
         if image is None:
             return None
         good, problems, _ = self.index.image_annotations(image)
-        error = (
-            str(InputError("; ".join(problems), file=self.url, item=item_id)) if problems else None
-        )
+        error = problems_error(problems, self.url, item_id)
         return Prediction(
             item_id=item_id,
             annotations=good,

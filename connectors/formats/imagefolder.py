@@ -28,12 +28,12 @@ from typing import Any
 
 from connectors.errors import HumanLabelConflict, InputError, UsageError
 from connectors.formats._filebased import (
+    RemovesFiles,
     auto_label_meta,
     error_item,
     is_image_name,
     read_auto_index,
     read_image_bytes,
-    remove_file_records,
     sha256_hex,
 )
 from connectors.formats.base import FORMATS, LabelWrite, ProjectFormat, WriteOutcome, WrittenRecord
@@ -47,7 +47,7 @@ _NOT_IMAGEFOLDER_ROOT_SUFFIXES = (".json", ".parquet", ".yaml", ".yml")
 
 
 @FORMATS.register("imagefolder")
-class ImageFolderFormat(ProjectFormat):
+class ImageFolderFormat(RemovesFiles, ProjectFormat):
     """Classification project laid out as ``CLASS/*.jpg``; option ``unlabeled_dir``."""
 
     name = "imagefolder"
@@ -260,10 +260,3 @@ class ImageFolderFormat(ProjectFormat):
                 raise
             outcome.records.append(record)
         return outcome
-
-    def remove_written(self, records: list[WrittenRecord]) -> list[str]:
-        return [why for why in remove_file_records(self.project, records) if why is not None]
-
-    def remove_written_each(self, records: list[WrittenRecord]) -> list[str | None]:
-        """Like :meth:`remove_written`, with one outcome per record (``None`` = removed)."""
-        return remove_file_records(self.project, records)

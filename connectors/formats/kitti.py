@@ -58,7 +58,7 @@ class KittiFormat(LabelFileFormat):
     def detect(cls, project: ProjectFS) -> bool:
         """``images/`` and ``labels/`` without YOLO class files, and the first non-empty
         line among the first few label files has 15 columns starting with a class name."""
-        if not (project.isdir(cls.images_dir) and project.isdir(cls.labels_dir)):
+        if not cls.has_folders(project):
             return False
         if any(project.exists(f) for f in ("classes.txt", "data.yaml", "data.yml")):
             return False

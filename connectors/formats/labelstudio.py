@@ -32,19 +32,21 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 from connectors.errors import InputError, UsageError
+from connectors.formats._entries import entry_record
 from connectors.formats._filebased import image_size
 from connectors.formats._jsonfile import (
+    JsonFileFormat,
     dump_json,
     entries_sha256,
     find_json,
+    json_int,
     load_json,
-    peek,
+    problems_error,
     rewrite_json,
 )
 from connectors.formats.base import (
@@ -116,7 +118,7 @@ def region_to_annotation(
         return None, None, None
     if not isinstance(value, dict):
         raise ValueError(f"region {rid}: 'value' is not an object")
-    width, height = _int(region.get("original_width")), _int(region.get("original_height"))
+    width, height = json_int(region.get("original_width")), json_int(region.get("original_height"))
     score = region.get("score", default_score)
     if score is not None and not (isinstance(score, int | float) and 0.0 <= float(score) <= 1.0):
         raise ValueError(f"region {rid}: score {score!r} is not in [0, 1]")
@@ -182,16 +184,6 @@ def annotation_to_region(
     return region
 
 
-def _int(value: Any) -> int | None:
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return None
-
-
 def _live_annotations(task: dict[str, Any]) -> list[dict[str, Any]]:
     anns = task.get("annotations") or []
     return [a for a in anns if isinstance(a, dict) and not a.get("was_cancelled")]
@@ -227,14 +219,15 @@ def _task_size(task: dict[str, Any]) -> tuple[int | None, int | None]:
         for entry in task.get(group) or []:
             for region in (entry.get("result") if isinstance(entry, dict) else None) or []:
                 if isinstance(region, dict):
-                    w, h = _int(region.get("original_width")), _int(region.get("original_height"))
+                    w = json_int(region.get("original_width"))
+                    h = json_int(region.get("original_height"))
                     if w and h:
                         return w, h
     return None, None
 
 
 @FORMATS.register("labelstudio")
-class LabelStudioFormat(ProjectFormat):
+class LabelStudioFormat(JsonFileFormat):
     """A Label Studio JSON export file (see the module docstring).
 
     Options: ``file`` (the export, relative to the root), ``image_key`` (default
@@ -245,10 +238,12 @@ class LabelStudioFormat(ProjectFormat):
 
     name = "labelstudio"
     tasks = ("detection", "classification")
+    title = "Label Studio"
+    missing = "no Label Studio export (*.json) found in the project root"
+    json_indent = 1
 
     def __init__(self, project: ProjectFS, **options: Any) -> None:
         super().__init__(project, **options)
-        self._file: str | None = str(options["file"]) if options.get("file") else None
         self.image_key = str(options.get("image_key") or "image")
         self.local_files_prefix = str(options.get("local_files_prefix") or "")
 
@@ -256,30 +251,8 @@ class LabelStudioFormat(ProjectFormat):
     def find_file(project: ProjectFS) -> str | None:
         return find_json(project, preferred=(), folders=(".",), what="Label Studio export")
 
-    @property
-    def file(self) -> str:
-        if self._file is None:
-            found = self.find_file(self.project)
-            if found is None:
-                raise UsageError(
-                    f"{self.project.url}: no Label Studio export (*.json) found in the project root"
-                )
-            self._file = found
-        return self._file
-
-    @property
-    def url(self) -> str:
-        return self.project.url_of(self.file)
-
     @classmethod
-    def detect(cls, project: ProjectFS) -> bool:
-        try:
-            rel = cls.find_file(project)
-        except UsageError:
-            return False
-        if rel is None:
-            return False
-        head = peek(project, rel).lstrip()
+    def looks_like(cls, head: str) -> bool:
         return head.startswith("[") and (
             '"data"' in head or head.replace(" ", "").replace("\n", "") == "[]"
         )
@@ -300,25 +273,16 @@ class LabelStudioFormat(ProjectFormat):
         for pos, task in enumerate(tasks):
             item = self.task_to_item(task, pos)
             if item.item_id in seen and item.error is None:
-                item = self._bad(
+                item = self.invalid_item(
                     item.item_id, item.uri, f"duplicate task id {item.item_id}", item.status
                 )
             seen.add(item.item_id)
             yield item
 
-    def _bad(
-        self, item_id: str, uri: str, message: str, status: ItemStatus = ItemStatus.UNLABELED
-    ) -> Item:
-        err = InputError(message, file=self.url, item=item_id)
-        log.warning("%s", err)
-        return Item(
-            item_id=item_id, uri=uri, status=status, meta={"error_file": self.url}, error=str(err)
-        )
-
     def task_to_item(self, task: Any, pos: int) -> Item:
         """One task as an :class:`Item` (``error`` set when the task is malformed)."""
         if not isinstance(task, dict) or "id" not in task or not isinstance(task.get("data"), dict):
-            return self._bad(f"task:{pos}", "", f"task {pos} needs 'id' and 'data'")
+            return self.invalid_item(f"task:{pos}", "", f"task {pos} needs 'id' and 'data'")
         item_id = str(task["id"])
         data = task["data"]
         ref = data.get(self.image_key)
@@ -328,13 +292,15 @@ class LabelStudioFormat(ProjectFormat):
         live = _live_annotations(task)
         status = ItemStatus.LABELED if live else ItemStatus.UNLABELED
         if ref is None:
-            return self._bad(item_id, "", f"data has no image reference {self.image_key!r}", status)
+            return self.invalid_item(
+                item_id, "", f"data has no image reference {self.image_key!r}", status
+            )
         uri = uri_from_task(ref, local_files_prefix=self.local_files_prefix)
         if "://" not in uri:
             try:
                 self.project.resolve(uri, item=item_id)
             except InputError as exc:
-                return self._bad(item_id, ref, f"image {ref!r}: {exc.message}", status)
+                return self.invalid_item(item_id, ref, f"image {ref!r}: {exc.message}", status)
         width, height = _task_size(task)
         meta: dict[str, Any] = dict(task["meta"]) if isinstance(task.get("meta"), dict) else {}
         problems: list[str] = []
@@ -363,12 +329,7 @@ class LabelStudioFormat(ProjectFormat):
                 status, source = ItemStatus.AUTO_LABELED, AnnotationSource.AUTO
                 prov = pred[PROVENANCE_KEY]
                 meta["auto_label"] = {"run_id": prov.get("run_id"), "provenance": prov}
-        error = None
-        if problems:
-            err = InputError("; ".join(problems), file=self.url, item=item_id)
-            log.warning("%s", err)
-            error = str(err)
-            meta["error_file"] = self.url
+        error = self.item_error(problems, item_id, meta)
         return Item(
             item_id=item_id,
             uri=uri,
@@ -553,13 +514,7 @@ class LabelStudioFormat(ProjectFormat):
                     continue
                 task["predictions"].append(prediction)
                 outcome.records.append(
-                    WrittenRecord(
-                        kind="entry",
-                        path=rel,
-                        item_id=item_id,
-                        sha256=entries_sha256([prediction]),
-                        entry_ids=[entry_id],
-                    )
+                    entry_record(rel, item_id, entries_sha256([prediction]), [entry_id])
                 )
             return bool(outcome.records), outcome
 
@@ -595,63 +550,38 @@ class LabelStudioFormat(ProjectFormat):
         sizes[uri] = image_size(self.project, uri, item=item.item_id)
         return sizes[uri]
 
-    def remove_written(self, records: list[WrittenRecord]) -> list[str]:
-        return [
-            f"{r.item_id}: {why}"
-            for r, why in zip(records, self.remove_written_each(records), strict=True)
-            if why is not None
-        ]
-
-    def remove_written_each(self, records: list[WrittenRecord]) -> list[str | None]:
-        """Remove written predictions whose content is unchanged; ``None`` = removed."""
-        outcome: list[str | None] = [None] * len(records)
-        by_path: dict[str, list[int]] = defaultdict(list)
-        for i, r in enumerate(records):
-            if r.kind != "entry":
-                outcome[i] = f"not a Label Studio entry record ({r.kind})"
+    def drop_entries(
+        self, tasks: Any, records: list[WrittenRecord], positions: list[int]
+    ) -> tuple[bool, list[tuple[int, str | None]]]:
+        """Remove written predictions whose content is unchanged."""
+        if not isinstance(tasks, list):
+            return False, [(i, "the file is no longer a list of tasks") for i in positions]
+        by_id = {str(t["id"]): t for t in tasks if isinstance(t, dict) and "id" in t}
+        results: list[tuple[int, str | None]] = []
+        changed = False
+        for i in positions:
+            r = records[i]
+            task = by_id.get(r.item_id) or {}
+            preds = task.get("predictions") or []
+            mine = [
+                p
+                for p in preds
+                if isinstance(p, dict)
+                and (p.get(PROVENANCE_KEY) or {}).get("entry_id") in r.entry_ids
+            ]
+            if len(mine) != len(r.entry_ids):
+                results.append((i, "its prediction is no longer in the export"))
+            elif entries_sha256(mine) != r.sha256:
+                results.append((i, "its prediction was edited since it was written"))
             else:
-                by_path[r.path].append(i)
-        for path, positions in by_path.items():
-            if not self.project.exists(path):
-                for i in positions:
-                    outcome[i] = f"{path} no longer exists"
-                continue
-
-            def change(
-                tasks: Any, positions: list[int] = positions
-            ) -> tuple[bool, list[tuple[int, str | None]]]:
-                if not isinstance(tasks, list):
-                    return False, [(i, "the file is no longer a list of tasks") for i in positions]
-                by_id = {str(t["id"]): t for t in tasks if isinstance(t, dict) and "id" in t}
-                results: list[tuple[int, str | None]] = []
-                changed = False
-                for i in positions:
-                    r = records[i]
-                    task = by_id.get(r.item_id) or {}
-                    preds = task.get("predictions") or []
-                    mine = [
-                        p
-                        for p in preds
-                        if isinstance(p, dict)
-                        and (p.get(PROVENANCE_KEY) or {}).get("entry_id") in r.entry_ids
-                    ]
-                    if len(mine) != len(r.entry_ids):
-                        results.append((i, "its prediction is no longer in the export"))
-                    elif entries_sha256(mine) != r.sha256:
-                        results.append((i, "its prediction was edited since it was written"))
-                    else:
-                        task["predictions"] = [p for p in preds if not any(p is m for m in mine)]
-                        changed = True
-                        results.append((i, None))
-                return changed, results
-
-            for i, why in rewrite_json(self.project, path, change, indent=1):
-                outcome[i] = why
-        return outcome
+                task["predictions"] = [p for p in preds if not any(p is m for m in mine)]
+                changed = True
+                results.append((i, None))
+        return changed, results
 
     def records_of_run(self, run_id: str) -> list[WrittenRecord]:
         """Records of the predictions that run ``run_id`` left in the export (recovery)."""
-        if self._file is None and self.find_file(self.project) is None:
+        if not self.has_file():
             return []
         tasks, _ = self.load_tasks()
         records = []
@@ -661,12 +591,11 @@ class LabelStudioFormat(ProjectFormat):
             for p in _our_predictions(task):
                 if p[PROVENANCE_KEY].get("run_id") == run_id and p[PROVENANCE_KEY].get("entry_id"):
                     records.append(
-                        WrittenRecord(
-                            kind="entry",
-                            path=self.file,
-                            item_id=str(task["id"]),
-                            sha256=entries_sha256([p]),
-                            entry_ids=[str(p[PROVENANCE_KEY]["entry_id"])],
+                        entry_record(
+                            self.file,
+                            str(task["id"]),
+                            entries_sha256([p]),
+                            [str(p[PROVENANCE_KEY]["entry_id"])],
                         )
                     )
         return records
@@ -722,9 +651,7 @@ class LabelStudioPredictions(PredictionSource):
                 continue
             if ann is not None:
                 good.append(ann)
-        error = (
-            str(InputError("; ".join(problems), file=self.url, item=item_id)) if problems else None
-        )
+        error = problems_error(problems, self.url, item_id)
         version = pred.get("model_version")
         return Prediction(
             item_id=item_id,

@@ -31,7 +31,10 @@ provenance (run id, difficulty tier, item score) rides in every region's ``meta`
 Just before each write the task is fetched again; a task that has gained a human
 annotation is refused.  Annotations are separate objects in Label Studio, so a
 prediction can never replace one.  :meth:`LabelStudioAPI.remove_written` deletes exactly
-the predictions it created, by id, and keeps one whose content changed.
+the predictions it created, by the ids in the run manifest's records, and keeps one whose
+content changed (checksum of result and model version) or that moved to another task.
+An empty label ("nothing to mark here") is a prediction with an empty ``result``: it has
+no region to carry the provenance, so only the manifest's record identifies it.
 
 Label Studio has no place for files, so the run manifests that
 :mod:`connectors.writeback` keeps under ``.labeltriage/`` live in a local *state folder*
@@ -836,11 +839,6 @@ class LabelStudioAPI(ProjectFormat):
                         f"prediction {pid} belongs to task {current.get('task')}, not {record.item_id}"
                     )
                     continue
-                if written_provenance(current) is None:
-                    kept.append(
-                        f"prediction {pid} of task {record.item_id} was not written by labeltriage"
-                    )
-                    continue
                 sha = content_sha256(current.get("result") or [], current.get("model_version"))
                 if record.sha256 is not None and sha != record.sha256:
                     kept.append(
@@ -852,7 +850,11 @@ class LabelStudioAPI(ProjectFormat):
         return outcome
 
     def records_of_run(self, run_id: str) -> list[WrittenRecord]:
-        """Records of every prediction in the project whose provenance names ``run_id``."""
+        """Records of every prediction whose region provenance names ``run_id``.
+
+        Predictions with an empty result carry no provenance; the run manifest's records
+        cover them.
+        """
         records = []
         for p in self.client.predictions(self.location.project_id):
             prov = written_provenance(p)

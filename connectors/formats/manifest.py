@@ -22,7 +22,6 @@ import json
 import logging
 import posixpath
 import secrets
-from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -30,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from connectors.errors import InputError
+from connectors.formats._entries import RemovesEntries, entry_record, records_by_file
 from connectors.formats._jsonfile import entries_sha256
 from connectors.formats.base import FORMATS, LabelWrite, ProjectFormat, WriteOutcome, WrittenRecord
 from connectors.manifest import (
@@ -78,7 +78,7 @@ def _table_bytes(rows: list[dict[str, Any]]) -> bytes:
 
 
 @FORMATS.register("manifest")
-class ManifestFormat(ProjectFormat):
+class ManifestFormat(RemovesEntries, ProjectFormat):
     """A Parquet manifest plus auto-label overlays (see the module docstring).
 
     Options: ``file`` (the manifest, relative to the root; default ``manifest.parquet``).
@@ -219,38 +219,22 @@ class ManifestFormat(ProjectFormat):
         rel = f"{OVERLAY_DIR}/{run_id}-{secrets.token_hex(4)}.parquet"
         self.project.write_bytes(rel, _table_bytes(rows), overwrite=False)
         outcome.records = [
-            WrittenRecord(
-                kind="entry",
-                path=rel,
-                item_id=r["item_id"],
-                sha256=_row_sha(r),
-                entry_ids=[r["item_id"]],
-            )
-            for r in rows
+            entry_record(rel, r["item_id"], _row_sha(r), [r["item_id"]]) for r in rows
         ]
         return outcome
 
-    def remove_written(self, records: list[WrittenRecord]) -> list[str]:
-        return [
-            f"{r.item_id}: {why}"
-            for r, why in zip(records, self.remove_written_each(records), strict=True)
-            if why is not None
-        ]
-
     def remove_written_each(self, records: list[WrittenRecord]) -> list[str | None]:
         """Delete overlay rows of ``records``; an overlay left empty is deleted."""
-        outcome: list[str | None] = [None] * len(records)
-        by_path: dict[str, list[int]] = defaultdict(list)
-        for i, r in enumerate(records):
-            if r.kind != "entry" or not r.path.startswith(OVERLAY_DIR + "/"):
-                outcome[i] = f"not a manifest overlay record ({r.kind} {r.path})"
-            else:
-                by_path[r.path].append(i)
+        outcome, by_path = records_by_file(
+            self.project,
+            records,
+            lambda r: (
+                None
+                if r.kind == "entry" and r.path.startswith(OVERLAY_DIR + "/")
+                else f"not a manifest overlay record ({r.kind} {r.path})"
+            ),
+        )
         for rel, positions in by_path.items():
-            if not self.project.exists(rel):
-                for i in positions:
-                    outcome[i] = f"{rel} no longer exists"
-                continue
             rows = self._read_overlay(rel)
             by_item = {r["item_id"]: r for r in rows}
             drop: set[str] = set()
@@ -278,13 +262,7 @@ class ManifestFormat(ProjectFormat):
                 for row in self._read_overlay(rel):
                     if row["run_id"] == run_id:
                         records.append(
-                            WrittenRecord(
-                                kind="entry",
-                                path=rel,
-                                item_id=row["item_id"],
-                                sha256=_row_sha(row),
-                                entry_ids=[row["item_id"]],
-                            )
+                            entry_record(rel, row["item_id"], _row_sha(row), [row["item_id"]])
                         )
         return records
 

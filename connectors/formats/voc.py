@@ -74,7 +74,7 @@ class VocFormat(LabelFileFormat):
     @classmethod
     def detect(cls, project: ProjectFS) -> bool:
         """``images/`` and an ``annotations/`` folder whose first files include an ``.xml``."""
-        if not (project.isdir(cls.images_dir) and project.isdir(cls.labels_dir)):
+        if not cls.has_folders(project):
             return False
         first = itertools.islice(project.walk_files(cls.labels_dir), 20)
         return any(rel.endswith(cls.label_ext) for rel in first)

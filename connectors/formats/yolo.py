@@ -174,11 +174,7 @@ class YoloFormat(LabelFileFormat):
 
     @classmethod
     def detect(cls, project: ProjectFS) -> bool:
-        return (
-            project.isdir(cls.images_dir)
-            and project.isdir(cls.labels_dir)
-            and any(project.exists(f) for f in CLASS_FILES)
-        )
+        return cls.has_folders(project) and any(project.exists(f) for f in CLASS_FILES)
 
     @property
     def classes(self) -> list[str]:

@@ -1,0 +1,63 @@
+"""The real projects of ``../shared/data`` as the benchmarks build them.
+
+* ``road_signs_2cls`` — road_signs (VOC) restricted to {stop, trafficlight}, label map
+  ``stop sign→stop``, ``traffic light→trafficlight``;
+* ``road_signs_4cls`` — the full four-class road_signs project, same label map;
+* ``kitti_tiny`` — label map ``car→Car``, ``person→Pedestrian``, ``bicycle→Cyclist``,
+  ``truck→Truck``, ``train→Tram``; ``DontCare`` regions ignored.
+
+Each comes with its real YOLOv5n predictions (``predictions/yolo``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from connectors.formats.base import ProjectFormat
+from connectors.formats.kitti import KittiFormat
+from connectors.formats.voc import VocFormat
+from connectors.formats.yolo import YoloPredictions
+from connectors.labelmap import LabelMap
+from connectors.storage import ProjectFS
+
+PROJECTS = ("road_signs_2cls", "road_signs_4cls", "kitti_tiny")
+ROAD_MAP = LabelMap(map={"stop sign": "stop", "traffic light": "trafficlight"})
+KITTI_MAP = LabelMap(
+    map={
+        "car": "Car",
+        "person": "Pedestrian",
+        "bicycle": "Cyclist",
+        "truck": "Truck",
+        "train": "Tram",
+    },
+    ignore=("DontCare",),
+)
+
+
+@dataclass
+class RealProject:
+    """One benchmark project: the format, its predictions, the label map, and the classes
+    whose annotations are kept (``None``: all)."""
+
+    name: str
+    project: ProjectFormat
+    predictions: YoloPredictions
+    label_map: LabelMap
+    keep: set[str] | None
+
+
+def real_project(name: str, data: Path) -> RealProject:
+    """The project ``name`` (one of :data:`PROJECTS`) under the data folder ``data``."""
+    if name.startswith("road_signs"):
+        root = data / "road_signs"
+        project: ProjectFormat = VocFormat(ProjectFS(str(root)))
+        label_map = ROAD_MAP
+        keep = {"stop", "trafficlight"} if name == "road_signs_2cls" else None
+    else:
+        root = data / "kitti_tiny"
+        project = KittiFormat(ProjectFS(str(root)))
+        label_map = KITTI_MAP
+        keep = None
+    predictions = YoloPredictions(ProjectFS(str(root / "predictions" / "yolo")), project=project)
+    return RealProject(name, project, predictions, label_map, keep)
