@@ -191,6 +191,16 @@ def _validate(epsilon: float, delta: float, min_count: int) -> None:
         raise UsageError(f"min_count must be at least 1, got {min_count}")
 
 
+def _candidates(scores: np.ndarray, candidates: np.ndarray | None) -> np.ndarray:
+    """The thresholds to walk: ``candidates`` (sorted, unique), else the defaults for
+    ``scores`` ``(N,)``; ValueError when a score is NaN."""
+    if np.isnan(scores).any():
+        raise ValueError("scores contain NaN: drop unscored items before calibrating")
+    if candidates is None:
+        return default_candidates(scores)
+    return np.unique(np.asarray(candidates, dtype=np.float64))
+
+
 def fixed_sequence_threshold(
     scores: np.ndarray,
     errors: np.ndarray,
@@ -214,13 +224,7 @@ def fixed_sequence_threshold(
         raise ValueError(
             f"scores {scores.shape} and errors {errors.shape} must be equal-length vectors"
         )
-    if np.isnan(scores).any():
-        raise ValueError("scores contain NaN: drop unscored items before calibrating")
-    cands = (
-        default_candidates(scores)
-        if candidates is None
-        else np.unique(np.asarray(candidates, dtype=np.float64))
-    )
+    cands = _candidates(scores, candidates)
     return _walk(
         scores, errors, cands, epsilon=epsilon, delta=delta, level=delta, min_count=min_count
     )
@@ -298,13 +302,7 @@ def calibrate_with_confidence(
     if not errors_by_confidence:
         raise ValueError("errors_by_confidence is empty: give at least one box confidence")
     scores = np.asarray(scores, dtype=np.float64)
-    if np.isnan(scores).any():
-        raise ValueError("scores contain NaN: drop unscored items before calibrating")
-    cands = (
-        default_candidates(scores)
-        if candidates is None
-        else np.unique(np.asarray(candidates, dtype=np.float64))
-    )
+    cands = _candidates(scores, candidates)
     level = delta / len(errors_by_confidence)
     walks = [
         _walk(

@@ -230,30 +230,26 @@ def report_runs(
     ids = sorted(it.item_id for it in base.iter_items())
     rng = np.random.default_rng(seed)
     order = list(rng.permutation(ids))
-    first_dir = work / name / "run1"
-    second_dir = work / name / "run2"
     keep = view.keep if isinstance(view, ProjectView) else None
-    first = ProjectView(base, keep=keep, hide=set(order[: int(0.8 * len(ids))]))
-    score_project(
-        first,
-        predictions=preds,
-        label_map=lm,
-        out_dir=str(first_dir),
-        num_workers=0,
-        run_id=f"{name}-run1",
-        min_labeled=10,
-    )
+
+    def scored_run(run: str, hidden_share: float, **options: Any) -> Path:
+        """Score the project with the first ``hidden_share`` of ``order`` unlabeled."""
+        out = work / name / run
+        hide = set(order[: int(hidden_share * len(ids))])
+        score_project(
+            ProjectView(base, keep=keep, hide=hide),
+            predictions=preds,
+            label_map=lm,
+            out_dir=str(out),
+            num_workers=0,
+            run_id=f"{name}-{run}",
+            **options,
+        )
+        return out
+
+    first_dir = scored_run("run1", 0.8, min_labeled=10)
     time.sleep(1.1)  # the runs' created stamps have one-second resolution
-    second = ProjectView(base, keep=keep, hide=set(order[: int(0.6 * len(ids))]))
-    score_project(
-        second,
-        predictions=preds,
-        label_map=lm,
-        out_dir=str(second_dir),
-        num_workers=0,
-        run_id=f"{name}-run2",
-        reference=str(first_dir),
-    )
+    second_dir = scored_run("run2", 0.6, reference=str(first_dir))
     write_report(str(second_dir), team_size=3, hours_per_day=6.0, project=view)
     return second_dir / "report.html"
 

@@ -44,7 +44,17 @@ from difficulty.training import infer_arrays, train_on_arrays
 
 log = logging.getLogger(__name__)
 
-CLASSIC = ("random", "least_confidence", "margin", "entropy", "vote_entropy", "consensus_entropy", "egl", "learning_loss", "fourier")
+CLASSIC = (
+    "random",
+    "least_confidence",
+    "margin",
+    "entropy",
+    "vote_entropy",
+    "consensus_entropy",
+    "egl",
+    "learning_loss",
+    "fourier",
+)
 """Strategies that rank by one registered value (``fourier``: the model-free image complexity)."""
 
 STRATEGY_NAMES = (*CLASSIC, *hybrid.BATCH_STRATEGIES, "combined")
@@ -123,9 +133,17 @@ def _gray(x: np.ndarray) -> torch.Tensor:
     return t.mean(dim=1) if t.dim() == 4 else t
 
 
-def pool_arrays(batch: InferenceBatch, x: np.ndarray, needs: frozenset[str], rng: np.random.Generator) -> dict[str, Any]:
+def pool_arrays(
+    batch: InferenceBatch, x: np.ndarray, needs: frozenset[str], rng: np.random.Generator
+) -> dict[str, Any]:
     """The arrays a strategy may need, keyed by need, from one inference over the pool ``x``."""
-    arrays: dict[str, Any] = {"probs": batch.probs, "features": batch.features, "predicted_loss": batch.predicted_loss, "rng": rng, "n": len(batch)}
+    arrays: dict[str, Any] = {
+        "probs": batch.probs,
+        "features": batch.features,
+        "predicted_loss": batch.predicted_loss,
+        "rng": rng,
+        "n": len(batch),
+    }
     if batch.committee is not None:
         arrays["committee"] = batch.committee
     if "images" in needs:
@@ -185,15 +203,29 @@ def run_active_learning(
     ``initial`` to ``initial + cycles × step`` labels (fewer if the pool runs out).
     """
     if strategy not in STRATEGY_NAMES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGY_NAMES)}")
+        raise ValueError(
+            f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGY_NAMES)}"
+        )
     y_pool = np.asarray(y_pool, dtype=np.int64)
     n_pool = int(y_pool.shape[0])
     if settings.initial > n_pool:
         raise ValueError(f"initial {settings.initial} labels > pool of {n_pool}")
-    classes = list(classes) if classes is not None else [str(i) for i in range(int(max(y_pool.max(), np.max(y_test))) + 1)]
-    needs = hybrid.strategy_needs(strategy, parts=combined_parts) if strategy not in ("random",) else frozenset()
+    classes = (
+        list(classes)
+        if classes is not None
+        else [str(i) for i in range(int(max(y_pool.max(), np.max(y_test))) + 1)]
+    )
+    needs = (
+        hybrid.strategy_needs(strategy, parts=combined_parts)
+        if strategy not in ("random",)
+        else frozenset()
+    )
     committee = settings.committee if needs & {"committee"} else 0
-    combined = hybrid.CombinedState(parts=tuple(combined_parts), seed=seed) if strategy == "combined" else None
+    combined = (
+        hybrid.CombinedState(parts=tuple(combined_parts), seed=seed)
+        if strategy == "combined"
+        else None
+    )
     ts = settings.train
 
     start = np.random.default_rng(seed)
@@ -223,7 +255,12 @@ def run_active_learning(
         )
         train_s = time.perf_counter() - t0
         acc = _accuracy(ckpt, x_test, y_test, device)
-        note = f"{combined.method}: " + ", ".join(f"{k}={v:.2f}" for k, v in combined.weights.items() if v > 0) if combined is not None and combined.weights else ""
+        note = (
+            f"{combined.method}: "
+            + ", ".join(f"{k}={v:.2f}" for k, v in combined.weights.items() if v > 0)
+            if combined is not None and combined.weights
+            else ""
+        )
         select_s = 0.0
         if cycle < settings.cycles and unlabeled.size:
             t1 = time.perf_counter()
@@ -238,18 +275,31 @@ def run_active_learning(
                 batch = infer_arrays(ckpt, x_pool[candidates], committee=committee, device=device)
                 arrays = pool_arrays(batch, x_pool[candidates], needs, rng)
                 if strategy in hybrid.NEEDS_LABELED:
-                    arrays["labeled_features"] = infer_arrays(ckpt, x_pool[np.asarray(labeled)], device=device).features
+                    arrays["labeled_features"] = infer_arrays(
+                        ckpt, x_pool[np.asarray(labeled)], device=device
+                    ).features
             picked = choose(strategy, arrays, budget, rng, combined=combined)
             new = candidates[picked]
             if combined is not None:
                 p = np.asarray(arrays["probs"])[picked]
-                combined.observe(picked, -np.log(np.clip(p[np.arange(len(new)), y_pool[new]], 1e-12, 1.0)))
+                combined.observe(
+                    picked, -np.log(np.clip(p[np.arange(len(new)), y_pool[new]], 1e-12, 1.0))
+                )
             labeled.extend(int(i) for i in new)
             run.order.extend(int(i) for i in new)
             unlabeled = np.setdiff1d(unlabeled, new)
             select_s = time.perf_counter() - t1
         run.records.append(CycleRecord(cycle, int(idx.size), acc, train_s, select_s, note))
-        log.info("%s seed %d cycle %d: %d labels, accuracy %.4f (train %.1fs, select %.1fs)", strategy, seed, cycle, idx.size, acc, train_s, select_s)
+        log.info(
+            "%s seed %d cycle %d: %d labels, accuracy %.4f (train %.1fs, select %.1fs)",
+            strategy,
+            seed,
+            cycle,
+            idx.size,
+            acc,
+            train_s,
+            select_s,
+        )
     return run
 
 

@@ -59,7 +59,14 @@ from difficulty.combine import fit_weights, percentiles
 from difficulty.registry import SCORERS, register_scorer
 from difficulty.selection import select
 
-BATCH_STRATEGIES = ("badge", "margin_kcenter", "entropy_kcenter", "margin_cluster", "margin_coreset", "learning_loss_subset")
+BATCH_STRATEGIES = (
+    "badge",
+    "margin_kcenter",
+    "entropy_kcenter",
+    "margin_cluster",
+    "margin_coreset",
+    "learning_loss_subset",
+)
 
 NEEDS_LABELED = frozenset({"margin_coreset"})
 """Batch strategies that also read the labeled items' features (``arrays["labeled_features"]``)."""
@@ -147,7 +154,11 @@ def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, *, iters: int = 25) 
     d2 = np.maximum(sq + sq[centres[0]] - 2.0 * x @ x[centres[0]], 0.0)
     while len(centres) < k:
         total = d2.sum()
-        nxt = int(rng.choice(n, p=d2 / total)) if total > 0 else int(np.flatnonzero(~np.isin(np.arange(n), centres))[0])
+        nxt = (
+            int(rng.choice(n, p=d2 / total))
+            if total > 0
+            else int(np.flatnonzero(~np.isin(np.arange(n), centres))[0])
+        )
         centres.append(nxt)
         d2 = np.minimum(d2, np.maximum(sq + sq[nxt] - 2.0 * x @ x[nxt], 0.0))
     c = x[centres].copy()
@@ -165,7 +176,14 @@ def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, *, iters: int = 25) 
     return assign
 
 
-def cluster_pick(values: np.ndarray, features: np.ndarray, budget: int, rng: np.random.Generator, *, candidate_factor: int = 4) -> np.ndarray:
+def cluster_pick(
+    values: np.ndarray,
+    features: np.ndarray,
+    budget: int,
+    rng: np.random.Generator,
+    *,
+    candidate_factor: int = 4,
+) -> np.ndarray:
     """Cluster-diverse top items: row indices (rank order) of ``budget`` items.
 
     The ``candidate_factor × budget`` highest ``values`` ``(N,)`` are clustered into
@@ -178,7 +196,10 @@ def cluster_pick(values: np.ndarray, features: np.ndarray, budget: int, rng: np.
     if candidates.size <= budget:
         return candidates[:budget]
     assign = kmeans(np.asarray(features)[candidates], budget, rng)
-    best = [int(candidates[assign == j][np.argmax(v[candidates[assign == j]])]) for j in np.unique(assign)]
+    best = [
+        int(candidates[assign == j][np.argmax(v[candidates[assign == j]])])
+        for j in np.unique(assign)
+    ]
     best.sort(key=lambda i: -v[i])
     if len(best) < budget:  # fewer non-empty clusters than asked: fill by value
         rest = [int(i) for i in candidates if int(i) not in set(best)]
@@ -186,7 +207,14 @@ def cluster_pick(values: np.ndarray, features: np.ndarray, budget: int, rng: np.
     return np.asarray(best[:budget], dtype=np.int64)
 
 
-def coreset_pick(values: np.ndarray, features: np.ndarray, labeled_features: np.ndarray | None, budget: int, *, candidate_factor: int = 4) -> np.ndarray:
+def coreset_pick(
+    values: np.ndarray,
+    features: np.ndarray,
+    labeled_features: np.ndarray | None,
+    budget: int,
+    *,
+    candidate_factor: int = 4,
+) -> np.ndarray:
     """k-center greedy among the top candidates, counting the labeled items as centres.
 
     ``values`` ``(N,)``; ``features`` ``(N, D)`` of the pool; ``labeled_features``
@@ -221,7 +249,13 @@ def coreset_pick(values: np.ndarray, features: np.ndarray, labeled_features: np.
 
 
 def _base_of(name: str) -> str:
-    return {"margin_kcenter": "margin", "entropy_kcenter": "entropy", "margin_cluster": "margin", "margin_coreset": "margin", "learning_loss_subset": "learning_loss"}.get(name, name)
+    return {
+        "margin_kcenter": "margin",
+        "entropy_kcenter": "entropy",
+        "margin_cluster": "margin",
+        "margin_coreset": "margin",
+        "learning_loss_subset": "learning_loss",
+    }.get(name, name)
 
 
 def strategy_needs(name: str, *, parts: Sequence[str] = DEFAULT_PARTS) -> frozenset[str]:
@@ -237,7 +271,9 @@ def strategy_needs(name: str, *, parts: Sequence[str] = DEFAULT_PARTS) -> frozen
     return frozenset(needs)
 
 
-def values_of(name: str, arrays: Mapping[str, Any], settings: Mapping[str, Any] | None = None) -> np.ndarray:
+def values_of(
+    name: str, arrays: Mapping[str, Any], settings: Mapping[str, Any] | None = None
+) -> np.ndarray:
     """Per-item values ``(N,)`` of registered scorer ``name`` from ``arrays`` (keyed by need)."""
     spec = SCORERS[name]
     kwargs = {need: arrays[need] for need in spec.needs}
@@ -270,27 +306,64 @@ def pick_batch(
     budget = min(int(budget), n)
     ids = [str(i) for i in range(n)]
     if name == "badge":
-        return np.asarray(kmeanspp_seeding(gradient_embedding(arrays["probs"], arrays["features"]), budget, rng), dtype=np.int64)
+        return np.asarray(
+            kmeanspp_seeding(gradient_embedding(arrays["probs"], arrays["features"]), budget, rng),
+            dtype=np.int64,
+        )
     if name in ("margin_kcenter", "entropy_kcenter"):
         values = values_of(_base_of(name), arrays)
-        ranked = select(values, ids, budget, features=arrays["features"], diversity="kcenter", candidate_factor=candidate_factor)
+        ranked = select(
+            values,
+            ids,
+            budget,
+            features=arrays["features"],
+            diversity="kcenter",
+            candidate_factor=candidate_factor,
+        )
         return np.array([int(i) for i, _ in ranked], dtype=np.int64)
     if name == "margin_coreset":
-        return coreset_pick(values_of("margin", arrays), arrays["features"], arrays.get("labeled_features"), budget, candidate_factor=candidate_factor)
+        return coreset_pick(
+            values_of("margin", arrays),
+            arrays["features"],
+            arrays.get("labeled_features"),
+            budget,
+            candidate_factor=candidate_factor,
+        )
     if name == "margin_cluster":
-        return cluster_pick(values_of("margin", arrays), arrays["features"], budget, rng, candidate_factor=candidate_factor)
+        return cluster_pick(
+            values_of("margin", arrays),
+            arrays["features"],
+            budget,
+            rng,
+            candidate_factor=candidate_factor,
+        )
     if name == "learning_loss_subset":
         size = subset if subset is not None else max(n // 2, candidate_factor * budget)
         keep = np.sort(rng.choice(n, size=min(size, n), replace=False))
         values = values_of("learning_loss", arrays)[keep]
         feats = np.asarray(arrays["features"])[keep]
-        ranked = select(values, [str(i) for i in range(keep.size)], budget, features=feats, diversity="kcenter", candidate_factor=candidate_factor)
+        ranked = select(
+            values,
+            [str(i) for i in range(keep.size)],
+            budget,
+            features=feats,
+            diversity="kcenter",
+            candidate_factor=candidate_factor,
+        )
         return np.array([int(keep[int(i)]) for i, _ in ranked], dtype=np.int64)
-    raise ValueError(f"unknown batch strategy {name!r}; choose one of: {', '.join(BATCH_STRATEGIES)}")
+    raise ValueError(
+        f"unknown batch strategy {name!r}; choose one of: {', '.join(BATCH_STRATEGIES)}"
+    )
 
 
 def _register_batch_values() -> None:
-    for name in ("margin_kcenter", "entropy_kcenter", "margin_cluster", "margin_coreset", "learning_loss_subset"):
+    for name in (
+        "margin_kcenter",
+        "entropy_kcenter",
+        "margin_cluster",
+        "margin_coreset",
+        "learning_loss_subset",
+    ):
         base = SCORERS[_base_of(name)]
         register_scorer(
             name,
@@ -345,7 +418,13 @@ class CombinedState:
         self.seen.append(self._last.iloc[np.asarray(picked, dtype=np.int64)].reset_index(drop=True))
         self.losses.append(np.asarray(losses, dtype=np.float64))
         pct = pd.concat(self.seen, ignore_index=True)
-        fit = fit_weights(pct, np.concatenate(self.losses), min_labeled=self.min_labeled, seed=self.seed, default=self.default)
+        fit = fit_weights(
+            pct,
+            np.concatenate(self.losses),
+            min_labeled=self.min_labeled,
+            seed=self.seed,
+            default=self.default,
+        )
         self.weights, self.method = dict(fit.weights), fit.method
 
 

@@ -119,7 +119,7 @@ def project(tmp_path: Path) -> tuple[VocFormat, DictPredictions, str, Path]:
     return VocFormat(ProjectFS(str(root))), preds, str(report), root
 
 
-def _run(fmt: VocFormat, preds: PredictionSource, report: str, **kw: object) -> AutolabelResult:
+def _run(fmt: ProjectFormat, preds: PredictionSource, report: str, **kw: object) -> AutolabelResult:
     args: dict[str, object] = {
         "difficulty_dir": report,
         "predictions": preds,
@@ -337,16 +337,7 @@ def fproject(request: pytest.FixtureRequest, tmp_path: Path) -> FormatProject:
 
 
 def _gate(p: FormatProject, preds: PredictionSource, report: str, **kw: object) -> Any:
-    args: dict[str, object] = {
-        "difficulty_dir": report,
-        "predictions": preds,
-        "epsilon": 0.1,
-        "delta": 0.1,
-        "label_map": LABEL_MAP,
-        "audit_share": 0.0,
-    }
-    args.update(kw)
-    return run_autolabel(p.fmt(), **args)  # type: ignore[arg-type]
+    return _run(p.fmt(), preds, report, **{"audit_share": 0.0, **kw})
 
 
 def _tmp_files(root: Path) -> list[Path]:

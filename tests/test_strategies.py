@@ -88,25 +88,8 @@ def test_hand_made_uncertainty_values() -> None:
 
 # -- the contract every strategy keeps ---------------------------------------------------
 
-CLASSIFICATION = [
-    "random",
-    "least_confidence",
-    "margin",
-    "entropy",
-    "vote_entropy",
-    "consensus_entropy",
-    "egl",
-    "learning_loss",
-    "predicted_loss",
-]
-DETECTION = [
-    "det_least_confidence",
-    "det_margin",
-    "det_entropy",
-    "det_vote_entropy",
-    "det_consensus_entropy",
-    "det_egl",
-]
+CLASSIFICATION = list(S.SELECT_STRATEGIES)
+DETECTION = list(S.DETECTION_VARIANTS.values())
 
 
 def _classification_inputs(n: int, c: int, m: int = 5, seed: int = 0) -> dict[str, object]:

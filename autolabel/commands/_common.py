@@ -2,8 +2,9 @@
 
 The option decorators keep one spelling of the options several commands take
 (``--source``/``--format``, ``--storage-options``, ``--predictions``/``--predictions-format``,
-``--model``, ``--label-map``, ``--progress``, and ``--batch-size``/``--device``/``--num-workers``
-of the model commands); a command whose help text says more passes its own ``help``.
+``--model``, ``--label-map``, ``--progress``, ``--config`` of the operator commands, and
+``--batch-size``/``--device``/``--num-workers`` of the model commands); a command whose
+help text says more passes its own ``help``.
 """
 
 from __future__ import annotations
@@ -103,6 +104,18 @@ def num_workers_option(help: str) -> Callable[[F], F]:
     return click.option(
         "--num-workers", type=click.IntRange(min=0), default=0, show_default=True, help=help
     )
+
+
+def config_option(f: F) -> F:
+    """``-c/--config`` → ``config_path`` (resolve it with :func:`config_from`)."""
+    return click.option(
+        "-c",
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="YAML config of the deployment (default: the one given to labeltriage --config).",
+    )(f)
 
 
 def parse_json_object(

@@ -24,7 +24,7 @@ from typing import Any
 import click
 import yaml
 
-from autolabel.commands._common import want_progress
+from autolabel.commands._common import progress_option, want_progress
 from connectors.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -129,11 +129,7 @@ def _summary(record: Any) -> list[str]:
     default=None,
     help="Training epochs (default: examples/config.yaml's).",
 )
-@click.option(
-    "--progress/--no-progress",
-    default=None,
-    help="Progress bars (default: when stderr is a terminal).",
-)
+@progress_option()
 @click.pass_context
 def demo(
     ctx: click.Context,

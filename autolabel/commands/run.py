@@ -8,16 +8,13 @@ from types import FrameType
 
 import click
 
-from autolabel.commands._common import config_from, want_progress
+from autolabel.commands._common import config_from, config_option, want_progress
 from autolabel.store import record_json
 from connectors.errors import UsageError
 
 
 @click.command("run")
-@click.option(
-    "-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None,
-    help="YAML config of the deployment (default: the one given to labeltriage --config).",
-)  # fmt: skip
+@config_option
 @click.option(
     "-p", "--project", "projects", multiple=True,
     help="Run only this project (repeat for several); default: every project in the config.",

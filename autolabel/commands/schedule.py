@@ -8,14 +8,11 @@ from typing import Any
 
 import click
 
-from autolabel.commands._common import config_from
+from autolabel.commands._common import config_from, config_option
 
 
 @click.command("schedule")
-@click.option(
-    "-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None,
-    help="YAML config of the deployment (default: the one given to labeltriage --config).",
-)  # fmt: skip
+@config_option
 @click.option(
     "--list",
     "list_only",

@@ -100,6 +100,15 @@ def error_item(
     )
 
 
+def readable_items(items: Iterable[Item]) -> Iterator[Item]:
+    """``items`` without those that carry an ``error`` (each skipped with a warning)."""
+    for item in items:
+        if item.error is not None:
+            log.warning("%s: skipped item with an error: %s", item.item_id, item.error)
+            continue
+        yield item
+
+
 def format_number(value: float) -> str:
     """Shortest exact text for a coordinate: ``12`` for 12.0, ``12.5`` for 12.5."""
     if float(value).is_integer():
@@ -329,10 +338,7 @@ class LabelFileFormat(RemovesFiles, ProjectFormat):
         label file already exists (nothing is overwritten).
         """
         self.prepare_write(classes)
-        for item in items:
-            if item.error is not None:
-                log.warning("%s: skipped item with an error: %s", item.item_id, item.error)
-                continue
+        for item in readable_items(items):
             ext = posixpath.splitext(item.uri)[1] or ".jpg"
             image_rel = f"{self.images_dir}/{item.item_id}{ext}"
             if not self.project.exists(image_rel):

@@ -34,6 +34,7 @@ from connectors.formats._filebased import (
     is_image_name,
     read_auto_index,
     read_image_bytes,
+    readable_items,
     sha256_hex,
 )
 from connectors.formats.base import FORMATS, LabelWrite, ProjectFormat, WriteOutcome, WrittenRecord
@@ -184,10 +185,7 @@ class ImageFolderFormat(RemovesFiles, ProjectFormat):
         to this project).  Nothing is overwritten: an existing target raises
         :class:`HumanLabelConflict`.  ``classes`` folders are created only as they fill.
         """
-        for item in items:
-            if item.error is not None:
-                log.warning("%s: skipped item with an error: %s", item.item_id, item.error)
-                continue
+        for item in readable_items(items):
             label = item.class_label if item.is_labeled else None
             if item.is_labeled and label is None:
                 raise UsageError(
