@@ -310,9 +310,7 @@ class EasyTierBackend:
             "annotations": body.get("annotations") if not isinstance(annotation, dict) else None,
         }
         if self.config.events_url:
-            append_event(
-                self.config.events_url, event, self.config.storage_options, lock=self._lock
-            )
+            append_event(self.config.events_url, event, self.config.storage_options)
         return {"status": "recorded", "action": action}
 
 
@@ -326,39 +324,34 @@ def _item_of(task: dict[str, Any]) -> Item | None:
 # -- the events file --------------------------------------------------------------------------
 
 
+_EVENTS_LOCK = threading.Lock()
+"""Serialises appends of this process (the server answers requests in threads)."""
+
+
 def append_event(
-    url: str,
-    event: dict[str, Any],
-    storage_options: dict[str, Any] | None = None,
-    *,
-    lock: threading.Lock | None = None,
+    url: str, event: dict[str, Any], storage_options: dict[str, Any] | None = None
 ) -> None:
     """Append one event as a JSON line to ``url`` (a local file, or any fsspec URL).
 
     A local file is appended to in place (``O_APPEND``, one ``write`` per line, fsync); on
-    other filesystems the file is rewritten atomically with the line added.
+    other filesystems (object stores cannot append) the file is rewritten atomically with
+    the line added.  Appends of one process are serialised.
     """
     line = (json.dumps(event, sort_keys=True, default=str) + "\n").encode()
     parent, _, name = url.rstrip("/").rpartition("/")
     fs = ProjectFS(parent or ".", storage_options)
-    guard = lock or threading.Lock()
-    if fs.is_local:
-        os.makedirs(fs.root, exist_ok=True)
-        fd = os.open(os.path.join(fs.root, name), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return
-    if lock is None:
-        guard.acquire()
-    try:
+    with _EVENTS_LOCK:
+        if fs.is_local:
+            os.makedirs(fs.root, exist_ok=True)
+            fd = os.open(os.path.join(fs.root, name), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return
         old = fs.read_bytes(name) if fs.exists(name) else b""
         fs.write_bytes(name, old + line)
-    finally:
-        if lock is None:
-            guard.release()
 
 
 def read_events(url: str, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:

@@ -308,3 +308,12 @@ def test_serve_command_refuses_a_folder_without_a_calibrated_run(tmp_path: Path)
     with pytest.raises(SystemExit) as exc:
         main(["serve", "--run", str(tmp_path), "--predictions", str(tmp_path)])
     assert exc.value.code == 1
+
+
+def test_events_append_on_an_object_store() -> None:
+    from autolabel.mlbackend import append_event
+
+    url = "memory://labeltriage-events/proj/labelstudio_events.jsonl"
+    for i in range(3):
+        append_event(url, {"action": "ANNOTATION_CREATED", "task": i})
+    assert [e["task"] for e in read_events(url)] == [0, 1, 2]
