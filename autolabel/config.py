@@ -34,6 +34,7 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -44,6 +45,10 @@ from difficulty.tiers import TierConfig
 
 STAGES = ("report", "shadow", "autolabel")
 PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+DASK_ADDRESS = re.compile(
+    r"^(tcp|tls)://(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+)(:\d{1,5})?/?$|^inproc://\S+$"
+)
+"""A Dask scheduler address: ``tcp://HOST:PORT`` (or ``tls://``; ``[IPv6]`` hosts; ``inproc://``)."""
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -71,6 +76,10 @@ class PredictionsConfig(_Strict):
     source: str = Field(description="fsspec URL or path of the predictions (folder or file)")
     format: str = Field("auto", description="predictions format name (yolo, coco, labelstudio, …)")
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="options of the predictions format (e.g. model_version for a live Label Studio)",
+    )
 
 
 class TrainConfig(_Strict):
@@ -162,6 +171,17 @@ class ProjectConfig(_Strict):
         "auto", description="what shadow/autolabel write; auto: the predictions when there are some"
     )
     schedule: str | None = Field(None, description="cron string (minute hour day month weekday)")
+    engine: Literal["local", "dask"] = Field(
+        "local", description="where scoring runs: this process, or Dask tasks"
+    )
+    scheduler: str | None = Field(
+        None,
+        description="engine dask: address of a running Dask scheduler (tcp://HOST:PORT); "
+        "default: a local cluster on 127.0.0.1",
+    )
+    dask_workers: int = Field(
+        2, ge=1, description="engine dask: worker processes of a local cluster"
+    )
 
     @field_validator("scorers", mode="before")
     @classmethod
@@ -181,6 +201,17 @@ class ProjectConfig(_Strict):
             CronTrigger.from_crontab(value, timezone="UTC")
         except ValueError as exc:
             raise ValueError(f"invalid cron string {value!r}: {exc}") from exc
+        return value
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler_address(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        if not DASK_ADDRESS.match(value):
+            raise ValueError(f"{value!r} is not a Dask scheduler address such as tcp://HOST:PORT")
+        if info.data.get("engine", "dask") != "dask":  # engine is validated before scheduler
+            raise ValueError("a scheduler is used only with engine: dask")
         return value
 
     @model_validator(mode="after")
@@ -465,7 +496,12 @@ def command_defaults(cfg: AppConfig, project: str | None) -> dict[str, dict[str,
         if p.model is not None:
             predict["model"] = p.model
         defaults["stats"] = common | {k: v for k, v in predict.items() if k != "model"}
-        score: dict[str, Any] = {"batch_size": p.batch_size, "num_workers": p.num_workers}
+        score: dict[str, Any] = {
+            "batch_size": p.batch_size, "num_workers": p.num_workers,
+            "engine": p.engine, "workers": p.dask_workers,
+        }  # fmt: skip
+        if p.scheduler is not None:
+            score["scheduler"] = p.scheduler
         if p.scorers:
             score["scorers"] = ",".join(p.scorers)
         if p.scorer_settings:

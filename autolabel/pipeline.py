@@ -133,6 +133,7 @@ class _Run:
                 p.predictions.format,
                 p.predictions.storage_options or None,
                 project=self.project,
+                **p.predictions.options,
             )
         self.label_map = build_label_map(p)
         stats = compute_stats(self.project, self.predictions, label_map=self.label_map)
@@ -193,14 +194,17 @@ class _Run:
         return None
 
     def score(self) -> None:
-        from difficulty.scoring import score_project
+        from autolabel.engine_dask import score_project_with_engine
 
         p = self.p
         reference = self.reference()
         log.info("%s: scoring against reference %s", self.name, reference or "(none: first run)")
         use_predictions, use_model = score_inputs(p, self.checkpoint)
-        result = score_project(
+        result = score_project_with_engine(
             self.project,
+            engine=p.engine,
+            scheduler=p.scheduler,
+            n_workers=p.dask_workers,
             predictions=self.predictions if use_predictions else None,
             checkpoint=self.checkpoint if use_model else None,
             label_map=self.label_map,
@@ -219,6 +223,8 @@ class _Run:
         self.record.outputs.setdefault("difficulty", f"{self.run_dir}/difficulty.parquet")
         if reference:
             self.record.counts["reference"] = reference
+        if p.engine != "local":
+            self.record.counts["engine"] = p.engine
         summary = result.summary
         self.record.counts["scored_with"] = (
             "model" if use_model else "predictions" if use_predictions else "images"

@@ -20,7 +20,6 @@ file's folder and the format gets the option ``file=<basename>``; when it names 
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import logging
 import posixpath
@@ -175,11 +174,16 @@ def open_predictions(
     stored in a live Label Studio project.
     """
     if _is_remote_api(source) and fmt in ("auto", "labelstudio", "labelstudio_api"):
-        module = importlib.import_module(FORMATS["labelstudio_api"].__module__)
-        remote: PredictionSource = module.LabelStudioPredictions.from_url(
-            source, storage_options, **options
+        remote_cls: Any = PREDICTION_FORMATS["labelstudio_api"]
+        remote: PredictionSource = remote_cls.from_url(
+            source, storage_options=storage_options, **options
         )
         return remote
+    if fmt == "labelstudio_api":
+        raise UsageError(
+            f"{source}: predictions format labelstudio_api reads a live Label Studio project; "
+            "give its URL, http(s)://HOST:PORT/projects/ID"
+        )
     if fmt != "auto":
         PREDICTION_FORMATS[fmt]
     root, file = split_source(source, storage_options)

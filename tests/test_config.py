@@ -92,6 +92,14 @@ def test_remote_paths_are_left_alone(tmp_path: Path) -> None:
         ({"model": "m.pt", "train": {"task": "detection"}}, "projects.roads", "either model"),
         ({"scorers": ["fourer"]}, "projects.roads.scorers.0", "unknown scorer 'fourer'"),
         ({"score_with": "predictions"}, "projects.roads", "no predictions are configured"),
+        ({"engine": "spark"}, "projects.roads.engine", "'local' or 'dask'"),
+        (
+            {"engine": "dask", "scheduler": "localhost:8786"},
+            "projects.roads.scheduler",
+            "such as tcp://HOST:PORT",
+        ),
+        ({"scheduler": "tcp://sched:8786"}, "projects.roads.scheduler", "only with engine: dask"),
+        ({"dask_workers": 0}, "projects.roads.dask_workers", "greater than or equal to 1"),
     ],
 )
 def test_errors_name_the_field(
@@ -214,6 +222,22 @@ def test_command_defaults_come_from_the_project_and_commands_section() -> None:
     }  # fmt: skip
     assert "run" not in defaults
     assert command_defaults(cfg, "roads")["run"] == {"project": ["roads"]}
+    assert (defaults["score"]["engine"], defaults["score"]["workers"]) == ("local", 2)
+    assert "scheduler" not in defaults["score"]
+
+
+def test_dask_engine_settings_become_score_options() -> None:
+    cfg = AppConfig.model_validate(
+        minimal(engine="dask", scheduler="tcp://10.0.0.5:8786", dask_workers=3)
+    )
+    score = command_defaults(cfg, None)["score"]
+    assert (score["engine"], score["scheduler"], score["workers"]) == (
+        "dask",
+        "tcp://10.0.0.5:8786",
+        3,
+    )
+    for address in ("tcp://[::1]:8786", "tls://scheduler.internal:8786", "tcp://dask"):
+        assert AppConfig.model_validate(minimal(engine="dask", scheduler=address))
 
 
 def test_kubernetes_configmap_holds_a_valid_config(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,18 +1,26 @@
-"""The Dask engine gives the local engine's results, loads a model once per worker, binds 127.0.0.1."""
+"""The Dask engine gives the local engine's results (library, ``labeltriage score --engine dask``
+and a configured run), loads a model once per worker, binds 127.0.0.1."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 pytest.importorskip("distributed")
 
+from click.testing import CliRunner
+
+from autolabel.cli import cli
+from autolabel.config import parse_config
 from autolabel.engine_dask import DaskEngine, score_project_with_engine
+from autolabel.pipeline import run_project
 from connectors.errors import UsageError
 from connectors.project import open_project
 from difficulty.checkpoint import save_checkpoint
@@ -184,3 +192,108 @@ def test_bad_engine_settings_are_usage_errors(project_dir: Path, tmp_path: Path)
         DaskEngine(scheduler="localhost:8786")
     with pytest.raises(UsageError, match="at least 1"):
         DaskEngine(n_workers=0)
+
+
+# -- the command line and the configured run ----------------------------------------------------
+
+
+def _cli_score(project_dir: Path, out: Path, *extra: str) -> pd.DataFrame:
+    args = ["score", "--source", str(project_dir), "--format", "imagefolder"]
+    args += ["--scorers", "fourier", "--run-id", "same-run", "--num-workers", "0"]
+    result = CliRunner().invoke(cli, [*args, "--out", str(out), *extra])
+    assert result.exit_code == 0, result.output
+    return pd.read_parquet(out / "difficulty.parquet")
+
+
+def _same_scores(local: pd.DataFrame, dask: pd.DataFrame) -> None:
+    columns = ["item_id", "score", "tier", "rank", "fourier"]
+    assert set(columns) <= set(local.columns)
+    pd.testing.assert_frame_equal(local[columns], dask[columns])
+    pd.testing.assert_series_equal(local["error"].notna(), dask["error"].notna())
+
+
+def test_cli_score_on_a_local_cluster_matches_the_local_engine(
+    project_dir: Path, tmp_path: Path
+) -> None:
+    local = _cli_score(project_dir, tmp_path / "local")
+    dask = _cli_score(project_dir, tmp_path / "dask", "--engine", "dask", "--workers", "1")
+    _same_scores(local, dask)
+    assert local["score"].notna().sum() == 21
+
+
+def test_cli_score_on_a_running_scheduler(
+    project_dir: Path, tmp_path: Path, engine: DaskEngine
+) -> None:
+    address = engine.client.scheduler.address
+    local = _cli_score(project_dir, tmp_path / "local")
+    dask = _cli_score(project_dir, tmp_path / "dask", "--engine", "dask", "--scheduler", address)
+    _same_scores(local, dask)
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--scheduler", "tcp://127.0.0.1:1"], "--scheduler needs --engine dask"),
+        (["--engine", "dask", "--scheduler", "127.0.0.1:8786"], "tcp://HOST:PORT"),
+        (["--engine", "dask", "--workers", "0"], "--workers"),
+    ],
+)
+def test_cli_engine_usage_errors_exit_2(
+    project_dir: Path, tmp_path: Path, extra: list[str], words: str
+) -> None:
+    args = ["score", "--source", str(project_dir), "--out", str(tmp_path / "out"), *extra]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert words in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_configured_run_with_engine_dask_matches_a_local_run(
+    project_dir: Path, tmp_path: Path, engine: DaskEngine
+) -> None:
+    tables = {}
+    for name, settings in {
+        "local": {},
+        "dask": {"engine": "dask", "scheduler": engine.client.scheduler.address},
+    }.items():
+        project = {"source": str(project_dir), "format": "imagefolder", "scorers": ["fourier"]}
+        data = {"report_store": name, "projects": {"p": {**project, "num_workers": 0, **settings}}}
+        cfg = parse_config(data, base_dir=tmp_path)
+        record = run_project(cfg, "p", run_id="20260101T000000000000Z-aaaaaa")
+        assert record.status == "ok", record.error
+        assert record.counts.get("engine") == settings.get("engine")
+        tables[name] = pd.read_parquet(tmp_path / name / "p" / record.run_id / "difficulty.parquet")
+    _same_scores(tables["local"], tables["dask"])
+
+
+def test_engine_settings_come_from_the_config_and_the_command_line_wins(
+    project_dir: Path, tmp_path: Path, engine: DaskEngine
+) -> None:
+    project = {"source": str(project_dir), "format": "imagefolder", "scorers": ["fourier"]}
+    settings = {"engine": "dask", "scheduler": engine.client.scheduler.address}
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"projects": {"p": {**project, **settings}}}))
+    common = ["--config", str(config), "score", "--run-id", "same-run", "--num-workers", "0"]
+    runner = CliRunner()
+    before = sum(engine.client.run_on_scheduler(_tasks_seen).values())
+    dask = runner.invoke(cli, [*common, "--out", str(tmp_path / "dask")])
+    assert dask.exit_code == 0, dask.output
+    after = sum(engine.client.run_on_scheduler(_tasks_seen).values())
+    assert after > before  # the configured scheduler ran the partitions
+    # --engine local on the command line drops the configured scheduler
+    local = runner.invoke(cli, [*common, "--engine", "local", "--out", str(tmp_path / "local")])
+    assert local.exit_code == 0, local.output
+    assert sum(engine.client.run_on_scheduler(_tasks_seen).values()) == after
+    _same_scores(
+        pd.read_parquet(tmp_path / "local" / "difficulty.parquet"),
+        pd.read_parquet(tmp_path / "dask" / "difficulty.parquet"),
+    )
+
+
+def _tasks_seen(dask_scheduler: Any) -> dict[str, int]:
+    """Score tasks that finished on the scheduler so far, by key prefix (run on the scheduler)."""
+    return {
+        name: prefix.state_counts["memory"]
+        for name, prefix in dask_scheduler.task_prefixes.items()
+        if name.startswith("labeltriage-score")
+    }

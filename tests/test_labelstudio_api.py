@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from connectors.errors import UsageError
-from connectors.formats.base import LabelWrite, Provenance
+from connectors.formats.base import PREDICTION_FORMATS, LabelWrite, Provenance
 from connectors.formats.labelstudio_api import (
     LabelStudioAPI,
     LabelStudioPredictions,
@@ -31,7 +31,7 @@ from connectors.formats.labelstudio_api import (
     percent_to_xyxy,
 )
 from connectors.model import Annotation, ItemStatus
-from connectors.project import open_project
+from connectors.project import open_predictions, open_project
 from connectors.writeback import rollback, write_run
 from difficulty.imageio import read_image_bytes
 
@@ -283,6 +283,45 @@ def test_existing_predictions_are_read_in_pixels(
         Annotation(label="trafficlight", box=(100.0, 50.0, 120.0, 70.0), score=0.7)
     ]
     assert preds.get("1") is None
+
+
+def test_open_predictions_routes_urls_to_the_stored_predictions(
+    ls: tuple[str, FakeLabelStudio], tmp_path: Path
+) -> None:
+    url, state = ls
+    assert PREDICTION_FORMATS["labelstudio_api"] is LabelStudioPredictions
+    project = open_project(
+        f"{url}/projects/5", "labelstudio", {"token": TOKEN}, state_dir=str(tmp_path)
+    )
+    for fmt in ("auto", "labelstudio", "labelstudio_api"):
+        preds = open_predictions(
+            f"{url}/projects/5", fmt, {"token": TOKEN}, project=project, state_dir=str(tmp_path)
+        )
+        assert isinstance(preds, LabelStudioPredictions)
+        assert [p.item_id for p in preds] == ["4"]
+        p = preds.get("4")
+        assert p is not None and p.model_version == "yolo"
+        assert p.annotations == [
+            Annotation(label="trafficlight", box=(100.0, 50.0, 120.0, 70.0), score=0.7)
+        ]
+    # model_version picks one model's predictions; the token is required
+    other = open_predictions(
+        f"{url}/projects/5",
+        "auto",
+        {"token": TOKEN},
+        model_version="other",
+        state_dir=str(tmp_path),
+    )
+    assert list(other) == []
+    with pytest.raises(UsageError, match="refused"):
+        list(
+            open_predictions(
+                f"{url}/projects/5", "auto", {"token": "wrong"}, state_dir=str(tmp_path)
+            )
+        )
+    with pytest.raises(UsageError, match="labelstudio_api reads a live Label Studio"):
+        open_predictions(str(tmp_path), "labelstudio_api")
+    assert sum(1 for r in state.requests if r.startswith("GET /api/tasks?")) >= 4
 
 
 def _writes(api: LabelStudioAPI, run_id: str) -> list[LabelWrite]:

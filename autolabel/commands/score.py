@@ -92,6 +92,26 @@ def parse_scorer_settings(text: str | None) -> dict[str, dict[str, Any]] | None:
 @click.option(
     "--num-workers", type=int, default=2, show_default=True, help="Image-decoding worker processes."
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "dask"]),
+    default="local",
+    show_default=True,
+    help="Where scoring runs: this process, or Dask tasks over partitions of the project.",
+)
+@click.option(
+    "--scheduler",
+    default=None,
+    help="With --engine dask: a running Dask scheduler, tcp://HOST:PORT "
+    "(default: start a local cluster on 127.0.0.1).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="With --engine dask and no --scheduler: worker processes of the local cluster.",
+)
 @click.option("--run-id", default=None, help="Run id (default: time-based).")
 @progress_option("Progress bar (default: when stderr is a terminal).")
 @click.option(
@@ -118,6 +138,9 @@ def score(
     signed_weights: bool,
     batch_size: int,
     num_workers: int,
+    engine: str,
+    scheduler: str | None,
+    workers: int,
     run_id: str | None,
     progress: bool | None,
     out_dir: str,
@@ -125,12 +148,17 @@ def score(
     """Score every item's difficulty and sort items into easy / medium / hard tiers."""
     from pydantic import ValidationError
 
+    from autolabel.engine_dask import score_project_with_engine
     from connectors.labelmap import load_label_map
-    from difficulty.scoring import score_project
     from difficulty.tiers import TierConfig
 
     if predictions and model:
         raise UsageError("give --predictions or --model, not both")
+    if scheduler and engine != "dask":
+        source_of = click.get_current_context().get_parameter_source("scheduler")
+        if source_of is not click.core.ParameterSource.DEFAULT_MAP:
+            raise UsageError("--scheduler needs --engine dask")
+        scheduler = None  # the config's scheduler, with --engine local on the command line
     options = parse_storage_options(storage_options)
     tier_fields: dict[str, Any] = {
         k: v for k, v in {"mode": tier_mode, "easy": easy, "hard": hard}.items() if v is not None
@@ -141,8 +169,11 @@ def score(
         raise UsageError(f"tiers: {exc.errors()[0]['msg']}") from exc
     project, prediction_source = open_inputs(source, fmt, options, predictions, predictions_format)
     names = [s.strip() for s in scorers.split(",") if s.strip()] if scorers else None
-    result = score_project(
+    result = score_project_with_engine(
         project,
+        engine=engine,
+        scheduler=scheduler or None,
+        n_workers=workers,
         predictions=prediction_source,
         checkpoint=model,
         label_map=load_label_map(label_map, options),

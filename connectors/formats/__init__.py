@@ -1,8 +1,9 @@
 """Project formats, registered by name in :data:`FORMATS` (and prediction sources in
 :data:`PREDICTION_FORMATS`) when this package is imported.
 
-``labelstudio_api`` (a live Label Studio server) is registered lazily: its module is
-imported only when a project is opened from an ``http(s)://`` URL.
+``labelstudio_api`` (a live Label Studio server: its project format, and the predictions
+already stored there) is registered lazily: its module is imported only when a project or
+predictions are opened from an ``http(s)://`` URL.
 """
 
 from __future__ import annotations
@@ -14,6 +15,12 @@ if "labelstudio_api" not in FORMATS:
     FORMATS.register_lazy(
         "labelstudio_api",
         "connectors.formats.labelstudio_api:LabelStudioAPI",
+        hint="live Label Studio",
+    )
+if "labelstudio_api" not in PREDICTION_FORMATS:
+    PREDICTION_FORMATS.register_lazy(
+        "labelstudio_api",
+        "connectors.formats.labelstudio_api:LabelStudioPredictions",
         hint="live Label Studio",
     )
 
