@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -103,7 +104,12 @@ def test_uncertainty_picks_items_the_model_gets_wrong_more_often_than_random(dig
         lossnet=settings.train.lossnet,
     )
     wrong = {
-        s: float((infer_arrays(first, xp[r.order[40:]]).probs.argmax(1) != yp[r.order[40:]]).mean())
+        s: float(
+            (
+                np.asarray(infer_arrays(first, xp[r.order[40:]]).probs).argmax(1)
+                != yp[r.order[40:]]
+            ).mean()
+        )
         for s, r in (("margin", margin), ("random", rand))
     }
     assert wrong["margin"] > wrong["random"]
@@ -174,7 +180,7 @@ def test_every_strategy_name_is_registered_or_batch() -> None:
         assert name in SCORERS or name == "combined"
 
 
-def _bench():  # type: ignore[no-untyped-def]
+def _bench() -> Any:
     path = Path(__file__).resolve().parents[1] / "bench" / "active_learning.py"
     spec = importlib.util.spec_from_file_location("bench_active_learning", path)
     assert spec is not None and spec.loader is not None
