@@ -70,7 +70,11 @@ class ItemError:
 
     @classmethod
     def from_exception(cls, exc: InputError) -> ItemError:
-        return cls(file=exc.file if exc.line is None else f"{exc.file}:{exc.line}", item=exc.item, message=exc.message)
+        return cls(
+            file=exc.file if exc.line is None else f"{exc.file}:{exc.line}",
+            item=exc.item,
+            message=exc.message,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -32,7 +32,11 @@ class LabelMap(BaseModel):
         """Rename model classes to project classes; drop unmapped ones when a map is set."""
         if not self.map:
             return list(annotations)
-        return [a.model_copy(update={"label": self.map[a.label]}) for a in annotations if a.label in self.map]
+        return [
+            a.model_copy(update={"label": self.map[a.label]})
+            for a in annotations
+            if a.label in self.map
+        ]
 
     def is_ignored(self, label: str) -> bool:
         return label in self.ignore

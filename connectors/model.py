@@ -45,14 +45,18 @@ class Annotation(BaseModel):
 
     @field_validator("box")
     @classmethod
-    def _box_ordered(cls, box: tuple[float, float, float, float] | None) -> tuple[float, float, float, float] | None:
+    def _box_ordered(
+        cls, box: tuple[float, float, float, float] | None
+    ) -> tuple[float, float, float, float] | None:
         if box is None:
             return None
         x1, y1, x2, y2 = box
         if not all(v == v and abs(v) != float("inf") for v in box):
             raise ValueError(f"box {box} has a non-finite coordinate")
         if x2 < x1 or y2 < y1:
-            raise ValueError(f"box {box} has negative width or height (expected x1 <= x2, y1 <= y2)")
+            raise ValueError(
+                f"box {box} has negative width or height (expected x1 <= x2, y1 <= y2)"
+            )
         return box
 
     @field_validator("score")
@@ -70,7 +74,13 @@ class Annotation(BaseModel):
         return (x2 - x1) * (y2 - y1)
 
 
-def check_box_in_image(box: tuple[float, float, float, float], width: int | None, height: int | None, *, tol: float = 1.0) -> str | None:
+def check_box_in_image(
+    box: tuple[float, float, float, float],
+    width: int | None,
+    height: int | None,
+    *,
+    tol: float = 1.0,
+) -> str | None:
     """Return why ``box`` does not fit a ``width``×``height`` image, or ``None`` if it does.
 
     ``tol`` pixels of slack are allowed (VOC's 1-based coordinates reach ``width``).
@@ -108,7 +118,11 @@ class Item(BaseModel):
     @model_validator(mode="after")
     def _status_consistent(self) -> Item:
         if self.status is not ItemStatus.UNLABELED and self.source is None:
-            self.source = AnnotationSource.AUTO if self.status is ItemStatus.AUTO_LABELED else AnnotationSource.HUMAN
+            self.source = (
+                AnnotationSource.AUTO
+                if self.status is ItemStatus.AUTO_LABELED
+                else AnnotationSource.HUMAN
+            )
         return self
 
     @property
@@ -117,7 +131,10 @@ class Item(BaseModel):
 
     @property
     def has_human_label(self) -> bool:
-        return self.status in (ItemStatus.LABELED, ItemStatus.REVIEWED) and self.source is AnnotationSource.HUMAN
+        return (
+            self.status in (ItemStatus.LABELED, ItemStatus.REVIEWED)
+            and self.source is AnnotationSource.HUMAN
+        )
 
     @property
     def class_label(self) -> str | None:

@@ -62,7 +62,9 @@ class Registry(Mapping[str, T], Generic[T]):
                 module = importlib.import_module(module_name)
             except ImportError as exc:
                 extra = f" ({hint})" if hint else ""
-                raise UsageError(f"{self.kind} {name!r} needs a missing package{extra}: {exc}") from exc
+                raise UsageError(
+                    f"{self.kind} {name!r} needs a missing package{extra}: {exc}"
+                ) from exc
             obj = getattr(module, attr)
             self._entries[name] = obj
             del self._lazy[name]

@@ -32,17 +32,28 @@ log = logging.getLogger(__name__)
 BOOKKEEPING_DIR = ".labeltriage"
 """Per-project folder for run manifests and other bookkeeping (like ``.git``)."""
 
-_OPTIONAL_BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gcs": "gcsfs", "gs": "gcsfs", "abfs": "adlfs", "az": "adlfs"}
+_OPTIONAL_BACKENDS = {
+    "s3": "s3fs",
+    "s3a": "s3fs",
+    "gcs": "gcsfs",
+    "gs": "gcsfs",
+    "abfs": "adlfs",
+    "az": "adlfs",
+}
 
 
-def open_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def open_fs(
+    url: str, storage_options: dict[str, Any] | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
     """``url_to_fs`` with an install hint when an optional backend is missing."""
     try:
         return url_to_fs(url, **(storage_options or {}))
     except ImportError as exc:
         protocol = url.split("://", 1)[0] if "://" in url else "file"
         package = _OPTIONAL_BACKENDS.get(protocol, "the fsspec backend")
-        raise UsageError(f"{url}: install {package} to use {protocol}:// (pip install 'labeltriage[s3]')") from exc
+        raise UsageError(
+            f"{url}: install {package} to use {protocol}:// (pip install 'labeltriage[s3]')"
+        ) from exc
     except ValueError as exc:
         raise UsageError(f"{url}: {exc}") from exc
 
@@ -68,10 +79,16 @@ class ProjectFS:
     def resolve(self, rel: str, *, item: str | None = None) -> str:
         """The full path of ``rel`` inside the root; refuses anything that escapes it."""
         if "://" in rel:
-            raise PathEscapeError(f"path {rel!r} names another location; expected a path relative to the project", file=rel, item=item)
+            raise PathEscapeError(
+                f"path {rel!r} names another location; expected a path relative to the project",
+                file=rel,
+                item=item,
+            )
         rel_posix = rel.replace("\\", "/")
         if rel_posix.startswith("/") or (len(rel_posix) > 1 and rel_posix[1] == ":"):
-            raise PathEscapeError(f"absolute path {rel!r} is outside the project root", file=rel, item=item)
+            raise PathEscapeError(
+                f"absolute path {rel!r} is outside the project root", file=rel, item=item
+            )
         norm = posixpath.normpath(rel_posix)
         if norm == ".." or norm.startswith("../"):
             raise PathEscapeError(f"path {rel!r} escapes the project root", file=rel, item=item)
@@ -80,7 +97,9 @@ class ProjectFS:
             real_root = os.path.realpath(self.root)
             real = os.path.realpath(full)
             if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
-                raise PathEscapeError(f"path {rel!r} resolves outside the project root (symlink)", file=rel, item=item)
+                raise PathEscapeError(
+                    f"path {rel!r} resolves outside the project root (symlink)", file=rel, item=item
+                )
         return full
 
     def relative(self, full: str) -> str:
@@ -97,7 +116,11 @@ class ProjectFS:
         """A full fsspec URL for a relative path (for items and messages)."""
         full = self.resolve(rel)
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        return full if protocol in ("file", "local") else f"{protocol}://{full.lstrip('/') if protocol != 'memory' else full}"
+        return (
+            full
+            if protocol in ("file", "local")
+            else f"{protocol}://{full.lstrip('/') if protocol != 'memory' else full}"
+        )
 
     # -- reads ---------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
@@ -178,7 +201,9 @@ class ProjectFS:
                 self.fs.rm_file(tmp)
         return full
 
-    def write_text(self, rel: str, text: str, *, overwrite: bool = True, encoding: str = "utf-8") -> str:
+    def write_text(
+        self, rel: str, text: str, *, overwrite: bool = True, encoding: str = "utf-8"
+    ) -> str:
         return self.write_bytes(rel, text.encode(encoding), overwrite=overwrite)
 
     def remove(self, rel: str) -> None:

@@ -248,6 +248,11 @@ def coreset_pick(
 # -- the batch rule -----------------------------------------------------------------------
 
 
+def base_strategy(name: str) -> str:
+    """The classic strategy whose values batch strategy ``name`` diversifies."""
+    return _base_of(name)
+
+
 def _base_of(name: str) -> str:
     return {
         "margin_kcenter": "margin",

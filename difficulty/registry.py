@@ -35,7 +35,19 @@ from pydantic import BaseModel
 from connectors.registry import Registry
 
 NEEDS = frozenset(
-    {"images", "probs", "committee", "features", "predicted_loss", "box_scores", "box_probs", "box_committee", "box_features", "rng", "n"}
+    {
+        "images",
+        "probs",
+        "committee",
+        "features",
+        "predicted_loss",
+        "box_scores",
+        "box_probs",
+        "box_committee",
+        "box_features",
+        "rng",
+        "n",
+    }
 )
 
 
@@ -55,7 +67,9 @@ class ScorerSpec:
     def __post_init__(self) -> None:
         unknown = self.needs - NEEDS
         if unknown:
-            raise ValueError(f"scorer {self.name!r} declares unknown needs {sorted(unknown)}; known: {sorted(NEEDS)}")
+            raise ValueError(
+                f"scorer {self.name!r} declares unknown needs {sorted(unknown)}; known: {sorted(NEEDS)}"
+            )
 
 
 SCORERS: Registry[ScorerSpec] = Registry("scorer")
@@ -72,7 +86,9 @@ def register_scorer(
     """Decorator: register ``fn`` as scorer ``name`` (duplicates are refused)."""
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
-        SCORERS.add(name, ScorerSpec(name, fn, frozenset(needs), description, settings, frozenset(tags)))
+        SCORERS.add(
+            name, ScorerSpec(name, fn, frozenset(needs), description, settings, frozenset(tags))
+        )
         return fn
 
     return decorator

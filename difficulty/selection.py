@@ -33,7 +33,7 @@ from connectors.model import Item, ItemStatus
 from connectors.storage import ProjectFS
 from difficulty.checkpoint import Checkpoint, load_checkpoint
 from difficulty.registry import ScorerSpec
-from difficulty.strategies import strategy_for_task
+from difficulty.strategies import BATCH_SELECTIONS, strategy_for_task
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,11 @@ class SelectionResult:
     model_version: str | None = None
 
 
+def _batch_spec(name: str, needs: frozenset[str]) -> ScorerSpec:
+    """A spec carrying what batch strategy ``name`` needs from inference (no own function)."""
+    return ScorerSpec(name, lambda **_: None, needs - {"rng", "n"}, f"batch strategy {name}")
+
+
 def _gather(
     batches: Iterable[Any], spec: ScorerSpec
 ) -> tuple[list[str], dict[str, Any], np.ndarray | None, dict[str, str]]:
@@ -163,6 +168,7 @@ def select_from_project(
     num_workers: int = 0,
     progress: bool = False,
     storage_options: dict[str, Any] | None = None,
+    candidate_factor: int = 4,
 ) -> SelectionResult:
     """Rank the unlabeled items of a project by ``strategy`` and keep ``budget`` of them.
 
@@ -170,7 +176,23 @@ def select_from_project(
     otherwise); ``task`` defaults to the checkpoint's (``random`` without a model works for
     any task).  ``subset``: score only a seeded random subset of that many unlabeled items.
     ``settings``: the strategy's own settings (e.g. ``{"reduction": "mean"}`` for detection).
+    ``candidate_factor``: k-center and the batch strategies choose among the
+    ``candidate_factor × budget`` highest-valued items.
+
+    The batch strategies of :mod:`difficulty.hybrid` (:data:`BATCH_SELECTIONS`:
+    ``margin_kcenter``, ``entropy_kcenter``, ``margin_cluster``, ``badge``,
+    ``learning_loss_subset``) choose the whole batch at once, on classification models;
+    ``learning_loss_subset`` scores a seeded random half of the pool unless ``subset`` is
+    given (the random-subset trick of Yoo & Kweon).
     """
+    from difficulty import hybrid
+
+    batch_strategy = strategy in BATCH_SELECTIONS
+    if batch_strategy and task not in (None, "classification"):
+        raise UsageError(
+            f"strategy {strategy!r} chooses batches on a classification model; for detection "
+            "use a classic strategy with --diversity kcenter"
+        )
     ckpt = (
         load_checkpoint(checkpoint, storage_options=storage_options)
         if checkpoint is not None
@@ -183,7 +205,16 @@ def select_from_project(
     if diversity is not None and ckpt is None:
         raise UsageError("diversity works on the model's features: give --model CHECKPOINT")
     task = task or (ckpt.task if ckpt is not None else "classification")
-    spec = strategy_for_task(strategy, task)
+    if batch_strategy and task != "classification":
+        raise UsageError(
+            f"strategy {strategy!r} chooses batches on a classification model, not on "
+            f"this {task} model; for detection use a classic strategy with --diversity kcenter"
+        )
+    spec = (
+        _batch_spec(strategy, hybrid.strategy_needs(strategy))
+        if batch_strategy
+        else strategy_for_task(strategy, task)
+    )
     try:
         kwargs = spec.settings(**(settings or {})).model_dump()
     except Exception as exc:  # pydantic ValidationError
@@ -192,6 +223,8 @@ def select_from_project(
     pool = [it for it in items if it.status is ItemStatus.UNLABELED and it.error is None]
     pool.sort(key=lambda it: it.item_id)
     rng = np.random.default_rng(seed)
+    if strategy == "learning_loss_subset" and subset is None:
+        subset = max(len(pool) // 2, candidate_factor * budget)
     if subset is not None and subset < len(pool):
         keep = np.sort(rng.choice(len(pool), size=subset, replace=False))
         chosen_items = [pool[i] for i in keep]
@@ -227,10 +260,36 @@ def select_from_project(
         arrays["rng"] = rng
     if "n" in spec.needs:
         arrays["n"] = len(ids)
+    if batch_strategy and ids:
+        arrays["features"] = features
+        picked = hybrid.pick_batch(
+            strategy,
+            arrays,
+            budget,
+            rng,
+            subset=len(ids),
+            candidate_factor=candidate_factor,
+        )
+        values = (
+            hybrid.values_of(hybrid.base_strategy(strategy), arrays)
+            if strategy != "badge"
+            else np.linalg.norm(
+                hybrid.gradient_embedding(arrays["probs"], arrays["features"]), axis=1
+            )
+        )
+        ranked = [(ids[int(i)], float(values[int(i)])) for i in picked]
+        return SelectionResult(ranked, strategy, len(ids), len(pool), errors, ckpt.version)
     values = np.asarray(spec.fn(**arrays, **kwargs), dtype=np.float64) if ids else np.zeros(0)
     if not np.all(np.isfinite(values)):
         raise RuntimeError(f"strategy {spec.name} gave non-finite values")
-    ranked = select(values, ids, budget, features=features, diversity=diversity)
+    ranked = select(
+        values,
+        ids,
+        budget,
+        features=features,
+        diversity=diversity,
+        candidate_factor=candidate_factor,
+    )
     return SelectionResult(ranked, strategy, len(ids), len(pool), errors, ckpt.version)
 
 

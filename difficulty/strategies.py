@@ -81,6 +81,16 @@ STRATEGIES = (
 """The query strategies (each also registered as a scorer tagged ``strategy``)."""
 
 SELECT_STRATEGIES = (*STRATEGIES, "predicted_loss")
+
+BATCH_SELECTIONS = (
+    "margin_kcenter",
+    "entropy_kcenter",
+    "margin_cluster",
+    "badge",
+    "learning_loss_subset",
+)
+"""Batch strategies of :mod:`difficulty.hybrid` that ``labeltriage select`` runs on
+classification models: the whole batch is chosen at once, uncertain and diverse."""
 """What ``labeltriage select --strategy`` accepts: the query strategies and the
 difficulty scorer ``predicted_loss``."""
 

@@ -11,7 +11,7 @@ import pytest
 from _cli_helpers import select_args, train_args, write_digits_folder
 
 from autolabel.cli import main
-from difficulty.strategies import SELECT_STRATEGIES
+from difficulty.strategies import BATCH_SELECTIONS, SELECT_STRATEGIES
 
 
 def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
@@ -66,6 +66,39 @@ def test_select_every_strategy_on_a_classification_project(
     assert np.all(np.isfinite(table["value"])) and list(table["value"]) == sorted(
         table["value"], reverse=True
     )
+
+
+@pytest.mark.parametrize("strategy", BATCH_SELECTIONS)
+def test_select_batch_strategies_on_a_classification_project(
+    strategy: str, digits_project: Path, digits_model: str, tmp_path: Path, capsys
+) -> None:
+    capsys.readouterr()
+    out = tmp_path / "picked.csv"
+    summary = _run(
+        select_args(
+            digits_project,
+            "imagefolder",
+            strategy,
+            6,
+            out,
+            *("--model", digits_model, "--candidate-factor", "2"),
+        ),
+        capsys,
+    )
+    table = pd.read_csv(out, dtype={"item_id": str})
+    assert summary["selected"] == 6 and len(set(table["item_id"])) == 6
+    assert all(i.startswith("_unlabeled/") for i in table["item_id"])  # never a labeled item
+    assert np.all(np.isfinite(table["value"]))
+    # learning_loss_subset scores a seeded random half of the pool, the others all of it
+    assert summary["scored"] == (15 if strategy == "learning_loss_subset" else 30)
+
+
+def test_batch_strategy_refused_on_a_detection_model(tmp_path: Path) -> None:
+    from connectors.errors import UsageError
+    from difficulty.selection import select_from_project
+
+    with pytest.raises(UsageError, match="classification model"):
+        select_from_project([], tmp_path, strategy="margin_kcenter", budget=2, task="detection")
 
 
 def test_select_subset_diversity_and_parquet(

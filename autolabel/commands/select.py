@@ -18,13 +18,20 @@ from autolabel.commands._common import (
     want_progress,
 )
 from connectors.errors import UsageError
-from difficulty.strategies import SELECT_STRATEGIES
+from difficulty.strategies import BATCH_SELECTIONS, SELECT_STRATEGIES
+
+STRATEGY_CHOICES = (*SELECT_STRATEGIES, *BATCH_SELECTIONS)
 
 
 @click.command("select")
 @project_options
 @storage_options_option()
-@click.option("--strategy", required=True, help=f"Query strategy: {', '.join(SELECT_STRATEGIES)}.")
+@click.option(
+    "--strategy",
+    required=True,
+    help=f"Query strategy: {', '.join(SELECT_STRATEGIES)}; batch strategies for "
+    f"classification models (uncertain and diverse in one batch): {', '.join(BATCH_SELECTIONS)}.",
+)
 @click.option(
     "--budget", type=click.IntRange(min=1), required=True, help="How many items to select."
 )
@@ -67,6 +74,13 @@ from difficulty.strategies import SELECT_STRATEGIES
 @device_option("torch device for inference (cpu, cuda, cuda:1).")
 @num_workers_option("Image-decoding worker processes (0 = in the main process).")
 @progress_option()
+@click.option(
+    "--candidate-factor",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="k-center and the batch strategies choose among the FACTOR × BUDGET highest-valued items.",
+)
 @click.option("--out", required=True, help="Output file, .csv or .parquet: item_id, value, rank.")
 def select(
     source: str,
@@ -85,6 +99,7 @@ def select(
     device: str,
     num_workers: int,
     progress: bool | None,
+    candidate_factor: int,
     out: str,
 ) -> None:
     """Rank the unlabeled items by STRATEGY and write the BUDGET best to --out; print a JSON summary.
@@ -92,9 +107,9 @@ def select(
     from connectors.project import open_project
     from difficulty.selection import select_from_project, write_selection
 
-    if strategy not in SELECT_STRATEGIES:
+    if strategy not in STRATEGY_CHOICES:
         raise UsageError(
-            f"unknown strategy {strategy!r}; choose one of: {', '.join(SELECT_STRATEGIES)}"
+            f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGY_CHOICES)}"
         )
     if strategy != "random" and model is None:
         raise UsageError(
@@ -142,6 +157,7 @@ def select(
         num_workers=num_workers,
         progress=want_progress(progress),
         storage_options=options,
+        candidate_factor=candidate_factor,
     )
     write_selection(result.ranked, out, storage_options=options)
     summary = {
