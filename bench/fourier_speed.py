@@ -508,12 +508,16 @@ def render(
     )
     lines.append(f"- whole run: {elapsed:.0f} s")
     cores = os.cpu_count() or 1
-    if max(load_before[0], load_after[0]) > 0.5 * cores:
+    lines.append(
+        "- the load average after the run includes the benchmark's own processes "
+        "(the main process and its DataLoader workers)"
+    )
+    if load_before[0] > 0.5 * cores:
         lines.append("")
         lines.append(
-            f"**Other work was running concurrently** (1-minute load average up to "
-            f"{max(load_before[0], load_after[0]):.1f} on {cores} cores, most of it not this benchmark's): "
-            "absolute rates are depressed and noisy, and ratios between paths measured seconds apart "
+            f"**The machine was busy when the run started** (1-minute load average "
+            f"{load_before[0]:.1f} on {cores} cores before the first measurement): "
+            "absolute rates may be depressed and noisy, and ratios between paths measured seconds apart "
             "carry that noise too. Re-run on a quiet machine before relying on the numbers."
         )
     lines.append("")
