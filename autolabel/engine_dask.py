@@ -237,41 +237,20 @@ class DaskEngine:
                     "the dask engine needs the checkpoint as a path or URL, not a loaded object"
                 )
             checkpoint_path = checkpoint
-        run = uuid.uuid4().hex[:8]
-        work = ProjectFS(self.work_url, self.work_storage_options)
         shared_predictions = (
             self.client.scatter(predictions, broadcast=True, hash=False)
             if predictions is not None
             else None
         )
-        futures = []
-        for index, chunk in enumerate(chunks):
-            part = f"{run}/part-{index:05d}.parquet"
-            write_batches(items_to_batches(chunk), work, part, ITEM_SCHEMA)
-            futures.append(
-                self.client.submit(
-                    score_partition,
-                    self.work_url,
-                    part,
-                    work_storage_options=self.work_storage_options,
-                    project=project,
-                    predictions=shared_predictions,
-                    checkpoint=checkpoint_path,
-                    checkpoint_storage_options=self.checkpoint_storage_options,
-                    score_kwargs=score_kwargs,
-                    key=f"labeltriage-score-{run}-{index:05d}",
-                    pure=False,
-                )
-            )
-        log.info("dask engine: %d partitions submitted", len(futures))
-        try:
-            for future in futures:
-                yield future.result()
-        finally:
-            for future in futures:
-                future.cancel()
-            with contextlib.suppress(FileNotFoundError, OSError):
-                work.fs.rm(work.resolve(run), recursive=True)
+        yield from self._run_partitions(
+            "score",
+            score_partition,
+            chunks,
+            project=project,
+            predictions=shared_predictions,
+            checkpoint=checkpoint_path,
+            score_kwargs=score_kwargs,
+        )
 
     def predict_chunks(
         self,
@@ -282,6 +261,20 @@ class DaskEngine:
         batch_size: int = 32,
     ) -> Iterator[list[Prediction]]:
         """The checkpoint's predictions, one Dask task per chunk, yielded in chunk order."""
+        yield from self._run_partitions(
+            "predict",
+            predict_partition,
+            chunks,
+            project=project,
+            checkpoint=checkpoint,
+            batch_size=batch_size,
+        )
+
+    def _run_partitions(
+        self, kind: str, task: Callable[..., Any], chunks: Iterable[Sequence[Item]], **kwargs: Any
+    ) -> Iterator[Any]:
+        """Write each chunk as a manifest part, run ``task`` on it as one Dask task, yield
+        the results in chunk order, and remove the parts (also when the caller stops early)."""
         if self.client is None or self.work_url is None:
             raise RuntimeError("use DaskEngine as a context manager")
         run = uuid.uuid4().hex[:8]
@@ -292,18 +285,17 @@ class DaskEngine:
             write_batches(items_to_batches(chunk), work, part, ITEM_SCHEMA)
             futures.append(
                 self.client.submit(
-                    predict_partition,
+                    task,
                     self.work_url,
                     part,
                     work_storage_options=self.work_storage_options,
-                    project=project,
-                    checkpoint=checkpoint,
                     checkpoint_storage_options=self.checkpoint_storage_options,
-                    batch_size=batch_size,
-                    key=f"labeltriage-predict-{run}-{index:05d}",
+                    key=f"labeltriage-{kind}-{run}-{index:05d}",
                     pure=False,
+                    **kwargs,
                 )
             )
+        log.info("dask engine: %d %s partitions submitted", len(futures), kind)
         try:
             for future in futures:
                 yield future.result()

@@ -61,6 +61,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from difficulty.active_learning import (  # noqa: E402
+    CLASSIC,
     CycleSettings,
     TrainSettings,
     labels_to_reach,
@@ -70,20 +71,9 @@ from difficulty.models.lossnet import LossNetConfig  # noqa: E402
 
 log = logging.getLogger("bench.active_learning")
 
-STRATEGIES = (
-    "random",
-    "least_confidence",
-    "margin",
-    "entropy",
-    "vote_entropy",
-    "consensus_entropy",
-    "egl",
-    "learning_loss",
-    "fourier",
-    "combined",
-    "margin_kcenter",
-    "learning_loss_subset",
-)
+STRATEGIES = (*CLASSIC, "combined", "margin_kcenter", "learning_loss_subset")
+"""What the digits run compares: every classic strategy, fourier, the combined difficulty
+and the two batch strategies that came out best in exploratory runs."""
 QUICK_STRATEGIES = (
     "random",
     "margin",

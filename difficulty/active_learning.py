@@ -40,21 +40,12 @@ from difficulty.inference import InferenceBatch
 from difficulty.models.lossnet import LossNetConfig
 from difficulty.registry import SCORERS
 from difficulty.selection import DEFAULT_COMMITTEE, select
+from difficulty.strategies import STRATEGIES
 from difficulty.training import infer_arrays, train_on_arrays
 
 log = logging.getLogger(__name__)
 
-CLASSIC = (
-    "random",
-    "least_confidence",
-    "margin",
-    "entropy",
-    "vote_entropy",
-    "consensus_entropy",
-    "egl",
-    "learning_loss",
-    "fourier",
-)
+CLASSIC = (*STRATEGIES, "fourier")
 """Strategies that rank by one registered value (``fourier``: the model-free image complexity)."""
 
 STRATEGY_NAMES = (*CLASSIC, *hybrid.BATCH_STRATEGIES, "combined")
