@@ -113,7 +113,8 @@ class _Run:
         except Exception as exc:
             raise StepFailed(label, exc) from exc
         finally:
-            self.record.steps[label] = round(time.perf_counter() - start, 3)
+            elapsed = time.perf_counter() - start
+            self.record.steps[label] = round(self.record.steps.get(label, 0.0) + elapsed, 3)
 
     def write_json(self, name: str, data: Any) -> None:
         rel = f"{self.store.run_rel(self.name, self.record.run_id)}/{name}"
@@ -343,6 +344,9 @@ def run_project(
         run.step("report", run.report)
         if p.stage in ("shadow", "autolabel"):
             run.step(p.stage, run.gate)
+            # The report above was written before the gate ran (so a failing gate still
+            # leaves one); write it again so that it shows the gate's outcome.
+            run.step("report", run.report)
         record.status = "ok"
     except StepFailed as exc:
         # Errors raised on purpose (bad input, bad usage) carry their own message; anything

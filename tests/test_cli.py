@@ -242,6 +242,9 @@ def test_run_end_to_end_then_again_against_the_first(runner: CliRunner, tmp_path
     assert record["counts"]["items"] == 120 and sum(record["counts"]["tiers"].values()) == 120
     shadow = record["counts"]["shadow"]
     assert shadow["written"] == 0  # shadow writes nothing to the project
+    html = (run_dir / "report.html").read_text()
+    assert "Auto-labeling not run" not in html  # the report shows the gate that just ran
+    assert set(record["steps"]) == {"stats", "score", "report", "shadow"}
     assert not (EXAMPLES / "sample_project" / ".labeltriage").exists()
 
     second = runner.invoke(cli, ["run", "--config", str(path)])
