@@ -11,7 +11,10 @@ Each comes with its real YOLOv5n predictions (``predictions/yolo``).
 
 from __future__ import annotations
 
+import os
+import platform
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from connectors.formats.base import ProjectFormat
@@ -61,3 +64,28 @@ def real_project(name: str, data: Path) -> RealProject:
         keep = None
     predictions = YoloPredictions(ProjectFS(str(root / "predictions" / "yolo")), project=project)
     return RealProject(name, project, predictions, label_map, keep)
+
+
+def machine_line() -> str:
+    """One line naming the machine a benchmark ran on: CPU, cores, memory, Python, torch,
+    GPU, date, and the 1-minute load average when it was called (other work shows there)."""
+    import torch
+
+    cpu, mem_gib = platform.machine(), float("nan")
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu
+            )
+        with open("/proc/meminfo") as f:
+            kib = next((int(ln.split()[1]) for ln in f if ln.startswith("MemTotal")), 0)
+        mem_gib = kib / 1024 / 1024
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none used"
+    return (
+        f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} logical CPUs, "
+        f"{mem_gib:.1f} GiB, Python {platform.python_version()}, torch {torch.__version__}, "
+        f"GPU: {gpu}; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; "
+        f"1-minute load average {os.getloadavg()[0]:.2f}"
+    )

@@ -55,7 +55,7 @@ from autolabel.calibrate import (  # noqa: E402
     clopper_pearson_upper,
     min_passing_count,
 )
-from bench._common import PROJECTS, real_project  # noqa: E402
+from bench._common import PROJECTS, machine_line, real_project  # noqa: E402
 from connectors.model import Item, Prediction  # noqa: E402
 from difficulty import prediction_scores  # noqa: E402
 from difficulty.matching import item_correct  # noqa: E402
@@ -362,8 +362,8 @@ def write_markdown(
         "the score does not know the project's classes, the calibration does.",
         *_two_class_note(datasets, rows),
         "",
-        f"Timing (noisy shared 2-core machine; re-run on a quiet machine for timings): loading and matching "
-        f"{t_load:.1f} s, whole bench {t_total:.1f} s.",
+        f"Machine: {machine_line()}. Timing: loading and matching {t_load:.1f} s, whole bench "
+        f"{t_total:.1f} s (the bounds and coverages do not depend on the machine).",
         "",
     ]
     path.write_text("\n".join(lines))

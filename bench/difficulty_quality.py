@@ -53,7 +53,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._common import PROJECTS, real_project  # noqa: E402
+from bench._common import PROJECTS, machine_line, real_project  # noqa: E402
 from connectors.formats.base import LabelWrite, ProjectFormat, WriteOutcome, WrittenRecord  # noqa: E402
 from connectors.formats.yolo import YoloPredictions  # noqa: E402
 from connectors.labelmap import LabelMap  # noqa: E402
@@ -280,7 +280,9 @@ def markdown(
         "`difficulty.matching.item_error` = 1 − F1 of the box matching (IoU ≥ 0.5, predictions with",
         "confidence ≥ 0.25, label-mapped, ignore classes ignored). Spearman ρ, higher = the score ranks the",
         f"error better. Cross-validated: {splits} random half/half splits, combination fit on one half's labels,",
-        f"ρ measured on the other half (mean ± sd). Total bench time {seconds:.0f} s (CPU, 2 shared cores; re-run on a quiet machine for timings).",
+        f"ρ measured on the other half (mean ± sd). Total bench time {seconds:.0f} s.",
+        "",
+        f"Machine: {machine_line()}.",
         "",
     ]
     for name, r in results.items():
