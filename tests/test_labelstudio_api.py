@@ -249,6 +249,24 @@ def test_reads_all_pages_with_status_and_pixel_boxes(
     )
 
 
+def test_broken_tasks_become_error_items_naming_the_task(
+    ls: tuple[str, FakeLabelStudio], tmp_path: Path
+) -> None:
+    url, state = ls
+    state.tasks[5]["data"] = {}  # no image
+    state.tasks[6]["annotations"] = [
+        {"id": 13, "result": [_region("stop", 95, 0, 20, 10)], "was_cancelled": False,
+         "updated_at": "2026-01-01T00:00:00Z"},
+    ]  # fmt: skip  # the box leaves the image
+    items = {it.item_id: it for it in _open(url, tmp_path).iter_items()}
+    assert len(items) == 7  # the broken tasks did not stop the stream
+    assert items["5"].error is not None and "task=5" in items["5"].error
+    assert "'picture'" in items["5"].error
+    assert items["6"].error is not None and "task=6" in items["6"].error
+    assert "outside" in items["6"].error
+    assert all(items[i].error is None for i in ("1", "2", "3", "4", "7"))
+
+
 def test_open_project_routes_urls_and_needs_a_token(
     ls: tuple[str, FakeLabelStudio], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
