@@ -43,7 +43,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -60,6 +59,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from bench._common import machine_line  # noqa: E402
 from difficulty.active_learning import (  # noqa: E402
     CLASSIC,
     CycleSettings,
@@ -488,24 +488,6 @@ def _curves(
         a = np.array([r[key][:n] for r in rs], dtype=np.float64)
         out[s] = (np.array(rs[0]["labels"][:n]), a.mean(axis=0), a.std(axis=0))
     return out
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        if names:
-            cpu = names[0]
-    except OSError:
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none used"
-    return (
-        f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} logical CPUs, "
-        f"Python {platform.python_version()}, torch {torch.__version__}, GPU: {gpu}; "
-        f"load average at the end of the run {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}"
-    )
 
 
 def _verdicts(
@@ -956,7 +938,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 },
                 "detection": dset,
             },
-            "machine": _machine(),
+            "machine": machine_line(),
             "digits": digits,
             "detection": detection,
         }
