@@ -15,7 +15,8 @@ file's folder and the format gets the option ``file=<basename>``; when it names 
   tasks), ``coco`` when it is an object;
 * an ``http://`` or ``https://`` source (with ``fmt`` ``auto`` or ``labelstudio``) is a live
   Label Studio server: format ``labelstudio_api``, opened with its
-  ``from_url(url, storage_options=..., **options)``.
+  ``from_url(url, storage_options=..., **options)``;
+* a ``fiftyone://NAME`` source is a FiftyOne dataset: format ``fiftyone``, opened the same way.
 """
 
 from __future__ import annotations
@@ -65,6 +66,20 @@ def _is_remote_api(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
 
+URL_FORMATS = ("labelstudio_api", "fiftyone")
+"""Formats opened from a URL of their own, never by looking at a folder."""
+FIFTYONE_SCHEME = "fiftyone://"
+
+
+def _open_fiftyone(registry: Any, source: str, fmt: str, **kwargs: Any) -> Any:
+    """A ``fiftyone://`` project or prediction source (``fmt`` must be ``auto`` or ``fiftyone``)."""
+    if fmt not in ("auto", "fiftyone"):
+        raise UsageError(
+            f"{source} is a FiftyOne dataset: use format fiftyone (or auto), not {fmt}"
+        )
+    return registry["fiftyone"].from_url(source, **kwargs)
+
+
 def split_source(
     source: str, storage_options: dict[str, Any] | None = None
 ) -> tuple[ProjectFS, str | None]:
@@ -94,7 +109,7 @@ def detect_format(project: ProjectFS) -> str:
     name).  Raises :class:`UsageError` when none or several match.
     """
     names = [n for n in DETECT_ORDER if n in FORMATS]
-    names += sorted(n for n in FORMATS if n not in DETECT_ORDER and n != "labelstudio_api")
+    names += sorted(n for n in FORMATS if n not in DETECT_ORDER and n not in URL_FORMATS)
     matches = []
     for name in names:
         try:
@@ -140,6 +155,11 @@ def open_project(
     Raises :class:`UsageError` for an unknown format, a missing source, or an
     undetectable layout.
     """
+    if source.startswith(FIFTYONE_SCHEME):
+        fo_project: ProjectFormat = _open_fiftyone(
+            FORMATS, source, fmt, storage_options=storage_options, **options
+        )
+        return fo_project
     if _is_remote_api(source) and fmt in ("auto", "labelstudio", "labelstudio_api"):
         cls = FORMATS["labelstudio_api"]
         from_url = getattr(cls, "from_url", None)
@@ -171,8 +191,19 @@ def open_predictions(
     ``cls(root, project=project, **options)`` (plus ``file=`` for a file source).
     ``fmt="auto"``: a ``.json`` file is ``coco``, a folder with ``.txt`` files is ``yolo``.
     An ``http(s)://`` source (``fmt`` ``auto`` or ``labelstudio``) reads the predictions
-    stored in a live Label Studio project.
+    stored in a live Label Studio project; a ``fiftyone://NAME`` source reads a predictions
+    field of a FiftyOne dataset.
     """
+    if source.startswith(FIFTYONE_SCHEME):
+        fo_predictions: PredictionSource = _open_fiftyone(
+            PREDICTION_FORMATS,
+            source,
+            fmt,
+            storage_options=storage_options,
+            project=project,
+            **options,
+        )
+        return fo_predictions
     if _is_remote_api(source) and fmt in ("auto", "labelstudio", "labelstudio_api"):
         remote_cls: Any = PREDICTION_FORMATS["labelstudio_api"]
         remote: PredictionSource = remote_cls.from_url(

@@ -634,4 +634,7 @@ def score_project(
         "summary.json", json.dumps(summary, indent=2, default=str)
     )
     log.info("scored %d items (%d errors) into %s", summary["items"], summary["errors"], out_dir)
+    publish = getattr(project, "publish_scores", None)
+    if callable(publish):  # a platform that shows the scores next to its items (FiftyOne)
+        publish(df, meta)
     return ScoreResult(df, meta, summary, paths)

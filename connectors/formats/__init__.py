@@ -3,7 +3,8 @@
 
 ``labelstudio_api`` (a live Label Studio server: its project format, and the predictions
 already stored there) is registered lazily: its module is imported only when a project or
-predictions are opened from an ``http(s)://`` URL.
+predictions are opened from an ``http(s)://`` URL.  So is ``fiftyone`` (a FiftyOne dataset,
+``fiftyone://NAME``), which needs the optional FiftyOne package.
 """
 
 from __future__ import annotations
@@ -22,6 +23,16 @@ if "labelstudio_api" not in PREDICTION_FORMATS:
         "labelstudio_api",
         "connectors.formats.labelstudio_api:LabelStudioPredictions",
         hint="live Label Studio",
+    )
+
+FIFTYONE_HINT = "FiftyOne: pip install 'labeltriage[fiftyone]'"
+if "fiftyone" not in FORMATS:
+    FORMATS.register_lazy(
+        "fiftyone", "connectors.formats.fiftyone.dataset:FiftyOneDataset", hint=FIFTYONE_HINT
+    )
+if "fiftyone" not in PREDICTION_FORMATS:
+    PREDICTION_FORMATS.register_lazy(
+        "fiftyone", "connectors.formats.fiftyone.dataset:FiftyOnePredictions", hint=FIFTYONE_HINT
     )
 
 __all__ = [

@@ -11,7 +11,9 @@ A format is a class registered in :data:`FORMATS` under its name.  It is built o
   label, atomically per file, skipping (and reporting) any item that has a human label
   *at write time*; returns :class:`WrittenRecord` entries that ``remove_written`` can
   undo exactly (used by run manifests and rollback).  File formats also leave a sidecar
-  record per item (:func:`sidecar_path`) so readers know the label is an auto-label.
+  record per item (:func:`sidecar_path`) so readers know the label is an auto-label;
+* optionally ``publish_scores(table, meta)`` — a platform that can show scores next to its
+  items (FiftyOne) gets each scoring run's difficulty table and metadata.
 
 Item ids: for file formats the image path relative to the format's image folder,
 without extension, POSIX separators (``images/a/b.jpg`` → ``a/b``); for Label Studio the
