@@ -92,7 +92,7 @@ def load_dataset(name: str) -> fo.Dataset:
             f"no FiftyOne dataset {name!r}{hint} in the database at {where}; datasets: {listing}"
         )
     dataset = fo.load_dataset(name)
-    if dataset.media_type != "image":
+    if dataset.media_type not in (None, "image"):  # None: no sample yet
         raise UsageError(
             f"FiftyOne dataset {name!r} holds {dataset.media_type} samples; labeltriage reads images"
         )
@@ -757,9 +757,9 @@ class FiftyOnePredictions(PredictionSource):
         if isinstance(project, FiftyOneDataset) and project.dataset.name == url.name:
             dataset = project.dataset
             if field in (project.label_field, project.autolabel_field):
+                kind = "human labels" if field == project.label_field else "auto-labels"
                 raise UsageError(
-                    f"{source}: field {field!r} holds the project's "
-                    f"{'human' if field == project.label_field else 'auto-'}labels, not predictions"
+                    f"{source}: field {field!r} holds the project's {kind}, not predictions"
                 )
         else:
             dataset = load_dataset(url.name)
