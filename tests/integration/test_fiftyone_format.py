@@ -36,13 +36,8 @@ SIZES = [(200, 100), (120, 80), (64, 64), (300, 150), (90, 60), (160, 120)]
 
 
 @pytest.fixture(scope="module")
-def db_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("fo-db")
-
-
-@pytest.fixture(scope="module")
-def fo(db_dir: Path) -> ModuleType:
-    return import_fiftyone(db_dir)
+def fo(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
+    return import_fiftyone(tmp_path_factory.mktemp("fo-db"))
 
 
 @pytest.fixture(scope="module")
@@ -399,7 +394,7 @@ def test_a_run_that_fails_midway_removes_what_it_wrote(
 
 
 def test_rollback_works_from_another_process_without_local_state(
-    fo: ModuleType, dataset: Any, images: list[Path], db_dir: Path, tmp_path: Path
+    fo: ModuleType, dataset: Any, images: list[Path], tmp_path: Path
 ) -> None:
     ids = [add(dataset, fo, p) for p in images[:2]]
     url = f"fiftyone://{dataset.name}"

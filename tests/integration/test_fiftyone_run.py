@@ -36,13 +36,8 @@ HUMAN_FIELDS = ("filepath", "tags", "metadata", "created_at", "ground_truth", "p
 
 
 @pytest.fixture(scope="module")
-def db_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("fo-db")
-
-
-@pytest.fixture(scope="module")
-def fo(db_dir: Path) -> ModuleType:
-    return import_fiftyone(db_dir)
+def fo(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
+    return import_fiftyone(tmp_path_factory.mktemp("fo-db"))
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +124,7 @@ def run_stage(env: dict[str, str], config: Path, stage: str) -> dict[str, Any]:
 
 
 def test_run_report_shadow_autolabel_rollback_leaves_human_fields_unchanged(
-    fo: ModuleType, dataset: Any, db_dir: Path, tmp_path: Path
+    fo: ModuleType, dataset: Any, tmp_path: Path
 ) -> None:
     env = {
         **os.environ,

@@ -312,35 +312,26 @@ class FiftyOneDataset(ProjectFormat):
         try:
             width, height = image_size(sample)
             human = sample[self.label_field] if self.label_field in fields else None
-            if human is not None:
-                return Item(
-                    item_id=sample_id,
-                    uri=uri,
-                    width=width,
-                    height=height,
-                    status=ItemStatus.LABELED,
-                    source=AnnotationSource.HUMAN,
-                    annotations=label_annotations(
-                        human, width, height, field=self.label_field, scores=False
-                    ),
-                    meta=meta,
-                )
             auto = sample[self.autolabel_field] if self.autolabel_field in fields else None
-            if auto is not None:
+            if human is None and auto is None:
+                return Item(item_id=sample_id, uri=uri, width=width, height=height, meta=meta)
+            if human is None:
                 meta["labeltriage_run_id"] = _attribute(auto, RUN_ID_ATTRIBUTE)
-                return Item(
-                    item_id=sample_id,
-                    uri=uri,
-                    width=width,
-                    height=height,
-                    status=ItemStatus.AUTO_LABELED,
-                    source=AnnotationSource.AUTO,
-                    annotations=label_annotations(
-                        auto, width, height, field=self.autolabel_field, scores=True
-                    ),
-                    meta=meta,
-                )
-            return Item(item_id=sample_id, uri=uri, width=width, height=height, meta=meta)
+            field, label = (
+                (self.label_field, human) if human is not None else (self.autolabel_field, auto)
+            )
+            return Item(
+                item_id=sample_id,
+                uri=uri,
+                width=width,
+                height=height,
+                status=ItemStatus.LABELED if human is not None else ItemStatus.AUTO_LABELED,
+                source=AnnotationSource.HUMAN if human is not None else AnnotationSource.AUTO,
+                annotations=label_annotations(
+                    label, width, height, field=field, scores=human is None
+                ),
+                meta=meta,
+            )
         except (ValueError, TypeError) as exc:
             error = InputError(str(exc), file=filepath, item=sample_id)
             log.warning("%s", error)
