@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import sys
 from typing import Any
 
 import pandas as pd
@@ -27,6 +26,7 @@ from connectors.formats.fiftyone import (
 )
 from connectors.formats.imagefolder import ImageFolderFormat
 from connectors.project import detect_format, open_predictions, open_project
+from connectors.registry import Registry
 from connectors.storage import ProjectFS
 from difficulty.scoring import score_project
 
@@ -158,12 +158,21 @@ def _png(width: int = 24, height: int = 16, shade: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def test_folder_detection_never_loads_fiftyone(mem: ProjectFS) -> None:
+def test_folder_detection_never_asks_the_fiftyone_format(
+    mem: ProjectFS, monkeypatch: pytest.MonkeyPatch
+) -> None:
     mem.write_bytes("cats/a.png", _png())
     mem.write_bytes("dogs/b.png", _png())
-    sys.modules.pop("connectors.formats.fiftyone.dataset", None)
+    asked: list[str] = []
+    real = Registry.__getitem__
+
+    def spy(self: Registry[Any], name: str) -> Any:
+        asked.append(name)
+        return real(self, name)
+
+    monkeypatch.setattr(Registry, "__getitem__", spy)
     assert detect_format(mem) == "imagefolder"
-    assert "connectors.formats.fiftyone.dataset" not in sys.modules
+    assert "imagefolder" in asked and "fiftyone" not in asked  # (it would import FiftyOne)
 
 
 # -- the score hook ----------------------------------------------------------------------------------
