@@ -23,13 +23,11 @@ from PIL import Image
 
 from connectors.errors import UsageError
 from connectors.formats.base import PREDICTION_FORMATS, LabelWrite, Provenance
-from connectors.formats.labelstudio_api import (
-    LabelStudioAPI,
-    LabelStudioPredictions,
-    parse_label_config,
-    parse_project_url,
-    percent_to_xyxy,
-)
+from connectors.formats.labelstudio_api import LabelStudioAPI, LabelStudioPredictions
+from connectors.labelstudio.client import parse_project_url
+from connectors.labelstudio.config import parse_label_config
+from connectors.labelstudio.provenance import content_sha256, model_version_for
+from connectors.labelstudio.regions import percent_to_xyxy
 from connectors.model import Annotation, ItemStatus
 from connectors.project import open_predictions, open_project
 from connectors.writeback import rollback, write_run
@@ -119,18 +117,19 @@ def ls() -> Iterator[tuple[str, FakeLabelStudio]]:
             if not self._auth():
                 return
             url = urlsplit(self.path)
+            path = url.path.rstrip("/") if url.path.startswith("/api/") else url.path
             q = {k: v[0] for k, v in parse_qs(url.query).items()}
-            if url.path in state.images:
-                data = state.images[url.path]
+            if path in state.images:
+                data = state.images[path]
                 self.send_response(200)
                 self.send_header("Content-Type", "image/png")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
-            elif url.path == "/api/projects/5":
+            elif path == "/api/projects/5":
                 self._json(200, {"id": 5, "label_config": CONFIG})
-            elif url.path == "/api/tasks":
+            elif path == "/api/tasks":
                 page, size = int(q["page"]), int(q["page_size"])
                 ids = sorted(state.tasks)
                 chunk = ids[(page - 1) * size : page * size]
@@ -138,12 +137,12 @@ def ls() -> Iterator[tuple[str, FakeLabelStudio]]:
                     self._json(404, {"detail": "Invalid page."})
                 else:
                     self._json(200, {"total": len(ids), "tasks": [state.tasks[i] for i in chunk]})
-            elif m := re.fullmatch(r"/api/tasks/(\d+)", url.path):
+            elif m := re.fullmatch(r"/api/tasks/(\d+)", path):
                 task = state.tasks.get(int(m.group(1)))
                 self._json(200 if task else 404, task or {"detail": "Not found."})
-            elif url.path == "/api/predictions":
+            elif path == "/api/predictions":
                 self._json(200, state.predictions())
-            elif m := re.fullmatch(r"/api/predictions/(\d+)", url.path):
+            elif m := re.fullmatch(r"/api/predictions/(\d+)", path):
                 found = [p for p in state.predictions() if p["id"] == int(m.group(1))]
                 self._json(200 if found else 404, found[0] if found else {"detail": "Not found."})
             else:
@@ -154,7 +153,7 @@ def ls() -> Iterator[tuple[str, FakeLabelStudio]]:
             if not self._auth():
                 return
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            if self.path == "/api/predictions":
+            if self.path.rstrip("/") == "/api/predictions":
                 pred = {"id": state.next_id, "task": body["task"], "result": body["result"], "score": body.get("score"),
                         "model_version": body.get("model_version"), "created_at": "2026-02-01T00:00:00Z"}  # fmt: skip
                 state.next_id += 1
@@ -167,7 +166,7 @@ def ls() -> Iterator[tuple[str, FakeLabelStudio]]:
             state.requests.append(f"DELETE {self.path}")
             if not self._auth():
                 return
-            m = re.fullmatch(r"/api/predictions/(\d+)", self.path)
+            m = re.fullmatch(r"/api/predictions/(\d+)", self.path.rstrip("/"))
             for task in state.tasks.values():
                 for p in list(task["predictions"]):
                     if m and p["id"] == int(m.group(1)):
@@ -215,7 +214,7 @@ def test_percent_boxes_convert_to_pixels() -> None:
         {"x": 50, "y": 0, "width": 10, "height": 10, "rotation": 90}, 100, 100
     )
     assert (x1, y1, x2, y2) == pytest.approx((40.0, 0.0, 50.0, 10.0))
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(ValueError, match="ends past the image width"):
         percent_to_xyxy({"x": 95, "y": 0, "width": 20, "height": 10}, 100, 100)
     config = parse_label_config(CONFIG)
     assert (config.image_key, config.boxes_from, config.labels) == (
@@ -232,7 +231,7 @@ def test_reads_all_pages_with_status_and_pixel_boxes(
     api = _open(url, tmp_path, page_size=3)
     items = list(api.iter_items())
     assert [it.item_id for it in items] == [str(i) for i in range(1, 8)]
-    assert sum(1 for r in state.requests if r.startswith("GET /api/tasks?")) == 3
+    assert sum(1 for r in state.requests if re.match(r"GET /api/tasks/?\?", r)) == 3
     by_id = {it.item_id: it for it in items}
     assert by_id["2"].status is ItemStatus.LABELED and by_id["2"].has_human_label
     assert by_id["2"].annotations == [Annotation(label="stop", box=(20.0, 20.0, 80.0, 60.0))]
@@ -263,7 +262,7 @@ def test_broken_tasks_become_error_items_naming_the_task(
     assert items["5"].error is not None and "task=5" in items["5"].error
     assert "'picture'" in items["5"].error
     assert items["6"].error is not None and "task=6" in items["6"].error
-    assert "outside" in items["6"].error
+    assert "ends past the image width" in items["6"].error
     assert all(items[i].error is None for i in ("1", "2", "3", "4", "7"))
 
 
@@ -339,7 +338,7 @@ def test_open_predictions_routes_urls_to_the_stored_predictions(
         )
     with pytest.raises(UsageError, match="labelstudio_api reads a live Label Studio"):
         open_predictions(str(tmp_path), "labelstudio_api")
-    assert sum(1 for r in state.requests if r.startswith("GET /api/tasks?")) >= 4
+    assert sum(1 for r in state.requests if re.match(r"GET /api/tasks/?\?", r)) >= 4
 
 
 def _writes(api: LabelStudioAPI, run_id: str) -> list[LabelWrite]:
@@ -369,7 +368,7 @@ def test_write_predictions_for_unlabeled_only_then_rollback(
     written = state.tasks[1]["predictions"]
     assert len(written) == 1
     pred = written[0]
-    assert pred["model_version"] == "yolov5n" and pred["score"] == 0.9
+    assert pred["model_version"] == model_version_for("run-a") and pred["score"] == 0.9
     region = pred["result"][0]
     assert region["value"]["x"] == pytest.approx(10.0) and region["value"][
         "width"
@@ -379,7 +378,10 @@ def test_write_predictions_for_unlabeled_only_then_rollback(
         "model_version": "yolov5n",
         "tier": "easy",
         "score": 0.9,
+        "via": "run",
+        "sha256": content_sha256(pred["result"], pred["model_version"]),
     }
+    assert "labeltriage auto-label, run run-a" in region["meta"]["text"][0]
     assert (tmp_path / "state" / ".labeltriage" / "runs" / "run-a.json").exists()
     assert api.records_of_run("run-a") == manifest.records
 
