@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from PIL import Image
 
-from connectors.errors import UsageError
+from connectors.errors import InputError, UsageError
 from connectors.formats.base import PREDICTION_FORMATS, LabelWrite, Provenance
 from connectors.formats.labelstudio_api import LabelStudioAPI, LabelStudioPredictions
 from connectors.labelstudio.client import parse_project_url
@@ -161,6 +161,19 @@ def ls() -> Iterator[tuple[str, FakeLabelStudio]]:
                 self._json(201, pred)
             else:
                 self._json(404, {"detail": "Not found."})
+
+        def do_PATCH(self) -> None:
+            state.requests.append(f"PATCH {self.path}")
+            if not self._auth():
+                return
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            m = re.fullmatch(r"/api/tasks/(\d+)", self.path.rstrip("/"))
+            task = state.tasks.get(int(m.group(1))) if m else None
+            if task is None:
+                self._json(404, {"detail": "Not found."})
+                return
+            task["data"] = body["data"]
+            self._json(200, task)
 
         def do_DELETE(self) -> None:
             state.requests.append(f"DELETE {self.path}")
@@ -423,3 +436,130 @@ def test_a_changed_prediction_is_kept_on_removal(
     kept = api.remove_written(outcome.records)
     assert len(kept) == 1 and "changed" in kept[0]
     assert len(state.tasks[1]["predictions"]) == 1
+
+
+def test_a_second_run_is_refused_where_labeltriage_already_wrote(
+    ls: tuple[str, FakeLabelStudio], tmp_path: Path
+) -> None:
+    url, state = ls
+    api = _open(url, tmp_path)
+    write_run(api, _writes(api, "run-a")[:1], "run-a")
+    again = _open(url, tmp_path)
+    items = {it.item_id: it for it in again.iter_items()}
+    assert items["1"].status is ItemStatus.AUTO_LABELED  # read back as labeltriage's label
+    assert items["1"].meta["auto_label"]["run_id"] == "run-a"
+    prov = Provenance(run_id="run-b", model_version="yolov5n", score=0.9, tier="easy")
+    box = [Annotation(label="stop", box=(20.0, 10.0, 60.0, 50.0), score=0.9)]
+    unlabeled = items["7"].model_copy(update={"status": ItemStatus.UNLABELED})
+    stale = items["1"].model_copy(update={"status": ItemStatus.UNLABELED})  # as read before run-a
+    manifest = write_run(
+        again,
+        [LabelWrite(item=i, annotations=box, provenance=prov) for i in (stale, unlabeled)],
+        "run-b",
+    )
+    assert "already holds labeltriage prediction" in manifest.refused["1"]
+    assert [len(state.tasks[i]["predictions"]) for i in (1, 7)] == [1, 1]  # one per task
+
+
+def test_rollback_from_another_state_folder_rebuilds_the_manifest(
+    ls: tuple[str, FakeLabelStudio], tmp_path: Path
+) -> None:
+    url, state = ls
+    api = _open(url, tmp_path)
+    write_run(api, _writes(api, "run-a")[:1], "run-a")
+    item6 = next(it for it in api.iter_items() if it.item_id == "6")
+    prov = Provenance(run_id="run-a2", model_version="yolov5n", tier="easy")
+    write_run(api, [LabelWrite(item=item6, annotations=[], provenance=prov)], "run-a2")
+    elsewhere = LabelStudioAPI.from_url(
+        f"{url}/projects/5", {"token": TOKEN}, state_dir=str(tmp_path / "other-machine")
+    )
+    with pytest.raises(UsageError, match="unknown run id"):
+        rollback(elsewhere, "run-a")
+    assert elsewhere.restore_manifest("run-a") and not elsewhere.restore_manifest("run-a")
+    assert rollback(elsewhere, "run-a").removed == ["1"]
+    assert state.tasks[1]["predictions"] == [] and len(state.tasks[6]["predictions"]) == 1
+    assert elsewhere.restore_manifest("run-a2")  # an empty label: found by its model_version
+    assert rollback(elsewhere, "run-a2").removed == ["6"]
+    assert [p["id"] for p in state.predictions()] == [900]  # the platform's own: untouched
+    assert not elsewhere.restore_manifest("no-such-run")
+
+
+def test_image_references_outside_label_studio_image_paths_are_refused(
+    ls: tuple[str, FakeLabelStudio], tmp_path: Path
+) -> None:
+    url, state = ls
+    state.tasks[1]["data"] = {"picture": "/data/../api/users"}
+    state.tasks[2]["data"] = {"picture": "/data/%2e%2e/api/users"}
+    state.tasks[3]["data"] = {"picture": "http://127.0.0.2:9/x.jpg"}
+    state.tasks[4]["data"] = {"picture": "file:///etc/passwd"}
+    items = {it.item_id: it for it in _open(url, tmp_path).iter_items()}
+    for i in ("1", "2"):
+        assert items[i].error is not None and "not" in items[i].error
+    assert items["3"].error is not None and "another host" in items["3"].error
+    assert items["4"].error is not None and "file" in items["4"].error
+    assert items["5"].error is None
+    assert not any("/api/users" in r for r in state.requests)  # the token never went there
+    api = _open(url, tmp_path)
+    with pytest.raises(InputError, match="image paths"):
+        api.image_size("/api/users")
+    assert api.image_size("/data/upload/5/5.png") == (200, 100)
+
+
+def test_tier_and_difficulty_become_data_manager_columns(
+    ls: tuple[str, FakeLabelStudio], tmp_path: Path
+) -> None:
+    url, state = ls
+    assert _open(url, tmp_path).publish_difficulty([("1", "easy", 0.1)]) == 0  # opt-in
+    api = _open(url, tmp_path, data_columns=True)
+    rows = [("1", "easy", 0.123456), ("2", "hard", 0.9), ("404", "easy", 0.1)]
+    assert api.publish_difficulty(rows) == 2
+    assert state.tasks[1]["data"] == {
+        "picture": "/data/upload/5/1.png", "lt_tier": "easy", "lt_difficulty": 0.1235,
+    }  # fmt: skip
+    assert api.publish_difficulty(rows) == 0  # unchanged values are not written again
+    assert state.tasks[2]["annotations"][0]["id"] == 11  # annotations untouched
+    assert api.task_url("3") == f"{url}/projects/5/data?task=3"
+
+
+def test_report_links_items_to_their_tasks(ls: tuple[str, FakeLabelStudio], tmp_path: Path) -> None:
+    import pandas as pd
+
+    from difficulty.report import write_report
+    from difficulty.table import write_difficulty
+
+    url, _ = ls
+    api = _open(url, tmp_path)
+    df = pd.DataFrame(
+        {
+            "item_id": ["1", "3", "7"],
+            "uri": [f"{url}/data/upload/5/{i}.png" for i in (1, 3, 7)],
+            "status": ["unlabeled"] * 3,
+            "fourier": [0.1, 0.5, 0.9],
+            "score": [0.1, 0.5, 0.9],
+            "tier": ["easy", "medium", "hard"],
+            "rank": [3, 2, 1],
+            "error": [None, None, None],
+            "true_error": [None, None, None],
+        }
+    )
+    run_dir = tmp_path / "run"
+    meta = {
+        "run_id": "r", "created": "2026-01-01T00:00:00+00:00", "scorers": ["fourier"],
+        "source": f"{url}/projects/5", "format": "labelstudio_api", "task": "detection",
+        "model_version": "yolov5n",
+        "combination": {"method": "single", "weights": {"fourier": 1.0}, "correlations": {},
+                        "n_labeled": 0, "reason": "one scorer", "combined_rho": None,
+                        "cv_rho": {}},
+        "reference": {"fourier": [0.0, 0.5, 1.0]},
+        "tiers": {"config": {"mode": "thresholds", "easy": 0.3, "hard": 0.7},
+                  "easy_max": 0.3, "hard_min": 0.7, "source": "thresholds"},
+    }  # fmt: skip
+    write_difficulty(df, str(run_dir), meta)
+    write_report(str(run_dir), project=api)
+    assignment = pd.read_csv(run_dir / "assignment.csv", dtype=str)
+    assert list(assignment["task_url"]) == [
+        f"{url}/projects/5/data?task={i}" for i in assignment["item_id"]
+    ]
+    page = (run_dir / "report.html").read_text()
+    assert f'<a href="{url}/projects/5/data?task=7">7</a>' in page
+    assert "data:image/jpeg;base64," in page  # thumbnails read from Label Studio with the token
