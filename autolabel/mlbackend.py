@@ -78,6 +78,7 @@ import pandas as pd
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from autolabel.gate import REPORT_FILENAME, auto_label
 from autolabel.store import ROLLBACK_FILENAME
@@ -597,6 +598,8 @@ def create_app(backend: EasyTierBackend) -> Any:
     async def post(request: Request, handler: Callable[[dict[str, Any]], dict[str, Any]]) -> Any:
         try:
             data = await read_body(request)
+        except ClientDisconnect:  # gone (or closed for stalling) before its body arrived
+            return error(HTTPStatus.BAD_REQUEST, "the client left before sending its body")
         except RequestError as exc:
             # the unread rest of the body must not be taken for the next request
             return error(exc.status, exc.message, {"Connection": "close"})

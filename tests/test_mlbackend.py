@@ -401,3 +401,39 @@ def test_events_append_on_an_object_store() -> None:
     for i in range(3):
         append_event(url, {"action": "ANNOTATION_CREATED", "task": i})
     assert [e["task"] for e in read_events(url)] == [0, 1, 2]
+
+
+def test_serve_takes_its_settings_from_the_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    from autolabel.cli import main
+    from autolabel.commands.serve import _from_config, _label_map
+    from autolabel.config import load_config
+
+    def config(stage: str) -> str:
+        body = {
+            "report_store": str(tmp_path / "store"),
+            "projects": {"roads": {
+                "source": str(tmp_path), "format": "voc", "stage": stage,
+                "predictions": {"source": str(tmp_path / "preds"), "format": "yolo"},
+                "label_map": {"map": {"stop sign": "stop"}, "ignore": ["DontCare"]},
+            }},
+        }  # fmt: skip
+        path = tmp_path / f"{stage}.yaml"
+        path.write_text(yaml.safe_dump(body))
+        return str(path)
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", config("shadow"), "serve"])
+    assert exc.value.code == 2 and "only at stage autolabel" in capsys.readouterr().err
+    settings = _from_config(load_config(config("autolabel")), "roads")
+    assert settings["run_url"] == f"{tmp_path / 'store'}/roads"
+    assert settings["events_url"].endswith("roads/labelstudio_events.jsonl")
+    assert settings["label_map"] == LabelMap(map={"stop sign": "stop"}, ignore=("DontCare",))
+    assert settings["predictions"].format == "yolo"
+    inline = _label_map('{"map": {"stop sign": "stop"}}')
+    assert inline == LabelMap(map={"stop sign": "stop"})
+    with pytest.raises(UsageError, match="not a label map"):
+        _label_map('{"map": [1]}')

@@ -86,6 +86,10 @@ TOKEN_ENV = "LABELTRIAGE_BACKEND_TOKEN"
     help="Seconds requests in flight may take to finish on SIGTERM/Ctrl-C.",
 )  # fmt: skip
 @click.option(
+    "--refresh", type=click.FloatRange(min=0), default=30.0, show_default=True,
+    help="Seconds between checks for a new calibration or a rollback of the served run.",
+)  # fmt: skip
+@click.option(
     "--access-log/--no-access-log", default=True, show_default=True,
     help="One JSON line per request on stderr.",
 )  # fmt: skip
@@ -111,6 +115,7 @@ def serve(
     workers: int,
     limit_concurrency: int,
     shutdown_timeout: float,
+    refresh: float,
     access_log: bool,
 ) -> None:
     """Serve /health, /setup, /predict and /webhook for Label Studio.
@@ -191,6 +196,7 @@ def serve(
         workers=workers,
         limit_concurrency=limit_concurrency,
         shutdown_timeout_s=shutdown_timeout,
+        refresh_s=refresh,
     )
     if access_log:
         _log_requests()
