@@ -1,6 +1,6 @@
 """Load on ``labeltriage serve``: concurrent /predict calls with stalled connections held open.
 
-The backend (:mod:`autolabel.mlbackend`, FastAPI on uvicorn) runs in its own process on
+The backend (:mod:`autolabel.mlserver`, FastAPI on uvicorn) runs in its own process on
 127.0.0.1 with a synthetic calibrated run of ``--items`` tasks (a third of them easy) and
 in-memory predictions, so the figures are the server's, not a file system's.  The client,
 in this process:
@@ -51,7 +51,8 @@ LABEL_CONFIG = (
 
 def serve(run_dir: str, port_file: str, items: int, read_timeout: float) -> None:
     """Run the backend on a free loopback port (written to ``port_file``) until SIGTERM."""
-    from autolabel.mlbackend import BackendConfig, make_server
+    from autolabel.mlbackend import BackendConfig
+    from autolabel.mlserver import make_server
     from connectors.formats.base import PredictionSource
     from connectors.labelmap import LabelMap
     from connectors.model import Annotation, Item, Prediction

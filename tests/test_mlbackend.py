@@ -19,12 +19,11 @@ import requests
 from autolabel.mlbackend import (
     ROLLBACK_FILENAME,
     BackendConfig,
-    BackendServer,
     find_run_dir,
     load_easy_tier,
-    make_server,
     read_events,
 )
+from autolabel.mlserver import BackendServer, make_server
 from connectors.errors import UsageError
 from connectors.formats.base import PredictionSource
 from connectors.labelmap import LabelMap

@@ -128,16 +128,13 @@ def serve(
     predictions: use "Retrieve predictions" in the Data Manager for existing tasks.
     """
     try:
-        from autolabel import mlbackend
+        from autolabel import mlbackend, mlserver
     except ImportError as exc:
         raise UsageError(
             f"serve needs FastAPI and uvicorn (pip install 'labeltriage[labelstudio]'): {exc}"
         ) from exc
-    from connectors.project import open_predictions, open_project
-
     settings: dict[str, Any] = {}
     storage_options: dict[str, Any] = {}
-    project = None
     label_map = _label_map(label_map_arg)
     config = _config(ctx, config_path)
     if config is not None:
@@ -156,21 +153,7 @@ def serve(
         raise UsageError(f"{run_dir}: run {tier.run_id} was rolled back; it is not served")
     if tier.reason is not None:
         click.echo(f"warning: nothing will be served: {tier.reason}", err=True)
-    source = source or settings.get("source")
-    if source is not None:
-        project = open_project(
-            source, fmt if fmt != "auto" else settings.get("format", "auto"),
-            settings.get("storage_options"), **settings.get("options", {}),
-        )  # fmt: skip
-    if predictions is not None:
-        prediction_source = open_predictions(predictions, predictions_format, project=project)
-    elif "predictions" in settings:
-        p = settings["predictions"]
-        prediction_source = open_predictions(
-            p.source, p.format, p.storage_options or None, project=project, **p.options
-        )
-    else:
-        raise UsageError("give --predictions (or a --config whose project has predictions)")
+    project, prediction_source = _inputs(settings, source, fmt, predictions, predictions_format)
     basic_auth = None
     if basic_auth_user:
         password = os.environ.get(PASSWORD_ENV)
@@ -201,7 +184,7 @@ def serve(
     if access_log:
         _log_requests()
     try:
-        server = mlbackend.make_server(backend_config, host, port)
+        server = mlserver.make_server(backend_config, host, port)
     except OSError as exc:
         raise UsageError(f"cannot listen on {host}:{port}: {exc}") from exc
     click.echo(
@@ -210,6 +193,33 @@ def serve(
     )
     server.serve()
     click.echo("stopped")
+
+
+def _inputs(
+    settings: dict[str, Any],
+    source: str | None,
+    fmt: str,
+    predictions: str | None,
+    predictions_format: str,
+) -> tuple[Any, Any]:
+    """The project (``None`` without a source) and the predictions, opened with it."""
+    from connectors.project import open_predictions, open_project
+
+    project = None
+    source = source or settings.get("source")
+    if source is not None:
+        project = open_project(
+            source, fmt if fmt != "auto" else settings.get("format", "auto"),
+            settings.get("storage_options"), **settings.get("options", {}),
+        )  # fmt: skip
+    if predictions is not None:
+        return project, open_predictions(predictions, predictions_format, project=project)
+    if "predictions" in settings:
+        p = settings["predictions"]
+        return project, open_predictions(
+            p.source, p.format, p.storage_options or None, project=project, **p.options
+        )
+    raise UsageError("give --predictions (or a --config whose project has predictions)")
 
 
 def _config(ctx: click.Context, config_path: str | None) -> tuple[Any, str] | None:

@@ -288,7 +288,7 @@ def test_the_whole_job_against_label_studio(
     import pandas as pd
 
     from autolabel.mlbackend import read_events
-    from connectors.labelstudio.provenance import model_version_for
+    from connectors.labelstudio.provenance import model_version_for, without_meta
 
     ls = LS(server)
     pid = ls_project["id"]
@@ -343,7 +343,8 @@ def test_the_whole_job_against_label_studio(
 
     # -- serve, connected to Label Studio; "Retrieve predictions" ----------------------------
     # An admin deletes three of the run's predictions: Label Studio asks the backend again.
-    reopened = sorted(written, key=int)[:3]
+    reopened = sorted(written, key=lambda t: (not held[t][0]["result"], int(t)))[:3]
+    assert held[reopened[0]][0]["result"], "no written label has a box"
     for t in reopened:
         ls.call("DELETE", f"/api/predictions/{held[t][0]['id']}")
     port = free_port()
@@ -381,10 +382,11 @@ def test_the_whole_job_against_label_studio(
         after_retrieve = predictions_of(ls, pid)
         served = ours(after_retrieve)
         assert set(served) == written  # the three reopened tasks are served again, nothing else
-        for t in reopened:
+        for t in reopened:  # served: the label the run wrote, marked as served
             (p,) = served[t]
-            assert p["model_version"] == model_version_for(run_id) and p["result"]
-            assert p["result"][0]["meta"]["labeltriage"]["via"] == "serve"
+            assert p["model_version"] == model_version_for(run_id)
+            assert without_meta(p["result"]) == without_meta(held[t][0]["result"])
+            assert all(r["meta"]["labeltriage"]["via"] == "serve" for r in p["result"])
         assert all(len(ps) == 1 for ps in served.values())
         assert platform(after_retrieve) == platform_before  # no unmarked prediction stored
 
