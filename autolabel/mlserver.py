@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import json
 import logging
+import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from http import HTTPStatus
 from typing import Any
@@ -283,6 +285,29 @@ def _protocol(read_timeout_s: float) -> type:
     return TimedH11Protocol
 
 
+def _uvicorn_server() -> type:
+    import uvicorn
+
+    class Uvicorn(uvicorn.Server):
+        """uvicorn's server, except that after a graceful stop on SIGTERM or Ctrl-C it returns
+        (the command exits 0) instead of raising the signal again once it has stopped."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            handled = (signal.SIGINT, signal.SIGTERM)
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Uvicorn
+
+
 class BackendServer:
     """The backend on a bound socket: :meth:`serve` in the foreground, or :meth:`start` in a thread."""
 
@@ -291,6 +316,7 @@ class BackendServer:
     ) -> None:
         import uvicorn
 
+        server_class = _uvicorn_server()
         self.backend = backend
         config = backend.config
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -309,7 +335,7 @@ class BackendServer:
             if ":" in str(bound)
             else f"http://{bound}:{bound_port}"
         )
-        self.uvicorn = uvicorn.Server(
+        self.uvicorn = server_class(
             uvicorn.Config(
                 create_app(backend),
                 http=_protocol(config.read_timeout_s),

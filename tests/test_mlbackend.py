@@ -436,3 +436,40 @@ def test_serve_takes_its_settings_from_the_config(
     assert inline == LabelMap(map={"stop sign": "stop"})
     with pytest.raises(UsageError, match="not a label map"):
         _label_map('{"map": [1]}')
+
+
+def test_serve_stops_cleanly_on_sigterm(run_dir: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    folder = tmp_path / "yolo"
+    folder.mkdir()
+    (folder / "classes.txt").write_text("stop sign\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autolabel.cli", "serve", "--run", str(run_dir),
+         "--predictions", str(folder), "--port", str(port)],
+        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert out.strip().endswith("stopped")
+    assert '"path": "/health"' in err  # the access log
