@@ -1,45 +1,66 @@
 """A Label Studio ML backend that pre-annotates only the calibrated easy tier.
 
-Label Studio talks to an ML backend over four JSON endpoints (see Label Studio's
-``ml/api_connector.py``):
+What is served is decided here; :mod:`autolabel.mlserver` serves it over HTTP (FastAPI on
+uvicorn).
 
-==============  =================================================================
-endpoint        what it does here
-==============  =================================================================
-``GET /health`` ``{"status": "UP", "model_class": ..., "model_version": ...}``
-``POST /setup`` ``{"model_version": ...}`` (Label Studio sends the project, its label
-                config, its host name and an access token)
-``POST /predict`` ``{"tasks": [...]}`` → ``{"results": [...]}``, one entry per task in
-                order: for a task of the calibrated easy tier the prediction's label
-                (label-mapped, boxes at the calibrated box confidence) as
-                ``rectanglelabels``/``choices`` regions with ``score`` and
-                ``model_version``; for every other task an empty ``result``
-``POST /webhook`` Label Studio's webhook events (``ANNOTATION_CREATED``,
-                ``ANNOTATION_UPDATED``, ``ANNOTATIONS_DELETED``, …): each event with an
-                annotation is appended as one line to a JSONL file (``events_url``, in
-                the report store) so that the next scheduled run sees it
-==============  =================================================================
+Label Studio talks to an ML backend over four JSON endpoints (its ``ml/api_connector.py``):
 
-The easy tier is read from a scored and calibrated run folder: ``difficulty.parquet``
-(:func:`difficulty.table.read_difficulty`) and ``autolabel.json`` (written by
-:mod:`autolabel.gate`): a task is easy when its row has no error and its combined
-``score`` is at or below the calibrated ``threshold``.  No calibrated threshold (the bound
-could not be met) means no task is easy.  The folder is re-read when ``autolabel.json``
-changes (checked at most every ``refresh_s`` seconds), so a scheduled run's new
-calibration takes effect without a restart.  Given a report-store project folder instead
-of a run folder, the newest run folder holding both files is used.
+=================  ==============================================================
+endpoint           what it does here
+=================  ==============================================================
+``GET /health``    ``{"status": "UP", "model_class", "model_version", "stage", "serving",
+                   "reason", "easy_items"}``
+``POST /setup``    ``{"model_version", "stage", "serving", "reason"}`` (Label Studio sends
+                   the project's label config, kept for ``/predict``)
+``POST /predict``  ``{"tasks": [...]}`` → ``{"results": [...]}``, one entry per task in
+                   order: for an unlabeled task of the calibrated easy tier a list with one
+                   prediction — the label of its prediction (label-mapped, boxes at the
+                   calibrated box confidence) as ``rectanglelabels``/``choices`` regions with
+                   ``score``; for every other task an empty list, which Label Studio stores
+                   as *no* prediction (an empty result would be stored, read later as the
+                   platform's "nothing here", and keep Label Studio from asking again)
+``POST /webhook``  Label Studio's webhook events with an annotation are appended as one
+                   JSON line to ``events_url`` (in the report store) for the next run
+=================  ==============================================================
 
-Safety: the server binds ``127.0.0.1`` unless told otherwise; with ``basic_auth`` set every
-request must carry that user and password (Label Studio sends them when the backend is
-connected with "basic auth"); a body larger than ``max_body_bytes`` is answered 413, a
-missing length 411, a body that is not a JSON object 400, an unknown path 404; an error
-inside a handler is logged and answered 500.  The server never exits because of a request.
+Also ``GET /versions`` and ``GET /openapi.json`` (the schema; no docs page).
+
+**What is served.**  The easy tier is read from a scored and calibrated run folder:
+``difficulty.parquet`` and ``autolabel.json``; a task is easy when its row has no error,
+its status is ``unlabeled`` and its combined ``score`` is at or below the calibrated
+``threshold``.  Predictions are served only when that run was made at stage
+``autolabel`` and was not rolled back (``labeltriage rollback`` leaves ``rollback.json`` in
+the run folder); otherwise ``/health`` and ``/setup`` say why (``serving: false``,
+``reason``) and ``/predict`` answers no task.  Given a report-store project folder, the
+newest calibrated run that was not rolled back is used, re-read when it changes (checked
+every ``refresh_s`` seconds).  A task that has a human annotation or already holds a
+labeltriage prediction gets nothing.  Every served prediction carries labeltriage's
+provenance (:mod:`connectors.labelstudio.provenance`): ``model_version``
+``labeltriage-<version>/<run_id>`` — the same string ``/setup`` reports and the run's
+write-back used, so Label Studio does not ask again about tasks the run already labeled
+— and region ``meta`` with ``via: "serve"``.
+
+**Image sizes.**  Percent boxes need the task's image size, and YOLO predictions need it
+to be read at all: it comes from the task's regions, else from the image header read
+from Label Studio under the image-source policy (``size_of``).  A task whose size cannot be
+found is logged as a warning and gets nothing.
+
+**Safety and operation.**  Binds ``127.0.0.1`` unless told otherwise (another address needs
+basic auth or a token); with ``basic_auth`` and/or ``token`` set, every request must carry
+one of them (``Authorization: Basic …`` as Label Studio sends it, or ``Bearer``/``Token``);
+the answer to anything else is 401 without reading the body.  Bodies over
+``max_body_bytes`` are 413, JSON nested deeper than ``max_json_depth`` or not a JSON object
+400, unknown paths 404, wrong methods 405, a missing calibration 503, a failure inside a
+handler 500 (logged); the server never exits because of a request.  Connections that do
+not deliver a complete request within ``read_timeout_s`` are closed, idle keep-alive
+connections after ``keepalive_s``; at most ``limit_concurrency`` connections are served
+(503 beyond), the work of requests runs on at most ``workers`` threads.  Each request is
+logged as one JSON line on the logger ``labeltriage.access``.  SIGTERM or Ctrl-C stop
+accepting, let requests in flight finish (at most ``shutdown_timeout_s``), then exit.
 """
 
 from __future__ import annotations
 
-import base64
-import hmac
 import json
 import logging
 import os
@@ -49,15 +70,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pandas as pd
 
 from autolabel.gate import REPORT_FILENAME, auto_label
+from autolabel.store import ROLLBACK_FILENAME
 from connectors.errors import InputError, LabelTriageError, UsageError
-from connectors.formats.base import PredictionSource
+from connectors.formats.base import PredictionSource, Provenance
 from connectors.labelmap import LabelMap
+from connectors.labelstudio.provenance import (
+    content_sha256,
+    model_version_for,
+    provenance_meta,
+)
+from connectors.labelstudio.regions import (
+    annotation_to_region,
+    human_annotations,
+    image_size_of,
+    labeltriage_predictions,
+)
 from connectors.model import Annotation, Item
 from connectors.storage import ProjectFS
 from difficulty.table import FILENAME as DIFFICULTY_FILENAME
@@ -68,8 +100,10 @@ log = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9090
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_JSON_DEPTH = 64
 EVENTS_FILENAME = "labelstudio_events.jsonl"
 MODEL_CLASS = "labeltriage-easy-tier"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 SizeLookup = Callable[[dict[str, Any]], "tuple[int, int] | None"]
 """``task → (width, height)`` of its image, or ``None`` when unknown."""
@@ -89,7 +123,7 @@ class RequestError(Exception):
 
 @dataclass(frozen=True)
 class EasyTier:
-    """The calibrated easy tier of one run: which items, and at what box confidence."""
+    """The calibrated easy tier of one run: which items, at what box confidence, served or not."""
 
     run_dir: str
     run_id: str | None
@@ -97,29 +131,57 @@ class EasyTier:
     threshold: float | None
     box_confidence: float | None
     model_version: str
+    """The model the labels come from (the predictions' version)."""
+    stage: str | None = None
+    rolled_back: bool = False
     scores: dict[str, float] = field(default_factory=dict)
-    """``item_id → combined difficulty score`` of the items in the easy tier."""
+    """``item_id → combined difficulty score`` of the unlabeled items in the easy tier."""
 
     def is_easy(self, item_id: str) -> bool:
         return item_id in self.scores
 
     @property
     def version(self) -> str:
-        """The ``model_version`` the backend reports: model and calibration run."""
-        return f"{self.model_version}@{self.run_id}" if self.run_id else self.model_version
+        """The ``model_version`` the backend reports and stamps on what it serves."""
+        return model_version_for(self.run_id)
+
+    @property
+    def reason(self) -> str | None:
+        """Why nothing is served, or ``None`` when the tier is served."""
+        if self.rolled_back:
+            return f"run {self.run_id} was rolled back"
+        if self.stage != "autolabel":
+            return (
+                f"run {self.run_id} is at stage {self.stage or 'unknown'}; "
+                "predictions are served only at stage autolabel"
+            )
+        if self.threshold is None or self.box_confidence is None:
+            return f"run {self.run_id} found no calibrated easy tier (the bound was not met)"
+        return None
+
+    @property
+    def serving(self) -> bool:
+        return self.reason is None
+
+
+def is_rolled_back(fs: ProjectFS, name: str = "") -> bool:
+    return fs.exists(f"{name}/{ROLLBACK_FILENAME}" if name else ROLLBACK_FILENAME)
 
 
 def find_run_dir(url: str, storage_options: dict[str, Any] | None = None) -> str:
-    """``url`` itself when it holds a calibrated run, else its newest run folder that does."""
+    """``url`` itself when it holds a calibrated run, else its newest such run not rolled back."""
     fs = ProjectFS(url, storage_options)
     if fs.exists(DIFFICULTY_FILENAME) and fs.exists(REPORT_FILENAME):
         return url
     for name in reversed(fs.listdir(".")):
-        if fs.exists(f"{name}/{DIFFICULTY_FILENAME}") and fs.exists(f"{name}/{REPORT_FILENAME}"):
+        calibrated = fs.exists(f"{name}/{DIFFICULTY_FILENAME}") and fs.exists(
+            f"{name}/{REPORT_FILENAME}"
+        )
+        if calibrated and not is_rolled_back(fs, name):
             return f"{url.rstrip('/')}/{name}"
     raise InputError(
-        f"no run folder with {DIFFICULTY_FILENAME} and {REPORT_FILENAME} here "
-        "(run `labeltriage score` and `labeltriage autolabel`, or a scheduled run, first)",
+        f"no run folder with {DIFFICULTY_FILENAME} and {REPORT_FILENAME} (not rolled back) here "
+        "(run `labeltriage run` at stage autolabel first)",
         file=url,
     )
 
@@ -141,6 +203,8 @@ def load_easy_tier(run_dir: str, storage_options: dict[str, Any] | None = None) 
     scores: dict[str, float] = {}
     if threshold is not None:
         ok = df["error"].isna() if "error" in df.columns else pd.Series(True, index=df.index)
+        if "status" in df.columns:
+            ok &= df["status"] == "unlabeled"
         easy = df[ok & df["score"].notna() & (df["score"] <= float(threshold))]
         scores = {str(i): float(s) for i, s in zip(easy["item_id"], easy["score"], strict=True)}
     return EasyTier(
@@ -150,6 +214,8 @@ def load_easy_tier(run_dir: str, storage_options: dict[str, Any] | None = None) 
         threshold=None if threshold is None else float(threshold),
         box_confidence=None if box_confidence is None else float(box_confidence),
         model_version=str(calib.get("model_version") or meta.get("model_version") or MODEL_CLASS),
+        stage=calib.get("stage"),
+        rolled_back=is_rolled_back(fs),
         scores=scores,
     )
 
@@ -168,8 +234,31 @@ class BackendConfig:
     events_url: str | None = None
     size_of: SizeLookup | None = None
     basic_auth: tuple[str, str] | None = None
+    token: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_json_depth: int = DEFAULT_MAX_JSON_DEPTH
     refresh_s: float = 30.0
+    read_timeout_s: float = 15.0
+    keepalive_s: float = 5.0
+    limit_concurrency: int = 256
+    workers: int = 8
+    shutdown_timeout_s: float = 10.0
+
+    def check(self, host: str) -> None:
+        """Refuse settings that cannot work or would expose the backend."""
+        if self.max_body_bytes < 1 or self.max_json_depth < 2:
+            raise UsageError("max body size and JSON depth must be positive")
+        if self.basic_auth is not None and not all(self.basic_auth):
+            raise UsageError("basic auth needs both a user and a password")
+        if min(self.read_timeout_s, self.keepalive_s, self.shutdown_timeout_s) <= 0:
+            raise UsageError("timeouts must be positive")
+        if self.workers < 1 or self.limit_concurrency < 1:
+            raise UsageError("workers and the concurrency limit must be at least 1")
+        if host not in LOOPBACK and self.basic_auth is None and not self.token:
+            raise UsageError(
+                f"binding {host} exposes the backend beyond this machine: set basic auth "
+                "(--basic-auth-user) or a token (--token-env)"
+            )
 
 
 class EasyTierBackend:
@@ -192,20 +281,28 @@ class EasyTierBackend:
                 return self._tier
             self._checked = now
             run_dir = find_run_dir(self.config.run_url, self.config.storage_options)
-            stamp = run_dir.encode() + ProjectFS(run_dir, self.config.storage_options).read_bytes(
-                REPORT_FILENAME
-            )
+            fs = ProjectFS(run_dir, self.config.storage_options)
+            stamp = run_dir.encode() + fs.read_bytes(REPORT_FILENAME) + bytes([is_rolled_back(fs)])
             if self._tier is None or stamp != self._tier_stamp:
                 self._tier = load_easy_tier(run_dir, self.config.storage_options)
                 self._tier_stamp = stamp
                 log.info(
-                    "easy tier of %s: %d items (threshold %s, box confidence %s)",
+                    "easy tier of %s: %d items (threshold %s, box confidence %s); %s",
                     run_dir,
                     len(self._tier.scores),
                     self._tier.threshold,
                     self._tier.box_confidence,
+                    self._tier.reason or "served",
                 )
             return self._tier
+
+    def _status(self, tier: EasyTier) -> dict[str, Any]:
+        return {
+            "model_version": tier.version,
+            "stage": tier.stage,
+            "serving": tier.serving,
+            "reason": tier.reason,
+        }
 
     # -- endpoints --------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
@@ -213,14 +310,14 @@ class EasyTierBackend:
         return {
             "status": "UP",
             "model_class": MODEL_CLASS,
-            "model_version": tier.version,
-            "easy_items": len(tier.scores),
+            **self._status(tier),
+            "easy_items": len(tier.scores) if tier.serving else 0,
         }
 
     def setup(self, body: dict[str, Any]) -> dict[str, Any]:
         if isinstance(body.get("schema"), str):
             self.label_config = body["schema"]
-        return {"model_version": self.tier().version}
+        return self._status(self.tier())
 
     def predict(self, body: dict[str, Any]) -> dict[str, Any]:
         tasks = body.get("tasks")
@@ -236,60 +333,84 @@ class EasyTierBackend:
             "model_version": tier.version,
         }
 
-    def predict_task(self, task: dict[str, Any], tier: EasyTier) -> dict[str, Any]:
-        """One task's answer: the easy-tier label, or an empty result (not easy / no label)."""
+    def predict_task(self, task: dict[str, Any], tier: EasyTier) -> list[dict[str, Any]]:
+        """One task's answer: a list with the easy-tier prediction, or an empty list."""
         item_id = str(task["id"])
-        empty: dict[str, Any] = {"result": [], "score": None, "model_version": tier.version}
-        if not tier.is_easy(item_id) or tier.box_confidence is None:
-            return empty
-        pred = self.config.predictions.get(item_id, _item_of(task))
-        if pred is None or pred.error:
-            return empty
-        annotations = auto_label(
-            pred, self.config.label_map, task=tier.task, box_confidence=tier.box_confidence
-        )
-        if annotations is None:
-            return empty
+        if (
+            not tier.serving
+            or not tier.is_easy(item_id)
+            or human_annotations(task)
+            or labeltriage_predictions(task)
+            or tier.box_confidence is None
+        ):
+            return []
         try:
-            result = self._regions(task, annotations, tier)
+            size = self._size(task)
+            item = Item(item_id=item_id, uri="", width=size[0], height=size[1]) if size else None
+            pred = self.config.predictions.get(item_id, item)
+            if pred is None:
+                return []
+            if pred.error:
+                raise InputError(pred.error, item=item_id)
+            annotations = auto_label(
+                pred, self.config.label_map, task=tier.task, box_confidence=tier.box_confidence
+            )
+            if annotations is None:
+                return []
+            result = self._regions(item_id, size, annotations, tier)
         except (ValueError, LabelTriageError) as exc:
-            log.warning("task %s: easy, but its label cannot be sent: %s", item_id, exc)
-            return empty
+            log.warning("task %s is easy, but its label cannot be served: %s", item_id, exc)
+            return []
         scores = [a.score for a in annotations if a.score is not None]
-        return {
-            "result": result,
-            "score": min(scores) if scores else None,
-            "model_version": tier.version,
-        }
+        return [
+            {
+                "result": result,
+                "score": min(scores) if scores else None,
+                "model_version": tier.version,
+            }
+        ]
+
+    def _size(self, task: dict[str, Any]) -> tuple[int, int] | None:
+        width, height = image_size_of(task)
+        if width and height:
+            return width, height
+        return self.config.size_of(task) if self.config.size_of else None
 
     def _regions(
-        self, task: dict[str, Any], annotations: list[Annotation], tier: EasyTier
+        self,
+        item_id: str,
+        size: tuple[int, int] | None,
+        annotations: list[Annotation],
+        tier: EasyTier,
     ) -> list[dict[str, Any]]:
-        from connectors.formats.labelstudio_api import annotation_to_region, parse_label_config
+        from connectors.labelstudio.config import parse_label_config
 
         if not self.label_config:
             raise ValueError(
                 "no label config known (Label Studio sends it with /setup and /predict)"
             )
         config = parse_label_config(self.label_config, where="label config")
-        width = height = None
-        if any(a.box is not None for a in annotations):
-            size = self.config.size_of(task) if self.config.size_of else None
-            if size is None:
-                raise ValueError("the image size is unknown")
-            width, height = size
-        meta = {
-            "labeltriage": {
-                "run_id": tier.run_id,
-                "tier": "easy",
-                "difficulty": tier.scores[str(task["id"])],
-            },
-            "text": [f"labeltriage easy tier (run {tier.run_id})"],
-        }
-        return [
-            annotation_to_region(a, config, width, height, region_id=f"lt{i}", meta=meta)
+        if size is None and any(a.box is not None for a in annotations):
+            raise ValueError("the image size is unknown (no region gives it, no Label Studio URL)")
+        width, height = size or (None, None)
+        regions = [
+            annotation_to_region(a, config.names, width, height, region_id=f"lt{i}")
             for i, a in enumerate(annotations)
         ]
+        scores = [a.score for a in annotations if a.score is not None]
+        provenance = Provenance(
+            run_id=tier.run_id or "unknown",
+            model_version=tier.model_version,
+            score=min(scores) if scores else None,
+            tier="easy",
+            extra={"difficulty": tier.scores[item_id]},
+        )
+        meta = provenance_meta(
+            provenance, via="serve", sha256=content_sha256(regions, tier.version)
+        )
+        for region in regions:
+            region["meta"] = meta
+        return regions
 
     def webhook(self, body: dict[str, Any]) -> dict[str, Any]:
         action = body.get("action")
@@ -299,12 +420,11 @@ class EasyTierBackend:
         task = body.get("task")
         if not isinstance(annotation, dict) and not body.get("annotations"):
             return {"status": "ignored", "action": action}
+        project = body.get("project")
         event = {
             "received": datetime.now(timezone.utc).isoformat(),
             "action": action,
-            "project": (body.get("project") or {}).get("id")
-            if isinstance(body.get("project"), dict)
-            else body.get("project"),
+            "project": project.get("id") if isinstance(project, dict) else project,
             "task": task.get("id") if isinstance(task, dict) else (annotation or {}).get("task"),
             "annotation": annotation if isinstance(annotation, dict) else None,
             "annotations": body.get("annotations") if not isinstance(annotation, dict) else None,
@@ -314,18 +434,11 @@ class EasyTierBackend:
         return {"status": "recorded", "action": action}
 
 
-def _item_of(task: dict[str, Any]) -> Item | None:
-    try:
-        return Item(item_id=str(task["id"]), uri="")
-    except (KeyError, ValueError):
-        return None
-
-
 # -- the events file --------------------------------------------------------------------------
 
 
 _EVENTS_LOCK = threading.Lock()
-"""Serialises appends of this process (the server answers requests in threads)."""
+"""Serialises appends of this process (request work runs in threads)."""
 
 
 def append_event(
@@ -371,212 +484,47 @@ def read_events(url: str, storage_options: dict[str, Any] | None = None) -> list
     return events
 
 
-# -- HTTP -----------------------------------------------------------------------------------------
+def label_studio_size_lookup(project: Any) -> SizeLookup:
+    """Image sizes of tasks of a live Label Studio project (:class:`LabelStudioAPI`).
 
-
-class _Handler(BaseHTTPRequestHandler):
-    server: BackendServer
-    protocol_version = "HTTP/1.1"
-    server_version = "labeltriage-mlbackend"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
-
-    def _send(
-        self, status: HTTPStatus, body: dict[str, Any], headers: dict[str, str] | None = None
-    ) -> None:
-        data = json.dumps(body, default=str).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _authorized(self) -> bool:
-        expected = self.server.backend.config.basic_auth
-        if expected is None:
-            return True
-        header = self.headers.get("Authorization", "")
-        if not header.startswith("Basic "):
-            return False
-        try:
-            user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
-        except (ValueError, UnicodeDecodeError):
-            return False
-        ok_user = hmac.compare_digest(user.encode(), expected[0].encode())
-        ok_pass = hmac.compare_digest(password.encode(), expected[1].encode())
-        return ok_user and ok_pass
-
-    def _body(self) -> dict[str, Any]:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            raise RequestError(
-                HTTPStatus.LENGTH_REQUIRED, "chunked bodies are not accepted; send Content-Length"
-            )
-        raw_length = self.headers.get("Content-Length")
-        if raw_length is None:
-            raise RequestError(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
-        try:
-            length = int(raw_length)
-        except ValueError:
-            raise RequestError(
-                HTTPStatus.BAD_REQUEST, f"bad Content-Length {raw_length!r}"
-            ) from None
-        if length < 0:
-            raise RequestError(HTTPStatus.BAD_REQUEST, f"bad Content-Length {raw_length!r}")
-        limit = self.server.backend.config.max_body_bytes
-        if length > limit:
-            raise RequestError(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"body of {length} bytes is over the limit of {limit}",
-            )
-        data = self.rfile.read(length)
-        try:
-            body = json.loads(data or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RequestError(HTTPStatus.BAD_REQUEST, f"body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise RequestError(HTTPStatus.BAD_REQUEST, "body must be a JSON object")
-        return body
-
-    def _dispatch(self, method: str) -> None:
-        path = self.path.split("?", 1)[0].rstrip("/") or "/"
-        backend = self.server.backend
-        try:
-            if not self._authorized():
-                # Do not read the body of an unauthenticated request; close the connection.
-                self.close_connection = True
-                self._send(
-                    HTTPStatus.UNAUTHORIZED,
-                    {"error": "authentication required"},
-                    {"WWW-Authenticate": 'Basic realm="labeltriage"'},
-                )
-                return
-            if method == "GET" and path in ("/health", "/"):
-                self._send(HTTPStatus.OK, backend.health())
-            elif method == "GET" and path == "/versions":
-                self._send(HTTPStatus.OK, {"versions": [backend.tier().version]})
-            elif method == "POST" and path in ("/setup", "/predict", "/webhook"):
-                body = self._body()
-                handler = {
-                    "/setup": backend.setup,
-                    "/predict": backend.predict,
-                    "/webhook": backend.webhook,
-                }[path]
-                self._send(HTTPStatus.OK, handler(body))
-            elif path in ("/health", "/versions", "/setup", "/predict", "/webhook"):
-                self._send(
-                    HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{method} is not allowed on {path}"}
-                )
-            else:
-                self._send(HTTPStatus.NOT_FOUND, {"error": f"no endpoint {path}"})
-        except RequestError as exc:
-            if exc.status in (HTTPStatus.REQUEST_ENTITY_TOO_LARGE, HTTPStatus.LENGTH_REQUIRED):
-                self.close_connection = True  # the unread body must not be parsed as a request
-            self._send(exc.status, {"error": exc.message})
-        except (UsageError, InputError) as exc:
-            log.error("%s %s: %s", method, path, exc)
-            self._send(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)})
-        except Exception as exc:
-            log.exception("%s %s failed", method, path)
-            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(exc).__name__}: {exc}"})
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
-
-
-class BackendServer(ThreadingHTTPServer):
-    """The HTTP server; ``serve_forever`` in a thread for tests, or until Ctrl-C."""
-
-    daemon_threads = True
-
-    def __init__(
-        self, backend: EasyTierBackend, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
-    ) -> None:
-        self.backend = backend
-        super().__init__((host, port), _Handler)
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        name = host.decode() if isinstance(host, bytes) else str(host)
-        return f"http://{name}:{port}"
-
-
-def make_server(
-    config: BackendConfig, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
-) -> BackendServer:
-    """A ready server (bound, not yet serving); ``port=0`` picks a free port."""
-    if config.max_body_bytes < 1:
-        raise UsageError(f"max body size must be positive, got {config.max_body_bytes}")
-    if config.basic_auth is not None and not all(config.basic_auth):
-        raise UsageError("basic auth needs both a user and a password")
-    return BackendServer(EasyTierBackend(config), host, port)
-
-
-def label_studio_size_lookup(base_url: str, token: str, *, timeout: float = 30.0) -> SizeLookup:
-    """Image sizes of tasks, read from the image header served by Label Studio.
-
-    Only images on ``base_url``'s server (paths such as ``/data/upload/…``) are fetched,
-    with the token; the size of any other image is unknown (``None``).
+    The size comes from the task's regions, else from the image's header, read from Label
+    Studio with its token only where the image-source policy allows; otherwise ``None``.
     """
-    import io
-    import urllib.parse
-
-    import requests
-    from PIL import Image, UnidentifiedImageError
-
-    from connectors.formats.labelstudio_api import LabelStudioClient
-
-    client = LabelStudioClient(base_url, token, timeout=timeout)
-    parts = urllib.parse.urlsplit(base_url)
-    origin = f"{parts.scheme}://{parts.netloc}"
     cache: dict[str, tuple[int, int]] = {}
+    lock = threading.Lock()
+    image_key = project.config.image_key
 
     def size_of(task: dict[str, Any]) -> tuple[int, int] | None:
-        for region in (r for a in task.get("annotations") or [] for r in a.get("result") or []):
-            if region.get("original_width") and region.get("original_height"):
-                return int(region["original_width"]), int(region["original_height"])
-        values = [v for v in (task.get("data") or {}).values() if isinstance(v, str)]
-        path = next((v for v in values if v.startswith("/data/")), None)
-        if path is None:
+        width, height = image_size_of(task)
+        if width and height:
+            return width, height
+        value = (task.get("data") or {}).get(image_key)
+        if not isinstance(value, str):
             return None
-        if path in cache:
-            return cache[path]
+        with lock:
+            if value in cache:
+                return cache[value]
         try:
-            r = client.session.get(origin + path, timeout=timeout)
-            r.raise_for_status()
-            size = Image.open(io.BytesIO(r.content)).size
-        except (requests.RequestException, UnidentifiedImageError, OSError) as exc:
-            log.warning(
-                "task %s: cannot read the image size from %s: %s", task.get("id"), path, exc
-            )
+            size = project.image_size(value, item=str(task.get("id")))
+        except (InputError, UsageError) as exc:
+            log.warning("task %s: cannot read the image size: %s", task.get("id"), exc)
             return None
-        cache[path] = (int(size[0]), int(size[1]))
-        return cache[path]
+        with lock:
+            cache[value] = size
+        return size
 
     return size_of
 
 
 __all__ = [
+    "ROLLBACK_FILENAME",
     "BackendConfig",
-    "BackendServer",
     "EasyTier",
     "EasyTierBackend",
+    "RequestError",
     "append_event",
     "find_run_dir",
     "label_studio_size_lookup",
     "load_easy_tier",
-    "make_server",
     "read_events",
 ]

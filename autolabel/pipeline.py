@@ -253,6 +253,19 @@ class _Run:
         )
         self.record.outputs.update({k: str(v) for k, v in outputs.items()})
 
+    def publish(self) -> None:
+        """Each item's tier and difficulty to the platform (Label Studio Data Manager columns)."""
+        import pandas as pd
+
+        from difficulty.table import read_difficulty
+
+        df, _ = read_difficulty(self.run_dir, self.cfg.report_store_options or None)
+        rows = zip(df["item_id"].astype(str), df["tier"], df["score"], strict=True)
+        self.record.counts["published"] = self.project.publish_difficulty(
+            (i, t if isinstance(t, str) else None, None if pd.isna(s) else float(s))
+            for i, t, s in rows
+        )
+
     def gate(self) -> None:
         from autolabel.gate import run_autolabel
 
@@ -342,6 +355,8 @@ def run_project(
             run.step("train" if p.train is not None else "model", run.train)
         run.step("score", run.score)
         run.step("report", run.report)
+        if getattr(run.project, "data_columns", False):  # opt-in: Label Studio columns
+            run.step("publish", run.publish)
         if p.stage in ("shadow", "autolabel"):
             run.step(p.stage, run.gate)
             # The report above was written before the gate ran (so a failing gate still

@@ -337,3 +337,20 @@ class ProjectLock:
 def record_json(record: RunRecord) -> str:
     """A record as one JSON line (for the command line)."""
     return json.dumps(record.model_dump(mode="json"), sort_keys=True)
+
+
+ROLLBACK_FILENAME = "rollback.json"
+"""Left in a run's folder by ``labeltriage rollback``: ``serve`` never serves from that run."""
+
+
+def mark_rolled_back(
+    store: ReportStore, project: str, run_id: str, outcome: dict[str, Any]
+) -> str | None:
+    """Record in run ``run_id``'s folder that it was rolled back; ``None`` when there is no folder."""
+    folder = store.run_rel(project, run_id)
+    if not store.fs.isdir(folder):
+        return None
+    body = {"run_id": run_id, "rolled_back": utcnow().isoformat(), **outcome}
+    return store.fs.write_text(
+        f"{folder}/{ROLLBACK_FILENAME}", json.dumps(body, indent=1, sort_keys=True)
+    )

@@ -29,7 +29,7 @@ import io
 import json
 import logging
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -301,7 +301,12 @@ def _project_fs(meta: dict[str, Any], project: ProjectFormat | None) -> ProjectF
 
 
 def thumbnails(
-    df: pd.DataFrame, fs: ProjectFS | None, *, hardest: bool, n: int
+    df: pd.DataFrame,
+    fs: ProjectFS | None,
+    *,
+    hardest: bool,
+    n: int,
+    task_url: Callable[[str], str] | None = None,
 ) -> list[dict[str, Any]]:
     scored = df[df["rank"].notna()].sort_values("rank", ascending=hardest)
     out = []
@@ -321,6 +326,7 @@ def thumbnails(
                 "true_error": None if pd.isna(row.true_error) else float(row.true_error),
                 "src": src,
                 "why": why,
+                "url": task_url(str(row.item_id)) if task_url else None,
             }
         )
     return out
@@ -528,6 +534,9 @@ def write_report(
     weights = {k: (v or 0.0) for k, v in combination.get("weights", {}).items()}
     correlations = combination.get("correlations", {})
     fs = _project_fs(meta, project)
+    task_url = getattr(project, "task_url", None)  # the item on its platform (Label Studio)
+    if task_url is not None and len(assignment):
+        assignment.insert(1, "task_url", [task_url(str(i)) for i in assignment["item_id"]])
 
     context = {
         "meta": meta,
@@ -556,8 +565,8 @@ def write_report(
             for s in scorers
         ],
         "combination": combination,
-        "hardest": thumbnails(df, fs, hardest=True, n=thumbnails_per_side),
-        "easiest": thumbnails(df, fs, hardest=False, n=thumbnails_per_side),
+        "hardest": thumbnails(df, fs, hardest=True, n=thumbnails_per_side, task_url=task_url),
+        "easiest": thumbnails(df, fs, hardest=False, n=thumbnails_per_side, task_url=task_url),
         "plan": plan,
         "trend": trend,
         "autolabel": autolabel_view(auto),

@@ -22,6 +22,7 @@ from connectors.formats._filebased import LabelFileFormat
 from connectors.formats.base import FORMATS, PredictionSource, ProjectFormat
 from connectors.formats.voc import VocFormat
 from connectors.labelmap import LabelMap
+from connectors.labelstudio.provenance import package_version
 from connectors.model import Annotation, Item, ItemStatus, Prediction
 from connectors.storage import ProjectFS
 from connectors.writeback import list_runs, load_manifest, rollback, write_run
@@ -373,7 +374,9 @@ def test_each_format_writes_with_provenance(fproject: FormatProject, tmp_path: P
             if str(t["id"]) == res.written[0]
         )
         (pred,) = task["predictions"]
-        assert pred["model_version"] == "yolo-test-1" and pred["score"] == pytest.approx(0.9)
+        assert pred["model_version"] == f"labeltriage-{package_version()}/{res.run_id}"
+        assert pred["labeltriage"]["model_version"] == "yolo-test-1"
+        assert pred["score"] == pytest.approx(0.9)
         assert task["annotations"] == []  # predictions, never annotations
     else:
         data = json.loads((p.root / "annotations.json").read_text())

@@ -21,15 +21,13 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from PIL import Image
 
-from connectors.errors import UsageError
+from connectors.errors import InputError, UsageError
 from connectors.formats.base import PREDICTION_FORMATS, LabelWrite, Provenance
-from connectors.formats.labelstudio_api import (
-    LabelStudioAPI,
-    LabelStudioPredictions,
-    parse_label_config,
-    parse_project_url,
-    percent_to_xyxy,
-)
+from connectors.formats.labelstudio_api import LabelStudioAPI, LabelStudioPredictions
+from connectors.labelstudio.client import parse_project_url
+from connectors.labelstudio.config import parse_label_config
+from connectors.labelstudio.provenance import content_sha256, model_version_for
+from connectors.labelstudio.regions import percent_to_xyxy
 from connectors.model import Annotation, ItemStatus
 from connectors.project import open_predictions, open_project
 from connectors.writeback import rollback, write_run
@@ -119,18 +117,19 @@ def ls() -> Iterator[tuple[str, FakeLabelStudio]]:
             if not self._auth():
                 return
             url = urlsplit(self.path)
+            path = url.path.rstrip("/") if url.path.startswith("/api/") else url.path
             q = {k: v[0] for k, v in parse_qs(url.query).items()}
-            if url.path in state.images:
-                data = state.images[url.path]
+            if path in state.images:
+                data = state.images[path]
                 self.send_response(200)
                 self.send_header("Content-Type", "image/png")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
-            elif url.path == "/api/projects/5":
+            elif path == "/api/projects/5":
                 self._json(200, {"id": 5, "label_config": CONFIG})
-            elif url.path == "/api/tasks":
+            elif path == "/api/tasks":
                 page, size = int(q["page"]), int(q["page_size"])
                 ids = sorted(state.tasks)
                 chunk = ids[(page - 1) * size : page * size]
@@ -138,12 +137,12 @@ def ls() -> Iterator[tuple[str, FakeLabelStudio]]:
                     self._json(404, {"detail": "Invalid page."})
                 else:
                     self._json(200, {"total": len(ids), "tasks": [state.tasks[i] for i in chunk]})
-            elif m := re.fullmatch(r"/api/tasks/(\d+)", url.path):
+            elif m := re.fullmatch(r"/api/tasks/(\d+)", path):
                 task = state.tasks.get(int(m.group(1)))
                 self._json(200 if task else 404, task or {"detail": "Not found."})
-            elif url.path == "/api/predictions":
+            elif path == "/api/predictions":
                 self._json(200, state.predictions())
-            elif m := re.fullmatch(r"/api/predictions/(\d+)", url.path):
+            elif m := re.fullmatch(r"/api/predictions/(\d+)", path):
                 found = [p for p in state.predictions() if p["id"] == int(m.group(1))]
                 self._json(200 if found else 404, found[0] if found else {"detail": "Not found."})
             else:
@@ -154,7 +153,7 @@ def ls() -> Iterator[tuple[str, FakeLabelStudio]]:
             if not self._auth():
                 return
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            if self.path == "/api/predictions":
+            if self.path.rstrip("/") == "/api/predictions":
                 pred = {"id": state.next_id, "task": body["task"], "result": body["result"], "score": body.get("score"),
                         "model_version": body.get("model_version"), "created_at": "2026-02-01T00:00:00Z"}  # fmt: skip
                 state.next_id += 1
@@ -163,11 +162,24 @@ def ls() -> Iterator[tuple[str, FakeLabelStudio]]:
             else:
                 self._json(404, {"detail": "Not found."})
 
+        def do_PATCH(self) -> None:
+            state.requests.append(f"PATCH {self.path}")
+            if not self._auth():
+                return
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            m = re.fullmatch(r"/api/tasks/(\d+)", self.path.rstrip("/"))
+            task = state.tasks.get(int(m.group(1))) if m else None
+            if task is None:
+                self._json(404, {"detail": "Not found."})
+                return
+            task["data"] = body["data"]
+            self._json(200, task)
+
         def do_DELETE(self) -> None:
             state.requests.append(f"DELETE {self.path}")
             if not self._auth():
                 return
-            m = re.fullmatch(r"/api/predictions/(\d+)", self.path)
+            m = re.fullmatch(r"/api/predictions/(\d+)", self.path.rstrip("/"))
             for task in state.tasks.values():
                 for p in list(task["predictions"]):
                     if m and p["id"] == int(m.group(1)):
@@ -215,7 +227,7 @@ def test_percent_boxes_convert_to_pixels() -> None:
         {"x": 50, "y": 0, "width": 10, "height": 10, "rotation": 90}, 100, 100
     )
     assert (x1, y1, x2, y2) == pytest.approx((40.0, 0.0, 50.0, 10.0))
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(ValueError, match="ends past the image width"):
         percent_to_xyxy({"x": 95, "y": 0, "width": 20, "height": 10}, 100, 100)
     config = parse_label_config(CONFIG)
     assert (config.image_key, config.boxes_from, config.labels) == (
@@ -232,7 +244,7 @@ def test_reads_all_pages_with_status_and_pixel_boxes(
     api = _open(url, tmp_path, page_size=3)
     items = list(api.iter_items())
     assert [it.item_id for it in items] == [str(i) for i in range(1, 8)]
-    assert sum(1 for r in state.requests if r.startswith("GET /api/tasks?")) == 3
+    assert sum(1 for r in state.requests if re.match(r"GET /api/tasks/?\?", r)) == 3
     by_id = {it.item_id: it for it in items}
     assert by_id["2"].status is ItemStatus.LABELED and by_id["2"].has_human_label
     assert by_id["2"].annotations == [Annotation(label="stop", box=(20.0, 20.0, 80.0, 60.0))]
@@ -263,7 +275,7 @@ def test_broken_tasks_become_error_items_naming_the_task(
     assert items["5"].error is not None and "task=5" in items["5"].error
     assert "'picture'" in items["5"].error
     assert items["6"].error is not None and "task=6" in items["6"].error
-    assert "outside" in items["6"].error
+    assert "ends past the image width" in items["6"].error
     assert all(items[i].error is None for i in ("1", "2", "3", "4", "7"))
 
 
@@ -339,7 +351,7 @@ def test_open_predictions_routes_urls_to_the_stored_predictions(
         )
     with pytest.raises(UsageError, match="labelstudio_api reads a live Label Studio"):
         open_predictions(str(tmp_path), "labelstudio_api")
-    assert sum(1 for r in state.requests if r.startswith("GET /api/tasks?")) >= 4
+    assert sum(1 for r in state.requests if re.match(r"GET /api/tasks/?\?", r)) >= 4
 
 
 def _writes(api: LabelStudioAPI, run_id: str) -> list[LabelWrite]:
@@ -369,7 +381,7 @@ def test_write_predictions_for_unlabeled_only_then_rollback(
     written = state.tasks[1]["predictions"]
     assert len(written) == 1
     pred = written[0]
-    assert pred["model_version"] == "yolov5n" and pred["score"] == 0.9
+    assert pred["model_version"] == model_version_for("run-a") and pred["score"] == 0.9
     region = pred["result"][0]
     assert region["value"]["x"] == pytest.approx(10.0) and region["value"][
         "width"
@@ -379,7 +391,10 @@ def test_write_predictions_for_unlabeled_only_then_rollback(
         "model_version": "yolov5n",
         "tier": "easy",
         "score": 0.9,
+        "via": "run",
+        "sha256": content_sha256(pred["result"], pred["model_version"]),
     }
+    assert "labeltriage auto-label, run run-a" in region["meta"]["text"][0]
     assert (tmp_path / "state" / ".labeltriage" / "runs" / "run-a.json").exists()
     assert api.records_of_run("run-a") == manifest.records
 
@@ -421,3 +436,130 @@ def test_a_changed_prediction_is_kept_on_removal(
     kept = api.remove_written(outcome.records)
     assert len(kept) == 1 and "changed" in kept[0]
     assert len(state.tasks[1]["predictions"]) == 1
+
+
+def test_a_second_run_is_refused_where_labeltriage_already_wrote(
+    ls: tuple[str, FakeLabelStudio], tmp_path: Path
+) -> None:
+    url, state = ls
+    api = _open(url, tmp_path)
+    write_run(api, _writes(api, "run-a")[:1], "run-a")
+    again = _open(url, tmp_path)
+    items = {it.item_id: it for it in again.iter_items()}
+    assert items["1"].status is ItemStatus.AUTO_LABELED  # read back as labeltriage's label
+    assert items["1"].meta["auto_label"]["run_id"] == "run-a"
+    prov = Provenance(run_id="run-b", model_version="yolov5n", score=0.9, tier="easy")
+    box = [Annotation(label="stop", box=(20.0, 10.0, 60.0, 50.0), score=0.9)]
+    unlabeled = items["7"].model_copy(update={"status": ItemStatus.UNLABELED})
+    stale = items["1"].model_copy(update={"status": ItemStatus.UNLABELED})  # as read before run-a
+    manifest = write_run(
+        again,
+        [LabelWrite(item=i, annotations=box, provenance=prov) for i in (stale, unlabeled)],
+        "run-b",
+    )
+    assert "already holds labeltriage prediction" in manifest.refused["1"]
+    assert [len(state.tasks[i]["predictions"]) for i in (1, 7)] == [1, 1]  # one per task
+
+
+def test_rollback_from_another_state_folder_rebuilds_the_manifest(
+    ls: tuple[str, FakeLabelStudio], tmp_path: Path
+) -> None:
+    url, state = ls
+    api = _open(url, tmp_path)
+    write_run(api, _writes(api, "run-a")[:1], "run-a")
+    item6 = next(it for it in api.iter_items() if it.item_id == "6")
+    prov = Provenance(run_id="run-a2", model_version="yolov5n", tier="easy")
+    write_run(api, [LabelWrite(item=item6, annotations=[], provenance=prov)], "run-a2")
+    elsewhere = LabelStudioAPI.from_url(
+        f"{url}/projects/5", {"token": TOKEN}, state_dir=str(tmp_path / "other-machine")
+    )
+    with pytest.raises(UsageError, match="unknown run id"):
+        rollback(elsewhere, "run-a")
+    assert elsewhere.restore_manifest("run-a") and not elsewhere.restore_manifest("run-a")
+    assert rollback(elsewhere, "run-a").removed == ["1"]
+    assert state.tasks[1]["predictions"] == [] and len(state.tasks[6]["predictions"]) == 1
+    assert elsewhere.restore_manifest("run-a2")  # an empty label: found by its model_version
+    assert rollback(elsewhere, "run-a2").removed == ["6"]
+    assert [p["id"] for p in state.predictions()] == [900]  # the platform's own: untouched
+    assert not elsewhere.restore_manifest("no-such-run")
+
+
+def test_image_references_outside_label_studio_image_paths_are_refused(
+    ls: tuple[str, FakeLabelStudio], tmp_path: Path
+) -> None:
+    url, state = ls
+    state.tasks[1]["data"] = {"picture": "/data/../api/users"}
+    state.tasks[2]["data"] = {"picture": "/data/%2e%2e/api/users"}
+    state.tasks[3]["data"] = {"picture": "http://127.0.0.2:9/x.jpg"}
+    state.tasks[4]["data"] = {"picture": "file:///etc/passwd"}
+    items = {it.item_id: it for it in _open(url, tmp_path).iter_items()}
+    for i in ("1", "2"):
+        assert items[i].error is not None and "not" in items[i].error
+    assert items["3"].error is not None and "another host" in items["3"].error
+    assert items["4"].error is not None and "file" in items["4"].error
+    assert items["5"].error is None
+    assert not any("/api/users" in r for r in state.requests)  # the token never went there
+    api = _open(url, tmp_path)
+    with pytest.raises(InputError, match="image paths"):
+        api.image_size("/api/users")
+    assert api.image_size("/data/upload/5/5.png") == (200, 100)
+
+
+def test_tier_and_difficulty_become_data_manager_columns(
+    ls: tuple[str, FakeLabelStudio], tmp_path: Path
+) -> None:
+    url, state = ls
+    assert _open(url, tmp_path).publish_difficulty([("1", "easy", 0.1)]) == 0  # opt-in
+    api = _open(url, tmp_path, data_columns=True)
+    rows = [("1", "easy", 0.123456), ("2", "hard", 0.9), ("404", "easy", 0.1)]
+    assert api.publish_difficulty(rows) == 2
+    assert state.tasks[1]["data"] == {
+        "picture": "/data/upload/5/1.png", "lt_tier": "easy", "lt_difficulty": 0.1235,
+    }  # fmt: skip
+    assert api.publish_difficulty(rows) == 0  # unchanged values are not written again
+    assert state.tasks[2]["annotations"][0]["id"] == 11  # annotations untouched
+    assert api.task_url("3") == f"{url}/projects/5/data?task=3"
+
+
+def test_report_links_items_to_their_tasks(ls: tuple[str, FakeLabelStudio], tmp_path: Path) -> None:
+    import pandas as pd
+
+    from difficulty.report import write_report
+    from difficulty.table import write_difficulty
+
+    url, _ = ls
+    api = _open(url, tmp_path)
+    df = pd.DataFrame(
+        {
+            "item_id": ["1", "3", "7"],
+            "uri": [f"{url}/data/upload/5/{i}.png" for i in (1, 3, 7)],
+            "status": ["unlabeled"] * 3,
+            "fourier": [0.1, 0.5, 0.9],
+            "score": [0.1, 0.5, 0.9],
+            "tier": ["easy", "medium", "hard"],
+            "rank": [3, 2, 1],
+            "error": [None, None, None],
+            "true_error": [None, None, None],
+        }
+    )
+    run_dir = tmp_path / "run"
+    meta = {
+        "run_id": "r", "created": "2026-01-01T00:00:00+00:00", "scorers": ["fourier"],
+        "source": f"{url}/projects/5", "format": "labelstudio_api", "task": "detection",
+        "model_version": "yolov5n",
+        "combination": {"method": "single", "weights": {"fourier": 1.0}, "correlations": {},
+                        "n_labeled": 0, "reason": "one scorer", "combined_rho": None,
+                        "cv_rho": {}},
+        "reference": {"fourier": [0.0, 0.5, 1.0]},
+        "tiers": {"config": {"mode": "thresholds", "easy": 0.3, "hard": 0.7},
+                  "easy_max": 0.3, "hard_min": 0.7, "source": "thresholds"},
+    }  # fmt: skip
+    write_difficulty(df, str(run_dir), meta)
+    write_report(str(run_dir), project=api)
+    assignment = pd.read_csv(run_dir / "assignment.csv", dtype=str)
+    assert list(assignment["task_url"]) == [
+        f"{url}/projects/5/data?task={i}" for i in assignment["item_id"]
+    ]
+    page = (run_dir / "report.html").read_text()
+    assert f'<a href="{url}/projects/5/data?task=7">7</a>' in page
+    assert "data:image/jpeg;base64," in page  # thumbnails read from Label Studio with the token

@@ -16,6 +16,7 @@ from connectors.formats.labelstudio import (
     uri_from_task,
     uri_to_task,
 )
+from connectors.labelstudio.provenance import model_version_for
 from connectors.model import Annotation, AnnotationSource, Item, ItemStatus
 from connectors.storage import ProjectFS
 
@@ -136,14 +137,34 @@ def test_reads_tasks(mem: ProjectFS) -> None:
     assert a.annotations == [Annotation(label="stop", box=(40.0, 40.0, 140.0, 140.0))]
     assert a.annotation_seconds == 12.5  # the cancelled annotation's lead time is ignored
     assert a.meta == {"batch": 3}
-    assert (
-        items["12"].status is ItemStatus.UNLABELED
-        and items["12"].uri == "https://example.org/img/c.jpg"
-    )
+    # an image on another host is not read unless the project allows that host
+    assert items["12"].status is ItemStatus.UNLABELED and items["12"].error is not None
+    assert "allow_image_hosts" in items["12"].error and "example.org" in items["12"].error
     assert items["13"].uri == "images/d.jpg" and items["13"].width is None
     assert items["14"].annotations == [Annotation(label="cat")] and items["14"].class_label == "cat"
     assert items["14"].uri == "upload/1/e.png"
-    assert all(i.error is None for i in items.values())
+    assert all(i.error is None for k, i in items.items() if k != "12")
+    allowed = by_id(list(LabelStudioFormat(mem, allow_image_hosts=["example.org"]).iter_items()))
+    assert allowed["12"].error is None and allowed["12"].uri == "https://example.org/img/c.jpg"
+
+
+def test_images_on_other_hosts_and_files_are_refused(mem: ProjectFS) -> None:
+    tasks = [
+        {"id": 1, "data": {"image": "file:///etc/passwd"}},
+        {"id": 2, "data": {"image": "http://127.0.0.1:8080/data/upload/1/x.jpg"}},
+        {"id": 3, "data": {"image": "/data/upload/1/x.jpg"}},
+        {"id": 4, "data": {"image": "s3://bucket/x.jpg"}},
+    ]
+    items = by_id(list(make(mem, tasks).iter_items()))
+    assert items["1"].error is not None and "file://" in items["1"].error
+    assert items["2"].error is not None and "127.0.0.1:8080" in items["2"].error
+    assert items["3"].error is None and items["3"].uri == "upload/1/x.jpg"
+    assert items["4"].error is None  # the project's storage policy judges other schemes
+    with pytest.raises(InputError, match="file://"):
+        uri_from_task("file:///etc/passwd")
+    assert (
+        uri_from_task("http://ls:8080/a.jpg", allowed_hosts=("ls:8080",)) == "http://ls:8080/a.jpg"
+    )
 
 
 def test_detect_and_registry(mem: ProjectFS) -> None:
@@ -176,7 +197,7 @@ def test_bad_regions_mark_only_their_task(mem: ProjectFS) -> None:
     tasks.append({"no": "id"})
     items = list(make(mem, tasks).iter_items())
     errors = {i.item_id: i.error for i in items if i.error}
-    assert set(errors) == {"11", "20", "13", "task:5"}
+    assert set(errors) == {"11", "12", "20", "13", "task:5"}  # 12: an image on another host
     assert "ends past the image width 400" in errors["11"] and "export.json" in errors["11"]
     assert "negative width" in errors["13"]
     assert "escapes the project root" in errors["20"]
@@ -241,7 +262,7 @@ def test_round_trip(mem: ProjectFS) -> None:
         ),
     ]
     LabelStudioFormat(mem).write_items(items)
-    back = list(LabelStudioFormat(mem).iter_items())
+    back = list(LabelStudioFormat(mem, allow_image_hosts=["h"]).iter_items())
     assert [i.item_id for i in back] == ["1", "2", "3", "4"]
     for got, want in zip(back, items, strict=True):
         assert (got.uri, got.status, got.source, got.annotation_seconds) == (
@@ -287,7 +308,8 @@ def test_write_labels_adds_predictions_only(mem: ProjectFS) -> None:
     for old, new in zip(before, after, strict=True):
         assert old.get("annotations") == new.get("annotations")
     pred = after[2]["predictions"][-1]
-    assert pred["model_version"] == "yolo-2" and pred["score"] == 0.7
+    assert pred["model_version"] == model_version_for("r1") and pred["score"] == 0.7
+    assert pred["labeltriage"]["model_version"] == "yolo-2"  # the model the label came from
     assert pred["labeltriage"]["run_id"] == "r1" and pred["labeltriage"]["tier"] == "easy"
     region = pred["result"][0]
     assert region["score"] == 0.6 and region["from_name"] == "bbox" and region["to_name"] == "img"
@@ -297,8 +319,9 @@ def test_write_labels_adds_predictions_only(mem: ProjectFS) -> None:
     reread = by_id(list(LabelStudioFormat(mem).iter_items()))["13"]
     assert reread.status is ItemStatus.AUTO_LABELED and reread.source is AnnotationSource.AUTO
     assert reread.annotations == [Annotation(label="car", box=(0.0, 0.0, 200.0, 100.0), score=0.6)]
-    # the prediction source sees it too, and a second run is refused
-    assert LabelStudioPredictions(mem).get("13").model_version == "yolo-2"  # type: ignore[union-attr]
+    # labeltriage's own output is never read back as the platform's predictions; a second
+    # run is refused
+    assert LabelStudioPredictions(mem).get("13") is None
     assert "already auto-labeled by run r1" in fmt.write_labels([write(reread, "r2")]).refused["13"]
 
 

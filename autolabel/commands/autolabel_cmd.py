@@ -88,6 +88,7 @@ def autolabel(
 
     Prints a JSON summary; DIR/autolabel.json holds the full record (not with --dry-run).
     Undo a run with `labeltriage rollback RUN_ID`."""
+    from autolabel.commands.rollback import rollback_command
     from autolabel.gate import run_autolabel
     from connectors.labelmap import load_label_map
 
@@ -133,3 +134,6 @@ def autolabel(
     if dry_run:
         summary["would_write"] = [i for i in result.selected if i not in result.refused]
     click.echo(json.dumps(summary, indent=1))
+    if result.written and not dry_run:
+        undo = rollback_command(result.run_id, source, fmt)
+        click.echo(f"{len(result.written)} labels written; undo: {undo}", err=True)

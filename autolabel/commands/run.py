@@ -9,6 +9,7 @@ from types import FrameType
 import click
 
 from autolabel.commands._common import config_from, config_option, want_progress
+from autolabel.commands.rollback import rollback_command
 from autolabel.store import record_json
 from connectors.errors import UsageError
 
@@ -50,7 +51,7 @@ def run(
         # the run is recorded as failed ("interrupted") and its project lock released.
         raise SystemExit(128 + signum)
 
-    cfg, _ = config_from(ctx, config_path)
+    cfg, cfg_path = config_from(ctx, config_path)
     names = list(projects) or list(cfg.projects)
     if not names:
         raise UsageError("the config has no projects")
@@ -71,6 +72,11 @@ def run(
                 click.echo(line)
                 if "report" in record.outputs:
                     click.echo(f"  report: {record.outputs['report']}")
+            written = (record.counts.get("autolabel") or {}).get("written") or 0
+            if written:
+                several = name if len(cfg.projects) > 1 else None
+                undo = rollback_command(record.run_id, "", "", cfg_path, several)
+                click.echo(f"  {written} labels written; undo: {undo}", err=as_json)
             if record.status == "failed":
                 failed.append(name)
     finally:

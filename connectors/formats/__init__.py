@@ -16,13 +16,13 @@ if "labelstudio_api" not in FORMATS:
     FORMATS.register_lazy(
         "labelstudio_api",
         "connectors.formats.labelstudio_api:LabelStudioAPI",
-        hint="live Label Studio",
+        hint="pip install 'labeltriage[labelstudio]'",
     )
 if "labelstudio_api" not in PREDICTION_FORMATS:
     PREDICTION_FORMATS.register_lazy(
         "labelstudio_api",
         "connectors.formats.labelstudio_api:LabelStudioPredictions",
-        hint="live Label Studio",
+        hint="pip install 'labeltriage[labelstudio]'",
     )
 
 FIFTYONE_HINT = "FiftyOne: pip install 'labeltriage[fiftyone]'"

@@ -1,37 +1,40 @@
 """Label Studio JSON export: a list of tasks with ``data``, ``annotations``, ``predictions``.
 
-Box convention at this edge: a ``rectanglelabels`` region has ``x``, ``y``, ``width``,
-``height`` in **percent** of ``original_width``/``original_height``; inside labeltriage it
-becomes pixel ``xyxy`` = ``(x·W/100, y·H/100, (x+width)·W/100, (y+height)·H/100)``.
-A ``choices`` region is a class label (an annotation without box).
+Regions and the task's label are read by :mod:`connectors.labelstudio.regions`, the one
+converter the live project (:mod:`connectors.formats.labelstudio_api`) uses too: percent
+boxes become pixel ``xyxy``, a rectangle rotated by a multiple of 90° converts exactly and
+any other angle is refused, a box overshooting the image by at most 1 % is clipped.
 
 One task is one item:
 
 * ``item_id`` = ``str(task["id"])``;
 * ``uri`` from ``data.image`` (the ``image_key`` option): ``/data/local-files/?d=PATH``
   → ``PATH`` (minus the ``local_files_prefix`` option), ``/data/upload/…`` →
-  ``upload/…``, a relative path as is; full URLs (``http(s)://``, ``s3://``, …) are kept;
+  ``upload/…``, a relative path as is; other storage URLs (``s3://``, …) are kept; a
+  ``file://`` image, and an ``http(s)://`` image on a host not listed in the
+  ``allow_image_hosts`` option, make an error item (:func:`uri_from_task`);
 * ``status`` is ``labeled`` (source human) when the task has an annotation that was not
-  cancelled (``was_cancelled``); the ``ground_truth`` one, else the last one, gives the
+  cancelled (``was_cancelled``); the ``ground_truth`` one, else the latest, gives the
   annotations and ``annotation_seconds`` (its ``lead_time``);
-* a task with no such annotation but with a prediction written by labeltriage (it
-  carries the ``labeltriage`` provenance dict) is ``auto_labeled`` (source auto);
+* a task with no such annotation but with a prediction labeltriage stored
+  (:mod:`connectors.labelstudio.provenance`) is ``auto_labeled`` (source auto);
 * image size comes from the regions' ``original_width``/``original_height``.
 
 Write-back (:meth:`LabelStudioFormat.write_labels`) adds a ``predictions`` entry —
-``model_version``, ``score``, regions each with ``score``, and ``labeltriage`` =
-``{run_id, tier, entry_id, …}`` — to tasks that have no annotation at write time, never
-touching ``annotations``; the export is re-read at write time and rewritten atomically.
+``model_version`` ``labeltriage-<version>/<run_id>``, ``score``, regions each with
+``score``, and ``labeltriage`` = ``{run_id, tier, model_version, entry_id, …}`` — to tasks
+that have no annotation and no labeltriage prediction at write time, never touching
+``annotations``; the export is re-read at write time and rewritten atomically.
 Percent boxes need the image size: the task's regions give it, else the item's
 ``width``/``height``, else the image's header is read (only the header, through the
 project's storage; relative and ``/data/local-files/`` images).  A box is refused, with
-the reason, only when none of these gives a size.
+the reason, only when none of these gives a size, or when it would not read back as the
+same box.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
 from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
@@ -44,7 +47,6 @@ from connectors.formats._jsonfile import (
     dump_json,
     entries_sha256,
     find_json,
-    json_int,
     load_json,
     problems_error,
     rewrite_json,
@@ -58,19 +60,25 @@ from connectors.formats.base import (
     WriteOutcome,
     WrittenRecord,
 )
-from connectors.model import (
-    Annotation,
-    AnnotationSource,
-    Item,
-    ItemStatus,
-    Prediction,
-    check_box_in_image,
+from connectors.labelstudio.client import ImageSourceRefused
+from connectors.labelstudio.provenance import META_KEY, model_version_for, provenance_of
+from connectors.labelstudio.regions import (
+    RegionNames,
+    annotation_to_region,
+    human_annotations,
+    image_size_of,
+    labeltriage_predictions,
+    latest,
+    read_regions,
+    read_task_label,
+    region_to_annotation,
 )
+from connectors.model import Item, ItemStatus, Prediction
 from connectors.storage import ProjectFS
 
 log = logging.getLogger(__name__)
 
-PROVENANCE_KEY = "labeltriage"
+PROVENANCE_KEY = META_KEY
 DEFAULT_FILE = "export.json"
 LOCAL_FILES = "/data/local-files/"
 UPLOAD = "/data/upload/"
@@ -79,8 +87,27 @@ UPLOAD = "/data/upload/"
 # -- conversions at the edge ---------------------------------------------------------------
 
 
-def uri_from_task(value: str, *, local_files_prefix: str = "") -> str:
-    """A task's image reference as an item ``uri`` (relative to the project, or a full URL)."""
+def uri_from_task(
+    value: str, *, local_files_prefix: str = "", allowed_hosts: tuple[str, ...] = ()
+) -> str:
+    """A task's image reference as an item ``uri`` (relative to the project, or a full URL).
+
+    Raises :class:`ImageSourceRefused` (an :class:`InputError`) for a ``file://`` image and
+    for an ``http(s)://`` image whose host (``host`` or ``host:port``) is not in
+    ``allowed_hosts``; other storage URLs are left to the project's storage to judge.
+    """
+    parts = urlsplit(value)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        raise ImageSourceRefused(f"image {value!r}: file:// images are not read", file=value)
+    if scheme in ("http", "https") and not (
+        parts.netloc in allowed_hosts or (parts.hostname or "") in allowed_hosts
+    ):
+        raise ImageSourceRefused(
+            f"image {value!r} is on host {parts.netloc!r}, not one the project allows "
+            "(option allow_image_hosts)",
+            file=value,
+        )
     if value.startswith(LOCAL_FILES):
         d = parse_qs(urlsplit(value).query).get("d", [""])[0]
         prefix = local_files_prefix.strip("/")
@@ -103,135 +130,13 @@ def uri_to_task(uri: str, *, local_files_prefix: str = "") -> str:
     return f"{LOCAL_FILES}?d={quote(path)}"
 
 
-def region_to_annotation(
-    region: dict[str, Any], default_score: float | None = None
-) -> tuple[Annotation | None, int | None, int | None]:
-    """One result region → (annotation or ``None`` for other region types, width, height).
-
-    Raises ValueError (naming the region) when the region is malformed or its box does
-    not fit the image.
-    """
-    kind = region.get("type")
-    value = region.get("value")
-    rid = region.get("id", "?")
-    if kind not in ("rectanglelabels", "choices"):
-        return None, None, None
-    if not isinstance(value, dict):
-        raise ValueError(f"region {rid}: 'value' is not an object")
-    width, height = json_int(region.get("original_width")), json_int(region.get("original_height"))
-    score = region.get("score", default_score)
-    if score is not None and not (isinstance(score, int | float) and 0.0 <= float(score) <= 1.0):
-        raise ValueError(f"region {rid}: score {score!r} is not in [0, 1]")
-    score = None if score is None else float(score)
-    if kind == "choices":
-        choices = value.get("choices")
-        if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], str):
-            raise ValueError(f"region {rid}: expected exactly one choice, got {choices!r}")
-        return Annotation(label=choices[0], score=score), width, height
-    labels = value.get("rectanglelabels")
-    if not isinstance(labels, list) or len(labels) != 1 or not isinstance(labels[0], str):
-        raise ValueError(f"region {rid}: expected exactly one rectangle label, got {labels!r}")
-    if width is None or height is None:
-        raise ValueError(
-            f"region {rid}: original_width/original_height missing; percent coordinates need them"
-        )
-    if value.get("rotation") not in (None, 0, 0.0):
-        raise ValueError(
-            f"region {rid}: rotated rectangles ({value.get('rotation')} degrees) are not supported"
-        )
-    try:
-        x, y, w, h = (float(value[k]) for k in ("x", "y", "width", "height"))
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(f"region {rid}: x, y, width, height must be numbers") from None
-    if w < 0 or h < 0:
-        raise ValueError(f"region {rid}: negative width or height ({w}%, {h}%)")
-    box = (x * width / 100.0, y * height / 100.0, (x + w) * width / 100.0, (y + h) * height / 100.0)
-    why = check_box_in_image(box, width, height)
-    if why is not None:
-        raise ValueError(f"region {rid}: {why}")
-    return Annotation(label=labels[0], box=box, score=score), width, height
-
-
-def annotation_to_region(
-    a: Annotation, width: int | None, height: int | None, *, names: tuple[str, str, str]
-) -> dict[str, Any]:
-    """An :class:`Annotation` as a Label Studio result region (percent coordinates)."""
-    rect_from, choice_from, to_name = names
-    region: dict[str, Any] = {"id": secrets.token_hex(5), "to_name": to_name}
-    if a.box is None:
-        region.update(type="choices", from_name=choice_from, value={"choices": [a.label]})
-    else:
-        if not width or not height:
-            raise ValueError("image size unknown; Label Studio boxes are percent of it")
-        x1, y1, x2, y2 = a.box
-        region.update(
-            type="rectanglelabels",
-            from_name=rect_from,
-            original_width=width,
-            original_height=height,
-            image_rotation=0,
-            value={
-                "x": x1 * 100.0 / width,
-                "y": y1 * 100.0 / height,
-                "width": (x2 - x1) * 100.0 / width,
-                "height": (y2 - y1) * 100.0 / height,
-                "rotation": 0,
-                "rectanglelabels": [a.label],
-            },
-        )
-    if a.score is not None:
-        region["score"] = a.score
-    return region
-
-
-def _live_annotations(task: dict[str, Any]) -> list[dict[str, Any]]:
-    anns = task.get("annotations") or []
-    return [a for a in anns if isinstance(a, dict) and not a.get("was_cancelled")]
-
-
-def _our_predictions(task: dict[str, Any]) -> list[dict[str, Any]]:
-    preds = task.get("predictions") or []
-    return [p for p in preds if isinstance(p, dict) and isinstance(p.get(PROVENANCE_KEY), dict)]
-
-
-def _regions(result: Any, where: str) -> tuple[list[Annotation], list[str]]:
-    """Annotations of a result list, and the problems of its malformed regions."""
-    if not isinstance(result, list):
-        return [], [f"{where}: 'result' is not a list"]
-    good: list[Annotation] = []
-    problems: list[str] = []
-    for region in result:
-        if not isinstance(region, dict):
-            problems.append(f"{where}: region {region!r} is not an object")
-            continue
-        try:
-            ann, _, _ = region_to_annotation(region)
-        except ValueError as exc:
-            problems.append(f"{where}: {exc}")
-            continue
-        if ann is not None:
-            good.append(ann)
-    return good, problems
-
-
-def _task_size(task: dict[str, Any]) -> tuple[int | None, int | None]:
-    for group in ("annotations", "predictions"):
-        for entry in task.get(group) or []:
-            for region in (entry.get("result") if isinstance(entry, dict) else None) or []:
-                if isinstance(region, dict):
-                    w = json_int(region.get("original_width"))
-                    h = json_int(region.get("original_height"))
-                    if w and h:
-                        return w, h
-    return None, None
-
-
 @FORMATS.register("labelstudio")
 class LabelStudioFormat(JsonFileFormat):
     """A Label Studio JSON export file (see the module docstring).
 
     Options: ``file`` (the export, relative to the root), ``image_key`` (default
     ``image``), ``local_files_prefix`` (stripped from ``/data/local-files/?d=`` paths),
+    ``allow_image_hosts`` (hosts whose ``http(s)://`` images are read),
     ``from_name``/``choice_from_name``/``to_name`` for written regions (default: as found
     in the file, else ``label``/``choice``/``image``).
     """
@@ -246,6 +151,8 @@ class LabelStudioFormat(JsonFileFormat):
         super().__init__(project, **options)
         self.image_key = str(options.get("image_key") or "image")
         self.local_files_prefix = str(options.get("local_files_prefix") or "")
+        hosts = options.get("allow_image_hosts") or ()
+        self.image_hosts = (hosts,) if isinstance(hosts, str) else tuple(str(h) for h in hosts)
 
     @staticmethod
     def find_file(project: ProjectFS) -> str | None:
@@ -289,62 +196,40 @@ class LabelStudioFormat(JsonFileFormat):
         if not isinstance(ref, str):
             strings = [v for v in data.values() if isinstance(v, str)]
             ref = strings[0] if len(strings) == 1 else None
-        live = _live_annotations(task)
-        status = ItemStatus.LABELED if live else ItemStatus.UNLABELED
+        label = read_task_label(task)
         if ref is None:
             return self.invalid_item(
-                item_id, "", f"data has no image reference {self.image_key!r}", status
+                item_id, "", f"data has no image reference {self.image_key!r}", label.status
             )
-        uri = uri_from_task(ref, local_files_prefix=self.local_files_prefix)
-        if "://" not in uri:
-            try:
+        try:
+            uri = uri_from_task(
+                ref, local_files_prefix=self.local_files_prefix, allowed_hosts=self.image_hosts
+            )
+            if "://" not in uri:
                 self.project.resolve(uri, item=item_id)
-            except InputError as exc:
-                return self.invalid_item(item_id, ref, f"image {ref!r}: {exc.message}", status)
-        width, height = _task_size(task)
+        except ImageSourceRefused as exc:
+            return self.invalid_item(item_id, ref, exc.message, label.status)
+        except InputError as exc:
+            return self.invalid_item(item_id, ref, f"image {ref!r}: {exc.message}", label.status)
         meta: dict[str, Any] = dict(task["meta"]) if isinstance(task.get("meta"), dict) else {}
-        problems: list[str] = []
-        annotations: list[Annotation] = []
-        source: AnnotationSource | None = None
-        seconds: float | None = None
-        if live:
-            chosen = next((a for a in live if a.get("ground_truth")), live[-1])
-            annotations, problems = _regions(
-                chosen.get("result", []), f"annotation {chosen.get('id', '?')}"
-            )
-            source = AnnotationSource.HUMAN
-            lead = chosen.get("lead_time")
-            seconds = (
-                float(lead)
-                if isinstance(lead, int | float) and not isinstance(lead, bool) and lead >= 0
-                else None
-            )
-        else:
-            ours = _our_predictions(task)
-            if ours:
-                pred = ours[-1]
-                annotations, problems = _regions(
-                    pred.get("result", []), f"prediction {pred.get('id', '?')}"
-                )
-                status, source = ItemStatus.AUTO_LABELED, AnnotationSource.AUTO
-                prov = pred[PROVENANCE_KEY]
-                meta["auto_label"] = {"run_id": prov.get("run_id"), "provenance": prov}
-        error = self.item_error(problems, item_id, meta)
+        if label.auto_label is not None:
+            meta["auto_label"] = label.auto_label
+        error = self.item_error(label.problems, item_id, meta)
         return Item(
             item_id=item_id,
             uri=uri,
-            width=width,
-            height=height,
-            status=status,
-            source=source,
-            annotations=annotations,
-            annotation_seconds=seconds,
+            width=label.width,
+            height=label.height,
+            status=label.status,
+            source=label.source,
+            annotations=label.annotations,
+            annotation_seconds=label.annotation_seconds,
             meta=meta,
             error=error,
         )
 
     # -- writing a whole project ---------------------------------------------------------
-    def _names(self, tasks: list[Any] | None = None) -> tuple[str, str, str]:
+    def _names(self, tasks: list[Any] | None = None) -> RegionNames:
         found: dict[str, str] = {}
         for task in tasks or []:
             for group in ("annotations", "predictions"):
@@ -363,10 +248,12 @@ class LabelStudioFormat(JsonFileFormat):
                                 found.setdefault("to", str(region.get("to_name")))
             if len(found) == 3:
                 break
-        return (
-            str(self.options.get("from_name") or found.get("rect") or "label"),
-            str(self.options.get("choice_from_name") or found.get("choice") or "choice"),
-            str(self.options.get("to_name") or found.get("to") or "image"),
+        return RegionNames(
+            boxes_from=str(self.options.get("from_name") or found.get("rect") or "label"),
+            choices_from=str(
+                self.options.get("choice_from_name") or found.get("choice") or "choice"
+            ),
+            to_name=str(self.options.get("to_name") or found.get("to") or "image"),
         )
 
     def write_items(self, items: Iterable[Item], classes: list[str] | None = None) -> None:
@@ -406,8 +293,8 @@ class LabelStudioFormat(JsonFileFormat):
                 task["meta"] = meta
             try:
                 result = [
-                    annotation_to_region(a, item.width, item.height, names=names)
-                    for a in item.annotations
+                    annotation_to_region(a, names, item.width, item.height, region_id=f"r{i}")
+                    for i, a in enumerate(item.annotations)
                 ]
             except ValueError as exc:
                 raise UsageError(f"item {item.item_id!r}: {exc}") from exc
@@ -457,20 +344,19 @@ class LabelStudioFormat(JsonFileFormat):
                     outcome.refused[item_id] = f"no task with id {item_id} in {self.url}"
                     continue
                 if task.get("annotations"):
-                    live = _live_annotations(task)
+                    live = human_annotations(task)
                     outcome.refused[item_id] = (
                         f"has a human annotation ({len(live)}) at write time"
                         if live
                         else "has annotations (cancelled ones) at write time"
                     )
                     continue
-                ours = _our_predictions(task)
+                ours = labeltriage_predictions(task)
                 if ours:
-                    outcome.refused[item_id] = (
-                        f"already auto-labeled by run {ours[-1][PROVENANCE_KEY].get('run_id')}"
-                    )
+                    run = (provenance_of(ours[-1]) or {}).get("run_id")
+                    outcome.refused[item_id] = f"already auto-labeled by run {run}"
                     continue
-                width, height = _task_size(task)
+                width, height = image_size_of(task)
                 width, height = width or w.item.width, height or w.item.height
                 if not (width and height) and any(a.box is not None for a in w.annotations):
                     try:
@@ -480,17 +366,13 @@ class LabelStudioFormat(JsonFileFormat):
                         continue
                 try:
                     result = [
-                        annotation_to_region(a, width, height, names=names) for a in w.annotations
+                        annotation_to_region(a, names, width, height, region_id=f"lt{i}")
+                        for i, a in enumerate(w.annotations)
                     ]
+                    for region in result:  # what is written must read back as written
+                        region_to_annotation(region)
                 except ValueError as exc:
                     outcome.refused[item_id] = str(exc)
-                    continue
-                boxes = [a.box for a in w.annotations if a.box is not None]
-                misfit = next(
-                    (why for b in boxes if (why := check_box_in_image(b, width, height))), None
-                )
-                if misfit:
-                    outcome.refused[item_id] = misfit
                     continue
                 entry_id = f"{w.provenance.run_id}:{item_id}"
                 prov: dict[str, Any] = {
@@ -503,7 +385,7 @@ class LabelStudioFormat(JsonFileFormat):
                 if w.provenance.extra:
                     prov["extra"] = w.provenance.extra
                 prediction = {
-                    "model_version": w.provenance.model_version,
+                    "model_version": model_version_for(w.provenance.run_id),
                     "score": w.provenance.score,
                     "result": result,
                     PROVENANCE_KEY: prov,
@@ -588,14 +470,12 @@ class LabelStudioFormat(JsonFileFormat):
         for task in tasks:
             if not isinstance(task, dict) or "id" not in task:
                 continue
-            for p in _our_predictions(task):
-                if p[PROVENANCE_KEY].get("run_id") == run_id and p[PROVENANCE_KEY].get("entry_id"):
+            for p in labeltriage_predictions(task):
+                prov = p.get(PROVENANCE_KEY)
+                if isinstance(prov, dict) and prov.get("run_id") == run_id and prov.get("entry_id"):
                     records.append(
                         entry_record(
-                            self.file,
-                            str(task["id"]),
-                            entries_sha256([p]),
-                            [str(p[PROVENANCE_KEY]["entry_id"])],
+                            self.file, str(task["id"]), entries_sha256([p]), [str(prov["entry_id"])]
                         )
                     )
         return records
@@ -610,7 +490,8 @@ class LabelStudioPredictions(PredictionSource):
 
     Region ``score`` (else the prediction's ``score``) becomes the annotation score; the
     prediction's ``model_version`` is kept.  With several predictions per task the one
-    with the ``model_version`` option is used, else the last one.
+    with the ``model_version`` option is used, else the latest one.  Predictions
+    labeltriage stored are never read: they are its own output, not the platform's.
     """
 
     def __init__(
@@ -630,27 +511,22 @@ class LabelStudioPredictions(PredictionSource):
         task = self.tasks.get(item_id)
         if task is None:
             return None
-        preds = [p for p in (task.get("predictions") or []) if isinstance(p, dict)]
+        preds = [
+            p
+            for p in (task.get("predictions") or [])
+            if isinstance(p, dict) and not provenance_of(p)
+        ]
         if self.model_version is not None:
             preds = [p for p in preds if p.get("model_version") == self.model_version]
-        if not preds:
+        pred = latest(preds)
+        if pred is None:
             return None
-        pred = preds[-1]
         default = pred.get("score")
-        good: list[Annotation] = []
-        problems: list[str] = []
-        for region in pred.get("result") or []:
-            if not isinstance(region, dict):
-                continue
-            try:
-                ann, _, _ = region_to_annotation(
-                    region, default_score=default if isinstance(default, int | float) else None
-                )
-            except ValueError as exc:
-                problems.append(str(exc))
-                continue
-            if ann is not None:
-                good.append(ann)
+        good, problems = read_regions(
+            [r for r in pred.get("result") or [] if isinstance(r, dict)],
+            f"prediction {pred.get('id', '?')}",
+            default_score=float(default) if isinstance(default, int | float) else None,
+        )
         error = problems_error(problems, self.url, item_id)
         version = pred.get("model_version")
         return Prediction(

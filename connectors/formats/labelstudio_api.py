@@ -1,491 +1,119 @@
-"""A live Label Studio project, read and written through its REST API.
+"""A live Label Studio project, read and written through its REST API (``label-studio-sdk``).
 
 Source: the project's URL, ``http://HOST:PORT/projects/ID`` (``/api/projects/ID`` and a
 trailing ``/data`` or query string are accepted too).  The API token comes from
-``storage_options["token"]`` or the environment variable ``LABEL_STUDIO_TOKEN``: a legacy
-token is sent as ``Authorization: Token T``; a personal access token (a JWT) is first
-exchanged at ``/api/token/refresh`` for an access token sent as ``Bearer``.
+``storage_options["token"]`` or ``$LABEL_STUDIO_TOKEN`` (legacy token or personal access
+token; :mod:`connectors.labelstudio.client`).
 
-Reading (:meth:`LabelStudioAPI.iter_items`) pages through ``/api/tasks?project=ID`` with
-``page``/``page_size``; one page is in memory at a time.
+Reading (:meth:`LabelStudioAPI.iter_items`) pages through the project's tasks; one page
+is in memory at a time.
 
-* ``item_id`` is ``str(task id)``; ``uri`` is the full URL of the task's image (a
-  server-relative path such as ``/data/upload/3/ab12-road1.jpg`` is joined to the server
-  URL).  The image field is the ``value="$key"`` of the label config's ``<Image>`` tag.
-* A task is ``labeled`` (source ``human``) when it has an annotation that was not
-  cancelled ("skipped").  Of several, a ``ground_truth`` one wins, else the most recently
-  updated.  Its ``lead_time`` becomes ``annotation_seconds``.
-* ``rectanglelabels`` regions are percentages of the image (``x``, ``y``, ``width``,
-  ``height`` in 0..100, rotated by ``rotation`` degrees clockwise about the top-left
-  corner); they become pixel ``xyxy`` through ``original_width``/``original_height``
-  (a rotated box becomes its axis-aligned bounding box).  ``choices`` regions become one
-  class label (classification).
-* A region that does not fit the image, or lacks its image size, makes the item an
-  error item naming the task and the region.
+* ``item_id`` is ``str(task id)``; ``uri`` is the full URL of the task's image on the
+  server.  The image field is the ``value="$key"`` of the label config's ``<Image>``.
+  A reference the image-source policy refuses (another host, ``file://``, a server path
+  that is not an image path such as ``/data/../api/users``) makes an error item, so the
+  token never leaves for it (``allow_foreign_images=True`` reads other hosts, and then
+  sends them the token: only for hosts you trust).
+* the label is read by :func:`connectors.labelstudio.regions.read_task_label`, the
+  converter the export-file format uses too: ``labeled`` (human) from the ground-truth or
+  latest non-cancelled annotation, ``auto_labeled`` from a prediction labeltriage stored,
+  else ``unlabeled``; a region that cannot be converted makes an error item naming the
+  task and the region.
+* ``meta``: ``labelstudio_image`` (the task's image reference), ``task_url`` (the task in
+  the labeling UI), ``labelstudio_annotation_id``, and ``auto_label`` for auto-labeled tasks.
 
 Writing (:meth:`LabelStudioAPI.write_labels`) creates Label Studio *predictions*, never
-annotations: ``POST /api/predictions`` with ``model_version``, ``score`` and one region
-per box (with its own ``score``).  Label Studio keeps no prediction-level metadata, so the
-provenance (run id, difficulty tier, item score) rides in every region's ``meta`` under
-``"labeltriage"``, next to a human-readable ``meta.text`` line that the labeling UI shows.
-Just before each write the task is fetched again; a task that has gained a human
-annotation is refused.  Annotations are separate objects in Label Studio, so a
-prediction can never replace one.  :meth:`LabelStudioAPI.remove_written` deletes exactly
-the predictions it created, by the ids in the run manifest's records, and keeps one whose
-content changed (checksum of result and model version) or that moved to another task.
-An empty label ("nothing to mark here") is a prediction with an empty ``result``: it has
-no region to carry the provenance, so only the manifest's record identifies it.
+annotations, with ``model_version`` ``labeltriage-<version>/<run_id>`` and the provenance
+in each region's ``meta`` (:mod:`connectors.labelstudio.provenance`).  Just before each
+write the task is fetched again and refused when it has a human annotation or already
+holds a labeltriage prediction (a second run, or ``serve``'s answer stored by Label Studio,
+is never stacked on the first), and every region is read back through the converter: what
+is written reads back as the same label, or it is not written.  An empty label ("nothing
+to mark here") is a prediction with an empty ``result``, marked by its ``model_version``.
+:meth:`LabelStudioAPI.remove_written` deletes exactly the predictions it is given and keeps
+one whose content changed since (checksum of its regions without ``meta`` and its model
+version) or that moved to another task.
 
-Label Studio has no place for files, so the run manifests that
+Run manifests: Label Studio has no place for files, so the manifests that
 :mod:`connectors.writeback` keeps under ``.labeltriage/`` live in a local *state folder*
-(option ``state_dir``, else ``$LABELTRIAGE_STATE_DIR/labelstudio/<server>/<project>``,
-else ``~/.cache/labeltriage/labelstudio/<server>/<project>``).
+(option ``state_dir``, else ``$LABELTRIAGE_STATE_DIR/labelstudio/<server>/<project>``, else
+``~/.cache/labeltriage/labelstudio/<server>/<project>``).  The project itself is the
+record of what a run stored (every prediction names its run), so a manifest missing from
+this machine's state folder is rebuilt from the project (:meth:`LabelStudioAPI.restore_manifest`):
+``labeltriage rollback RUN_ID`` works from any machine.
+
+Data Manager columns (option ``data_columns=True``): :meth:`LabelStudioAPI.publish_difficulty`
+writes ``lt_tier`` and ``lt_difficulty`` into each scored task's ``data``, so a manager can
+sort and filter by them in Label Studio.
 
 Image reads: the format's ``project`` (:class:`LabelStudioFS`) carries the
-``Authorization`` header in its HTTP storage options, so an image reader that opens a
-full ``http(s)://`` item uri with the project's storage options
-(``fsspec.open(uri, headers=...)``) gets through.  Those options apply to every
-``http(s)://`` uri of the project, so tasks whose images live on another web server
-would receive the header too: :meth:`LabelStudioAPI.iter_items` therefore refuses such
-tasks (error item) unless the option ``allow_foreign_images=True`` is given.
+``Authorization`` header in its HTTP storage options, so an image reader that opens an
+item uri with the project's storage options gets through; the policy above keeps every
+such uri on the server's image paths.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
 import math
 import os
 import re
 import urllib.parse
-import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar
 
-import requests
 from PIL import Image, UnidentifiedImageError
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
 from connectors.errors import InputError, UsageError
 from connectors.formats.base import (
     LabelWrite,
     PredictionSource,
     ProjectFormat,
-    Provenance,
     WriteOutcome,
     WrittenRecord,
 )
-from connectors.model import Annotation, AnnotationSource, Item, ItemStatus, Prediction
+from connectors.labelstudio.client import (
+    DEFAULT_PAGE_SIZE,
+    DEFAULT_TIMEOUT_S,
+    ImageSourceRefused,
+    LabelStudioClient,
+    ProjectLocation,
+    image_url,
+    is_project_url,
+    parse_project_url,
+    resolve_token,
+)
+from connectors.labelstudio.config import LabelConfig, parse_label_config
+from connectors.labelstudio.provenance import (
+    content_sha256,
+    content_unchanged,
+    is_labeltriage,
+    model_version_for,
+    provenance_meta,
+    provenance_of,
+)
+from connectors.labelstudio.regions import (
+    annotation_to_region,
+    human_annotations,
+    image_size_of,
+    labeltriage_predictions,
+    latest,
+    read_regions,
+    read_task_label,
+    region_to_annotation,
+)
+from connectors.model import Annotation, Item, Prediction
 from connectors.storage import ProjectFS
 
 log = logging.getLogger(__name__)
 
-TOKEN_ENV = "LABEL_STUDIO_TOKEN"
 STATE_ENV = "LABELTRIAGE_STATE_DIR"
-META_KEY = "labeltriage"
-"""Key of the provenance inside each written region's ``meta``."""
 PREDICTIONS_PATH = "api/predictions"
 """``WrittenRecord.path`` of a prediction written to Label Studio (ids in ``entry_ids``)."""
-DEFAULT_PAGE_SIZE = 100
-DEFAULT_TIMEOUT_S = 30.0
-
-_PROJECT_URL = re.compile(
-    r"^(?P<base>https?://[^?#]*?)/(?:api/)?projects/(?P<id>\d+)(?:/[^?#]*)?/?(?:[?#].*)?$"
-)
-
-
-# -- locations and the HTTP client -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ProjectLocation:
-    """A Label Studio project: the server's base URL (no trailing slash) and the project id."""
-
-    base_url: str
-    project_id: int
-
-    @property
-    def url(self) -> str:
-        return f"{self.base_url}/projects/{self.project_id}"
-
-    @property
-    def origin(self) -> str:
-        parts = urllib.parse.urlsplit(self.base_url)
-        return f"{parts.scheme}://{parts.netloc}"
-
-
-def parse_project_url(source: str) -> ProjectLocation:
-    """``http://HOST:PORT[/prefix]/projects/ID[/…]`` → :class:`ProjectLocation`.
-
-    Raises :class:`UsageError` naming the source when it is not such a URL.
-    """
-    match = _PROJECT_URL.match(source.strip())
-    if match is None:
-        raise UsageError(
-            f"{source!r} is not a Label Studio project URL; expected http(s)://HOST:PORT/projects/ID"
-        )
-    return ProjectLocation(
-        base_url=match.group("base").rstrip("/"), project_id=int(match.group("id"))
-    )
-
-
-def is_project_url(source: str) -> bool:
-    return _PROJECT_URL.match(source.strip()) is not None
-
-
-def resolve_token(storage_options: dict[str, Any] | None) -> str:
-    """The API token from ``storage_options["token"]`` or ``$LABEL_STUDIO_TOKEN``."""
-    token = (storage_options or {}).get("token") or os.environ.get(TOKEN_ENV)
-    if not token:
-        raise UsageError(
-            f"a Label Studio API token is needed: pass storage_options token=... or set {TOKEN_ENV}"
-        )
-    return str(token)
-
-
-class LabelStudioClient:
-    """A small, typed wrapper of Label Studio's REST API (``requests`` with retries).
-
-    GET and DELETE are retried on connection errors and 502/503/504; POST is not (it would
-    create a second prediction).  Every failure raises :class:`UsageError` (the server is
-    unreachable, the token is refused, the project does not exist) or :class:`InputError`
-    (an answer that is not the JSON expected), naming the URL.
-    """
-
-    def __init__(self, base_url: str, token: str, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.timeout = timeout
-        self.session = requests.Session()
-        retry = Retry(
-            total=3,
-            backoff_factor=0.3,
-            status_forcelist=(502, 503, 504),
-            allowed_methods=frozenset({"GET", "DELETE", "HEAD"}),
-        )
-        self.session.mount("http://", HTTPAdapter(max_retries=retry))
-        self.session.mount("https://", HTTPAdapter(max_retries=retry))
-        self.auth_header = self._auth_header(token)
-        self.session.headers["Authorization"] = self.auth_header
-
-    def _auth_header(self, token: str) -> str:
-        if token.count(".") == 2 and token.startswith("ey"):
-            # A personal access token (JWT refresh token): exchange it for an access token.
-            url = f"{self.base_url}/api/token/refresh"
-            try:
-                r = self.session.post(url, json={"refresh": token}, timeout=self.timeout)
-            except requests.RequestException as exc:
-                raise UsageError(f"{url}: cannot reach Label Studio: {exc}") from exc
-            if r.status_code != 200 or "access" not in r.json():
-                raise UsageError(
-                    f"{url}: the personal access token was refused (HTTP {r.status_code})"
-                )
-            return f"Bearer {r.json()['access']}"
-        return f"Token {token}"
-
-    def url(self, path: str) -> str:
-        return f"{self.base_url}/{path.lstrip('/')}"
-
-    def request(
-        self, method: str, path: str, *, ok: tuple[int, ...] = (200,), **kwargs: Any
-    ) -> requests.Response:
-        url = self.url(path)
-        try:
-            r = self.session.request(method, url, timeout=self.timeout, **kwargs)
-        except requests.RequestException as exc:
-            raise UsageError(f"{url}: cannot reach Label Studio: {exc}") from exc
-        if r.status_code in ok:
-            return r
-        if r.status_code in (401, 403):
-            raise UsageError(f"{method} {url}: the API token was refused (HTTP {r.status_code})")
-        detail = r.text[:300].replace("\n", " ")
-        raise UsageError(f"{method} {url}: HTTP {r.status_code}: {detail}")
-
-    def json(self, method: str, path: str, *, ok: tuple[int, ...] = (200,), **kwargs: Any) -> Any:
-        r = self.request(method, path, ok=ok, **kwargs)
-        try:
-            return r.json()
-        except ValueError as exc:
-            raise InputError(f"answer is not JSON: {r.text[:200]!r}", file=self.url(path)) from exc
-
-    # -- endpoints ----------------------------------------------------------------------
-    def project(self, project_id: int) -> dict[str, Any]:
-        body = self.json("GET", f"api/projects/{project_id}")
-        if not isinstance(body, dict):
-            raise InputError(
-                "project answer is not a JSON object", file=self.url(f"api/projects/{project_id}")
-            )
-        return body
-
-    def task(self, task_id: int | str) -> dict[str, Any] | None:
-        """One task with its annotations and predictions; ``None`` when it no longer exists."""
-        r = self.request("GET", f"api/tasks/{task_id}", ok=(200, 404))
-        if r.status_code == 404:
-            return None
-        body = r.json()
-        return body if isinstance(body, dict) else None
-
-    def iter_tasks(
-        self, project_id: int, *, page_size: int = DEFAULT_PAGE_SIZE
-    ) -> Iterator[dict[str, Any]]:
-        """Every task of the project (with ``annotations`` and ``predictions``), page by page."""
-        page = 1
-        seen = 0
-        while True:
-            params: dict[str, str | int] = {
-                "project": project_id,
-                "page": page,
-                "page_size": page_size,
-                "fields": "all",
-            }
-            r = self.request("GET", "api/tasks", ok=(200, 404), params=params)
-            if r.status_code == 404:  # "Invalid page": past the last one
-                return
-            body = r.json()
-            tasks = body.get("tasks", []) if isinstance(body, dict) else body
-            if not isinstance(tasks, list):
-                raise InputError(
-                    f"page {page} of the task list is not a list", file=self.url("api/tasks")
-                )
-            yield from tasks
-            seen += len(tasks)
-            total = body.get("total") if isinstance(body, dict) else None
-            if not tasks or len(tasks) < page_size or (isinstance(total, int) and seen >= total):
-                return
-            page += 1
-
-    def create_prediction(self, body: dict[str, Any]) -> dict[str, Any]:
-        answer = self.json("POST", "api/predictions", ok=(200, 201), json=body)
-        if not isinstance(answer, dict) or "id" not in answer:
-            raise InputError(
-                f"prediction answer has no id: {str(answer)[:200]}",
-                file=self.url("api/predictions"),
-            )
-        return answer
-
-    def prediction(self, prediction_id: int | str) -> dict[str, Any] | None:
-        r = self.request("GET", f"api/predictions/{prediction_id}", ok=(200, 404))
-        return r.json() if r.status_code == 200 else None
-
-    def delete_prediction(self, prediction_id: int | str) -> bool:
-        """Delete one prediction; ``False`` when it was already gone."""
-        r = self.request("DELETE", f"api/predictions/{prediction_id}", ok=(200, 204, 404))
-        return r.status_code != 404
-
-    def predictions(self, project_id: int) -> list[dict[str, Any]]:
-        body = self.json("GET", "api/predictions", params={"project": project_id})
-        return body if isinstance(body, list) else list(body.get("results", []))
-
-
-# -- label config -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LabelConfig:
-    """What labeltriage needs from a project's XML label config."""
-
-    image_key: str
-    image_name: str
-    boxes_from: str | None
-    choices_from: str | None
-    labels: tuple[str, ...]
-
-    @property
-    def task(self) -> str:
-        return "detection" if self.boxes_from else "classification"
-
-
-def parse_label_config(xml: str, *, where: str = "<label config>") -> LabelConfig:
-    """The image field and the ``RectangleLabels``/``Choices`` controls of a label config."""
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError as exc:
-        raise InputError(f"malformed label config: {exc}", file=where) from exc
-    image = next((el for el in root.iter() if el.tag == "Image"), None)
-    if image is None or not image.get("value", "").startswith("$"):
-        raise UsageError(
-            f'{where}: the label config has no <Image value="$..."> tag; labeltriage needs images'
-        )
-    name = image.get("name", "image")
-    boxes = next(
-        (el for el in root.iter() if el.tag == "RectangleLabels" and el.get("toName") == name), None
-    )
-    choices = next(
-        (el for el in root.iter() if el.tag == "Choices" and el.get("toName") == name), None
-    )
-    if boxes is None and choices is None:
-        raise UsageError(
-            f"{where}: the label config has neither <RectangleLabels> nor <Choices> for image {name!r}"
-        )
-    controls = [c for c in (boxes, choices) if c is not None]
-    labels = tuple(
-        el.get("value", "")
-        for el in controls[0]
-        if el.tag in ("Label", "Choice") and el.get("value")
-    )
-    return LabelConfig(
-        image_key=image.get("value", "$image")[1:],
-        image_name=name,
-        boxes_from=boxes.get("name") if boxes is not None else None,
-        choices_from=choices.get("name") if choices is not None else None,
-        labels=labels,
-    )
-
-
-# -- regions <-> annotations --------------------------------------------------------------------
-
-
-def region_to_annotation(
-    region: dict[str, Any], *, default_score: float | None = None
-) -> Annotation | None:
-    """One Label Studio result region → an :class:`Annotation` (pixel ``xyxy``), or ``None``.
-
-    Regions of other kinds (text areas, relations, …) give ``None``.  Raises
-    :class:`ValueError` (with the reason) for a box that cannot be converted.
-    """
-    kind = region.get("type")
-    value = region.get("value") or {}
-    score = region.get("score", default_score)
-    score = None if score is None else float(score)
-    if kind == "rectanglelabels":
-        labels = value.get("rectanglelabels") or []
-        if len(labels) != 1:
-            raise ValueError(f"region {region.get('id')!r} has {len(labels)} labels, expected 1")
-        width, height = region.get("original_width"), region.get("original_height")
-        if not width or not height:
-            raise ValueError(f"region {region.get('id')!r} has no original_width/original_height")
-        box = percent_to_xyxy(value, int(width), int(height))
-        return Annotation(label=str(labels[0]), box=box, score=score)
-    if kind == "choices":
-        choices = value.get("choices") or []
-        if len(choices) != 1:
-            raise ValueError(f"region {region.get('id')!r} has {len(choices)} choices, expected 1")
-        return Annotation(label=str(choices[0]), score=score)
-    return None
-
-
-def percent_to_xyxy(
-    value: dict[str, Any], width: int, height: int
-) -> tuple[float, float, float, float]:
-    """Label Studio's ``x, y, width, height`` (percent, rotated about the top-left corner) → pixel ``xyxy``.
-
-    A rotated rectangle becomes its axis-aligned bounding box.  Raises :class:`ValueError`
-    when the box has no size or lies outside the image (1 % slack).
-    """
-    x, y, w, h = (float(value.get(k, math.nan)) for k in ("x", "y", "width", "height"))
-    if not all(math.isfinite(v) for v in (x, y, w, h)):
-        raise ValueError(f"box {value} has a missing or non-finite coordinate")
-    px, py, pw, ph = x * width / 100.0, y * height / 100.0, w * width / 100.0, h * height / 100.0
-    rotation = float(value.get("rotation") or 0.0)
-    if rotation % 360.0:
-        a = math.radians(rotation)
-        cos, sin = math.cos(a), math.sin(a)
-        xs = [px + dx * cos - dy * sin for dx, dy in ((0, 0), (pw, 0), (pw, ph), (0, ph))]
-        ys = [py + dx * sin + dy * cos for dx, dy in ((0, 0), (pw, 0), (pw, ph), (0, ph))]
-        x1, y1, x2, y2 = min(xs), min(ys), max(xs), max(ys)
-    else:
-        x1, y1, x2, y2 = px, py, px + pw, py + ph
-    if x2 <= x1 or y2 <= y1:
-        raise ValueError(f"box {value} has zero or negative size")
-    tol_x, tol_y = width / 100.0, height / 100.0
-    if x1 < -tol_x or y1 < -tol_y or x2 > width + tol_x or y2 > height + tol_y:
-        raise ValueError(f"box {value} lies outside the {width}x{height} image")
-    return (max(0.0, x1), max(0.0, y1), min(float(width), x2), min(float(height), y2))
-
-
-def annotation_to_region(
-    a: Annotation,
-    config: LabelConfig,
-    width: int | None,
-    height: int | None,
-    *,
-    region_id: str,
-    meta: dict[str, Any],
-) -> dict[str, Any]:
-    """An :class:`Annotation` (pixel ``xyxy`` or a class) → one Label Studio result region."""
-    if a.box is None:
-        if config.choices_from is None:
-            raise UsageError(
-                f"{a.label!r}: a class label needs a <Choices> control in the label config"
-            )
-        region: dict[str, Any] = {
-            "from_name": config.choices_from,
-            "to_name": config.image_name,
-            "type": "choices",
-            "value": {"choices": [a.label]},
-        }
-    else:
-        if config.boxes_from is None:
-            raise UsageError(
-                f"{a.label!r}: a box needs a <RectangleLabels> control in the label config"
-            )
-        if not width or not height:
-            raise ValueError("the image size is unknown; boxes cannot be written as percentages")
-        x1, y1, x2, y2 = a.box
-        region = {
-            "from_name": config.boxes_from,
-            "to_name": config.image_name,
-            "type": "rectanglelabels",
-            "original_width": width,
-            "original_height": height,
-            "image_rotation": 0,
-            "value": {
-                "x": 100.0 * x1 / width,
-                "y": 100.0 * y1 / height,
-                "width": 100.0 * (x2 - x1) / width,
-                "height": 100.0 * (y2 - y1) / height,
-                "rotation": 0,
-                "rectanglelabels": [a.label],
-            },
-        }
-    region["id"] = region_id
-    if a.score is not None:
-        region["score"] = float(a.score)
-    region["meta"] = meta
-    return region
-
-
-def provenance_meta(p: Provenance) -> dict[str, Any]:
-    """Region ``meta``: the provenance for machines, and one line the labeling UI shows."""
-    body = {
-        "run_id": p.run_id,
-        "model_version": p.model_version,
-        "tier": p.tier,
-        "score": p.score,
-        **p.extra,
-    }
-    text = f"labeltriage run {p.run_id}, tier {p.tier or '?'}, model {p.model_version}"
-    return {META_KEY: body, "text": [text]}
-
-
-def written_provenance(prediction: dict[str, Any]) -> dict[str, Any] | None:
-    """The labeltriage provenance of a Label Studio prediction, or ``None`` if it is not ours."""
-    for region in prediction.get("result") or []:
-        meta = region.get("meta") if isinstance(region, dict) else None
-        if isinstance(meta, dict) and isinstance(meta.get(META_KEY), dict):
-            return dict(meta[META_KEY])
-    return None
-
-
-def content_sha256(result: list[dict[str, Any]], model_version: str | None) -> str:
-    """Checksum of a prediction's content as labeltriage wrote it (to spot later edits)."""
-    canonical = json.dumps(
-        {"result": result, "model_version": model_version}, sort_keys=True, separators=(",", ":")
-    )
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def human_annotations(task: dict[str, Any]) -> list[dict[str, Any]]:
-    """A task's annotations that count as a human label (not cancelled/skipped)."""
-    return [
-        a
-        for a in task.get("annotations") or []
-        if isinstance(a, dict) and not a.get("was_cancelled")
-    ]
+DATA_COLUMNS = ("lt_tier", "lt_difficulty")
 
 
 # -- the project filesystem -------------------------------------------------------------------
@@ -541,6 +169,16 @@ class LabelStudioFS(ProjectFS):
         self.state.remove(rel)
 
 
+class _BareProjectFS(ProjectFS):
+    """A ProjectFS that only carries a URL (no filesystem is opened for it)."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any]) -> None:
+        self.url = url
+        self.storage_options = dict(storage_options)
+        self.root = url
+        self.is_local = False
+
+
 def default_state_dir(location: ProjectLocation) -> str:
     parts = urllib.parse.urlsplit(location.base_url)
     server = re.sub(
@@ -549,6 +187,16 @@ def default_state_dir(location: ProjectLocation) -> str:
     base = os.environ.get(STATE_ENV)
     root = Path(base) if base else Path.home() / ".cache" / "labeltriage"
     return str(root / "labelstudio" / server / f"project-{location.project_id}")
+
+
+def _record(item_id: str, prediction: dict[str, Any], sha256: str | None) -> WrittenRecord:
+    return WrittenRecord(
+        kind="entry",
+        path=PREDICTIONS_PATH,
+        item_id=item_id,
+        sha256=sha256,
+        entry_ids=[str(prediction["id"])],
+    )
 
 
 # -- the format ---------------------------------------------------------------------------
@@ -561,8 +209,8 @@ class LabelStudioAPI(ProjectFormat):
     :class:`~connectors.storage.ProjectFS` whose ``url`` is the project URL and whose
     ``storage_options`` hold the token.  Options: ``page_size`` (tasks per API page),
     ``timeout`` (seconds per request), ``state_dir`` (where run manifests go),
-    ``allow_foreign_images`` (see the module docstring), ``client`` (a ready
-    :class:`LabelStudioClient`).
+    ``allow_foreign_images``, ``data_columns`` (see the module docstring), ``client`` (a
+    ready :class:`LabelStudioClient`).
     """
 
     name: ClassVar[str] = "labelstudio_api"
@@ -583,10 +231,11 @@ class LabelStudioAPI(ProjectFormat):
         if not 1 <= self.page_size <= 10_000:
             raise UsageError(f"page_size must be between 1 and 10000, got {self.page_size}")
         self.allow_foreign_images = bool(options.get("allow_foreign_images", False))
+        self.data_columns = bool(options.get("data_columns", False))
         state = ProjectFS(str(options.get("state_dir") or default_state_dir(location)))
         if state.is_local:
             os.makedirs(state.root, exist_ok=True)
-        super().__init__(LabelStudioFS(location, self.client.auth_header, state), **options)
+        super().__init__(LabelStudioFS(location, self.client.auth_header(), state), **options)
         self._config: LabelConfig | None = None
         self._sizes: dict[str, tuple[int, int]] = {}
 
@@ -596,13 +245,11 @@ class LabelStudioAPI(ProjectFormat):
     ) -> LabelStudioAPI:
         """The project at ``source`` (``http(s)://HOST:PORT/projects/ID``)."""
         location = parse_project_url(source)
-        token = resolve_token(storage_options)
-        timeout = float(options.get("timeout", DEFAULT_TIMEOUT_S))
-        client = options.pop("client", None) or LabelStudioClient(
-            location.base_url, token, timeout=timeout
-        )
-        bare = _BareProjectFS(location.url, {})
-        return cls(bare, client=client, **options)
+        if options.get("client") is None:
+            token = resolve_token(storage_options)
+            timeout = float(options.get("timeout", DEFAULT_TIMEOUT_S))
+            options["client"] = LabelStudioClient(location.base_url, token, timeout=timeout)
+        return cls(_BareProjectFS(location.url, {}), **options)
 
     @classmethod
     def detect(cls, project: ProjectFS) -> bool:
@@ -619,10 +266,12 @@ class LabelStudioAPI(ProjectFormat):
         return self._config
 
     def image_url(self, value: str) -> str:
-        """The full URL of a task's image field (server paths are joined to the server URL)."""
-        if value.startswith("/"):
-            return f"{self.location.origin}{value}"
-        return value
+        """The full URL of a task's image reference, if the image-source policy allows it."""
+        return image_url(value, self.location, allow_foreign=self.allow_foreign_images)
+
+    def task_url(self, item_id: str) -> str:
+        """The task in Label Studio's labeling UI."""
+        return self.location.task_url(item_id)
 
     def iter_items(self) -> Iterator[Item]:
         config = self.config
@@ -633,64 +282,42 @@ class LabelStudioAPI(ProjectFormat):
         """One task (as the API returns it, with ``annotations``) → an :class:`Item`."""
         config = config or self.config
         task_id = str(task.get("id"))
-        where = f"{self.location.url}/data?task={task_id}"
+        where = self.location.task_url(task_id)
+        meta: dict[str, Any] = {"task_url": where}
         value = (task.get("data") or {}).get(config.image_key)
         if not isinstance(value, str) or not value:
-            return Item(
-                item_id=task_id,
-                uri="",
-                error=str(
-                    InputError(
-                        f"task data has no {config.image_key!r} image", file=where, item=task_id
-                    )
-                ),
-            )
-        uri = self.image_url(value)
-        if (
-            uri.startswith(("http://", "https://"))
-            and not uri.startswith(self.location.origin + "/")
-            and not self.allow_foreign_images
-        ):
-            message = (
-                f"image {uri} is on another server; the Label Studio token would be sent there "
-                "(pass allow_foreign_images=True to read it anyway)"
-            )
-            return Item(
-                item_id=task_id, uri=uri, error=str(InputError(message, file=where, item=task_id))
-            )
-        meta: dict[str, Any] = {"labelstudio_image": value}
-        chosen = _choose_annotation(human_annotations(task))
+            message = f"task data has no {config.image_key!r} image"
+            missing = InputError(message, file=where, item=task_id)
+            return Item(item_id=task_id, uri="", meta=meta, error=str(missing))
+        meta["labelstudio_image"] = value
         try:
-            width, height = _image_size_of(task)
-            if chosen is None:
-                return Item(item_id=task_id, uri=uri, width=width, height=height, meta=meta)
-            annotations = [
-                a for r in chosen.get("result") or [] if (a := region_to_annotation(r)) is not None
-            ]
-        except ValueError as exc:
-            return Item(
-                item_id=task_id,
-                uri=uri,
-                meta=meta,
-                error=str(InputError(str(exc), file=where, item=task_id)),
-            )
-        meta["labelstudio_annotation_id"] = chosen.get("id")
-        lead_time = chosen.get("lead_time")
+            uri = self.image_url(value)
+        except ImageSourceRefused as exc:
+            refused = InputError(exc.message, file=where, item=task_id)
+            return Item(item_id=task_id, uri=value, meta=meta, error=str(refused))
+        label = read_task_label(task)
+        if label.annotation_id is not None:
+            meta["labelstudio_annotation_id"] = label.annotation_id
+        if label.auto_label is not None:
+            meta["auto_label"] = label.auto_label
+        error: str | None = None
+        if label.problems:
+            error = str(InputError("; ".join(label.problems), file=where, item=task_id))
+            log.warning("%s", error)
         return Item(
             item_id=task_id,
             uri=uri,
-            width=width,
-            height=height,
-            status=ItemStatus.LABELED,
-            source=AnnotationSource.HUMAN,
-            annotations=annotations,
-            annotation_seconds=float(lead_time)
-            if isinstance(lead_time, (int, float)) and lead_time > 0
-            else None,
+            width=label.width,
+            height=label.height,
+            status=label.status,
+            source=label.source,
+            annotations=label.annotations,
+            annotation_seconds=label.annotation_seconds,
             meta=meta,
+            error=error,
         )
 
-    # -- writing ----------------------------------------------------------------------------
+    # -- writing a whole project -------------------------------------------------------------
     def write_items(self, items: Iterable[Item], classes: list[str] | None = None) -> None:
         """Import ``items`` as new tasks (their labels as annotations), in batches.
 
@@ -708,94 +335,92 @@ class LabelStudioAPI(ProjectFormat):
                 )
             task: dict[str, Any] = {"data": {config.image_key: item.uri}}
             if item.is_labeled:
-                regions = [
-                    annotation_to_region(
-                        a, config, item.width, item.height, region_id=f"r{i}", meta={}
-                    )
-                    for i, a in enumerate(item.annotations)
-                ]
-                for r in regions:
-                    r.pop("meta")
-                task["annotations"] = [
-                    {
-                        "result": regions,
-                        **(
-                            {"lead_time": item.annotation_seconds}
-                            if item.annotation_seconds
-                            else {}
-                        ),
-                    }
-                ]
+                try:
+                    regions = [
+                        annotation_to_region(
+                            a, config.names, item.width, item.height, region_id=f"r{i}"
+                        )
+                        for i, a in enumerate(item.annotations)
+                    ]
+                except ValueError as exc:
+                    raise UsageError(f"item {item.item_id!r}: {exc}") from exc
+                annotation: dict[str, Any] = {"result": regions}
+                if item.annotation_seconds:
+                    annotation["lead_time"] = item.annotation_seconds
+                task["annotations"] = [annotation]
             batch.append(task)
             if len(batch) >= self.page_size:
-                self._import(batch)
+                self.client.import_tasks(self.location.project_id, batch)
                 batch = []
         if batch:
-            self._import(batch)
+            self.client.import_tasks(self.location.project_id, batch)
 
-    def _import(self, tasks: list[dict[str, Any]]) -> None:
-        self.client.json(
-            "POST", f"api/projects/{self.location.project_id}/import", ok=(200, 201), json=tasks
-        )
-
+    # -- write-back --------------------------------------------------------------------------
     def write_labels(self, writes: list[LabelWrite]) -> WriteOutcome:
         outcome = WriteOutcome()
-        config = self.config
         for w in writes:
             item_id = w.item.item_id
-            if w.item.has_human_label:
-                outcome.refused[item_id] = "has a human label (as read)"
-                continue
-            task = self.client.task(item_id)
-            if task is None:
-                outcome.refused[item_id] = "the task no longer exists in Label Studio"
-                continue
-            humans = human_annotations(task)
-            if humans:
-                ids = ", ".join(str(a.get("id")) for a in humans)
-                outcome.refused[item_id] = (
-                    f"has a human annotation in Label Studio (annotation {ids})"
-                )
-                continue
-            try:
-                width, height = self._write_size(w.item, task)
-                meta = provenance_meta(w.provenance)
-                result = [
-                    annotation_to_region(a, config, width, height, region_id=f"lt{i}", meta=meta)
-                    for i, a in enumerate(w.annotations)
-                ]
-            except (ValueError, InputError) as exc:
-                outcome.refused[item_id] = f"cannot convert the labels: {exc}"
-                continue
-            body = {
-                "task": int(item_id),
-                "result": result,
-                "model_version": w.provenance.model_version,
-                "score": w.provenance.score,
-            }
-            answer = self.client.create_prediction(body)
-            outcome.records.append(
-                WrittenRecord(
-                    kind="entry",
-                    path=PREDICTIONS_PATH,
-                    item_id=item_id,
-                    sha256=content_sha256(result, w.provenance.model_version),
-                    entry_ids=[str(answer["id"])],
-                )
-            )
-            log.debug(
-                "task %s: prediction %s written (run %s)",
-                item_id,
-                answer["id"],
-                w.provenance.run_id,
-            )
+            refused = self._refusal(w)
+            if refused is None:
+                try:
+                    refused = self._write_one(w, outcome)
+                except (ValueError, InputError) as exc:
+                    refused = f"cannot convert the labels: {exc}"
+            if refused is not None:
+                outcome.refused[item_id] = refused
+                log.info("%s: not writing task %s: %s", self.location.url, item_id, refused)
         return outcome
+
+    def _refusal(self, w: LabelWrite) -> str | None:
+        """Why ``w`` must not be written, as far as the item read says; ``None`` if it may."""
+        if w.item.has_human_label:
+            return "has a human label (as read)"
+        if not w.item.item_id.isdigit():
+            return f"{w.item.item_id!r} is not a Label Studio task id"
+        return None
+
+    def _write_one(self, w: LabelWrite, outcome: WriteOutcome) -> str | None:
+        """Re-check the task as it is now, then write; the refusal reason, or ``None``."""
+        item_id = w.item.item_id
+        task = self.client.task(item_id)
+        if task is None:
+            return "the task no longer exists in Label Studio"
+        humans = human_annotations(task)
+        if humans:
+            ids = ", ".join(str(a.get("id")) for a in humans)
+            return f"has a human annotation in Label Studio (annotation {ids})"
+        ours = latest(labeltriage_predictions(task))
+        if ours is not None:
+            run = (provenance_of(ours) or {}).get("run_id")
+            return f"already holds labeltriage prediction {ours.get('id')} (run {run})"
+        width, height = self._write_size(w.item, task)
+        regions = [
+            annotation_to_region(a, self.config.names, width, height, region_id=f"lt{i}")
+            for i, a in enumerate(w.annotations)
+        ]
+        for region, wanted in zip(regions, w.annotations, strict=True):
+            back = region_to_annotation(region)
+            if back is None or not _same(back, wanted):
+                return f"label {wanted.label!r} {wanted.box} would read back as {back}"
+        model_version = model_version_for(w.provenance.run_id)
+        sha = content_sha256(regions, model_version)
+        meta = provenance_meta(w.provenance, via="run", sha256=sha)
+        for region in regions:
+            region["meta"] = meta
+        created = self.client.create_prediction(
+            task=int(item_id), result=regions, model_version=model_version, score=w.provenance.score
+        )
+        outcome.records.append(_record(item_id, created, sha))
+        log.debug(
+            "task %s: prediction %s written (run %s)", item_id, created["id"], w.provenance.run_id
+        )
+        return None
 
     def _write_size(self, item: Item, task: dict[str, Any]) -> tuple[int | None, int | None]:
         """The image size for percent boxes: the item's, the task's regions', or the image's header."""
         if item.width and item.height:
             return item.width, item.height
-        width, height = _image_size_of(task)
+        width, height = image_size_of(task)
         if width and height:
             return width, height
         if item.item_id in self._sizes:
@@ -803,20 +428,21 @@ class LabelStudioAPI(ProjectFormat):
         value = (task.get("data") or {}).get(self.config.image_key)
         if not isinstance(value, str):
             raise ValueError(f"task data has no {self.config.image_key!r} image")
-        url = self.image_url(value)
-        if not url.startswith(self.location.origin + "/"):
-            raise ValueError(f"image {url} is not on the Label Studio server; its size is unknown")
-        try:
-            r = self.client.session.get(url, timeout=self.client.timeout)
-            r.raise_for_status()
-            size = Image.open(io.BytesIO(r.content)).size
-        except (requests.RequestException, UnidentifiedImageError, OSError) as exc:
-            raise InputError(
-                f"cannot read the image size: {exc}", file=url, item=item.item_id
-            ) from exc
+        size = self.image_size(value, item=item.item_id)
         self._sizes[item.item_id] = size
         return size
 
+    def image_size(self, value: str, *, item: str | None = None) -> tuple[int, int]:
+        """``(width, height)`` of a task's image, read from the server under the image policy."""
+        url = self.image_url(value)
+        data = self.client.fetch(url)
+        try:
+            size = Image.open(io.BytesIO(data)).size
+        except (UnidentifiedImageError, OSError) as exc:
+            raise InputError(f"cannot read the image size: {exc}", file=url, item=item) from exc
+        return int(size[0]), int(size[1])
+
+    # -- undo ------------------------------------------------------------------------------
     def remove_written(self, records: list[WrittenRecord]) -> list[str]:
         return [reason for reason in self.remove_written_each(records) if reason]
 
@@ -839,8 +465,9 @@ class LabelStudioAPI(ProjectFormat):
                         f"prediction {pid} belongs to task {current.get('task')}, not {record.item_id}"
                     )
                     continue
-                sha = content_sha256(current.get("result") or [], current.get("model_version"))
-                if record.sha256 is not None and sha != record.sha256:
+                if not content_unchanged(
+                    record.sha256, current.get("result") or [], current.get("model_version")
+                ):
                     kept.append(
                         f"prediction {pid} of task {record.item_id} changed since it was written"
                     )
@@ -850,76 +477,102 @@ class LabelStudioAPI(ProjectFormat):
         return outcome
 
     def records_of_run(self, run_id: str) -> list[WrittenRecord]:
-        """Records of every prediction whose region provenance names ``run_id``.
+        """Records of every prediction in the project that names run ``run_id``.
 
-        Predictions with an empty result carry no provenance; the run manifest's records
-        cover them.
+        That is what the run wrote and what ``serve`` answered from its calibration and Label
+        Studio stored; each record's checksum is the one written into the prediction's
+        ``meta`` (the current content's for an empty prediction, which has no region).
         """
         records = []
         for p in self.client.predictions(self.location.project_id):
-            prov = written_provenance(p)
-            if prov is not None and prov.get("run_id") == run_id:
-                records.append(
-                    WrittenRecord(
-                        kind="entry",
-                        path=PREDICTIONS_PATH,
-                        item_id=str(p.get("task")),
-                        sha256=content_sha256(p.get("result") or [], p.get("model_version")),
-                        entry_ids=[str(p["id"])],
-                    )
-                )
-        return records
+            provenance = provenance_of(p)
+            if provenance is None or provenance.get("run_id") != run_id:
+                continue
+            sha = provenance.get("sha256")
+            if not isinstance(sha, str):
+                sha = content_sha256(p.get("result") or [], p.get("model_version"))
+            records.append(_record(str(p.get("task")), p, sha))
+        return sorted(records, key=lambda r: int(r.item_id) if r.item_id.isdigit() else 0)
+
+    def restore_manifest(self, run_id: str) -> bool:
+        """Rebuild the manifest of ``run_id`` from the project when this state folder lacks it.
+
+        Returns ``True`` when a manifest was rebuilt and saved, ``False`` when one was
+        already here or the project holds nothing of that run.
+        """
+        from connectors.writeback import RunManifest, manifest_path, save_manifest
+
+        if self.project.exists(manifest_path(run_id)):
+            return False
+        records = self.records_of_run(run_id)
+        if not records:
+            return False
+        manifest = RunManifest(
+            run_id=run_id,
+            created=datetime.now(timezone.utc),
+            format=self.name,
+            stage="committed",
+            records=records,
+            meta={"rebuilt_from": self.location.url},
+        )
+        save_manifest(self.project, manifest)
+        log.info(
+            "run %s: manifest rebuilt from %d predictions in %s",
+            run_id,
+            len(records),
+            self.location.url,
+        )
+        return True
+
+    # -- Data Manager columns ----------------------------------------------------------------
+    def publish_difficulty(self, rows: Iterable[tuple[str, str | None, float | None]]) -> int:
+        """Write ``lt_tier``/``lt_difficulty`` into the ``data`` of each task ``(item_id, tier, score)``.
+
+        Only with the option ``data_columns``; a task whose values are already there is
+        not written again, one that no longer exists is skipped.  Returns the number of
+        tasks updated.
+        """
+        if not self.data_columns:
+            return 0
+        updated = 0
+        for item_id, tier, score in rows:
+            if not item_id.isdigit():
+                continue
+            task = self.client.task(item_id)
+            if task is None or not isinstance(task.get("data"), dict):
+                continue
+            difficulty = (
+                None if score is None or not math.isfinite(score) else round(float(score), 4)
+            )
+            values = {"lt_tier": tier, "lt_difficulty": difficulty}
+            data = task["data"]
+            if all(data.get(k) == v for k, v in values.items()):
+                continue
+            self.client.update_task_data(item_id, {**data, **values})
+            updated += 1
+        log.info("%s: lt_tier/lt_difficulty written to %d tasks", self.location.url, updated)
+        return updated
 
 
-class _BareProjectFS(ProjectFS):
-    """A ProjectFS that only carries a URL (no filesystem is opened for it)."""
-
-    def __init__(self, url: str, storage_options: dict[str, Any]) -> None:
-        self.url = url
-        self.storage_options = dict(storage_options)
-        self.root = url
-        self.is_local = False
-
-
-def _choose_annotation(annotations: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The annotation that stands for the task's label: a ground-truth one, else the latest."""
-    if not annotations:
-        return None
-    truth = [a for a in annotations if a.get("ground_truth")]
-    pool = truth or annotations
-    return max(
-        pool,
-        key=lambda a: (
-            str(a.get("updated_at") or a.get("created_at") or ""),
-            int(a.get("id") or 0),
-        ),
-    )
-
-
-def _image_size_of(task: dict[str, Any]) -> tuple[int | None, int | None]:
-    """``(width, height)`` from any region of the task's annotations or predictions."""
-    for group in ("annotations", "predictions"):
-        for entry in task.get(group) or []:
-            for region in (entry.get("result") or []) if isinstance(entry, dict) else []:
-                if (
-                    isinstance(region, dict)
-                    and region.get("original_width")
-                    and region.get("original_height")
-                ):
-                    return int(region["original_width"]), int(region["original_height"])
-    return None, None
+def _same(a: Annotation, b: Annotation) -> bool:
+    if a.label != b.label or (a.box is None) != (b.box is None):
+        return False
+    if a.box is None or b.box is None:
+        return True
+    return all(abs(x - y) <= 1e-6 * max(1.0, abs(y)) for x, y in zip(a.box, b.box, strict=True))
 
 
 # -- predictions already in Label Studio ------------------------------------------------------------
 
 
 class LabelStudioPredictions(PredictionSource):
-    """Predictions stored in a Label Studio project (e.g. from an ML backend or an import).
+    """Predictions stored in a Label Studio project (from an ML backend or an import).
 
     ``model_version`` picks one model's predictions; without it, the most recent
-    prediction per task is used.  Predictions that labeltriage itself wrote are skipped.
-    The whole set is read once (page by page) on first use and kept as
-    :class:`~connectors.model.Prediction` objects: one per task.
+    prediction per task is used.  Predictions labeltriage stored (its write-back, or
+    ``serve``'s answers that Label Studio kept) are never read: they are labeltriage's own
+    output, not the platform's.  The whole set is read once (page by page) on first use
+    and kept as :class:`~connectors.model.Prediction` objects: one per task.
     """
 
     def __init__(self, api: LabelStudioAPI, *, model_version: str | None = None) -> None:
@@ -955,33 +608,22 @@ class LabelStudioPredictions(PredictionSource):
             p
             for p in task.get("predictions") or []
             if isinstance(p, dict)
-            and written_provenance(p) is None
+            and not is_labeltriage(p)
             and (self.model_version is None or p.get("model_version") == self.model_version)
         ]
-        if not candidates:
+        chosen = latest(candidates)
+        if chosen is None:
             return None
-        chosen = max(
-            candidates, key=lambda p: (str(p.get("created_at") or ""), int(p.get("id") or 0))
-        )
-        source = f"{self.api.location.url}/data?task={task_id}&prediction={chosen.get('id')}"
+        source = f"{self.api.location.task_url(task_id)}&prediction={chosen.get('id')}"
         score = chosen.get("score")
-        try:
-            annotations = [
-                a
-                for r in chosen.get("result") or []
-                if (
-                    a := region_to_annotation(
-                        r, default_score=float(score) if score is not None else None
-                    )
-                )
-                is not None
-            ]
-        except ValueError as exc:
-            return Prediction(
-                item_id=task_id,
-                source=source,
-                error=str(InputError(str(exc), file=source, item=task_id)),
-            )
+        annotations, problems = read_regions(
+            chosen.get("result") or [],
+            f"prediction {chosen.get('id')}",
+            default_score=float(score) if isinstance(score, int | float) else None,
+        )
+        if problems:
+            error = InputError("; ".join(problems), file=source, item=task_id)
+            return Prediction(item_id=task_id, source=source, error=str(error))
         probs = None
         if annotations and all(a.box is None for a in annotations):
             probs = {a.label: float(a.score if a.score is not None else 1.0) for a in annotations}
@@ -1001,14 +643,9 @@ class LabelStudioPredictions(PredictionSource):
 
 
 __all__ = [
+    "DATA_COLUMNS",
     "PREDICTIONS_PATH",
-    "LabelConfig",
     "LabelStudioAPI",
-    "LabelStudioClient",
     "LabelStudioFS",
     "LabelStudioPredictions",
-    "ProjectLocation",
-    "parse_label_config",
-    "parse_project_url",
-    "percent_to_xyxy",
 ]

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 LS_VENV = Path(os.environ.get("LABELTRIAGE_LS_VENV", REPO / ".ls-venv"))
 LS_REQUIREMENT = os.environ.get("LABELTRIAGE_LS_REQUIREMENT", "label-studio>=1.20")
-START_TIMEOUT_S = 240.0
+START_TIMEOUT_S = 600.0  # a fresh database migrates first; slow on a busy 2-core machine
 
 
 def ls_executable(venv: Path = LS_VENV) -> Path:
