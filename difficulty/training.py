@@ -835,7 +835,7 @@ def train_model(
             settings["finetune_last_stage"] = finetune_last_stage
             weights = resolve_weights(settings["backbone"], backbone_weights)
         if arch == "fcos":
-            settings.setdefault("width", 64)
+            settings.setdefault("width", 48)
             settings.setdefault("head_convs", 2)
     settings.setdefault("width", 32)
     settings.setdefault("dropout", 0.2)

@@ -274,7 +274,7 @@ def test_checkpoint_records_the_backbone_and_round_trips(trained: tuple[Path, st
         for probs, feats, comm in zip(
             x.box_probs or [], x.box_features or [], x.box_committee or [], strict=True
         ):
-            assert probs.shape[1] == 3 and feats.shape == (probs.shape[0], 64)
+            assert probs.shape[1] == 3 and feats.shape == (probs.shape[0], 48)
             assert comm.shape == (3, *probs.shape)
             np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
 
@@ -388,3 +388,75 @@ def test_backbone_options_need_a_backbone_arch(tmp_path: Path) -> None:
 
 def test_weights_source_record_is_plain_data() -> None:
     assert WeightsSource("none", "", None).record() == {"source": "none", "sha256": ""}
+
+
+def test_cli_train_with_a_backbone_prints_its_provenance(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _lite0_file()
+    from autolabel.cli import main
+
+    _shapes_project(tmp_path / "p", count=6)
+    main(
+        [
+            "train", "--source", str(tmp_path / "p"), "--format", "voc", "--task", "detection",
+            "--backbone", "efficientnet_lite0", "--image-size", "64", "--epochs", "1",
+            "--batch-size", "4", "--calibration-share", "0", "--out", str(tmp_path / "m.pt"),
+        ]
+    )  # fmt: skip
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["arch"] == "fcos" and summary["trained_items"] == 6
+    assert summary["backbone"]["name"] == "efficientnet_lite0"
+    assert len(summary["backbone"]["sha256"]) == 64
+    assert summary["feature_cache"]["items"] == 6
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "train", "--source", str(tmp_path / "p"), "--format", "voc", "--task",
+                "detection", "--backbone", "resnet18", "--backbone-weights",
+                str(tmp_path / "missing.pt"), "--out", str(tmp_path / "n.pt"),
+            ]
+        )  # fmt: skip
+    assert exc.value.code == 2 and "missing.pt" in capsys.readouterr().err
+
+
+def test_autolabel_with_the_model_calibrates_on_its_held_out_items_only(
+    trained: tuple[Path, str, object],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``autolabel --model`` predicts and calibrates on the checkpoint's calibration items and
+    on no item the model trained on."""
+    import shutil
+
+    import difficulty.inference
+    from autolabel.cli import main
+    from difficulty.checkpoint import load_checkpoint
+
+    root, out, _ = trained
+    project = tmp_path / "p"
+    shutil.copytree(root, project)
+    shutil.copy(project / "images" / "s00.jpg", project / "images" / "new.jpg")  # unlabeled
+    held_out = set(load_checkpoint(out).meta["calibration_ids"])
+    trained_on = {f"s{i:02d}" for i in range(12)} - held_out
+    assert held_out and trained_on
+    main(["score", "--source", str(project), "--format", "voc", "--model", out,
+          "--out", str(tmp_path / "run")])  # fmt: skip
+    capsys.readouterr()
+    seen: list[str] = []
+    real = difficulty.inference.infer
+
+    def spy(checkpoint: object, items: object, *args: object, **kwargs: object) -> object:
+        items = list(items)  # type: ignore[call-overload]
+        seen.extend(i.item_id for i in items)
+        return real(checkpoint, items, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(difficulty.inference, "infer", spy)
+    main(["autolabel", "--source", str(project), "--format", "voc", "--model", out,
+          "--difficulty", str(tmp_path / "run"), "--epsilon", "0.3", "--delta", "0.3",
+          "--min-count", "1", "--dry-run"])  # fmt: skip
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n"] <= len(held_out)
+    assert not set(seen) & trained_on  # items the model trained on are not even predicted
+    assert held_out <= set(seen) and "new" in seen

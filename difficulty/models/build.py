@@ -53,7 +53,7 @@ def model_from_meta(meta: dict[str, Any]) -> nn.Module:
             lossnet,
             backbone=str(settings.get("backbone", "efficientnet_lite0")),
             image_size=int(settings.get("image_size", 320)),
-            width=int(settings.get("width", 64)),
+            width=int(settings.get("width", 48)),
             head_convs=int(settings.get("head_convs", 2)),
             finetune_last_stage=bool(settings.get("finetune_last_stage", False)),
         )

@@ -229,7 +229,7 @@ class FeatureDetector(nn.Module):
         *,
         backbone: str = "efficientnet_lite0",
         image_size: int = 320,
-        width: int = 64,
+        width: int = 48,
         head_convs: int = 2,
         finetune_last_stage: bool = False,
         committee_dropout: float = 0.2,
