@@ -24,7 +24,8 @@ features, flips of the cached maps), then measured on the held-out quarter only:
   error exceeds ε (``bench/autolabel_guarantee.py``'s procedure).
 
 Run: ``OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/detector.py`` (``--epochs``,
-``--splits``, ``--data``).  Writes ``bench/results/detector.md`` and ``detector.json``.
+``--splits``, ``--data``, ``--keep DIR`` to keep the checkpoint and
+scores and redo only the analysis).  Writes ``bench/results/detector.md`` and ``detector.json``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import resource
 import subprocess
 import sys
@@ -52,11 +52,14 @@ from bench._common import machine_line  # noqa: E402
 from bench.active_learning import mean_ap  # noqa: E402
 from bench.difficulty_quality import evaluate  # noqa: E402
 from connectors.labelmap import LabelMap  # noqa: E402
+from connectors.model import Item  # noqa: E402
 from connectors.project import open_project  # noqa: E402
+from difficulty.checkpoint import load_checkpoint  # noqa: E402
 from difficulty.combine import fit_weights, percentiles  # noqa: E402
 from difficulty.inference import infer  # noqa: E402
 from difficulty.matching import item_correct  # noqa: E402
 from difficulty.scoring import score_project  # noqa: E402
+from difficulty.table import read_difficulty  # noqa: E402
 from difficulty.training import calibration_fraction, train_model  # noqa: E402
 
 log = logging.getLogger("bench.detector")
@@ -138,7 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=320)
-    parser.add_argument("--splits", type=int, default=1000)
+    parser.add_argument("--splits", type=int, default=150)
+    parser.add_argument(
+        "--keep",
+        default=None,
+        help="folder to keep the checkpoint and scores in; with both there, reuse them (analysis only)",
+    )
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -146,80 +154,89 @@ def main(argv: list[str] | None = None) -> int:
     if not root.is_dir():
         print(f"{root} not found", file=sys.stderr)
         return 2
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(args.keep or scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / "run.json").exists():
+            train(args, root, folder)
+        data = analyse(args, root, folder)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "detector.json").write_text(json.dumps(data, indent=1, default=float))
+    (out / "detector.md").write_text(markdown(data))
+    print(markdown(data))
+    return 0
+
+
+def _items(root: Path) -> tuple[Any, list[Item], list[Item]]:
     project = open_project(str(root), "voc")
     items = sorted(
         (it for it in project.iter_items() if it.error is None), key=lambda it: it.item_id
     )
-    held = [it for it in items if calibration_fraction(it.item_id) < HELD_OUT]
-    machine = machine_line()
-    load_before = uptime()
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt_path = os.path.join(tmp, "fcos.pt")
-        t0 = time.perf_counter()
-        ckpt = train_model(
-            items,
-            project,
-            task="detection",
-            backbone="efficientnet_lite0",
-            classes=CLASSES,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            image_size=args.image_size,
-            calibration_share=HELD_OUT,
-            out=ckpt_path,
-        )
-        train_seconds = time.perf_counter() - t0
-        load_after = uptime()
-        training = ckpt.meta["training"]
-        if set(ckpt.meta["calibration_ids"]) != {it.item_id for it in held}:
-            raise RuntimeError("the checkpoint's calibration split is not the held-out quarter")
+    return project, items, [it for it in items if calibration_fraction(it.item_id) < HELD_OUT]
 
-        t0 = time.perf_counter()
-        truth = {
-            it.item_id: [(a.label, tuple(a.box)) for a in it.annotations if a.box is not None]
-            for it in held
-        }
-        predicted: dict[str, list[tuple[str, tuple[float, ...], float]]] = {}
-        preds = {}
-        for batch in infer(ckpt_path, held, project, batch_size=16, box_score_min=0.0):
-            for pred in batch.predictions:
-                preds[pred.item_id] = pred
-                predicted[pred.item_id] = [
-                    (a.label, tuple(a.box), float(a.score or 0.0))
-                    for a in pred.annotations
-                    if a.box is not None
-                ]
-        infer_seconds = time.perf_counter() - t0
-        m, per_class = mean_ap(truth, predicted, CLASSES)
 
-        t0 = time.perf_counter()
-        result = score_project(
+def train(args: argparse.Namespace, root: Path, folder: Path) -> None:
+    """Train as the CLI does; keep the checkpoint and what the training measured in ``folder``."""
+    project, items, held = _items(root)
+    record: dict[str, Any] = {"machine": machine_line(), "uptime_before": uptime()}
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    ckpt = train_model(
+        items,
+        project,
+        task="detection",
+        backbone="efficientnet_lite0",
+        classes=CLASSES,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        calibration_share=HELD_OUT,
+        out=str(folder / "fcos.pt"),
+    )
+    record["train_seconds"] = time.perf_counter() - t0
+    record["train_cpu_seconds"] = time.process_time() - cpu0
+    record["uptime_after_training"] = uptime()
+    record["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    record["argv"] = sys.argv[1:]
+    if set(ckpt.meta["calibration_ids"]) != {it.item_id for it in held}:
+        raise RuntimeError("the checkpoint's calibration split is not the held-out quarter")
+    (folder / "run.json").write_text(json.dumps(record, indent=1))
+
+
+def analyse(args: argparse.Namespace, root: Path, folder: Path) -> dict[str, Any]:
+    """mAP, difficulty agreement and the gate of the checkpoint in ``folder`` on the held-out items."""
+    project, _, held = _items(root)
+    ckpt_path = str(folder / "fcos.pt")
+    record = json.loads((folder / "run.json").read_text())
+    training = load_checkpoint(ckpt_path).meta["training"]
+    t0 = time.perf_counter()
+    truth = {
+        it.item_id: [(a.label, tuple(a.box)) for a in it.annotations if a.box is not None]
+        for it in held
+    }
+    predicted: dict[str, list[tuple[str, tuple[float, ...], float]]] = {}
+    preds = {}
+    for batch in infer(ckpt_path, held, project, batch_size=16, box_score_min=0.0):
+        for pred in batch.predictions:
+            preds[pred.item_id] = pred
+            predicted[pred.item_id] = [
+                (a.label, tuple(a.box), float(a.score or 0.0))
+                for a in pred.annotations
+                if a.box is not None
+            ]
+    infer_seconds = time.perf_counter() - t0
+    m, per_class = mean_ap(truth, predicted, CLASSES)
+    if not (folder / "scores" / "difficulty.parquet").exists():
+        score_project(
             HeldOut(project, {it.item_id for it in held}),  # type: ignore[arg-type]
             checkpoint=ckpt_path,
-            out_dir=os.path.join(tmp, "scores"),
+            out_dir=str(folder / "scores"),
             num_workers=0,
             batch_size=16,
             seed=0,
         )
-        score_seconds = time.perf_counter() - t0
-        table = result.table
-    scorers = [
-        c
-        for c in table.columns
-        if c
-        not in {
-            "item_id",
-            "uri",
-            "status",
-            "error",
-            "true_error",
-            "annotation_seconds",
-            "model_version",
-            "score",
-            "tier",
-            "rank",
-        }
-    ]
+    table, _ = read_difficulty(str(folder / "scores"))
+    scorers = [c for c in table.columns if c not in NOT_SCORERS]
     quality = evaluate(table, scorers, splits=50, seed=0)
     ok = table["error"].isna().to_numpy()
     t = table[ok].reset_index(drop=True)
@@ -236,22 +253,15 @@ def main(argv: list[str] | None = None) -> int:
         for c in DEFAULT_BOX_CONFIDENCES
     }
     gate = [gate_splits(pct, err, wrong, e, args.splits, seed=0) for e in EPSILONS]
-    cache = training["feature_cache"]
-    data: dict[str, Any] = {
-        "machine": machine,
-        "uptime_before": load_before,
-        "uptime_after_training": load_after,
-        "argv": sys.argv[1:],
+    return {
+        **record,
         "items": {"train": training["items"], "held_out": len(held)},
-        "train_seconds": train_seconds,
         "feature_seconds": training["feature_seconds"],
         "fit_seconds": training["fit_seconds"],
         "epochs": training["epochs"],
         "final_loss": training["history"][-1]["target_loss"],
-        "feature_cache": cache,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "feature_cache": training["feature_cache"],
         "infer_seconds": infer_seconds,
-        "score_seconds": score_seconds,
         "map50": m,
         "per_class_ap": per_class,
         "mean_true_error": float(np.mean(err)),
@@ -265,12 +275,20 @@ def main(argv: list[str] | None = None) -> int:
         "gate": gate,
         "wrong_share_by_box_confidence": {str(c): float(w.mean()) for c, w in wrong.items()},
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "detector.json").write_text(json.dumps(data, indent=1, default=float))
-    (out / "detector.md").write_text(markdown(data))
-    print(markdown(data))
-    return 0
+
+
+NOT_SCORERS = {
+    "item_id",
+    "uri",
+    "status",
+    "error",
+    "true_error",
+    "annotation_seconds",
+    "model_version",
+    "score",
+    "tier",
+    "rank",
+}
 
 
 def _rho(v: float) -> str:
@@ -298,6 +316,7 @@ def markdown(d: dict[str, Any]) -> str:
         "|---|---|",
         f"| items trained on / held out | {d['items']['train']} / {d['items']['held_out']} |",
         f"| training wall time (features + fit) | {d['train_seconds']:.0f} s ({d['feature_seconds']:.0f} s features + {d['fit_seconds']:.0f} s for {d['epochs']} epochs) |",
+        f"| training CPU time of the process (user + system, both threads) | {d['train_cpu_seconds']:.0f} s |",
         f"| **mAP@0.5** (held-out quarter) | **{d['map50']:.3f}** |",
         *[f"| AP@0.5 {c} | {v:.3f} |" for c, v in d["per_class_ap"].items()],
         f"| feature cache | {cache['items']} items, {cache['memory_bytes'] / 2**20:.0f} MiB in memory (float16), {cache['disk_bytes'] / 2**20:.0f} MiB on disk |",

@@ -34,6 +34,15 @@ and the target's weights, BatchNorm statistics included, stay bit-identical (a f
 detector stays in train mode, which torchvision needs for its losses, with every
 BatchNorm and dropout layer in eval mode).
 
+**A pretrained backbone** (``backbone``: arch ``fcos`` for detection, ``backbone`` for
+classification).  The backbone's weights are resolved once
+(:func:`difficulty.models.backbones.resolve_weights`) and recorded with their sha256 in
+``meta["backbone"]``.  The ``fcos`` detector trains on cached features
+(:func:`fill_feature_cache`: the frozen maps of every training image computed once, in
+batches of :data:`BACKBONE_BATCH`), with AdamW (weight decay 1e-4), a cosine learning-rate
+schedule over the epochs and the gradient norm clipped at 10; flips are done on the cached
+maps.  The loss module's gradient stops after ``stop_grad_share`` as for every model.
+
 **Committee.**  ``committee_kind="bootstrap"`` trains committee members after the main
 model (:mod:`difficulty.committee`); the default ``dropout`` trains nothing extra.
 
