@@ -26,7 +26,7 @@ bench knows): Spearman ρ of each strategy's values with the model's true per-it
 CPU setting (the machine is shared): 256 px inputs, 10 epochs for the first model, 3 per
 warm-started cycle, batch 16.  Run: ``OMP_WAIT_POLICY=PASSIVE .venv/bin/python
 bench/active_learning_detection.py`` (``--seeds``, ``--strategies``, ``--image-size``,
-``--device cuda``).  Writes ``bench/results/active_learning_detection.{md,json,png}``.
+``--device cuda``; ``--from-json FILE`` redoes the report).  Writes ``bench/results/active_learning_fcos.{md,json,png}``.
 """
 
 from __future__ import annotations
@@ -145,8 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
+    parser.add_argument("--from-json", default=None, help="redo the report from a saved run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+        return write(data, Path(args.out))
     strategies = [s for s in args.strategies.split(",") if s]
     project = open_project(str(Path(args.data) / "road_signs"), "voc")
     items = sorted(
@@ -278,12 +282,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "feature_cache": cache_stats,
         "runs": runs,
     }
-    out = Path(args.out)
+    return write(data, Path(args.out))
+
+
+def write(data: dict[str, Any], out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "active_learning_detection.json").write_text(json.dumps(data, indent=1, default=float))
+    (out / "active_learning_fcos.json").write_text(json.dumps(data, indent=1, default=float))
     text = report(data)
-    (out / "active_learning_detection.md").write_text(text)
-    plot(runs, out / "active_learning_detection.png")
+    (out / "active_learning_fcos.md").write_text(text)
+    plot(data["runs"], out / "active_learning_fcos.png")
     print(text)
     return 0
 
