@@ -108,6 +108,14 @@ class TrainConfig(_Strict):
         False,
         description="start from the previous successful run's model (same classes), not from scratch",
     )
+    backbone: str | None = Field(
+        None, description="pretrained backbone (efficientnet_lite0, a torchvision model): arch fcos"
+    )
+    backbone_weights: str | None = Field(
+        None, description="DEFAULT, a torchvision weights name, a state_dict file, or none"
+    )
+    finetune_last_stage: bool = False
+    augment: bool | None = Field(None, description="random flips; default: on for fcos")
 
 
 class LabelMapConfig(_Strict):
@@ -517,6 +525,8 @@ def command_defaults(cfg: AppConfig, project: str | None) -> dict[str, dict[str,
             defaults["train"] = common | {
                 "task": p.train.task, "arch": p.train.arch, "epochs": p.train.epochs,
                 "batch_size": p.train.batch_size, "lr": p.train.lr, "seed": p.train.seed,
+                "backbone": p.train.backbone, "backbone_weights": p.train.backbone_weights,
+                "finetune_last_stage": p.train.finetune_last_stage, "augment": p.train.augment,
             }  # fmt: skip
         else:
             defaults["train"] = dict(common)

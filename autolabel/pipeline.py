@@ -174,6 +174,10 @@ class _Run:
             image_size=t.image_size,
             min_steps=t.min_steps,
             init=init,
+            backbone=t.backbone,
+            backbone_weights=t.backbone_weights,
+            finetune_last_stage=t.finetune_last_stage,
+            augment=t.augment,
         )
         self.checkpoint = out
         self.record.outputs["model"] = out

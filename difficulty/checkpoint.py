@@ -19,7 +19,13 @@ architecture as ``state_dict``'s ``target.`` part, keyed as that part without th
                        :data:`~difficulty.models.detection.DETECTION_ARCHS`)
 ``classes``            project class names (detection label ``i`` = ``classes[i-1]``)
 ``model``              constructor settings: ``in_channels``, ``image_size``, ``width``, ``dropout``,
-                       ``small_input`` (ResNet-18 stem; absent = ``image_size <= 64``)
+                       ``small_input`` (ResNet-18 stem; absent = ``image_size <= 64``); on a
+                       pretrained backbone (arch ``fcos`` / ``backbone``) also ``backbone``
+                       (its name), ``finetune_last_stage`` and (``fcos``) ``head_convs``
+``backbone``           only on a pretrained backbone: ``name``, ``source`` of the weights
+                       (``package:NAME==VERSION``, ``torchvision:ENUM``, ``file:PATH`` or
+                       ``none``) and their file's ``sha256``; the weights themselves are in
+                       ``state_dict`` (the checkpoint needs no weights package to load)
 ``lossnet``            :class:`~difficulty.models.lossnet.LossNetConfig` as a dict
 ``data_hash``          sha256 over the sorted (item id, label) pairs trained on
 ``calibration_ids``    the held-out items never trained on (sorted), with ``calibration``
@@ -27,7 +33,9 @@ architecture as ``state_dict``'s ``target.`` part, keyed as that part without th
 ``version``            ``<arch>-<data_hash[:8]>-<created>``; also as ``model_version``
 ``created``            UTC ISO time
 ``training``           epochs, batch size, lr, seed, init, freeze_target, per-epoch losses,
-                       ``target_weights`` (the user's weights file the target came from, or null)
+                       ``target_weights`` (the user's weights file the target came from, or null);
+                       ``fcos`` adds ``feature_seconds``, ``fit_seconds`` and ``feature_cache``
+                       (items and bytes in memory and on disk)
 ``committee``          only with a stored committee: ``kind`` (``bootstrap``), ``members``,
                        ``epochs``, ``lr``, ``seed``, ``resample``
 =====================  ===============================================================

@@ -41,6 +41,8 @@ from connectors.model import Annotation, Item, Prediction
 from connectors.storage import ProjectFS
 from difficulty.checkpoint import Checkpoint, load_checkpoint, load_checkpoint_meta
 from difficulty.datasets import ItemStream, Sample, collate_samples
+from difficulty.featurecache import FeatureCache, cache_key
+from difficulty.models.fcos import FeatureDetector
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +143,21 @@ def _detect(
     errors: dict[str, str],
     box_score_min: float,
     device: str,
+    feature_cache: FeatureCache | None = None,
 ) -> InferenceBatch:
-    outs = model.predict([s.image.to(device) for s in samples], committee=committee)  # type: ignore[operator,union-attr]
+    if feature_cache is not None and isinstance(model, FeatureDetector):
+        missing = [s for s in samples if s.item_id not in feature_cache]
+        if missing:
+            maps = model.frozen_features([s.image.to(device) for s in missing])  # type: ignore[union-attr]
+            for j, s in enumerate(missing):
+                feature_cache.put(s.item_id, [m[j] for m in maps], s.size or (0, 0))
+        cached = [feature_cache.get(s.item_id) or [] for s in samples]
+        frozen = [torch.stack(level).to(device) for level in zip(*cached, strict=True)]
+        outs = model.predict_frozen(
+            frozen, [s.size or (0, 0) for s in samples], committee=committee
+        )
+    else:
+        outs = model.predict([s.image.to(device) for s in samples], committee=committee)  # type: ignore[operator,union-attr]
     classes = ckpt.classes
     preds, box_probs, box_scores, box_feats, box_comm = [], [], [], [], []
     for s, o in zip(samples, outs, strict=True):
@@ -199,6 +214,7 @@ def infer(
     progress: bool = False,
     box_score_min: float = 0.25,
     storage_options: dict[str, Any] | None = None,
+    feature_cache: FeatureCache | None = None,
 ) -> Iterator[InferenceBatch]:
     """Stream model outputs over ``items`` in batches of up to ``batch_size``.
 
@@ -206,11 +222,18 @@ def infer(
     :class:`ProjectFS` the item URIs are relative to (or a format object carrying it as
     ``.project``).  ``committee``: the number ``M`` of committee members (0: none) — the
     checkpoint's stored bootstrap members when it has them, else MC-dropout passes.
+    ``feature_cache``: for an ``fcos`` checkpoint, frozen backbone maps are read from it
+    (and the missing ones added), so a pool scored every cycle is run through the
+    backbone once; its key must match the checkpoint (:func:`difficulty.featurecache.cache_key`).
     A batch whose items all failed to decode is still yielded (empty arrays, ``errors`` set).
     """
     ckpt = load_checkpoint(checkpoint, storage_options=storage_options)
     model = ckpt.build_model().to(device)
     task = ckpt.task
+    if feature_cache is not None and feature_cache.key != cache_key(ckpt.meta):
+        raise ValueError(
+            f"the feature cache is for {feature_cache.key}, not for checkpoint {ckpt.version}"
+        )
     settings = ckpt.meta.get("model") or {}
     stream = ItemStream(
         items,
@@ -232,7 +255,9 @@ def infer(
             x = torch.stack([s.image for s in good]).to(device)
             yield _classify(ckpt, model, x, [s.item_id for s in good], committee, errors)
         else:
-            yield _detect(ckpt, model, good, committee, errors, box_score_min, device)
+            yield _detect(
+                ckpt, model, good, committee, errors, box_score_min, device, feature_cache
+            )
 
 
 def _empty(task: str, errors: dict[str, str]) -> InferenceBatch:

@@ -34,6 +34,15 @@ and the target's weights, BatchNorm statistics included, stay bit-identical (a f
 detector stays in train mode, which torchvision needs for its losses, with every
 BatchNorm and dropout layer in eval mode).
 
+**A pretrained backbone** (``backbone``: arch ``fcos`` for detection, ``backbone`` for
+classification).  The backbone's weights are resolved once
+(:func:`difficulty.models.backbones.resolve_weights`) and recorded with their sha256 in
+``meta["backbone"]``.  The ``fcos`` detector trains on cached features
+(:func:`fill_feature_cache`: the frozen maps of every training image computed once, in
+batches of :data:`BACKBONE_BATCH`), with AdamW (weight decay 1e-4), a cosine learning-rate
+schedule over the epochs and the gradient norm clipped at 10; flips are done on the cached
+maps.  The loss module's gradient stops after ``stop_grad_share`` as for every model.
+
 **Committee.**  ``committee_kind="bootstrap"`` trains committee members after the main
 model (:mod:`difficulty.committee`); the default ``dropout`` trains nothing extra.
 
@@ -57,7 +66,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from connectors.errors import UsageError
+from connectors.errors import InputError, UsageError
 from connectors.model import Item
 from connectors.storage import ProjectFS
 from difficulty.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -68,10 +77,12 @@ from difficulty.committee import (
     member_epochs,
     train_members,
 )
-from difficulty.datasets import ItemDataset, Sample, collate_samples
+from difficulty.datasets import ItemDataset, ItemStream, Sample, collate_samples
+from difficulty.featurecache import DEFAULT_MEMORY_BYTES, FeatureCache, cache_key
 from difficulty.inference import infer_arrays
-from difficulty.models.build import ARCHS, DEFAULT_ARCH, TASKS, model_from_meta
+from difficulty.models.build import ARCHS, BACKBONE_ARCH, DEFAULT_ARCH, TASKS, model_from_meta
 from difficulty.models.classification import LossPredictionClassifier, TappedClassifier
+from difficulty.models.fcos import FeatureDetector
 from difficulty.models.lossnet import LossNetConfig, loss_pred_loss
 from difficulty.models.user_weights import load_target_weights, read_target_weights
 
@@ -87,8 +98,9 @@ __all__ = [
     "train_on_arrays",
 ]
 
-DEFAULT_LR = {"classification": 0.1, "detection": 0.001}
-DEFAULT_IMAGE_SIZE = {"classification": 32, "detection": 320}
+DEFAULT_LR = {"classification": 0.1, "detection": 0.001, "fcos": 0.002, "backbone": 0.01}
+"""Per task, and per arch where it differs (``fcos`` trains with AdamW)."""
+DEFAULT_IMAGE_SIZE = {"classification": 32, "detection": 320, "backbone": 128}
 CALIBRATION_RULE = "sha256(item_id) as a fraction of 2**64 < share"
 
 
@@ -130,17 +142,29 @@ Step = Callable[[nn.Module, Any, bool], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _target_module(model: nn.Module) -> nn.Module:
-    return model.target if isinstance(model, LossPredictionClassifier) else model.detector  # type: ignore[return-value]
+    if isinstance(model, LossPredictionClassifier):
+        return model.target
+    if isinstance(model, FeatureDetector):
+        return _FcosTarget(model)
+    return model.detector  # type: ignore[return-value]
+
+
+class _FcosTarget(nn.Module):
+    """The target part of a :class:`FeatureDetector`: everything but its loss module."""
+
+    def __init__(self, model: FeatureDetector) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList([model.backbone, model.neck, model.head])
 
 
 def _hold_frozen(target: nn.Module) -> None:
     """Put a frozen target model in the mode that computes its losses without changing it.
 
-    A classifier runs in eval mode.  A torchvision detector computes its losses (and
-    samples anchors/proposals) only in train mode, so it stays there with every BatchNorm
-    and dropout layer in eval mode: running statistics never move.
+    A classifier (and the ``fcos`` detector) runs in eval mode.  A torchvision detector
+    computes its losses (and samples anchors/proposals) only in train mode, so it stays
+    there with every BatchNorm and dropout layer in eval mode: running statistics never move.
     """
-    if isinstance(target, TappedClassifier):
+    if isinstance(target, TappedClassifier | _FcosTarget):
         target.eval()
         return
     target.train()
@@ -163,6 +187,7 @@ def _fit(
     clip: float | None = None,
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
+    optimizer_name: str = "sgd",
 ) -> list[dict[str, float]]:
     target = _target_module(model)
     if freeze_target:
@@ -171,11 +196,17 @@ def _fit(
         params = [p for p in model.lossnet.parameters()]  # type: ignore[union-attr]
     else:
         params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    milestone = max(1, round(0.8 * epochs))
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, milestones=[milestone] if epochs >= 5 else [], gamma=0.1
-    )
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    if optimizer_name == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
+    else:
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        milestone = max(1, round(0.8 * epochs))
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, milestones=[milestone] if epochs >= 5 else [], gamma=0.1
+        )
     stop_epoch = round(lossnet.stop_grad_share * epochs)
     history: list[dict[str, float]] = []
     bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress, leave=False)
@@ -442,6 +473,185 @@ def train_on_arrays(
     )
 
 
+# -- the fcos detector on cached features ------------------------------------------------
+
+
+BACKBONE_BATCH = 4
+"""Images per backbone pass when filling the cache (small batches run faster on a CPU)."""
+
+
+def fill_feature_cache(
+    model: FeatureDetector,
+    items: Sequence[Item],
+    project: ProjectFS | None,
+    cache: FeatureCache,
+    *,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> dict[str, str]:
+    """Compute and cache the frozen maps of every item not cached yet; ``{item_id: error}``
+    for the items whose image could not be read."""
+    todo = [it for it in items if it.item_id not in cache]
+    errors: dict[str, str] = {}
+    if not todo:
+        return errors
+    stream = ItemStream(todo, project, task="detection", image_size=model.image_size)
+    loader = DataLoader(
+        stream, batch_size=BACKBONE_BATCH, collate_fn=collate_samples, num_workers=num_workers
+    )
+    was = model.training
+    model.eval()
+    for samples in tqdm(loader, desc="features", unit="batch", disable=not progress, leave=False):
+        ok = [s for s in samples if s.error is None and s.image is not None]
+        errors.update({s.item_id: str(s.error) for s in samples if s.error is not None})
+        if not ok:
+            continue
+        maps = model.frozen_features([s.image for s in ok if s.image is not None])
+        for j, s in enumerate(ok):
+            cache.put(s.item_id, [m[j] for m in maps], s.size or (0, 0))
+    model.train(was)
+    return errors
+
+
+def _train_feature_detector(
+    model: FeatureDetector,
+    meta: dict[str, Any],
+    items: list[Item],
+    fs: ProjectFS,
+    *,
+    classes: list[str],
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    lossnet: LossNetConfig,
+    freeze_target: bool,
+    device: str,
+    progress: bool,
+    out: str,
+    min_steps: int,
+    num_workers: int,
+    augment: bool,
+    storage_options: dict[str, Any] | None,
+    feature_cache: FeatureCache | None,
+    cache_memory_bytes: int,
+    init_version: str | None,
+    calibration_count: int,
+) -> Checkpoint:
+    import time
+
+    from difficulty.datasets import detection_target
+    from difficulty.models.fcos import flip_boxes, flip_maps
+
+    key = cache_key(meta)
+    if feature_cache is not None and feature_cache.key != key:
+        raise ValueError(f"the feature cache is for {feature_cache.key}, this model needs {key}")
+    cache = (
+        feature_cache
+        if feature_cache is not None
+        else FeatureCache(key, memory_bytes=cache_memory_bytes)
+    )
+    try:
+        start = time.perf_counter()
+        errors = fill_feature_cache(
+            model, items, fs, cache, num_workers=num_workers, progress=progress
+        )
+        feature_seconds = time.perf_counter() - start
+        records: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        for item in items:
+            if item.item_id in errors:
+                log.warning("skipping item %s: %s", item.item_id, errors[item.item_id])
+                continue
+            width, height = cache.size_of(item.item_id)
+            try:
+                target = detection_target(item, classes, width, height)
+            except InputError as exc:
+                errors[item.item_id] = str(exc)
+                log.warning("skipping item %s: %s", item.item_id, exc)
+                continue
+            boxes = model.scale_boxes(target["boxes"], width, height)
+            records.append((item.item_id, boxes, target["labels"]))
+        if not records:
+            raise UsageError("no readable labeled items to train on")
+        n = len(records)
+        bs = max(2, min(batch_size, n))
+        steps = max(1, n // bs) if n > bs else 1
+        total_epochs = _effective_epochs(epochs, steps, min_steps)
+        size = model.image_size
+
+        def batches(epoch: int) -> Iterable[Any]:
+            rng = np.random.default_rng((seed, epoch))
+            order = rng.permutation(n)
+            for begin in range(0, n, bs):
+                chosen = order[begin : begin + bs]
+                if len(chosen) < 2 and n > 1:  # a lone item has no pair for the ranking loss
+                    continue
+                maps, targets = [], []
+                for i in chosen:
+                    item_id, boxes, labels = records[int(i)]
+                    cached = cache.get(item_id)
+                    if cached is None:
+                        raise RuntimeError(f"features of item {item_id} left the cache")
+                    if augment and rng.random() < 0.5:
+                        cached, boxes = flip_maps(cached), flip_boxes(boxes, size)
+                    maps.append(cached)
+                    targets.append({"boxes": boxes.to(device), "labels": labels.to(device)})
+                yield [torch.stack(level).to(device) for level in zip(*maps, strict=True)], targets
+
+        start = time.perf_counter()
+        history = _fit(
+            model,
+            batches,
+            _detection_step,
+            epochs=total_epochs,
+            lr=lr,
+            lossnet=lossnet,
+            freeze_target=freeze_target,
+            progress=progress,
+            desc="train fcos",
+            clip=10.0,
+            weight_decay=1e-4,
+            optimizer_name="adamw",
+        )
+        fit_seconds = time.perf_counter() - start
+        stats = cache.stats.to_dict()
+    finally:
+        if feature_cache is None:
+            cache.close()
+    meta["version"] = meta["model_version"] = _version(
+        meta["arch"], meta["data_hash"], meta["created"]
+    )
+    meta["training"] = {
+        "epochs": total_epochs,
+        "epochs_asked": epochs,
+        "batch_size": bs,
+        "lr": lr,
+        "optimizer": "adamw, cosine schedule",
+        "seed": seed,
+        "init": init_version,
+        "target_weights": None,
+        "freeze_target": freeze_target,
+        "augment": augment,
+        "items": len(records),
+        "skipped_items": sorted(errors),
+        "history": history,
+        "feature_seconds": feature_seconds,
+        "fit_seconds": fit_seconds,
+        "feature_cache": stats,
+    }
+    model.to("cpu")
+    ckpt = save_checkpoint(out, model, meta, storage_options=storage_options)
+    log.info(
+        "trained fcos on %d items (%d held out for calibration; features %.0f s, fit %.0f s) → %s",
+        len(records),
+        calibration_count,
+        feature_seconds,
+        fit_seconds,
+        out,
+    )
+    return ckpt
+
+
 # -- a project (the CLI) ---------------------------------------------------------------
 
 
@@ -483,11 +693,16 @@ def train_model(
     image_size: int | None = None,
     min_steps: int = 0,
     num_workers: int = 0,
-    augment: bool = False,
+    augment: bool | None = None,
     storage_options: dict[str, Any] | None = None,
     committee_kind: str = "dropout",
     committee_size: int = 5,
     committee_epochs: int = 5,
+    backbone: str | None = None,
+    backbone_weights: str | None = None,
+    finetune_last_stage: bool = False,
+    feature_cache: FeatureCache | None = None,
+    cache_memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> Checkpoint:
     """Train a target model + loss module on the human-labeled items of a project; save to ``out``.
 
@@ -505,6 +720,16 @@ def train_model(
     ``committee_kind="bootstrap"`` (classification): also train ``committee_size`` members
     on bootstrap resamples of the training items for ``committee_epochs`` and store them in
     the checkpoint (:mod:`difficulty.committee`).
+    ``backbone`` (arch ``fcos`` for detection, ``backbone`` for classification, the
+    default arch when a backbone is named): a pretrained backbone by name
+    (:mod:`difficulty.models.backbones`), its weights from ``backbone_weights`` (default:
+    ``efficientnet_lite0``'s ImageNet weights; ``DEFAULT`` or a torchvision weights name;
+    ``none``; or a local ``state_dict`` file), frozen except, with
+    ``finetune_last_stage``, its stride-32 stage.  The detector trains on cached frozen
+    features (:mod:`difficulty.featurecache`: ``feature_cache`` to share one across
+    trainings, else a cache of its own of ``cache_memory_bytes`` in memory, the rest on
+    disk) with AdamW and a cosine schedule; ``augment`` (default: on for ``fcos`` only)
+    flips the cached maps.
     Raises :class:`UsageError` when nothing is left to train on.
     """
     if task not in TASKS:
@@ -528,9 +753,26 @@ def train_model(
     )
     if user is not None:
         arch = user.arch
+    if backbone is not None and arch is None and init_ckpt is None:
+        arch = BACKBONE_ARCH[task]
     arch = arch or (init_ckpt.arch if init_ckpt is not None else DEFAULT_ARCH[task])
+    on_backbone = arch == BACKBONE_ARCH[task]
+    if (backbone_weights is not None or finetune_last_stage) and not on_backbone:
+        raise UsageError(
+            f"--backbone-weights and --finetune-last-stage are for the {BACKBONE_ARCH[task]} arch "
+            f"(give --backbone NAME), not {arch}"
+        )
+    if on_backbone and init_ckpt is not None:
+        given = backbone or init_ckpt.meta.get("model", {}).get("backbone")
+        if given != init_ckpt.meta.get("model", {}).get("backbone"):
+            raise UsageError(
+                f"--init checkpoint has backbone {init_ckpt.meta.get('model', {}).get('backbone')!r}, "
+                f"not {backbone!r}"
+            )
     if arch not in ARCHS[task]:
         raise UsageError(f"unknown {task} arch {arch!r}; choose one of: {', '.join(ARCHS[task])}")
+    if augment is None:
+        augment = arch == "fcos"
     committee = _committee_config(committee_kind, committee_size, committee_epochs, task, arch)
     fs = _project_fs(project)
 
@@ -589,8 +831,21 @@ def train_model(
                 f"--target-weights {target_weights}: its first layer takes "
                 f"{settings['in_channels']} channels; project images are read as RGB (3)"
             )
-    size = image_size or int(settings.get("image_size", DEFAULT_IMAGE_SIZE[task]))
+    size = image_size or int(
+        settings.get("image_size", DEFAULT_IMAGE_SIZE.get(arch, DEFAULT_IMAGE_SIZE[task]))
+    )
     settings.update({"in_channels": 3, "image_size": size})
+    weights = None
+    if on_backbone:
+        if init_ckpt is None:
+            from difficulty.models.backbones import LITE0, resolve_weights
+
+            settings["backbone"] = backbone or LITE0
+            settings["finetune_last_stage"] = finetune_last_stage
+            weights = resolve_weights(settings["backbone"], backbone_weights)
+        if arch == "fcos":
+            settings.setdefault("width", 48)
+            settings.setdefault("head_convs", 2)
     settings.setdefault("width", 32)
     settings.setdefault("dropout", 0.2)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -612,13 +867,51 @@ def train_model(
         "calibration_ids": calibration_ids,
         "created": created,
     }
+    if weights is not None:
+        meta["backbone"] = {"name": settings["backbone"], **weights.record()}
+    elif on_backbone and init_ckpt is not None:
+        meta["backbone"] = init_ckpt.meta.get("backbone")
     torch.manual_seed(seed)
     model = model_from_meta(meta)
     if init_ckpt is not None:
         _warm_start(model, init_ckpt, meta)
     if user is not None:
         load_target_weights(model, user, classes=list(classes))
+    if weights is not None:
+        from difficulty.models.backbones import load_backbone_weights
+
+        load_backbone_weights(
+            model.backbone if isinstance(model, FeatureDetector) else model.target.backbone,  # type: ignore[union-attr,arg-type]
+            weights,
+        )
     model.to(device)
+    lr = lr if lr is not None else DEFAULT_LR.get(arch, DEFAULT_LR[task])
+
+    if isinstance(model, FeatureDetector):
+        return _train_feature_detector(
+            model,
+            meta,
+            train_items,
+            fs,
+            classes=list(classes),
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            lossnet=lossnet,
+            freeze_target=freeze_target,
+            device=device,
+            progress=progress,
+            out=out,
+            min_steps=min_steps,
+            num_workers=num_workers,
+            augment=augment,
+            storage_options=storage_options,
+            feature_cache=feature_cache,
+            cache_memory_bytes=cache_memory_bytes,
+            init_version=init_ckpt.version if init_ckpt is not None else None,
+            calibration_count=len(calibration_ids),
+        )
 
     dataset = ItemDataset(
         train_items, fs, task=task, classes=classes, image_size=size, augment=augment, seed=seed
@@ -671,7 +964,7 @@ def train_model(
         batches,
         step,
         epochs=total_epochs,
-        lr=lr if lr is not None else DEFAULT_LR[task],
+        lr=lr,
         lossnet=lossnet,
         freeze_target=freeze_target,
         progress=progress,
@@ -683,7 +976,7 @@ def train_model(
         "epochs": total_epochs,
         "epochs_asked": epochs,
         "batch_size": bs,
-        "lr": lr if lr is not None else DEFAULT_LR[task],
+        "lr": lr,
         "seed": seed,
         "init": init_ckpt.version if init_ckpt is not None else None,
         "target_weights": user.record() if user is not None else None,
@@ -720,13 +1013,11 @@ def train_model(
             member_batches,
             members=committee.members,
             epochs=m_epochs,
-            lr=lr if lr is not None else DEFAULT_LR[task],
+            lr=lr,
             seed=seed,
             device=device,
         )
-        meta["committee"] = _committee_meta(
-            committee, m_epochs, lr if lr is not None else DEFAULT_LR[task], seed
-        )
+        meta["committee"] = _committee_meta(committee, m_epochs, lr, seed)
     model.to("cpu")
     ckpt = save_checkpoint(out, model, meta, committee=members, storage_options=storage_options)
     log.info(

@@ -29,7 +29,38 @@ TASKS = ("classification", "detection")
 @click.option(
     "--arch",
     default=None,
-    help="classification: small_cnn (default), resnet18; detection: ssdlite (default), fasterrcnn_mobilenet, fasterrcnn_resnet50.",
+    help="classification: small_cnn (default), resnet18, backbone; detection: ssdlite (default), "
+    "fasterrcnn_mobilenet, fasterrcnn_resnet50, fcos (light FPN + FCOS head on a pretrained "
+    "backbone, trained on cached features: the default with --backbone).",
+)
+@click.option(
+    "--backbone",
+    default=None,
+    metavar="NAME",
+    help="Pretrained backbone of the fcos / backbone arch: efficientnet_lite0 (ImageNet weights "
+    "from the 'pretrained' extra) or any torchvision classification model (resnet18, "
+    "mobilenet_v3_large, …).",
+)
+@click.option(
+    "--backbone-weights",
+    default=None,
+    metavar="WEIGHTS",
+    help="Backbone weights: DEFAULT or a torchvision weights name (downloaded into $TORCH_HOME "
+    "where the network allows), a local state_dict FILE, or none (random). Default: "
+    "efficientnet_lite0's pretrained weights; random for torchvision backbones.",
+)
+@click.option(
+    "--finetune-last-stage",
+    is_flag=True,
+    help="Also train the backbone's stride-32 stage (on the cached stride-16 features).",
+)
+@click.option(
+    "--cache-memory",
+    type=click.IntRange(min=0),
+    default=1024,
+    show_default=True,
+    metavar="MIB",
+    help="fcos: MiB of cached backbone features kept in memory; the rest go to a temporary folder.",
 )
 @click.option(
     "--classes",
@@ -140,7 +171,12 @@ TASKS = ("classification", "detection")
     show_default=True,
     help="Bootstrap committee: epochs of each member, warm-started from the trained model.",
 )
-@click.option("--augment", is_flag=True, help="Random horizontal flips.")
+@click.option(
+    "--augment/--no-augment",
+    default=None,
+    help="Random horizontal flips (fcos: of the cached feature maps). Default: on for fcos, "
+    "off otherwise.",
+)
 @device_option("torch device (cpu, cuda, cuda:1).")
 @num_workers_option("DataLoader worker processes.")
 @progress_option()
@@ -151,6 +187,10 @@ def train(
     task: str,
     out: str,
     arch: str | None,
+    backbone: str | None,
+    backbone_weights: str | None,
+    finetune_last_stage: bool,
+    cache_memory: int,
     classes: str | None,
     epochs: int,
     batch_size: int,
@@ -168,7 +208,7 @@ def train(
     committee_kind: str,
     committee_size: int,
     committee_epochs: int,
-    augment: bool,
+    augment: bool | None,
     device: str,
     num_workers: int,
     progress: bool | None,
@@ -216,6 +256,10 @@ def train(
         committee_kind=committee_kind,
         committee_size=committee_size,
         committee_epochs=committee_epochs,
+        backbone=backbone,
+        backbone_weights=backbone_weights,
+        finetune_last_stage=finetune_last_stage,
+        cache_memory_bytes=cache_memory << 20,
     )
     meta = ckpt.meta
     history = meta["training"]["history"]
@@ -233,4 +277,9 @@ def train(
         "final_ranking_loss": history[-1]["ranking_loss"] if history else None,
         "committee": meta.get("committee", {"kind": "dropout"}),
     }
+    if meta.get("backbone"):
+        summary["backbone"] = meta["backbone"]
+    for key in ("feature_seconds", "fit_seconds", "feature_cache"):
+        if key in meta["training"]:
+            summary[key] = meta["training"][key]
     click.echo(json.dumps(summary, indent=2))

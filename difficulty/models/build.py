@@ -16,7 +16,9 @@ from difficulty.models.lossnet import LossNetConfig
 
 TASKS = ("classification", "detection")
 DEFAULT_ARCH = {"classification": "small_cnn", "detection": "ssdlite"}
-ARCHS = {"classification": CLASSIFICATION_ARCHS, "detection": DETECTION_ARCHS}
+ARCHS = {"classification": CLASSIFICATION_ARCHS, "detection": (*DETECTION_ARCHS, "fcos")}
+BACKBONE_ARCH = {"classification": "backbone", "detection": "fcos"}
+"""The architecture built on a pretrained backbone (``--backbone``), per task."""
 
 
 def model_from_meta(meta: dict[str, Any]) -> nn.Module:
@@ -39,8 +41,22 @@ def model_from_meta(meta: dict[str, Any]) -> nn.Module:
             small_input=(
                 bool(settings["small_input"]) if settings.get("small_input") is not None else None
             ),
+            backbone=settings.get("backbone"),
+            finetune_last_stage=bool(settings.get("finetune_last_stage", False)),
         )
         return LossPredictionClassifier(target, lossnet)
+    if task == "detection" and arch == "fcos":
+        from difficulty.models.fcos import FeatureDetector
+
+        return FeatureDetector(
+            len(classes) + 1,
+            lossnet,
+            backbone=str(settings.get("backbone", "efficientnet_lite0")),
+            image_size=int(settings.get("image_size", 320)),
+            width=int(settings.get("width", 48)),
+            head_convs=int(settings.get("head_convs", 2)),
+            finetune_last_stage=bool(settings.get("finetune_last_stage", False)),
+        )
     if task == "detection":
         return build_detection_model(
             arch, classes, lossnet, image_size=int(settings.get("image_size", 320))

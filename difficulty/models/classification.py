@@ -9,7 +9,11 @@ input of the last linear layer ``fc`` (used by EGL and by k-center diversity).
   global average pooling, dropout, ``fc``;
 * ``resnet18`` — torchvision ResNet-18 (``weights=None``) with taps on ``layer1``…``layer4``;
   for inputs of 64 px or less the stem is the CIFAR one (3×3 stride-1 conv, no max-pool),
-  as in the paper's CIFAR-10 experiments.
+  as in the paper's CIFAR-10 experiments;
+* ``backbone`` — a pretrained :class:`~difficulty.models.backbones.FeatureBackbone`
+  (``efficientnet_lite0`` or a torchvision model, frozen; optionally its stride-32 stage
+  fine-tuned) with taps on its stride 8/16/32 maps, global average pooling of the last,
+  dropout, ``fc`` — the same backbone the ``fcos`` detector uses.
 
 Dropout before ``fc`` (``dropout`` > 0) is what the MC-dropout committee samples.
 """
@@ -24,7 +28,7 @@ from torch import nn
 
 from difficulty.models.lossnet import LossNet, LossNetConfig
 
-CLASSIFICATION_ARCHS = ("small_cnn", "resnet18")
+CLASSIFICATION_ARCHS = ("small_cnn", "resnet18", "backbone")
 
 
 @dataclass
@@ -121,6 +125,31 @@ class ResNet18Tapped(TappedClassifier):
         return taps, x.mean(dim=(2, 3))
 
 
+class BackboneClassifier(TappedClassifier):
+    """A pretrained :class:`~difficulty.models.backbones.FeatureBackbone` with a linear head."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str,
+        *,
+        finetune_last_stage: bool = False,
+        dropout: float = 0.2,
+    ) -> None:
+        super().__init__()
+        from difficulty.models.backbones import FeatureBackbone
+
+        self.backbone = FeatureBackbone(backbone, finetune_last_stage=finetune_last_stage)
+        self.tap_channels = list(self.backbone.channels)
+        self.embed_dim = self.tap_channels[-1]
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(self.embed_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        taps = self.backbone(x)
+        return taps, taps[-1].mean(dim=(2, 3))
+
+
 def build_classifier(
     arch: str,
     num_classes: int,
@@ -130,12 +159,15 @@ def build_classifier(
     width: int = 32,
     dropout: float = 0.2,
     small_input: bool | None = None,
+    backbone: str | None = None,
+    finetune_last_stage: bool = False,
 ) -> TappedClassifier:
     """A classification target model by name (see :data:`CLASSIFICATION_ARCHS`).
 
     ``small_input`` (ResNet-18): the CIFAR stem; default ``image_size <= 64``.  Weights
     brought from a plain torchvision ResNet-18 have the ImageNet stem (7×7 conv, max-pool)
-    and set it to ``False``.
+    and set it to ``False``.  ``backbone`` (arch ``backbone``): its name; the pretrained
+    weights are loaded by the caller (:func:`~difficulty.models.backbones.load_backbone_weights`).
     """
     if arch == "small_cnn":
         return SmallCNN(num_classes, in_channels=in_channels, width=width, dropout=dropout)
@@ -145,6 +177,12 @@ def build_classifier(
             in_channels=in_channels,
             small_input=image_size <= 64 if small_input is None else small_input,
             dropout=dropout,
+        )
+    if arch == "backbone":
+        if backbone is None:
+            raise ValueError("arch 'backbone' needs the backbone's name")
+        return BackboneClassifier(
+            num_classes, backbone, finetune_last_stage=finetune_last_stage, dropout=dropout
         )
     raise ValueError(
         f"unknown classification arch {arch!r}; choose one of: {', '.join(CLASSIFICATION_ARCHS)}"
