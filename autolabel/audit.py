@@ -19,6 +19,7 @@ import hashlib
 import logging
 import math
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from typing import Any
 
 from autolabel.calibrate import clopper_pearson_upper
@@ -27,6 +28,7 @@ from connectors.labelmap import LabelMap
 from connectors.model import Annotation, Item, ItemStatus, Prediction
 from connectors.writeback import list_runs
 from difficulty.matching import item_correct
+from difficulty.runrecord import AuditPrecision, AuditRunCounts
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +69,13 @@ def _reviewed(item: Item) -> bool:
     return item.error is None and (item.status is ItemStatus.REVIEWED or item.has_human_label)
 
 
-def measure_audit_precision(fmt: ProjectFormat, *, delta: float = 0.1) -> dict[str, Any]:
+def measure_audit_precision(fmt: ProjectFormat, *, delta: float = 0.1) -> AuditPrecision:
     """Audit precision over every committed run of the project with audited items.
 
-    Returns ``runs`` (runs with audits), ``audited`` (items flagged), ``reviewed``
-    (flagged items a person has reviewed since), ``correct``, ``precision`` (``None``
-    before any review), ``error_bound`` (one-sided Clopper–Pearson at ``delta``) and
-    ``per_run`` counts.
+    ``runs`` (runs with audits), ``audited`` (items flagged), ``reviewed`` (flagged items
+    a person has reviewed since), ``correct``, ``precision`` (``None`` before any
+    review), ``error_bound`` (one-sided Clopper–Pearson at ``delta``) and ``per_run``
+    counts (see :class:`difficulty.runrecord.AuditPrecision`).
     """
     flagged: dict[str, tuple[str, list[Annotation], dict[str, Any]]] = {}
     per_run: dict[str, dict[str, int]] = {}
@@ -114,13 +116,14 @@ def measure_audit_precision(fmt: ProjectFormat, *, delta: float = 0.1) -> dict[s
             per_run[run_id]["correct"] += int(ok)
     precision = correct / reviewed if reviewed else None
     log.info("audit: %d flagged, %d reviewed, precision %s", len(flagged), reviewed, precision)
-    return {
-        "runs": len(per_run),
-        "audited": len(flagged),
-        "reviewed": reviewed,
-        "correct": correct,
-        "precision": precision,
-        "error_bound": clopper_pearson_upper(reviewed - correct, reviewed, delta),
-        "delta": delta,
-        "per_run": per_run,
-    }
+    return AuditPrecision(
+        runs=len(per_run),
+        audited=len(flagged),
+        reviewed=reviewed,
+        correct=correct,
+        precision=precision,
+        error_bound=clopper_pearson_upper(reviewed - correct, reviewed, delta),
+        delta=delta,
+        per_run={k: AuditRunCounts(**v) for k, v in per_run.items()},
+        measured=datetime.now(timezone.utc),
+    )
