@@ -122,9 +122,10 @@ def label_map_check(
     label_map: LabelMap,
     *,
     limit: int | None = 2000,
+    warn: bool = True,
 ) -> LabelMapCheck:
     """:func:`connectors.labelmap.check_label_map` on the classes of the first ``limit``
-    items (all with ``None``) and their predictions; its warning is logged."""
+    items (all with ``None``) and their predictions; its warning is logged (``warn``)."""
     project_classes: Counter[str] = Counter()
     predicted: Counter[str] = Counter()
     seen = 0
@@ -139,6 +140,6 @@ def label_map_check(
             predicted.update(a.label for a in prediction.annotations)
     check = check_label_map(predicted, project_classes, label_map)
     check.items_seen = seen
-    if check.warning:
+    if warn and check.warning:
         log.warning("label map: %s", check.warning)
     return check
