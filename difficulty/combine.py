@@ -44,8 +44,9 @@ Three steps, all plain functions of arrays:
    fit: the ``default`` scorer (``fourier``, the model-free one) is used alone; when it
    was not computed, every scorer gets the same weight.
 
-   A scorer that gives every item the same value ranks nothing: it is **dropped** (weight
-   0, listed in :attr:`CombineFit.dropped`, with a warning), whatever the labels say.
+   A scorer that gives every item the same value (up to float rounding,
+   :func:`nearly_constant`: an untrained model's outputs) ranks nothing: it is **dropped**
+   (weight 0, listed in :attr:`CombineFit.dropped`, with a warning), whatever the labels say.
 
 3. **Ties broken by the continuous scorers.**  A coarse scorer chosen alone (a box count)
    leaves many items with one value, and a quantile cut through such a block cannot give
@@ -80,6 +81,10 @@ SKETCH_SIZE = 101
 CANDIDATES = ("single", "rho", "rho2")
 BLENDS = ("rho", "rho2")
 CRITERIA = ("aurc", "rho")
+
+CONSTANT_RTOL = 1e-5
+"""Values within this share of their magnitude of each other count as one value (a scorer
+whose every item falls within it is constant)."""
 
 TIE_BREAK = 1e-6
 """η: the weight of the secondary (tie-breaking) key in the combined score."""
@@ -142,6 +147,16 @@ def sketch_percentile(values: np.ndarray, sketch: Sequence[float]) -> np.ndarray
     return out
 
 
+def nearly_constant(values: np.ndarray, rtol: float = CONSTANT_RTOL) -> bool:
+    """Whether the finite ``values`` are all equal up to ``rtol`` of their magnitude (float
+    rounding: a model that gives every item the same output, give or take 10⁻⁷)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return True
+    return bool(np.ptp(v) <= max(rtol * float(np.abs(v).max()), 1e-12))
+
+
 def percentiles(
     table: pd.DataFrame,
     scorers: Sequence[str],
@@ -150,12 +165,16 @@ def percentiles(
     """Per-scorer percentiles ``(N, S)`` in ``[0, 1]`` (NaN where a value is missing).
 
     Without ``reference`` each column is ranked against its own values (mid-rank ECDF);
-    with it, against the stored quantile sketch of the scorer of the same name.
+    with it, against the stored quantile sketch of the scorer of the same name.  A column
+    that is constant over the items up to float rounding (:func:`nearly_constant`) ranks
+    nothing: every item gets ½ (its differences are noise, not an order).
     """
     out = {}
     for name in scorers:
         values = table[name].to_numpy(dtype=np.float64, na_value=np.nan)
-        if reference is not None and name in reference:
+        if nearly_constant(values):
+            out[name] = np.where(np.isfinite(values), 0.5, np.nan)
+        elif reference is not None and name in reference:
             out[name] = sketch_percentile(values, reference[name])
         else:
             out[name] = ecdf_midrank(values, values)
@@ -378,7 +397,10 @@ def fit_weights(
         s: f"constant over the {len(pct)} items: it ranks nothing" for s in constant_scorers(pct)
     }
     for name in dropped:
-        log.warning("scorer %s gives every item the same value: dropped from the combination", name)
+        log.warning(
+            "scorer %s gives every item the same value (up to float rounding): dropped from the combination",
+            name,
+        )
     live = [s for s in scorers if s not in dropped]
     err = np.asarray(error, dtype=np.float64)
     labeled = np.flatnonzero(np.isfinite(err))

@@ -320,3 +320,22 @@ def test_ties_are_broken_by_the_continuous_scorers_so_quantile_cuts_hold() -> No
     distinct = np.diff(primary[order]) > TIE_BREAK
     assert np.all(np.diff(score[order])[distinct] > 0)
     assert np.all((score >= 0) & (score <= 1))
+
+
+def test_a_scorer_constant_up_to_float_rounding_ranks_nothing() -> None:
+    """An untrained model's predicted loss: the same value for every item, give or take
+    10⁻⁹; its noise must not become a ranking."""
+    rng = np.random.default_rng(14)
+    n = 200
+    raw = pd.DataFrame(
+        {
+            "fourier": rng.random(n),
+            "predicted_loss": 0.024008 + 1e-9 * rng.random(n),
+            "coarse": rng.integers(0, 3, n).astype(float),
+        }
+    )
+    pct = percentiles(raw, list(raw.columns))
+    assert set(pct["predicted_loss"]) == {0.5}
+    assert pct["coarse"].nunique() == 3  # a real, discrete spread is kept
+    fit = fit_weights(pct, rng.random(n))
+    assert "predicted_loss" in fit.dropped and fit.weights["predicted_loss"] == 0.0
