@@ -33,6 +33,7 @@ no torch: images are decoded with Pillow at reduced size.
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import logging
@@ -104,7 +105,7 @@ WHY = {
 
 def _png(fig: Any) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, facecolor="white")
+    fig.savefig(buf, format="png", dpi=100, facecolor="white", pil_kwargs={"compress_level": 1})
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -158,8 +159,8 @@ def plot_score_distribution(df: pd.DataFrame, thresholds: tuple[float, float]) -
         stacked=True,
         color=[TIER_COLORS[t] for t in TIERS],
         label=list(TIERS),
-        edgecolor="white",
-        linewidth=0.4,
+        histtype="stepfilled",
+        linewidth=0,
     )
     for row, (x, name) in enumerate(zip(thresholds, ("easy ≤", "hard ≥"), strict=True)):
         if np.isfinite(x):
@@ -181,37 +182,59 @@ def plot_score_distribution(df: pd.DataFrame, thresholds: tuple[float, float]) -
     return _png(fig)
 
 
-def plot_scorers(
-    df: pd.DataFrame, scorers: Sequence[str], weights: dict[str, float], dropped: Iterable[str]
-) -> str | None:
-    if not scorers:
-        return None
+def scorer_histograms(
+    df: pd.DataFrame,
+    scorers: Sequence[str],
+    weights: dict[str, float],
+    dropped: Iterable[str],
+    *,
+    bins: int = 30,
+) -> list[dict[str, Any]]:
+    """Each scorer's raw values as a small inline SVG histogram (no plotting library: a
+    few rectangles per scorer), with its weight and range."""
     gone = set(dropped)
-    cols = min(4, len(scorers))
-    rows = int(np.ceil(len(scorers) / cols))
-    fig = _figure(
-        2.35 * cols,
-        1.9 * rows,
-        left=0.06,
-        right=0.98,
-        bottom=0.32 / rows,
-        top=1 - 0.28 / rows,
-        wspace=0.35,
-        hspace=0.75,
-    )
-    for i, name in enumerate(scorers):
-        ax = fig.add_subplot(rows, cols, i + 1)
+    out = []
+    width, height = 220, 56
+    for name in scorers:
         v = df[name].to_numpy(dtype=np.float64, na_value=np.nan)
         v = v[np.isfinite(v)]
         w = weights.get(name) or 0.0
-        color = "#3b6ea8" if w > 0 else "#8e5ba8" if w < 0 else "#9aa3ad"
+        color = "#9aa3ad" if name in gone or w == 0 else "#3b6ea8" if w > 0 else "#8e5ba8"
+        rects = []
         if v.size:
-            ax.hist(v, bins=30, color=color, edgecolor="white", linewidth=0.3)
-        note = "dropped: constant" if name in gone else f"w={w:.2f}{', reversed' if w < 0 else ''}"
-        ax.set_title(f"{name}  ({note})", fontsize=8.5, color="#1f2a36")
-        _style(ax)
-        ax.tick_params(labelsize=7)
-    return _png(fig)
+            lo, hi = float(v.min()), float(v.max())
+            counts, _ = np.histogram(
+                v, bins=bins, range=(lo, hi) if hi > lo else (lo - 0.5, lo + 0.5)
+            )
+            top = max(int(counts.max()), 1)
+            step = width / bins
+            for i, c in enumerate(counts):
+                if c:
+                    h = max(1.0, height * c / top)
+                    rects.append(
+                        f'<rect x="{i * step:.1f}" y="{height - h:.1f}" width="{step - 0.6:.1f}" '
+                        f'height="{h:.1f}" fill="{color}"/>'
+                    )
+        svg = (
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" role="img" aria-label="histogram of {html.escape(name)}">'
+            + "".join(rects)
+            + f'<line x1="0" y1="{height}" x2="{width}" y2="{height}" stroke="#b8bfc7"/></svg>'
+        )
+        note = (
+            "dropped: constant" if name in gone else f"w = {w:.2f}{', reversed' if w < 0 else ''}"
+        )
+        out.append(
+            {
+                "name": name,
+                "note": note,
+                "svg": svg,  # built here from numbers and an escaped name
+                "min": float(v.min()) if v.size else None,
+                "median": float(np.median(v)) if v.size else None,
+                "max": float(v.max()) if v.size else None,
+            }
+        )
+    return out
 
 
 def plot_agreement(rhos: dict[str, float | None], combined: float | None) -> str | None:
@@ -291,7 +314,7 @@ def plot_error_by_tier(df: pd.DataFrame) -> str | None:
 def plot_trend(trend: list[dict[str, Any]]) -> str | None:
     if len(trend) < 2:
         return None
-    fig = _figure(8.0, 2.8, left=0.07, right=0.98, bottom=0.3, top=0.9, wspace=0.45)
+    fig = _figure(8.0, 3.0, left=0.1, right=0.98, bottom=0.33, top=0.9, wspace=0.45)
     x = list(range(len(trend)))
     labels = [t["created"][:16].replace("T", " ") for t in trend]
     ax = fig.add_subplot(1, 2, 1)
@@ -321,7 +344,7 @@ def plot_risk_coverage(gate: GateRecord) -> str | None:
     steps = [s for s in gate.steps if s.n > 0]
     if not steps or not gate.n_calibration:
         return None
-    fig = _figure(6.4, 3.0, left=0.1, right=0.97, bottom=0.16, top=0.88)
+    fig = _figure(6.4, 3.1, left=0.1, right=0.97, bottom=0.16, top=0.86)
     ax = fig.add_subplot()
     cov = np.array([s.n / gate.n_calibration for s in steps])
     risk = np.array([s.k / s.n for s in steps])
@@ -365,7 +388,7 @@ def plot_risk_coverage(gate: GateRecord) -> str | None:
         color="#44505c",
     )
     ax.set_ylabel("auto-label error", fontsize=9, color="#44505c")
-    ax.legend(frameon=False, fontsize=8, loc="upper left")
+    ax.legend(frameon=False, fontsize=8, ncols=2, loc="lower left", bbox_to_anchor=(0.0, 1.0))
     _style(ax)
     return _png(fig)
 
@@ -528,6 +551,8 @@ class BoxSources:
     predictions: PredictionSource | None = None
     label_map: LabelMap = field(default_factory=LabelMap)
     min_score: float = 0.25
+    written: frozenset[str] = frozenset()
+    """Items whose label is this run's auto-label (drawn as predictions, not as labels)."""
 
 
 def thumbnails(
@@ -542,6 +567,7 @@ def thumbnails(
     """The ``n`` hardest (or easiest) items with thumbnails; hardest ones with a "why"."""
     scored = df[df["rank"].notna()].sort_values("rank", ascending=hardest).head(n)
     items = read_items(boxes.fmt, scored) if boxes.fmt is not None else {}
+    written = boxes.written
     pct: dict[str, np.ndarray] = {}
     ok = df["score"].notna().to_numpy()
     for name in why_from if hardest else ():
@@ -551,7 +577,8 @@ def thumbnails(
     out = []
     for row in scored.itertuples():
         item = items.get(str(row.item_id))
-        labels = item.annotations if item is not None else []
+        auto = str(row.item_id) in written  # its label file is this run's auto-label
+        labels = item.annotations if item is not None and not auto else []
         preds = _predicted(
             boxes.predictions, boxes.label_map, str(row.item_id), item, boxes.min_score
         )
@@ -562,7 +589,7 @@ def thumbnails(
                 "rank": int(row.rank),
                 "score": float(row.score),
                 "tier": row.tier,
-                "status": row.status,
+                "status": "auto-labeled in this run" if auto else row.status,
                 "true_error": None if pd.isna(row.true_error) else float(row.true_error),
                 "src": src,
                 "why": why_not,
@@ -815,7 +842,7 @@ def write_report(
         if s not in dropped and (weights.get(s, 0.0) > 0 or (tie_break.get(s) or 0.0) > 0)
     ]
     gate_thumbs = gate_thumbnails(gate, fs) if gate is not None else {"labels": [], "audit": []}
-    boxes = BoxSources(fmt, predictions, label_map, min_score)
+    boxes = BoxSources(fmt, predictions, label_map, min_score, frozenset(written))
 
     context = {
         "meta": meta,
@@ -832,7 +859,7 @@ def write_report(
         "score_plot": plot_score_distribution(
             df, (_threshold(meta, "easy_max"), _threshold(meta, "hard_min"))
         ),
-        "scorer_plot": plot_scorers(df, scorers, weights, dropped),
+        "scorer_histograms": scorer_histograms(df, scorers, weights, dropped),
         "agreement_plot": plot_agreement(correlations, combination.get("combined_rho")),
         "error_plot": plot_error_by_tier(df),
         "trend_plot": plot_trend(trend),

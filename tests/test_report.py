@@ -368,3 +368,26 @@ def _unlabeled_project(tmp_path: Path) -> ProjectFormat:
             folder / f"u{i}.png"
         )
     return ImageFolderFormat(ProjectFS(str(tmp_path / "proj")))
+
+
+def test_the_report_needs_no_torch(run_dir: Path) -> None:
+    """Thumbnails are decoded with Pillow alone: rendering a report never imports torch."""
+    import os
+    import sys
+
+    code = (
+        "import sys; from difficulty.report import write_report; "
+        "write_report(sys.argv[1]); print('torch' in sys.modules)"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(run_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.stdout.strip() == "False"
+    assert (run_dir / "report.html").read_text().count("data:image/jpeg") == 24
