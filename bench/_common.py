@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from connectors.formats.base import ProjectFormat
+from connectors.formats.base import LabelWrite, ProjectFormat, WriteOutcome, WrittenRecord
 from connectors.formats.kitti import KittiFormat
 from connectors.formats.voc import VocFormat
 from connectors.formats.yolo import YoloPredictions
 from connectors.labelmap import LabelMap
+from connectors.model import Item, ItemStatus
 from connectors.storage import ProjectFS
 
 PROJECTS = ("road_signs_2cls", "road_signs_4cls", "kitti_tiny")
@@ -64,6 +66,46 @@ def real_project(name: str, data: Path) -> RealProject:
         keep = None
     predictions = YoloPredictions(ProjectFS(str(root / "predictions" / "yolo")), project=project)
     return RealProject(name, project, predictions, label_map, keep)
+
+
+class ProjectView(ProjectFormat):
+    """A read-only view of a project: keep only some classes, hide some items' labels."""
+
+    name = "view"
+
+    def __init__(
+        self, base: ProjectFormat, *, keep: set[str] | None = None, hide: set[str] | None = None
+    ) -> None:
+        super().__init__(base.project)
+        self.base = base
+        self.name = base.name  # type: ignore[misc]
+        self.keep = keep
+        self.hide = hide or set()
+
+    @classmethod
+    def detect(cls, project: ProjectFS) -> bool:
+        return False
+
+    def iter_items(self) -> Iterator[Item]:
+        for item in self.base.iter_items():
+            if self.keep is not None:
+                item = item.model_copy(
+                    update={"annotations": [a for a in item.annotations if a.label in self.keep]}
+                )
+            if item.item_id in self.hide:
+                item = item.model_copy(
+                    update={"annotations": [], "status": ItemStatus.UNLABELED, "source": None}
+                )
+            yield item
+
+    def write_items(self, items: Iterable[Item], classes: list[str] | None = None) -> None:
+        raise NotImplementedError("read-only view")
+
+    def write_labels(self, writes: list[LabelWrite]) -> WriteOutcome:
+        raise NotImplementedError("read-only view")
+
+    def remove_written(self, records: list[WrittenRecord]) -> list[str]:
+        raise NotImplementedError("read-only view")
 
 
 def machine_line() -> str:

@@ -240,21 +240,21 @@ def combine(pct: pd.DataFrame, weights: Mapping[str, float]) -> np.ndarray:
         return np.where(den > 0, num / den, np.nan)
 
 
-def risk_coverage_area(score: np.ndarray, error: np.ndarray) -> float:
-    """AURC: the mean error among the ``k`` lowest-scored items, averaged over ``k = 1..N``.
+def risk_coverage_curve(score: np.ndarray, error: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Coverage ``k/N`` and risk (mean error among the ``k`` lowest-scored items) for
+    ``k = 1..N``, over the pairs where both are finite.
 
-    ``score`` and ``error`` ``(N,)`` over the pairs where both are finite; lower is
-    better.  Tied scores have no order, so inside a tie block the error is spread evenly
-    (each position gets the block's mean error).  NaN with fewer than 3 pairs.
+    Tied scores have no order, so inside a tie block the error is spread evenly (each
+    position gets the block's mean error).
     """
     s = np.asarray(score, dtype=np.float64)
     e = np.asarray(error, dtype=np.float64)
     ok = np.isfinite(s) & np.isfinite(e)
-    if ok.sum() < 3:
-        return float("nan")
     order = np.argsort(s[ok], kind="stable")
     s, e = s[ok][order], e[ok][order]
     n = s.size
+    if n == 0:
+        return np.zeros(0), np.zeros(0)
     block = np.r_[0, np.cumsum(np.diff(s) != 0)]  # tie block of each position
     starts = np.r_[0, np.flatnonzero(np.diff(s) != 0) + 1]
     ends = np.r_[starts[1:], n]
@@ -262,7 +262,14 @@ def risk_coverage_area(score: np.ndarray, error: np.ndarray) -> float:
     rate = (cum[ends] - cum[starts]) / (ends - starts)  # mean error inside each block
     pos = np.arange(n)
     expected = cum[starts[block]] + rate[block] * (pos - starts[block] + 1)
-    return float(np.mean(expected / (pos + 1)))
+    return (pos + 1) / n, expected / (pos + 1)
+
+
+def risk_coverage_area(score: np.ndarray, error: np.ndarray) -> float:
+    """AURC: the mean error among the ``k`` lowest-scored items, averaged over ``k = 1..N``
+    (:func:`risk_coverage_curve`); lower is better.  NaN with fewer than 3 pairs."""
+    _, risk = risk_coverage_curve(score, error)
+    return float(risk.mean()) if risk.size >= 3 else float("nan")
 
 
 def constant_scorers(pct: pd.DataFrame) -> list[str]:

@@ -23,6 +23,7 @@ from autolabel.mlbackend import (
 from connectors.formats.base import PredictionSource
 from connectors.labelmap import LabelMap
 from connectors.model import Annotation, Item, Prediction
+from difficulty.runrecord import GateRecord, write_gate_record
 from difficulty.table import write_difficulty
 
 LABEL_CONFIG = (
@@ -57,14 +58,17 @@ def write_run(run_dir: Path, *, threshold: float | None, run_id: str = "run-1") 
         }
     )
     write_difficulty(df, str(run_dir), {"run_id": run_id, "scorers": ["fourier"]})
-    body = {
-        "run_id": run_id,
-        "task": "detection",
-        "threshold": threshold,
-        "box_confidence": 0.5,
-        "model_version": "yolov5n",
-    }
-    (run_dir / "autolabel.json").write_text(json.dumps(body))
+    record = GateRecord(  # the gate's own record type, not a hand-written shape
+        run_id=run_id,
+        stage="autolabel",
+        task="detection",
+        epsilon=0.05,
+        delta=0.1,
+        threshold=threshold,
+        box_confidence=0.5,
+        model_version="yolov5n",
+    )
+    write_gate_record(str(run_dir), record)
 
 
 PREDS = {

@@ -69,6 +69,9 @@ def run(
                 if record.error:
                     line += f": {record.error}"
                 click.echo(line)
+                gate = record.counts.get(record.stage)
+                if isinstance(gate, dict) and gate.get("verdict"):
+                    click.echo(f"  {record.stage}: {gate['verdict']}")
                 if "report" in record.outputs:
                     click.echo(f"  report: {record.outputs['report']}")
             if record.status == "failed":
