@@ -131,3 +131,57 @@ def machine_line() -> str:
         f"GPU: {gpu}; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; "
         f"1-minute load average {os.getloadavg()[0]:.2f}"
     )
+
+
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
+
+
+def chromium() -> str:
+    """The headless browser the report screenshots are taken with."""
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    raise SystemExit("chromium not found: apt-get install -y chromium")
+
+
+def chromium_png(page: Path, png: Path, *, height: int) -> None:
+    """Screenshot ``page`` at 1280 px wide in headless Chromium, cut the empty background
+    below the content, and save a palette PNG (a fraction of the size)."""
+    import subprocess
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    raw = png.with_suffix(".raw.png")
+    subprocess.run(
+        [
+            chromium(),
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={tempfile.mkdtemp()}",
+            f"--screenshot={raw}",
+            f"--window-size=1280,{height}",
+            page.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+    with Image.open(raw) as im:
+        rgb = np.asarray(im.convert("RGB")).astype(np.int16)
+    background = rgb[-1, -1]
+    used = np.flatnonzero(np.abs(rgb - background).sum(axis=2).max(axis=1) > 8)
+    bottom = int(used[-1]) + 40 if used.size else rgb.shape[0]
+    Image.fromarray(rgb[:bottom].astype(np.uint8)).quantize(colors=256).save(png, optimize=True)
+    raw.unlink()

@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -73,7 +72,13 @@ from autolabel.calibrate import (  # noqa: E402
     clopper_pearson_upper,
     min_passing_count,
 )
-from bench._common import PROJECTS, ProjectView, machine_line, real_project  # noqa: E402
+from bench._common import (  # noqa: E402
+    PROJECTS,
+    ProjectView,
+    chromium_png,
+    machine_line,
+    real_project,
+)
 from connectors.labelmap import LabelMap  # noqa: E402
 from connectors.model import Item, Prediction  # noqa: E402
 from connectors.storage import ProjectFS  # noqa: E402
@@ -359,45 +364,12 @@ def _keep(xml: bytes, keep: set[str]) -> bytes:
 
 def section_screenshot(report: Path, png: Path) -> None:
     """The report's auto-label section alone (same styles), in headless Chromium."""
-    from bench.difficulty_quality import chromium
-
-    exe = chromium()
-    if exe is None:
-        raise SystemExit("chromium not found: apt-get install -y chromium")
     page = report.read_text(encoding="utf-8")
     head = page[: page.index("<body>")]
     section = page[page.index('<section id="autolabel">') : page.index("</main>")]
     alone = report.with_name("autolabel_section.html")
     alone.write_text(f"{head}<body><main>{section}</main></body></html>", encoding="utf-8")
-    raw = png.with_suffix(".raw.png")
-    subprocess.run(
-        [
-            exe,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tempfile.mkdtemp()}",
-            f"--screenshot={raw}",
-            "--window-size=1280,2600",
-            alone.as_uri(),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=180,
-    )
-    from PIL import Image
-
-    with Image.open(raw) as im:
-        rgb = np.asarray(im.convert("RGB")).astype(np.int16)
-    background = rgb[-1, -1]
-    used = np.flatnonzero(np.abs(rgb - background).sum(axis=2).max(axis=1) > 8)
-    bottom = int(used[-1]) + 30 if used.size else rgb.shape[0]
-    Image.fromarray(rgb[:bottom].astype(np.uint8)).quantize(colors=256).save(png, optimize=True)
-    raw.unlink()
+    chromium_png(alone, png, height=2600)
 
 
 def plot(datasets: list[Dataset], out: Path) -> None:

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,7 +55,15 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._common import PROJECTS, ProjectView, machine_line, real_project  # noqa: E402
+from bench._common import (  # noqa: E402
+    CHROMIUM_FLAGS,
+    PROJECTS,
+    ProjectView,
+    chromium,
+    chromium_png,
+    machine_line,
+    real_project,
+)
 from connectors.formats.base import ProjectFormat  # noqa: E402
 from connectors.formats.yolo import YoloPredictions  # noqa: E402
 from connectors.labelmap import LabelMap  # noqa: E402
@@ -157,48 +164,17 @@ def evaluate(table: pd.DataFrame, scorers: list[str], splits: int, seed: int) ->
     }
 
 
-def chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
 def screenshot(report: Path, png: Path) -> list[str]:
     """PNG screenshot of ``report``; returns the sections missing from the rendered DOM."""
-    exe = chromium()
-    if exe is None:
-        raise SystemExit("chromium not found: apt-get install -y chromium")
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tempfile.mkdtemp()}",
-    ]
-    raw = png.with_suffix(".raw.png")
-    subprocess.run(
-        [exe, *flags, f"--screenshot={raw}", "--window-size=1280,6200", report.as_uri()],
-        check=True,
-        capture_output=True,
-        timeout=180,
-    )
-    from PIL import Image
-
-    with Image.open(raw) as im:
-        rgb = np.asarray(im.convert("RGB")).astype(np.int16)
-    # cut the empty page background below the footer, keep a palette PNG (a fraction of the size)
-    background = rgb[-1, -1]
-    used = np.flatnonzero(np.abs(rgb - background).sum(axis=2).max(axis=1) > 8)
-    bottom = int(used[-1]) + 40 if used.size else rgb.shape[0]
-    Image.fromarray(rgb[:bottom].astype(np.uint8)).quantize(colors=256).save(png, optimize=True)
-    raw.unlink()
+    chromium_png(report, png, height=6200)
     dom = subprocess.run(
-        [exe, *flags, "--dump-dom", report.as_uri()],
+        [
+            chromium(),
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={tempfile.mkdtemp()}",
+            "--dump-dom",
+            report.as_uri(),
+        ],
         check=True,
         capture_output=True,
         text=True,

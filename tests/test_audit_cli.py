@@ -9,39 +9,21 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from test_gate import make_project, voc_xml
+from test_gate import voc_xml
+from test_report import _gate_project
 
 from autolabel.cli import cli
 from autolabel.gate import run_autolabel
-from connectors.formats.voc import VocFormat
 from connectors.labelmap import LabelMap, check_label_map, suggest_label_map
-from connectors.storage import ProjectFS
 from difficulty.report import write_report
-from difficulty.table import write_difficulty
 
 
 @pytest.fixture()
 def audited(tmp_path: Path) -> tuple[Path, Path, list[str]]:
     """A VOC project after a real gate run that wrote labels with a 25 % audit sample."""
-    root = tmp_path / "proj"
-    preds, df = make_project(root)
-    df["fourier"] = df["score"]
-    run = tmp_path / "store" / "proj" / "r1"
-    meta = {
-        "run_id": "r1",
-        "created": "2026-01-01T00:00:00+00:00",
-        "source": str(root),
-        "format": "voc",
-        "task": "detection",
-        "model_version": "yolo-test-1",
-        "scorers": ["fourier"],
-        "reference": {},
-        "combination": {"method": "default", "weights": {"fourier": 1.0}, "reason": "test"},
-        "tiers": {"config": {}, "easy_max": 0.3, "hard_min": 0.7, "source": "quantiles"},
-    }
-    write_difficulty(df, str(run), meta)
+    fmt, preds, run, root = _gate_project(tmp_path)
     record = run_autolabel(
-        VocFormat(ProjectFS(str(root))),
+        fmt,
         difficulty_dir=str(run),
         predictions=preds,
         epsilon=0.1,
