@@ -448,7 +448,7 @@ def run_autolabel(
     )
     del cal_items, cal_preds
     log.info(
-        "run %s: threshold %s, box confidence %s, bound %.4f ≤ ε %g? on n=%d",
+        "run %s: threshold %s, box confidence %s, bound %.4f (ε %g) on n=%d",
         run_id,
         calib.threshold,
         calib.box_confidence,

@@ -705,14 +705,20 @@ def tier_notes(df: pd.DataFrame, meta: dict[str, Any], gate: GateRecord | None) 
             "Medium and hard split the rest."
         )
         return out
-    if config.get("mode", "quantiles") == "quantiles":
-        easy, hard = float(config.get("easy", 0.3)), float(config.get("hard", 0.7))
-        source = str(tiers.get("source") or "quantiles")
+    source = str(tiers.get("source") or "quantiles")
+    if source.startswith("reference"):
         out["easy"] = (
-            f"Easy means the {100 * easy:g} % lowest scores ({source}). It is a planning tier, "
-            "not a promise about auto-labels"
+            f"Easy means a score at or below {tiers.get('easy_max', 0):.3g}, the easy boundary "
+            f"of the {source} (kept so that runs compare). It is a planning tier, not a promise "
+            "about auto-labels"
         )
-        if source == "quantiles" and scored:
+    elif config.get("mode", "quantiles") == "quantiles":
+        easy, hard = float(config.get("easy", 0.3)), float(config.get("hard", 0.7))
+        out["easy"] = (
+            f"Easy means the {100 * easy:g} % lowest scores. It is a planning tier, not a "
+            "promise about auto-labels"
+        )
+        if scored:
             want = {"easy": easy, "medium": hard - easy, "hard": 1.0 - hard}
             got = {t: float((df["tier"] == t).sum()) / scored for t in TIERS}
             off = {t: got[t] - want[t] for t in TIERS}

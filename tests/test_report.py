@@ -391,3 +391,26 @@ def test_the_report_needs_no_torch(run_dir: Path) -> None:
     )
     assert done.stdout.strip() == "False"
     assert (run_dir / "report.html").read_text().count("data:image/jpeg") == 24
+
+
+def test_tier_notes_say_when_ties_break_the_shares() -> None:
+    from difficulty.report import tier_notes
+
+    score = np.r_[np.full(60, 0.25), np.linspace(0.3, 1.0, 40)]  # 60 % tied in every scorer
+    tier = np.where(score <= 0.25, "easy", np.where(score >= 0.79, "hard", "medium"))
+    df = pd.DataFrame({"score": score, "tier": tier})
+    meta = {
+        "tiers": {
+            "config": {"mode": "quantiles", "easy": 0.3, "hard": 0.7},
+            "source": "quantiles",
+            "easy_max": 0.25,
+        }
+    }
+    notes = tier_notes(df, meta, None)
+    assert notes["tie"] == {"value": 0.25, "count": 60, "share": 0.6}
+    assert notes["shares"]["got"]["easy"] == pytest.approx(0.6)
+    assert "30 % lowest scores" in notes["easy"]
+    even = pd.DataFrame(
+        {"score": np.linspace(0, 1, 100), "tier": ["easy"] * 30 + ["medium"] * 40 + ["hard"] * 30}
+    )
+    assert tier_notes(even, meta, None)["tie"] is None
