@@ -25,7 +25,7 @@ predictions with confidence ≥ 0.25).  Recorded:
   by AURC for the AURC column); "best single (oracle)" picks it on the held-out half
   itself (not achievable; a ceiling);
 * **tiers** — the shares of the default quantile tiers, and the largest group of items
-  tied in every scorer (which no cut can split).
+  sharing one combined score (which no cut can split).
 
 Then, for the report, each project is scored twice as a manager would see it, with
 labels hidden for part of the items (they become ``unlabeled`` items to plan for: 80 %,
@@ -298,8 +298,9 @@ def markdown(
             "",
             f"Tiers at the default quantile cuts (30 % / 70 %), ties broken by the agreeing scorers: "
             f"easy {100 * r['tiers'].get('easy', 0):.1f} %, medium {100 * r['tiers'].get('medium', 0):.1f} %, "
-            f"hard {100 * r['tiers'].get('hard', 0):.1f} %; the largest group of items tied in every "
-            f"scorer holds {tie_count} items ({100 * tie_count / r['n']:.1f} %, score {tie_value:.4f}).",
+            f"hard {100 * r['tiers'].get('hard', 0):.1f} %; the largest group of items sharing one "
+            f"combined score (tied in every scorer that counts or breaks ties) holds {tie_count} "
+            f"items ({100 * tie_count / r['n']:.1f} %, score {tie_value:.4f}).",
             "",
         ]
     lines += ["## Report rendering (headless Chromium)", ""]

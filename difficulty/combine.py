@@ -55,7 +55,7 @@ Three steps, all plain functions of arrays:
    the weighted combination above, ``secondary`` the ``rho`` blend of every scorer that
    agrees with the error (without labels: all scorers, equal weights).  Items whose
    primary scores differ by more than η keep their order; inside a tie the secondary key
-   orders them.  Items tied in every scorer stay tied (the report says how many).
+   orders them.  Items tied in the primary and the secondary key stay tied (the report says how many).
 
 The weighted combination is ``Σ_i w_i·p_i / Σ_i w_i`` (``1 − p_i`` and ``|w_i|`` for a
 reversed scorer) over the scorers with a value for the item (weights renormalised per item

@@ -23,7 +23,7 @@ labels it with error ≤ ε at confidence 1 − δ".  Medium and hard split the 
 ``thresholds`` mode at the configured hard score.
 
 The combined score breaks ties between items with its continuous scorers
-(:mod:`difficulty.combine`), so quantile cuts hold their shares; items tied in every scorer
+(:mod:`difficulty.combine`), so quantile cuts hold their shares; items tied in every scorer that counts
 can still make a tier larger than its share, and :func:`largest_tie` says by how much.
 """
 
