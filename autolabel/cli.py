@@ -40,6 +40,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "autolabel.commands.autolabel_cmd:autolabel",
         "Auto-label the calibrated easy tier (never over a human label).",
     ),
+    "audit": (
+        "autolabel.commands.audit:audit",
+        "List an auto-label run's audit sample; measure audit precision.",
+    ),
+    "suggest-map": (
+        "autolabel.commands.suggest_map:suggest_map",
+        "Propose a label map (YAML) by matching class names.",
+    ),
     "rollback": (
         "autolabel.commands.rollback:rollback",
         "Remove exactly what one auto-label run wrote.",

@@ -1,23 +1,31 @@
-"""The auto-label gate: calibrate, select the easy unlabeled items, write them back safely.
+"""The auto-label gate: calibrate, cut the easy tier there, write it back safely.
 
 One call of :func:`run_autolabel` is one run of a project at its rollout stage
 (:mod:`autolabel.stages`):
 
-1. read the difficulty table (``DIR/difficulty.parquet``);
+1. read the run's difficulty table (``DIR/difficulty.parquet``);
 2. calibrate ``(box confidence c, difficulty threshold t)`` on human-labeled items the
    model did not train on (:mod:`autolabel.calibrate`): for brought predictions every
    human-labeled item, for a checkpoint only its held-out ``calibration_ids``;
-3. select the unlabeled items with ``score ≤ t`` (tier ``easy``) that have a prediction;
-   their label is the prediction, label-mapped, with boxes of confidence ``≥ c``
-   (classification: the arg-max class, if its probability is ``≥ c``);
-4. flag ``audit_share`` of them for human audit (:func:`autolabel.audit.choose_audit`);
-5. ``autolabel``: write through :func:`connectors.writeback.write_run` — one transaction
+3. **one score, one set of tiers, one gate**: at stages ``shadow`` and ``autolabel``,
+   when a threshold passed, the table's easy tier is cut at ``t`` on the same combined
+   score (medium and hard split the rest, :func:`difficulty.tiers.calibrated_cuts`) and
+   the table is written back to the run folder — "easy" then means "labeled by the model
+   with error ≤ ε at confidence 1 − δ";
+4. select the unlabeled items of that easy tier that have a prediction; their label is
+   the prediction, label-mapped, with boxes of confidence ``≥ c`` (classification: the
+   arg-max class, if its probability is ``≥ c``).  No item outside the easy tier of the
+   run's final table is ever selected; when no threshold passed, nothing is;
+5. flag ``audit_share`` of them for human audit (:func:`autolabel.audit.choose_audit`);
+6. ``autolabel``: write through :func:`connectors.writeback.write_run` — one transaction
    per run, atomic, refused per item where a human label exists *at write time*, undone
    by ``labeltriage rollback RUN_ID``; ``shadow``: write nothing, record the would-be
-   labels in ``DIR/shadow.json``; ``report``: calibrate and report only;
-6. write ``DIR/autolabel.json`` (run id, stage, calibration, items written, refused,
-   audit ids, coverage, audit precision so far, shadow agreement, dry run).  A dry run
-   writes nothing at all, not even this file; the result says what would be written.
+   labels in ``DIR/shadow.json``; ``report``: calibrate and report only (tiers untouched);
+7. write the run record ``DIR/autolabel.json`` (:class:`difficulty.runrecord.GateRecord`:
+   calibration and its walk, what was selected, written, refused and audited, how many
+   labels hold boxes, the tiers after the gate, audit precision so far, shadow
+   agreement).  A dry run writes nothing at all, not even this file or the table; the
+   returned record says what would be written.
 
 Provenance of every written label: ``run_id``; ``model_version`` (the prediction's model
 version, else its source, else the prediction source's name or the checkpoint's
@@ -30,18 +38,22 @@ calibrated ``threshold``, ``box_confidence``, ``bound``, ``epsilon``, ``delta``,
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from autolabel.audit import audit_meta, choose_audit, measure_audit_precision
-from autolabel.calibrate import DEFAULT_BOX_CONFIDENCES, CalibrationResult, calibrate
+from autolabel.calibrate import (
+    DEFAULT_BOX_CONFIDENCES,
+    CalibrationResult,
+    calibrate,
+    min_passing_count,
+)
 from autolabel.stages import (
     SHADOW_FILENAME,
     ShadowLabel,
@@ -58,98 +70,24 @@ from connectors.model import Annotation, Item, ItemStatus, Prediction
 from connectors.storage import ProjectFS
 from connectors.writeback import new_run_id, save_manifest, write_run
 from difficulty.matching import predicted_class
-from difficulty.table import read_difficulty
+from difficulty.runrecord import FILENAME as RECORD_FILENAME
+from difficulty.runrecord import (
+    CalibrationStep,
+    ConfidenceWalk,
+    GateRecord,
+    LabelCounts,
+    LabelExample,
+    ShadowAgreement,
+    TierSummary,
+    write_gate_record,
+)
+from difficulty.table import read_difficulty, write_difficulty
+from difficulty.tiers import TIERS, TierConfig, calibrated_cuts, tiers_from_thresholds
 
 log = logging.getLogger(__name__)
 
-REPORT_FILENAME = "autolabel.json"
+REPORT_FILENAME = RECORD_FILENAME
 EASY = "easy"
-
-
-@dataclass
-class AutolabelResult:
-    """What one gate run did (also written as ``autolabel.json``)."""
-
-    run_id: str
-    stage: str
-    dry_run: bool
-    task: str
-    calibration: CalibrationResult
-    selected: list[str]
-    written: list[str]
-    refused: dict[str, str]
-    audit: list[str]
-    n_eligible: int
-    model_version: str
-    score_weights_fit_on: int = 0
-    audit_precision: dict[str, Any] = field(default_factory=dict)
-    agreement: dict[str, Any] | None = None
-    manifest_stage: str | None = None
-    report_path: str | None = None
-
-    @property
-    def threshold(self) -> float | None:
-        return self.calibration.threshold
-
-    @property
-    def box_confidence(self) -> float | None:
-        return self.calibration.box_confidence
-
-    @property
-    def bound(self) -> float:
-        return self.calibration.bound
-
-    @property
-    def coverage(self) -> float:
-        """Share of eligible unlabeled items (scored, with a prediction) selected."""
-        return len(self.selected) / self.n_eligible if self.n_eligible else 0.0
-
-    @property
-    def precision(self) -> float | None:
-        """Measured auto-label precision: audit precision so far, or (shadow) the agreement
-        of the previous shadow run; ``None`` while nothing has been reviewed."""
-        if (
-            self.stage == "shadow"
-            and self.agreement
-            and self.agreement.get("error_rate") is not None
-        ):
-            return 1.0 - float(self.agreement["error_rate"])
-        value = self.audit_precision.get("precision")
-        return None if value is None else float(value)
-
-    def to_dict(self) -> dict[str, Any]:
-        c = self.calibration
-        return {
-            "run_id": self.run_id,
-            "stage": self.stage,
-            "dry_run": self.dry_run,
-            "task": self.task,
-            "model_version": self.model_version,
-            "threshold": c.threshold,
-            "box_confidence": c.box_confidence,
-            "bound": c.bound,
-            "n": c.n,
-            "k": c.k,
-            "epsilon": c.epsilon,
-            "delta": c.delta,
-            "min_count": c.min_count,
-            "n_calibration": c.n_calibration,
-            "calibration_coverage": c.coverage,
-            "n_eligible": self.n_eligible,
-            "score_weights_fit_on": self.score_weights_fit_on,
-            "coverage": self.coverage,
-            "selected": self.selected,
-            "written": self.written,
-            "refused": self.refused,
-            "audit": self.audit,
-            "precision": self.precision,
-            "precision_lower_bound": 1.0 - c.bound if c.threshold is not None else None,
-            "audit_precision": self.audit_precision.get("precision"),
-            "audit_summary": self.audit_precision,
-            "agreement": self.agreement,
-            "manifest_stage": self.manifest_stage,
-            "calibration": c.to_dict(with_steps=True),
-        }
 
 
 # -- predictions ---------------------------------------------------------------------------
@@ -334,6 +272,113 @@ def _previous_agreement(
     return measure_shadow_agreement(fmt, record, label_map, min_count=min_count)
 
 
+def _retier(
+    df: pd.DataFrame,
+    meta: dict[str, Any],
+    threshold: float,
+    calib: CalibrationResult,
+    run_id: str,
+) -> dict[str, Any]:
+    """Cut the table's tiers at the calibrated ``threshold`` (in place); the new tier metadata."""
+    old = dict(meta.get("tiers") or {})
+    config = TierConfig.model_validate(old.get("config") or {})
+    score = df["score"].to_numpy(dtype=np.float64, na_value=np.nan)
+    easy_max, hard_min = calibrated_cuts(score, threshold, config)
+    df["tier"] = tiers_from_thresholds(score, easy_max, hard_min)
+    return {
+        **old,
+        "easy_max": easy_max,
+        "hard_min": hard_min,
+        "source": "calibrated",
+        "uncalibrated": {k: old.get(k) for k in ("easy_max", "hard_min", "source")},
+        "calibration": {
+            "run_id": run_id,
+            "epsilon": calib.epsilon,
+            "delta": calib.delta,
+            "box_confidence": calib.box_confidence,
+            "bound": calib.bound,
+            "n": calib.n,
+        },
+    }
+
+
+def _tier_summary(df: pd.DataFrame, tiers: dict[str, Any]) -> TierSummary:
+    counts = df["tier"].value_counts()
+    return TierSummary(
+        easy_max=tiers.get("easy_max"),
+        hard_min=tiers.get("hard_min"),
+        source=str(tiers.get("source") or "quantiles"),
+        counts={t: int(counts.get(t, 0)) for t in TIERS},
+    )
+
+
+def _label_counts(labels: dict[str, list[Annotation]]) -> LabelCounts:
+    classes: Counter[str] = Counter()
+    boxes = with_boxes = 0
+    for anns in labels.values():
+        n_boxes = sum(1 for a in anns if a.box is not None)
+        boxes += n_boxes
+        with_boxes += int(n_boxes > 0)
+        classes.update(a.label for a in anns)
+    return LabelCounts(
+        total=len(labels),
+        with_boxes=with_boxes,
+        empty=sum(1 for anns in labels.values() if not anns),
+        boxes=boxes,
+        classes=dict(sorted(classes.items(), key=lambda kv: (-kv[1], kv[0]))),
+    )
+
+
+def _examples(
+    writes: dict[str, LabelWrite], ids: list[str], audit: set[str], per_kind: int = 12
+) -> list[LabelExample]:
+    """Up to ``per_kind`` audited labels and ``per_kind`` others, spread over difficulty."""
+
+    def example(item_id: str) -> LabelExample:
+        w = writes[item_id]
+        return LabelExample(
+            item_id=item_id,
+            uri=w.item.uri,
+            difficulty=float(w.provenance.extra["difficulty"]),
+            annotations=w.annotations,
+            audit=item_id in audit,
+        )
+
+    audited = [i for i in ids if i in audit][:per_kind]
+    others = sorted((i for i in ids if i not in audit), key=lambda i: example(i).difficulty)
+    if len(others) > per_kind:
+        picks = np.unique(np.linspace(0, len(others) - 1, per_kind).round().astype(int))
+        others = [others[i] for i in picks]
+    return [example(i) for i in [*audited, *others]]
+
+
+def _walks(calib: CalibrationResult) -> list[ConfidenceWalk]:
+    return [
+        ConfidenceWalk(
+            box_confidence=float(w.box_confidence if w.box_confidence is not None else 0.0),
+            threshold=w.threshold,
+            bound=w.bound,
+            n=w.n,
+            k=w.k,
+        )
+        for w in calib.per_confidence
+    ]
+
+
+def _steps(calib: CalibrationResult) -> list[CalibrationStep]:
+    return [
+        CalibrationStep(
+            threshold=s.threshold,
+            n=s.n,
+            k=s.k,
+            bound=s.bound if math.isfinite(s.bound) else None,
+            tested=s.tested,
+            passed=s.passed,
+        )
+        for s in calib.steps
+    ]
+
+
 def run_autolabel(
     project: ProjectFormat,
     *,
@@ -354,13 +399,14 @@ def run_autolabel(
     box_confidences: tuple[float, ...] = DEFAULT_BOX_CONFIDENCES,
     iou_threshold: float = 0.5,
     run_id: str | None = None,
-) -> AutolabelResult:
+) -> GateRecord:
     """One gate run of ``project`` at ``stage`` (see the module docstring).
 
     ``difficulty_dir`` (and ``out_dir``, default the same) are fsspec URLs of the report
     folder, opened with ``storage_options``.  Exactly one of ``predictions`` and
     ``checkpoint`` is required.  ``task`` defaults to the format's (classification for
-    class-only formats, else detection).
+    class-only formats, else detection).  Returns the run record (also written as
+    ``out_dir/autolabel.json``, except in a dry run).
     """
     check_stage(stage)
     if (predictions is None) == (checkpoint is None):
@@ -402,31 +448,43 @@ def run_autolabel(
     )
     del cal_items, cal_preds
     log.info(
-        "run %s: threshold %s, box confidence %s, bound %.4f on n=%d",
+        "run %s: threshold %s, box confidence %s, bound %.4f (ε %g) on n=%d",
         run_id,
         calib.threshold,
         calib.box_confidence,
         calib.bound,
+        epsilon,
         calib.n,
     )
 
-    # -- select ----------------------------------------------------------------------------
-    writes: list[LabelWrite] = []
-    n_eligible = 0
+    # -- one score, one set of tiers, one gate ----------------------------------------------
     t, c = calib.threshold, calib.box_confidence
+    tiers_meta = dict(score_meta.get("tiers") or {})
+    retiered = stage in ("shadow", "autolabel") and t is not None
+    if retiered and t is not None:
+        tiers_meta = _retier(df, score_meta, t, calib, run_id)
+        score_meta = {**score_meta, "tiers": tiers_meta}
+        if not dry_run:
+            write_difficulty(df, out_dir, score_meta, storage_options)
+    easy = set(df.loc[df["tier"] == EASY, "item_id"].astype(str)) if retiered else set()
+
+    # -- select -----------------------------------------------------------------------------
+    writes: dict[str, LabelWrite] = {}
+    n_eligible = n_unlabeled = 0
     unlabeled = (
         i
         for i in project.iter_items()
         if i.error is None and i.status is ItemStatus.UNLABELED and i.item_id in scores
     )
     for batch in _batches(unlabeled):
+        n_unlabeled += len(batch)
         preds = predictor.predict(batch)
         for item in batch:
             pred = preds.get(item.item_id)
             if pred is None or pred.error is not None:
                 continue
             n_eligible += 1
-            if t is None or c is None or stage == "report" or scores[item.item_id] > t:
+            if item.item_id not in easy or c is None:
                 continue
             anns = auto_label(pred, label_map, task=task, box_confidence=c)
             if anns is None:
@@ -446,22 +504,22 @@ def run_autolabel(
                     "stage": stage,
                 },
             )
-            writes.append(LabelWrite(item=item, annotations=anns, provenance=provenance))
-    selected = sorted(w.item.item_id for w in writes)
+            writes[item.item_id] = LabelWrite(item=item, annotations=anns, provenance=provenance)
+    selected = sorted(writes)
     audit_ids = (
         choose_audit(selected, run_id, audit_share, seed=seed) if stage == "autolabel" else []
     )
     audited = set(audit_ids)
-    for w in writes:
+    for w in writes.values():
         w.provenance.extra["audit"] = w.item.item_id in audited
 
-    # -- write -----------------------------------------------------------------------------
+    # -- write ------------------------------------------------------------------------------
     written: list[str] = []
     refused: dict[str, str] = {}
     agreement: dict[str, Any] | None = None
     manifest_stage: str | None = None
     if stage == "autolabel" and writes:
-        labels = {w.item.item_id: w.annotations for w in writes}
+        labels = {i: w.annotations for i, w in writes.items()}
         meta = {
             "stage": stage,
             "task": task,
@@ -475,11 +533,13 @@ def run_autolabel(
             "audit_share": audit_share,
             "seed": seed,
         }
-        manifest = write_run(project, writes, run_id, meta=_jsonable(meta), dry_run=dry_run)
+        manifest = write_run(
+            project, [writes[i] for i in selected], run_id, meta=_jsonable(meta), dry_run=dry_run
+        )
         manifest_stage = manifest.stage
         refused = dict(manifest.refused)
         if not dry_run:
-            written = manifest.item_ids
+            written = sorted(manifest.item_ids)
             kept_audit = [i for i in audit_ids if i in set(written)]
             if kept_audit != audit_ids:  # items refused at write time are not audited
                 manifest.meta["audit"] = audit_meta(
@@ -503,12 +563,12 @@ def run_autolabel(
             iou_threshold=iou_threshold,
             labels=[
                 ShadowLabel(
-                    item_id=w.item.item_id,
-                    annotations=w.annotations,
-                    difficulty=scores[w.item.item_id],
-                    model_version=w.provenance.model_version,
+                    item_id=i,
+                    annotations=writes[i].annotations,
+                    difficulty=scores[i],
+                    model_version=writes[i].provenance.model_version,
                 )
-                for w in writes
+                for i in selected
             ],
         )
         if not dry_run:
@@ -517,36 +577,46 @@ def run_autolabel(
             out_dir, run_id, label_map, project, min_count, storage_options
         )
 
-    result = AutolabelResult(
+    result = GateRecord(
         run_id=run_id,
         stage=stage,
         dry_run=dry_run,
         task=task,
-        calibration=calib,
+        model_version=predictor.default_version,
+        source=project.project.url,
+        epsilon=epsilon,
+        delta=delta,
+        min_count=min_count,
+        audit_share=audit_share,
+        iou_threshold=iou_threshold,
+        threshold=t,
+        box_confidence=c,
+        bound=calib.bound,
+        n=calib.n,
+        k=calib.k,
+        level=calib.level,
+        n_calibration=calib.n_calibration,
+        min_passing=max(min_count, min_passing_count(epsilon, calib.level or delta)),
+        steps=_steps(calib),
+        per_confidence=_walks(calib),
+        score_weights_fit_on=fit_on,
+        n_unlabeled=n_unlabeled,
+        n_eligible=n_eligible,
         selected=selected,
         written=written,
         refused=refused,
         audit=audit_ids,
-        n_eligible=n_eligible,
-        model_version=predictor.default_version,
-        score_weights_fit_on=fit_on,
-        audit_precision=measure_audit_precision(project, delta=delta),
-        agreement=agreement,
+        tiers=_tier_summary(df, tiers_meta),
         manifest_stage=manifest_stage,
+        audit_precision=measure_audit_precision(project, delta=delta),
+        agreement=ShadowAgreement.model_validate(agreement) if agreement else None,
     )
+    labeled = result.labeled_items
+    result.labels = _label_counts({i: writes[i].annotations for i in labeled})
+    result.examples = _examples(writes, labeled, set(audit_ids))
     if not dry_run:
-        body = json.dumps(_jsonable(result.to_dict()), indent=1, sort_keys=True)
-        result.report_path = ProjectFS(out_dir, storage_options).write_text(REPORT_FILENAME, body)
-    log.info(
-        "run %s (%s%s): %d selected, %d written, %d refused, %d for audit",
-        run_id,
-        stage,
-        ", dry run" if dry_run else "",
-        len(selected),
-        len(written),
-        len(refused),
-        len(audit_ids),
-    )
+        result.report_path = write_gate_record(out_dir, result, storage_options)
+    log.info("run %s (%s%s): %s", run_id, stage, ", dry run" if dry_run else "", result.verdict())
     return result
 
 

@@ -1,4 +1,4 @@
-"""One run of one project at its stage: stats → (train) → score → report → shadow/autolabel.
+"""One run of one project at its stage: stats → (train) → score → shadow/autolabel → report.
 
 A run owns the folder ``<report_store>/<project>/<run_id>/``; every step writes its
 outputs there and the run's :class:`~autolabel.store.RunRecord` (``run.json``) is
@@ -139,6 +139,8 @@ class _Run:
         self.label_map = build_label_map(p)
         stats = compute_stats(self.project, self.predictions, label_map=self.label_map)
         self.write_json("stats.json", stats)
+        if "label_map_check" in stats:  # the report shows it
+            self.write_json("label_map_check.json", stats["label_map_check"])
         for key in ("items", "labeled", "auto_labeled", "unlabeled", "boxes", "predictions"):
             if isinstance(stats.get(key), int):
                 self.record.counts[key] = stats[key]
@@ -253,6 +255,7 @@ class _Run:
             plan_settings=build_plan_settings(p),
             history=history,
             project=self.project,
+            predictions=self.predictions,
             storage_options=self.cfg.report_store_options or None,
         )
         self.record.outputs.update({k: str(v) for k, v in outputs.items()})
@@ -295,18 +298,25 @@ class _Run:
         self.record.outputs["autolabel"] = result.report_path or f"{self.run_dir}/autolabel.json"
         self.record.counts[p.stage] = plain(
             {
+                "verdict": result.verdict(),
                 "threshold": result.threshold,
                 "bound": result.bound,
+                "epsilon": result.epsilon,
+                "delta": result.delta,
                 "coverage": result.coverage,
                 "eligible": result.n_eligible,
                 "selected": len(result.selected),
                 "written": len(result.written),
+                "with_boxes": result.labels.with_boxes,
+                "empty": result.labels.empty,
                 "refused": len(result.refused),
                 "audit": len(result.audit),
                 "audit_precision": result.precision,
-                "agreement": result.agreement,
+                "agreement": result.agreement.model_dump() if result.agreement else None,
             }
         )
+        if result.tiers is not None:  # the easy tier is cut at the calibrated threshold
+            self.record.counts["tiers"] = result.tiers.counts
 
 
 def plain(value: Any) -> Any:
@@ -358,14 +368,17 @@ def run_project(
         if p.train is not None or p.model is not None:
             run.step("train" if p.train is not None else "model", run.train)
         run.step("score", run.score)
-        run.step("report", run.report)
-        if getattr(run.project, "data_columns", False):  # opt-in: Label Studio columns
-            run.step("publish", run.publish)
+        gate_failed: StepFailed | None = None
         if p.stage in ("shadow", "autolabel"):
-            run.step(p.stage, run.gate)
-            # The report above was written before the gate ran (so a failing gate still
-            # leaves one); write it again so that it shows the gate's outcome.
-            run.step("report", run.report)
+            try:
+                run.step(p.stage, run.gate)
+            except StepFailed as exc:  # the report still shows what was scored
+                gate_failed = exc
+        run.step("report", run.report)  # once, after the gate: it shows what the gate did
+        if getattr(run.project, "data_columns", False):  # opt-in: Label Studio columns
+            run.step("publish", run.publish)  # after the gate: the tiers it cut
+        if gate_failed is not None:
+            raise gate_failed
         record.status = "ok"
     except StepFailed as exc:
         # Errors raised on purpose (bad input, bad usage) carry their own message; anything

@@ -14,14 +14,18 @@ the box-confidence scorers of :mod:`difficulty.prediction_scores`).  The true pe
 error is :func:`difficulty.matching.item_error` (1 − F1 of the matching at IoU 0.5,
 predictions with confidence ≥ 0.25).  Recorded:
 
-* **in sample** — each scorer's Spearman ρ with the error on all items, and the combined
-  score's ρ when the combination (:func:`difficulty.combine.fit_weights`) is fit on all
-  of them;
+* **in sample** — each scorer's Spearman ρ and risk–coverage area (AURC: the mean error
+  among the k easiest items, averaged over k) with the error on all items, and the
+  combined score's when the combination (:func:`difficulty.combine.fit_weights`, chosen
+  by held-out AURC, ties broken by the agreeing scorers) is fit on all of them;
 * **cross-validated** — ``--splits`` random half/half splits: the combination is fit on
   the labels of one half only (the other half's error hidden) and evaluated on the other
-  half, next to each single scorer's ρ on the same held-out half.  "best single (chosen
-  on fit half)" is the scorer a person would pick from the fit half; "best single
-  (oracle)" picks it on the held-out half itself (not achievable; a ceiling).
+  half, next to each single scorer on the same held-out half.  "best single (chosen on
+  fit half)" is the scorer a person would pick from the fit half (by ρ for the ρ column,
+  by AURC for the AURC column); "best single (oracle)" picks it on the held-out half
+  itself (not achievable; a ceiling);
+* **tiers** — the shares of the default quantile tiers, and the largest group of items
+  sharing one combined score (which no cut can split).
 
 Then, for the report, each project is scored twice as a manager would see it, with
 labels hidden for part of the items (they become ``unlabeled`` items to plan for: 80 %,
@@ -38,12 +42,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,57 +55,24 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._common import PROJECTS, machine_line, real_project  # noqa: E402
-from connectors.formats.base import LabelWrite, ProjectFormat, WriteOutcome, WrittenRecord  # noqa: E402
+from bench._common import (  # noqa: E402
+    CHROMIUM_FLAGS,
+    PROJECTS,
+    ProjectView,
+    chromium,
+    chromium_png,
+    machine_line,
+    real_project,
+)
+from connectors.formats.base import ProjectFormat  # noqa: E402
 from connectors.formats.yolo import YoloPredictions  # noqa: E402
 from connectors.labelmap import LabelMap  # noqa: E402
-from connectors.model import Item, ItemStatus  # noqa: E402
-from connectors.storage import ProjectFS  # noqa: E402
-from difficulty.combine import fit_weights, percentiles, spearman  # noqa: E402
+from difficulty.combine import fit_weights, percentiles, risk_coverage_area, spearman  # noqa: E402
 from difficulty.report import SECTIONS, write_report  # noqa: E402
 from difficulty.scoring import score_project  # noqa: E402
+from difficulty.tiers import largest_tie  # noqa: E402
 
 log = logging.getLogger("bench.difficulty_quality")
-
-
-class ProjectView(ProjectFormat):
-    """A read-only view of a project: keep only some classes, hide some items' labels."""
-
-    name = "view"
-
-    def __init__(
-        self, base: ProjectFormat, *, keep: set[str] | None = None, hide: set[str] | None = None
-    ) -> None:
-        super().__init__(base.project)
-        self.base = base
-        self.name = base.name  # type: ignore[misc]
-        self.keep = keep
-        self.hide = hide or set()
-
-    @classmethod
-    def detect(cls, project: ProjectFS) -> bool:
-        return False
-
-    def iter_items(self) -> Iterator[Item]:
-        for item in self.base.iter_items():
-            if self.keep is not None:
-                item = item.model_copy(
-                    update={"annotations": [a for a in item.annotations if a.label in self.keep]}
-                )
-            if item.item_id in self.hide:
-                item = item.model_copy(
-                    update={"annotations": [], "status": ItemStatus.UNLABELED, "source": None}
-                )
-            yield item
-
-    def write_items(self, items: Iterable[Item], classes: list[str] | None = None) -> None:
-        raise NotImplementedError("read-only view")
-
-    def write_labels(self, writes: list[LabelWrite]) -> WriteOutcome:
-        raise NotImplementedError("read-only view")
-
-    def remove_written(self, records: list[WrittenRecord]) -> list[str]:
-        raise NotImplementedError("read-only view")
 
 
 def projects(data: Path) -> dict[str, tuple[ProjectFormat, YoloPredictions, LabelMap]]:
@@ -115,14 +84,18 @@ def projects(data: Path) -> dict[str, tuple[ProjectFormat, YoloPredictions, Labe
 
 
 def evaluate(table: pd.DataFrame, scorers: list[str], splits: int, seed: int) -> dict[str, Any]:
-    """In-sample and cross-validated ρ of each scorer and of the combined score."""
+    """In-sample and cross-validated ρ and risk–coverage area (AURC) of each scorer and of
+    the combined score (the combination chosen on the fit half's labels only)."""
     ok = table["error"].isna().to_numpy()
     t = table[ok].reset_index(drop=True)
     err = t["true_error"].to_numpy(dtype=np.float64, na_value=np.nan)
     pct = percentiles(t, scorers)
     single = {s: spearman(pct[s].to_numpy(), err) for s in scorers}
+    single_aurc = {s: risk_coverage_area(pct[s].to_numpy(), err) for s in scorers}
     fit_all = fit_weights(pct, err, seed=seed)
-    in_sample = spearman(fit_all.score(pct), err)
+    combined_all = fit_all.score(pct)
+    in_sample = spearman(combined_all, err)
+    in_sample_aurc = risk_coverage_area(combined_all, err)
     fit_signed = fit_weights(pct, err, seed=seed, signed=True)
     in_sample_signed = spearman(fit_signed.score(pct), err)
 
@@ -138,19 +111,34 @@ def evaluate(table: pd.DataFrame, scorers: list[str], splits: int, seed: int) ->
         visible[fit_idx] = err[fit_idx]
         fit = fit_weights(pct, visible, seed=seed)
         methods.append(fit.method)
+        combined = fit.score(pct.iloc[test_idx])
         row = {s: spearman(pct[s].to_numpy()[test_idx], err[test_idx]) for s in scorers}
-        row["combined"] = spearman(fit.score(pct.iloc[test_idx]), err[test_idx])
+        row |= {
+            f"aurc:{s}": risk_coverage_area(pct[s].to_numpy()[test_idx], err[test_idx])
+            for s in scorers
+        }
+        row["combined"] = spearman(combined, err[test_idx])
+        row["aurc:combined"] = risk_coverage_area(combined, err[test_idx])
         signed = fit_weights(pct, visible, seed=seed, signed=True)
         row["combined (signed)"] = spearman(signed.score(pct.iloc[test_idx]), err[test_idx])
         signed_methods.append(signed.method)
-        chosen = max(
+        # what a person would pick from the fit half alone: the best ρ, the best AURC there
+        by_rho = max(
             scorers,
             key=lambda s: (
                 -np.inf if not np.isfinite(fit.correlations.get(s, np.nan)) else fit.correlations[s]
             ),
         )
-        row["best single (chosen on fit half)"] = row[chosen]
+        fit_aurc = {
+            s: risk_coverage_area(pct[s].to_numpy()[fit_idx], err[fit_idx]) for s in scorers
+        }
+        by_aurc = min(scorers, key=lambda s: fit_aurc[s] if np.isfinite(fit_aurc[s]) else np.inf)
+        row["best single (chosen on fit half)"] = row[by_rho]
         row["best single (oracle)"] = max(row[s] for s in scorers if np.isfinite(row[s]))
+        row["aurc:best single (chosen on fit half)"] = row[f"aurc:{by_aurc}"]
+        row["aurc:best single (oracle)"] = min(
+            row[f"aurc:{s}"] for s in scorers if np.isfinite(row[f"aurc:{s}"])
+        )
         rows.append(row)
     cv = pd.DataFrame(rows)
     return {
@@ -158,62 +146,35 @@ def evaluate(table: pd.DataFrame, scorers: list[str], splits: int, seed: int) ->
         "n_labeled": int(labeled.size),
         "mean_error": float(np.nanmean(err)),
         "single": single,
+        "single_aurc": single_aurc,
         "fit": fit_all,
         "in_sample": in_sample,
+        "in_sample_aurc": in_sample_aurc,
         "fit_signed": fit_signed,
         "in_sample_signed": in_sample_signed,
         "cv_methods_signed": pd.Series(signed_methods).value_counts().to_dict(),
         "cv_mean": cv.mean().to_dict(),
         "cv_sd": cv.std(ddof=1).to_dict() if len(cv) > 1 else dict.fromkeys(cv.columns, 0.0),
         "cv_methods": pd.Series(methods).value_counts().to_dict(),
-        "combined_ge_best_single_share": float(
-            (cv["combined"] >= cv["best single (chosen on fit half)"] - 1e-12).mean()
+        "combined_le_best_single_aurc_share": float(
+            (cv["aurc:combined"] <= cv["aurc:best single (chosen on fit half)"] + 1e-12).mean()
         ),
+        "tiers": table["tier"].value_counts(normalize=True).to_dict(),
+        "largest_tie": largest_tie(table["score"].to_numpy(dtype=np.float64, na_value=np.nan)),
     }
-
-
-def chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
 
 
 def screenshot(report: Path, png: Path) -> list[str]:
     """PNG screenshot of ``report``; returns the sections missing from the rendered DOM."""
-    exe = chromium()
-    if exe is None:
-        raise SystemExit("chromium not found: apt-get install -y chromium")
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tempfile.mkdtemp()}",
-    ]
-    raw = png.with_suffix(".raw.png")
-    subprocess.run(
-        [exe, *flags, f"--screenshot={raw}", "--window-size=1280,6200", report.as_uri()],
-        check=True,
-        capture_output=True,
-        timeout=180,
-    )
-    from PIL import Image
-
-    with Image.open(raw) as im:
-        rgb = np.asarray(im.convert("RGB")).astype(np.int16)
-    # cut the empty page background below the footer, keep a palette PNG (a fraction of the size)
-    background = rgb[-1, -1]
-    used = np.flatnonzero(np.abs(rgb - background).sum(axis=2).max(axis=1) > 8)
-    bottom = int(used[-1]) + 40 if used.size else rgb.shape[0]
-    Image.fromarray(rgb[:bottom].astype(np.uint8)).quantize(colors=256).save(png, optimize=True)
-    raw.unlink()
+    chromium_png(report, png, height=6200)
     dom = subprocess.run(
-        [exe, *flags, "--dump-dom", report.as_uri()],
+        [
+            chromium(),
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={tempfile.mkdtemp()}",
+            "--dump-dom",
+            report.as_uri(),
+        ],
         check=True,
         capture_output=True,
         text=True,
@@ -250,7 +211,7 @@ def report_runs(
     first_dir = scored_run("run1", 0.8, min_labeled=10)
     time.sleep(1.1)  # the runs' created stamps have one-second resolution
     second_dir = scored_run("run2", 0.6, reference=str(first_dir))
-    write_report(str(second_dir), team_size=3, hours_per_day=6.0, project=view)
+    write_report(str(second_dir), team_size=3, hours_per_day=6.0, project=view, predictions=preds)
     return second_dir / "report.html"
 
 
@@ -259,14 +220,18 @@ def fmt_rho(v: float) -> str:
 
 
 def _criterion(r: dict[str, Any]) -> str:
-    best_in = max(v for v in r["single"].values() if np.isfinite(v))
-    gap_in = r["in_sample"] - best_in
-    gap_cv = r["cv_mean"]["combined"] - r["cv_mean"]["best single (chosen on fit half)"]
-    ok_in = "yes" if gap_in >= -1e-9 else "NO"
-    ok_cv = "yes" if gap_cv >= -1e-9 else "NO"
+    best_in = min(v for v in r["single_aurc"].values() if np.isfinite(v))
+    gap_in = r["in_sample_aurc"] - best_in
+    gap_cv = r["cv_mean"]["aurc:combined"] - r["cv_mean"]["aurc:best single (chosen on fit half)"]
+    tol = 5e-4  # differences below this are rounding, not a ranking
+
+    def verdict(gap: float) -> str:
+        return "yes" if gap <= tol else "NO"
+
     return (
-        f"**Combined ≥ best single scorer?** in sample: {ok_in} ({gap_in:+.3f}); "
-        f"held out, vs the best single scorer chosen on the same fit half: {ok_cv} ({gap_cv:+.3f})."
+        f"**Combined at most the best single scorer's risk–coverage area (within {tol:g})?** "
+        f"in sample: {verdict(gap_in)} ({gap_in:+.5f}); held out, vs the best single scorer "
+        f"chosen on the same fit half: {verdict(gap_cv)} ({gap_cv:+.5f})."
     )
 
 
@@ -278,9 +243,13 @@ def markdown(
         "",
         "Produced by `bench/difficulty_quality.py` (see its docstring for the method). True per-item error:",
         "`difficulty.matching.item_error` = 1 − F1 of the box matching (IoU ≥ 0.5, predictions with",
-        "confidence ≥ 0.25, label-mapped, ignore classes ignored). Spearman ρ, higher = the score ranks the",
-        f"error better. Cross-validated: {splits} random half/half splits, combination fit on one half's labels,",
-        f"ρ measured on the other half (mean ± sd). Total bench time {seconds:.0f} s.",
+        "confidence ≥ 0.25, label-mapped, ignore classes ignored). Two measures of how a score ranks that",
+        "error: Spearman ρ (the whole ranking; higher is better) and the risk–coverage area, AURC (the mean",
+        "error among the k easiest items, averaged over k; lower is better). The combination is chosen by",
+        "held-out AURC, the measure of what the easy tier and the auto-label gate need: little error at",
+        "the easy end. Cross-validated: "
+        f"{splits} random half/half splits, combination fit on one half's labels, measured on the other",
+        f"half (mean ± sd). Total bench time {seconds:.0f} s.",
         "",
         f"Machine: {machine_line()}.",
         "",
@@ -288,35 +257,50 @@ def markdown(
     for name, r in results.items():
         scorers = list(r["single"])
         fit = r["fit"]
+        tie_value, tie_count = r["largest_tie"]
         lines += [
             f"## {name}",
             "",
             f"{r['n']} items, {r['n_labeled']} with a true error (mean error {r['mean_error']:.3f}).",
             f"Combination fit on all labeled items: **{fit.method}** — {fit.reason}.",
             "",
-            "| scorer | ρ in sample | weight (all labels) | ρ held out (mean ± sd) |",
-            "|---|---:|---:|---:|",
+            "| scorer | ρ in sample | ρ held out (mean ± sd) | AURC in sample | AURC held out (mean ± sd) | weight (all labels) |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         for s in sorted(
-            scorers, key=lambda s: -(r["single"][s] if np.isfinite(r["single"][s]) else -9)
+            scorers,
+            key=lambda s: r["single_aurc"][s] if np.isfinite(r["single_aurc"][s]) else 9,
         ):
+            dropped = " (dropped: constant)" if s in fit.dropped else ""
             lines.append(
-                f"| `{s}` | {fmt_rho(r['single'][s])} | {fit.weights.get(s, 0.0):.3f} | {fmt_rho(r['cv_mean'][s])} ± {r['cv_sd'][s]:.3f} |"
+                f"| `{s}`{dropped} | {fmt_rho(r['single'][s])} | {fmt_rho(r['cv_mean'][s])} ± {r['cv_sd'][s]:.3f} "
+                f"| {r['single_aurc'][s]:.4f} | {r['cv_mean'][f'aurc:{s}']:.4f} ± {r['cv_sd'][f'aurc:{s}']:.4f} "
+                f"| {fit.weights.get(s, 0.0):.3f} |"
             )
         lines += [
-            f"| **combined** | **{fmt_rho(r['in_sample'])}** | | **{fmt_rho(r['cv_mean']['combined'])} ± {r['cv_sd']['combined']:.3f}** |",
-            f"| best single (chosen on fit half) | {fmt_rho(max(v for v in r['single'].values() if np.isfinite(v)))} | | {fmt_rho(r['cv_mean']['best single (chosen on fit half)'])} ± {r['cv_sd']['best single (chosen on fit half)']:.3f} |",
-            f"| best single (oracle, held-out half) | | | {fmt_rho(r['cv_mean']['best single (oracle)'])} ± {r['cv_sd']['best single (oracle)']:.3f} |",
-            f"| combined, signed weights (opt-in) | {fmt_rho(r['in_sample_signed'])} | | {fmt_rho(r['cv_mean']['combined (signed)'])} ± {r['cv_sd']['combined (signed)']:.3f} |",
+            f"| **combined** | **{fmt_rho(r['in_sample'])}** | **{fmt_rho(r['cv_mean']['combined'])} ± {r['cv_sd']['combined']:.3f}** "
+            f"| **{r['in_sample_aurc']:.4f}** | **{r['cv_mean']['aurc:combined']:.4f} ± {r['cv_sd']['aurc:combined']:.4f}** | |",
+            f"| best single (chosen on fit half: by ρ / by AURC) | | {fmt_rho(r['cv_mean']['best single (chosen on fit half)'])} ± {r['cv_sd']['best single (chosen on fit half)']:.3f} "
+            f"| | {r['cv_mean']['aurc:best single (chosen on fit half)']:.4f} ± {r['cv_sd']['aurc:best single (chosen on fit half)']:.4f} | |",
+            f"| best single (oracle, held-out half) | | {fmt_rho(r['cv_mean']['best single (oracle)'])} ± {r['cv_sd']['best single (oracle)']:.3f} "
+            f"| | {r['cv_mean']['aurc:best single (oracle)']:.4f} ± {r['cv_sd']['aurc:best single (oracle)']:.4f} | |",
+            f"| combined, signed weights (opt-in) | {fmt_rho(r['in_sample_signed'])} | {fmt_rho(r['cv_mean']['combined (signed)'])} ± {r['cv_sd']['combined (signed)']:.3f} | | | |",
             "",
             f"Signed weights (`--signed-weights`: scorers with ρ < 0 take part reversed), fit on all labels: "
             f"**{r['fit_signed'].method}**, weights {', '.join(f'`{k}` {v:+.2f}' for k, v in r['fit_signed'].weights.items() if v)}; "
             f"methods across the splits: {', '.join(f'{k} ×{v}' for k, v in r['cv_methods_signed'].items())}.",
             "",
             f"Methods chosen across the splits: {', '.join(f'{k} ×{v}' for k, v in r['cv_methods'].items())}. "
-            f"Combined ≥ the best single scorer chosen on the fit half in {100 * r['combined_ge_best_single_share']:.0f} % of the splits.",
+            f"Combined AURC ≤ the best single scorer chosen on the fit half (by AURC) in "
+            f"{100 * r['combined_le_best_single_aurc_share']:.0f} % of the splits.",
             "",
             _criterion(r),
+            "",
+            f"Tiers at the default quantile cuts (30 % / 70 %), ties broken by the agreeing scorers: "
+            f"easy {100 * r['tiers'].get('easy', 0):.1f} %, medium {100 * r['tiers'].get('medium', 0):.1f} %, "
+            f"hard {100 * r['tiers'].get('hard', 0):.1f} %; the largest group of items sharing one "
+            f"combined score (tied in every scorer that counts or breaks ties) holds {tie_count} "
+            f"items ({100 * tie_count / r['n']:.1f} %, score {tie_value:.4f}).",
             "",
         ]
     lines += ["## Report rendering (headless Chromium)", ""]

@@ -6,12 +6,13 @@ given); memory holds counters and the list of errors, never the items.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import Counter
 from typing import Any
 
 from connectors.formats.base import PredictionSource, ProjectFormat
-from connectors.labelmap import LabelMap
+from connectors.labelmap import LabelMap, LabelMapCheck, check_label_map
 from connectors.model import Item, ItemStatus, Prediction
 
 log = logging.getLogger(__name__)
@@ -52,10 +53,13 @@ def compute_stats(
     ``boxes``, ``classes`` (class name → number of boxes; for classification, → number
     of items), ``errors`` (list of ``{file, item, message}``) and, when ``predictions``
     are given, ``predictions`` (number of predicted boxes on the project's items, after
-    ``label_map`` when one is given) and ``predicted_items``.
+    ``label_map`` when one is given), ``predicted_items``, ``predicted_classes`` (model
+    class → boxes, before the map) and ``label_map_check``
+    (:func:`connectors.labelmap.check_label_map`; its warning is logged).
     """
     counts: Counter[str] = Counter()
     classes: Counter[str] = Counter()
+    raw_classes: Counter[str] = Counter()
     errors: list[dict[str, Any]] = []
     predicted_boxes = predicted_items = 0
     for item in project.iter_items():
@@ -82,6 +86,7 @@ def compute_stats(
             errors.append(prediction_error(prediction))
             continue
         predicted_items += 1
+        raw_classes.update(a.label for a in prediction.annotations)
         annotations = (
             label_map.apply(prediction.annotations)
             if label_map is not None
@@ -100,6 +105,41 @@ def compute_stats(
     if predictions is not None:
         stats["predictions"] = predicted_boxes
         stats["predicted_items"] = predicted_items
+        stats["predicted_classes"] = dict(raw_classes.most_common())
+        check = check_label_map(raw_classes, classes, label_map or LabelMap())
+        check.items_seen = counts["items"]
+        if check.warning:
+            log.warning("label map: %s", check.warning)
+        stats["label_map_check"] = check.model_dump()
     stats["errors"] = errors
     log.info("%s: %d items, %d errors", stats["format"], stats["items"], len(errors))
     return stats
+
+
+def label_map_check(
+    project: ProjectFormat,
+    predictions: PredictionSource,
+    label_map: LabelMap,
+    *,
+    limit: int | None = 2000,
+    warn: bool = True,
+) -> LabelMapCheck:
+    """:func:`connectors.labelmap.check_label_map` on the classes of the first ``limit``
+    items (all with ``None``) and their predictions; its warning is logged (``warn``)."""
+    project_classes: Counter[str] = Counter()
+    predicted: Counter[str] = Counter()
+    seen = 0
+    for item in itertools.islice(project.iter_items(), limit):
+        seen += 1
+        if item.error is not None:
+            continue
+        if item.is_labeled:
+            project_classes.update(a.label for a in item.annotations)
+        prediction = predictions.get(item.item_id, item)
+        if prediction is not None and prediction.error is None:
+            predicted.update(a.label for a in prediction.annotations)
+    check = check_label_map(predicted, project_classes, label_map)
+    check.items_seen = seen
+    if warn and check.warning:
+        log.warning("label map: %s", check.warning)
+    return check

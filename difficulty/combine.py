@@ -1,6 +1,6 @@
 """Combine per-scorer values into one difficulty score in ``[0, 1]``.
 
-Two steps, both plain functions of arrays:
+Three steps, all plain functions of arrays:
 
 1. **Percentiles against a reference distribution.**  Each scorer's raw values are turned
    into percentiles so that scorers on different scales can be averaged, and so that the
@@ -14,22 +14,28 @@ Two steps, both plain functions of arrays:
 
 2. **Weights from the measured agreement with the truth.**  On labeled items with a true
    per-item error (the error of the predictions, see :func:`difficulty.matching.item_error`),
-   each scorer's Spearman ρ with that error is measured.  Three candidate combinations
-   are built from the ρs:
+   each scorer's Spearman ρ with that error is measured.  The candidates are every scorer
+   alone (``single``) and two blends built from the ρs:
 
-   * ``single`` — the scorer with the highest ρ alone;
    * ``rho`` — weights ``∝ max(0, ρ)``;
    * ``rho2`` — weights ``∝ max(0, ρ)²`` (sharper: the best scorers dominate).
 
-   The candidate is chosen by **cross-validated ρ**: the labeled items are split into
-   ``folds`` folds (``repeats`` times, reshuffled); in each, the ρs are measured on the
-   other folds, every candidate's weights built from them, and its combined score's ρ
-   with the error measured on the held-out fold.  The best single scorer is the default
-   choice; the better of the two blends replaces it only when its mean held-out ρ beats
-   single's by more than two standard errors of the paired per-fold differences (a blend
-   that wins by noise is not taken).  The chosen candidate's weights are then refit on
-   all labeled items.  So the combination is the best single part unless a blend
-   measurably beats it out of sample — "never worse than its best part" in practice.
+   The candidate is chosen out of sample: the labeled items are split into ``folds``
+   folds (``repeats`` times, reshuffled); in each, the blends' ρs are measured on the
+   other folds and every candidate is judged on the held-out fold.  The judge
+   (``criterion``) is by default the **risk–coverage area** (``aurc``): the mean true
+   error among the ``k`` easiest held-out items, averaged over ``k`` (ties share their
+   error).  It asks what the tiers promise — the easy end holds little error — and what
+   the auto-label gate needs: a score with a low AURC gives the calibrated easy tier more
+   coverage at the same error bound.  So "the score that calibrates best" is the
+   combined score.  ``criterion="rho"`` judges by held-out Spearman ρ with the error
+   instead (the whole ranking, hardest end included: what active learning wants); then
+   ``single`` is the scorer with the best ρ on the other folds.  The best ``single`` is
+   the default choice; the better of the two blends replaces it only when it wins on the
+   held-out folds by more than two standard errors of the paired per-fold differences (a
+   blend that wins by noise is not taken).  The chosen candidate's weights are refit on
+   all labeled items.  So the combination is its best part unless a blend measurably
+   beats it out of sample — "never worse than its best part" in practice.
 
    With ``signed=True`` (off by default) scorers with ρ < 0 take part too, reversed
    (weights ``∝ |ρ|`` with a negative sign, see :func:`candidate_weights`).
@@ -38,20 +44,28 @@ Two steps, both plain functions of arrays:
    fit: the ``default`` scorer (``fourier``, the model-free one) is used alone; when it
    was not computed, every scorer gets the same weight.
 
-Ties are kept: a coarse scorer chosen alone (a box count) leaves many items with one
-score, and the report shows them as such.  Breaking those ties with a weaker blend adds
-rank variance without information about the error inside the tie, which lowers ρ.
+   A scorer that gives every item the same value (up to float rounding,
+   :func:`nearly_constant`: an untrained model's outputs) ranks nothing: it is **dropped**
+   (weight 0, listed in :attr:`CombineFit.dropped`, with a warning), whatever the labels say.
 
-The combined score is ``Σ_i w_i·p_i / Σ_i w_i`` (``1 − p_i`` and ``|w_i|`` for a reversed
-scorer) over the scorers with a value for the
-item (weights renormalised per item when a scorer has no value for it), so it stays in
-``[0, 1]``.
+3. **Ties broken by the continuous scorers.**  A coarse scorer chosen alone (a box count)
+   leaves many items with one value, and a quantile cut through such a block cannot give
+   its configured share.  The combined score is therefore
+   ``(1 − η)·primary + η·secondary`` with ``η =`` :data:`TIE_BREAK` (10⁻⁶): ``primary`` is
+   the weighted combination above, ``secondary`` the ``rho`` blend of every scorer that
+   agrees with the error (without labels: all scorers, equal weights).  Items whose
+   primary scores differ by more than η keep their order; inside a tie the secondary key
+   orders them.  Items tied in the primary and the secondary key stay tied (the report says how many).
+
+The weighted combination is ``Σ_i w_i·p_i / Σ_i w_i`` (``1 − p_i`` and ``|w_i|`` for a
+reversed scorer) over the scorers with a value for the item (weights renormalised per item
+when a scorer has no value for it), so it stays in ``[0, 1]``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +79,15 @@ SKETCH_SIZE = 101
 """Quantiles kept per scorer as its reference distribution (0 %, 1 %, …, 100 %)."""
 
 CANDIDATES = ("single", "rho", "rho2")
+BLENDS = ("rho", "rho2")
+CRITERIA = ("aurc", "rho")
+
+CONSTANT_RTOL = 1e-5
+"""Values within this share of their magnitude of each other count as one value (a scorer
+whose every item falls within it is constant)."""
+
+TIE_BREAK = 1e-6
+"""η: the weight of the secondary (tie-breaking) key in the combined score."""
 
 
 # -- percentiles ------------------------------------------------------------------------
@@ -124,6 +147,16 @@ def sketch_percentile(values: np.ndarray, sketch: Sequence[float]) -> np.ndarray
     return out
 
 
+def nearly_constant(values: np.ndarray, rtol: float = CONSTANT_RTOL) -> bool:
+    """Whether the finite ``values`` are all equal up to ``rtol`` of their magnitude (float
+    rounding: a model that gives every item the same output, give or take 10⁻⁷)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return True
+    return bool(np.ptp(v) <= max(rtol * float(np.abs(v).max()), 1e-12))
+
+
 def percentiles(
     table: pd.DataFrame,
     scorers: Sequence[str],
@@ -132,12 +165,16 @@ def percentiles(
     """Per-scorer percentiles ``(N, S)`` in ``[0, 1]`` (NaN where a value is missing).
 
     Without ``reference`` each column is ranked against its own values (mid-rank ECDF);
-    with it, against the stored quantile sketch of the scorer of the same name.
+    with it, against the stored quantile sketch of the scorer of the same name.  A column
+    that is constant over the items up to float rounding (:func:`nearly_constant`) ranks
+    nothing: every item gets ½ (its differences are noise, not an order).
     """
     out = {}
     for name in scorers:
         values = table[name].to_numpy(dtype=np.float64, na_value=np.nan)
-        if reference is not None and name in reference:
+        if nearly_constant(values):
+            out[name] = np.where(np.isfinite(values), 0.5, np.nan)
+        elif reference is not None and name in reference:
             out[name] = sketch_percentile(values, reference[name])
         else:
             out[name] = ecdf_midrank(values, values)
@@ -203,6 +240,60 @@ def combine(pct: pd.DataFrame, weights: Mapping[str, float]) -> np.ndarray:
         return np.where(den > 0, num / den, np.nan)
 
 
+def risk_coverage_curve(score: np.ndarray, error: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Coverage ``k/N`` and risk (mean error among the ``k`` lowest-scored items) for
+    ``k = 1..N``, over the pairs where both are finite.
+
+    Tied scores have no order, so inside a tie block the error is spread evenly (each
+    position gets the block's mean error).
+    """
+    s = np.asarray(score, dtype=np.float64)
+    e = np.asarray(error, dtype=np.float64)
+    ok = np.isfinite(s) & np.isfinite(e)
+    order = np.argsort(s[ok], kind="stable")
+    s, e = s[ok][order], e[ok][order]
+    n = s.size
+    if n == 0:
+        return np.zeros(0), np.zeros(0)
+    block = np.r_[0, np.cumsum(np.diff(s) != 0)]  # tie block of each position
+    starts = np.r_[0, np.flatnonzero(np.diff(s) != 0) + 1]
+    ends = np.r_[starts[1:], n]
+    cum = np.r_[0.0, np.cumsum(e)]
+    rate = (cum[ends] - cum[starts]) / (ends - starts)  # mean error inside each block
+    pos = np.arange(n)
+    expected = cum[starts[block]] + rate[block] * (pos - starts[block] + 1)
+    return (pos + 1) / n, expected / (pos + 1)
+
+
+def risk_coverage_area(score: np.ndarray, error: np.ndarray) -> float:
+    """AURC: the mean error among the ``k`` lowest-scored items, averaged over ``k = 1..N``
+    (:func:`risk_coverage_curve`); lower is better.  NaN with fewer than 3 pairs."""
+    _, risk = risk_coverage_curve(score, error)
+    return float(risk.mean()) if risk.size >= 3 else float("nan")
+
+
+def constant_scorers(pct: pd.DataFrame) -> list[str]:
+    """Columns of ``pct`` whose finite values are all equal (or that have none)."""
+    out = []
+    for name in pct.columns:
+        v = pct[name].to_numpy(dtype=np.float64, na_value=np.nan)
+        v = v[np.isfinite(v)]
+        if v.size == 0 or np.ptp(v) == 0:
+            out.append(str(name))
+    return out
+
+
+def tie_break_weights(
+    correlations: Mapping[str, float], scorers: Sequence[str], *, signed: bool = False
+) -> dict[str, float]:
+    """The secondary key's weights: the ``rho`` blend of ``scorers``, else equal weights."""
+    rhos = {k: correlations.get(k, float("nan")) for k in scorers}
+    w = candidate_weights(rhos, "rho", signed=signed)
+    if w:
+        return {k: v for k, v in w.items() if v != 0}
+    return {k: 1.0 / len(scorers) for k in scorers} if scorers else {}
+
+
 @dataclass
 class CombineFit:
     """The chosen combination and the evidence for it (goes into run metadata and report).
@@ -210,7 +301,10 @@ class CombineFit:
     ``method``: ``single``, ``rho``, ``rho2``, ``default`` (the default scorer alone, no
     labels), ``equal`` (no labels and no default scorer) or ``reference`` (weights reused
     from an earlier run).  ``correlations``: each scorer's Spearman ρ with the true error
-    on all labeled items.  ``cv_rho``: mean held-out ρ of each candidate.
+    on all labeled items.  ``cv_rho`` / ``cv_aurc``: mean held-out ρ / risk–coverage area
+    of each candidate (by ``criterion``; ``single:NAME`` for a scorer alone under
+    ``aurc``).  ``tie_break``: the secondary key's weights (``None``: derived from the
+    correlations, see :func:`tie_break_weights`).  ``dropped``: scorers left out and why.
     """
 
     method: str
@@ -219,10 +313,25 @@ class CombineFit:
     cv_rho: dict[str, float] = field(default_factory=dict)
     n_labeled: int = 0
     reason: str = ""
+    criterion: str = "aurc"
+    cv_aurc: dict[str, float] = field(default_factory=dict)
+    tie_break: dict[str, float] | None = None
+    dropped: dict[str, str] = field(default_factory=dict)
+
+    def secondary(self, columns: Sequence[str]) -> dict[str, float]:
+        """The tie-break weights over ``columns`` (the stored ones, or derived)."""
+        if self.tie_break is not None:
+            return {k: v for k, v in self.tie_break.items() if k in columns}
+        keep = [c for c in columns if c not in self.dropped]
+        return tie_break_weights(self.correlations, keep)
 
     def score(self, pct: pd.DataFrame) -> np.ndarray:
-        """The combined score ``(N,)`` of percentiles ``pct`` (see :func:`combine`)."""
-        return combine(pct, self.weights)
+        """The combined score ``(N,)`` of percentiles ``pct``: the weighted combination
+        (:func:`combine`) with ties broken by the secondary key (module docstring)."""
+        primary = combine(pct, self.weights)
+        secondary = combine(pct, self.secondary(list(pct.columns)))
+        secondary = np.where(np.isfinite(secondary), secondary, primary)
+        return (1.0 - TIE_BREAK) * primary + TIE_BREAK * secondary
 
     def to_dict(self) -> dict[str, Any]:
         def clean(d: Mapping[str, float]) -> dict[str, float | None]:
@@ -230,29 +339,43 @@ class CombineFit:
 
         return {
             "method": self.method,
+            "criterion": self.criterion,
             "weights": clean(self.weights),
             "correlations": clean(self.correlations),
             "cv_rho": clean(self.cv_rho),
+            "cv_aurc": clean(self.cv_aurc),
+            "tie_break": None if self.tie_break is None else clean(self.tie_break),
+            "dropped": dict(self.dropped),
             "n_labeled": self.n_labeled,
             "reason": self.reason,
         }
 
 
 def _fallback(
-    scorers: Sequence[str], default: str, n: int, correlations: dict[str, float], reason: str
+    scorers: Sequence[str],
+    default: str,
+    n: int,
+    correlations: dict[str, float],
+    reason: str,
+    dropped: dict[str, str],
 ) -> CombineFit:
-    if default in scorers:
-        return CombineFit(
-            "default", {k: float(k == default) for k in scorers}, correlations, {}, n, reason
-        )
-    w = 1.0 / len(scorers) if scorers else 0.0
+    usable = [s for s in scorers if s not in dropped]
+    if default in usable:
+        weights = {k: float(k == default) for k in scorers}
+        method = "default"
+    else:
+        w = 1.0 / len(usable) if usable else 0.0
+        weights = {k: (w if k in usable else 0.0) for k in scorers}
+        method = "equal"
+        reason += f"; {default!r} not computed, equal weights"
     return CombineFit(
-        "equal",
-        dict.fromkeys(scorers, w),
+        method,
+        weights,
         correlations,
-        {},
-        n,
-        reason + f"; {default!r} not computed, equal weights",
+        n_labeled=n,
+        reason=reason,
+        tie_break=tie_break_weights(correlations, usable),
+        dropped=dropped,
     )
 
 
@@ -266,19 +389,33 @@ def fit_weights(
     seed: int = 0,
     default: str = "fourier",
     signed: bool = False,
+    criterion: str = "aurc",
 ) -> CombineFit:
     """Choose weights for the columns of ``pct`` ``(N, S)`` from the true ``error`` ``(N,)``.
 
     ``error`` is NaN for items without a true error (unlabeled, or no prediction); only
-    finite rows are used.  See the module docstring for the procedure.
+    finite rows are used.  ``criterion``: ``aurc`` (default) or ``rho``, how held-out
+    candidates are judged.  See the module docstring for the procedure.
     """
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     scorers = list(pct.columns)
+    dropped = {
+        s: f"constant over the {len(pct)} items: it ranks nothing" for s in constant_scorers(pct)
+    }
+    for name in dropped:
+        log.warning(
+            "scorer %s gives every item the same value (up to float rounding): dropped from the combination",
+            name,
+        )
+    live = [s for s in scorers if s not in dropped]
     err = np.asarray(error, dtype=np.float64)
     labeled = np.flatnonzero(np.isfinite(err))
     n = int(labeled.size)
     correlations = (
         {k: spearman(pct[k].to_numpy()[labeled], err[labeled]) for k in scorers} if n else {}
     )
+    live_rhos = {k: v for k, v in correlations.items() if k in live}
     if n < min_labeled:
         return _fallback(
             scorers,
@@ -286,47 +423,158 @@ def fit_weights(
             n,
             correlations,
             f"{n} labeled items with a true error (< {min_labeled})",
+            dropped,
         )
-    if not candidate_weights(correlations, "single", signed=signed):
+    if not candidate_weights(live_rhos, "single", signed=signed):
         return _fallback(
-            scorers, default, n, correlations, "no scorer agrees positively with the true error"
+            scorers,
+            default,
+            n,
+            correlations,
+            "no scorer agrees positively with the true error",
+            dropped,
         )
+    judge = _judge_aurc if criterion == "aurc" else _judge_rho
+    best, weights, cv, reason = judge(
+        pct, err, labeled, live, live_rhos, folds, repeats, seed, signed
+    )
+    if best is None:
+        return _fallback(scorers, default, n, correlations, reason, dropped)
+    weights = {k: weights.get(k, 0.0) for k in scorers}
+    log.info("combination: %s", reason)
+    return CombineFit(
+        best,
+        weights,
+        correlations,
+        cv_rho=cv if criterion == "rho" else {},
+        n_labeled=n,
+        reason=reason,
+        criterion=criterion,
+        cv_aurc=cv if criterion == "aurc" else {},
+        tie_break=tie_break_weights(correlations, live, signed=signed),
+        dropped=dropped,
+    )
 
+
+def _folds(
+    labeled: np.ndarray, folds: int, repeats: int, seed: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(train, test)`` row indices: ``repeats`` reshuffled ``k``-fold splits of ``labeled``."""
     rng = np.random.default_rng(seed)
+    n = labeled.size
     k = max(2, min(folds, n // 10))
-    paired: list[
-        dict[str, float]
-    ] = []  # one entry per (repeat, fold): held-out ρ of each candidate
     for _ in range(repeats):
         order = rng.permutation(labeled)
         fold_of = np.arange(n) % k
         for f in range(k):
-            test = order[fold_of == f]
-            train = order[fold_of != f]
-            rho_train = {s: spearman(pct[s].to_numpy()[train], err[train]) for s in scorers}
-            row: dict[str, float] = {}
-            for c in CANDIDATES:
-                w = candidate_weights(rho_train, c, signed=signed)
-                row[c] = spearman(combine(pct.iloc[test], w), err[test]) if w else float("nan")
-            paired.append(row)
-    table = pd.DataFrame(paired, columns=list(CANDIDATES))
-    cv_rho = {
-        c: float(table[c].mean()) if table[c].notna().any() else float("nan") for c in CANDIDATES
-    }
-    if not np.isfinite(cv_rho["single"]):
-        return _fallback(scorers, default, n, correlations, "cross-validation gave no finite ρ")
-    best = "single"
-    blends = [c for c in CANDIDATES[1:] if np.isfinite(cv_rho[c])]
-    if blends:
-        blend = max(blends, key=lambda c: cv_rho[c])
-        diff = (table[blend] - table["single"]).dropna()
-        se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("inf")
-        if len(diff) and float(diff.mean()) > 2.0 * se:
-            best = blend
-    weights = candidate_weights(correlations, best, signed=signed)
-    reason = (
-        f"{best}: cross-validated ρ {cv_rho[best]:.3f} ({repeats}×{k}-fold on {n} labeled items; "
-        f"a blend replaces the best single scorer only when it wins by more than two standard errors)"
+            yield order[fold_of != f], order[fold_of == f]
+
+
+def _wins(table: pd.DataFrame, challenger: str, incumbent: str, *, lower: bool) -> bool:
+    """Whether ``challenger`` beats ``incumbent`` on the paired folds by more than 2 SE."""
+    diff = (
+        (table[incumbent] - table[challenger]) if lower else (table[challenger] - table[incumbent])
     )
-    log.info("combination: %s", reason)
-    return CombineFit(best, weights, correlations, cv_rho, n, reason)
+    diff = diff.dropna()
+    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("inf")
+    return bool(len(diff)) and float(diff.mean()) > 2.0 * se
+
+
+def _judge_aurc(
+    pct: pd.DataFrame,
+    err: np.ndarray,
+    labeled: np.ndarray,
+    live: list[str],
+    rhos: dict[str, float],
+    folds: int,
+    repeats: int,
+    seed: int,
+    signed: bool,
+) -> tuple[str | None, dict[str, float], dict[str, float], str]:
+    """Every live scorer that agrees with the error alone, and the two blends, judged by
+    held-out risk–coverage area (lower is better)."""
+    singles = {
+        s: (float(np.sign(r)) if signed else 1.0)
+        for s, r in rhos.items()
+        if np.isfinite(r) and (r > 0 or (signed and r < 0))
+    }
+    rows: list[dict[str, float]] = []
+    k = 0
+    for train, test in _folds(labeled, folds, repeats, seed):
+        k += 1
+        row: dict[str, float] = {}
+        for s, sign in singles.items():
+            p = pct[s].to_numpy()[test]
+            row[f"single:{s}"] = risk_coverage_area(p if sign > 0 else 1.0 - p, err[test])
+        rho_train = {s: spearman(pct[s].to_numpy()[train], err[train]) for s in live}
+        for c in BLENDS:
+            w = candidate_weights(rho_train, c, signed=signed)
+            row[c] = (
+                risk_coverage_area(combine(pct.iloc[test], w), err[test]) if w else float("nan")
+            )
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    cv = {
+        c: float(table[c].mean()) if table[c].notna().any() else float("nan") for c in table.columns
+    }
+    single_keys = [c for c in cv if c.startswith("single:") and np.isfinite(cv[c])]
+    if not single_keys:
+        return None, {}, cv, "cross-validation gave no finite risk–coverage area"
+    incumbent = min(single_keys, key=lambda c: (cv[c], c))
+    name = incumbent.split(":", 1)[1]
+    best, weights = "single", {name: singles[name]}
+    blends = [c for c in BLENDS if np.isfinite(cv.get(c, float("nan")))]
+    if blends:
+        blend = min(blends, key=lambda c: cv[c])
+        if _wins(table, blend, incumbent, lower=True):
+            best, weights = blend, candidate_weights(rhos, blend, signed=signed)
+    chosen = incumbent if best == "single" else best
+    n = labeled.size
+    label = f"single ({name})" if best == "single" else best
+    reason = (
+        f"{label}: cross-validated risk–coverage area {cv[chosen]:.3f} (mean true error among "
+        f"the easiest items; {repeats}×{k // max(repeats, 1)}-fold on {n} labeled items; a blend "
+        f"replaces the best single scorer only when it wins by more than two standard errors)"
+    )
+    return best, weights, cv, reason
+
+
+def _judge_rho(
+    pct: pd.DataFrame,
+    err: np.ndarray,
+    labeled: np.ndarray,
+    live: list[str],
+    rhos: dict[str, float],
+    folds: int,
+    repeats: int,
+    seed: int,
+    signed: bool,
+) -> tuple[str | None, dict[str, float], dict[str, float], str]:
+    """The best-ρ scorer alone and the two blends, judged by held-out Spearman ρ."""
+    rows: list[dict[str, float]] = []
+    k = 0
+    for train, test in _folds(labeled, folds, repeats, seed):
+        k += 1
+        rho_train = {s: spearman(pct[s].to_numpy()[train], err[train]) for s in live}
+        row: dict[str, float] = {}
+        for c in CANDIDATES:
+            w = candidate_weights(rho_train, c, signed=signed)
+            row[c] = spearman(combine(pct.iloc[test], w), err[test]) if w else float("nan")
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=list(CANDIDATES))
+    cv = {c: float(table[c].mean()) if table[c].notna().any() else float("nan") for c in CANDIDATES}
+    if not np.isfinite(cv["single"]):
+        return None, {}, cv, "cross-validation gave no finite ρ"
+    best = "single"
+    blends = [c for c in BLENDS if np.isfinite(cv[c])]
+    if blends:
+        blend = max(blends, key=lambda c: cv[c])
+        if _wins(table, blend, "single", lower=False):
+            best = blend
+    n = labeled.size
+    reason = (
+        f"{best}: cross-validated ρ {cv[best]:.3f} ({repeats}×{k // max(repeats, 1)}-fold on {n} "
+        f"labeled items; a blend replaces the best single scorer only when it wins by more "
+        f"than two standard errors)"
+    )
+    return best, candidate_weights(rhos, best, signed=signed), cv, reason

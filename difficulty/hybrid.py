@@ -429,6 +429,7 @@ class CombinedState:
             min_labeled=self.min_labeled,
             seed=self.seed,
             default=self.default,
+            criterion="rho",
         )
         self.weights, self.method = dict(fit.weights), fit.method
 

@@ -1,18 +1,23 @@
 """The plan a project manager works with: hours per tier, hours saved, forecast, assignment.
 
-Given a difficulty table (:mod:`difficulty.table`):
+Given a difficulty table (:mod:`difficulty.table`) and, when the auto-label gate ran, its
+run record (:class:`difficulty.runrecord.GateRecord`):
 
-* **Remaining work** — items still ``unlabeled``, per tier.  Items that could not be
-  scored (``error`` set) still need a person; they are planned as ``unscored`` at the
-  ``medium`` rate.
+* **Remaining work** — items still ``unlabeled``, per tier, minus the items the gate
+  wrote labels for in this run.  Items that could not be scored (``error`` set) still
+  need a person; they are planned as ``unscored`` at the ``medium`` rate.  Written items
+  flagged for audit still need a person's review: they are planned as ``audit`` at the
+  rate of their tier.
 * **Seconds per item per tier** — the median ``annotation_seconds`` of the items of that
   tier that have one (platform timing history), when at least ``min_history`` of them
   do; otherwise the configured default (:attr:`PlanSettings.seconds_per_tier`).
-* **Hours saved by auto-labeling the easy tier** — the easy tier's remaining hours minus
-  the time to audit the share ``audit_share`` of it at the easy rate:
-  ``easy_hours × (1 − audit_share)``.
-* **Forecast** — ``days = hours / (team_size × hours_per_day)``, with and without
-  auto-labeling the easy tier (working days; ``working_days`` rounds up).
+* **Hours saved** — only from what the gate did: at stage ``autolabel`` the hours of the
+  written items minus their audit (``auto_label.kind = "written"``); at stage
+  ``shadow`` the same for the items it *would* write, with ``audit_share`` of them
+  audited (``"would"``: nothing was written, the remaining work is unchanged).  No gate,
+  a refused calibration or nothing easy: no savings are claimed.
+* **Forecast** — ``days = hours / (team_size × hours_per_day)`` (working days round up);
+  in shadow also the forecast if the would-be labels were written.
 * **Assignment** — annotators are sorted by ``experience`` (highest first); the remaining
   items are sorted hardest first and cut into consecutive blocks, one per annotator, so
   that each annotator's planned hours are proportional to their ``hours_per_day``: the
@@ -32,6 +37,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from connectors.storage import ProjectFS
+from difficulty.runrecord import GateRecord
 
 PLAN_TIERS = ("easy", "medium", "hard", "unscored")
 LEVELS = {"senior": 3, "mid": 2, "junior": 1}
@@ -134,35 +140,66 @@ def _plan_tier(df: pd.DataFrame) -> pd.Series:
     return tier.where(tier.notna(), "unscored")
 
 
-def compute_plan(df: pd.DataFrame, settings: PlanSettings = PlanSettings()) -> dict[str, Any]:
-    """The plan for a difficulty table (see the module docstring); plain JSON-able data."""
+def _hours(ids: set[str], df: pd.DataFrame, tier: pd.Series, rates: dict[str, Any]) -> float:
+    mask = df["item_id"].astype(str).isin(ids).to_numpy()
+    return float(sum(rates[t]["seconds"] for t in tier[mask]) / 3600.0)
+
+
+def compute_plan(
+    df: pd.DataFrame, settings: PlanSettings = PlanSettings(), gate: GateRecord | None = None
+) -> dict[str, Any]:
+    """The plan for a difficulty table and the gate's record (see the module docstring);
+    plain JSON-able data."""
     rates = seconds_per_tier(df, settings)
     tier = _plan_tier(df)
-    remaining = df["status"] == "unlabeled"
+    ids = df["item_id"].astype(str)
+    outcome = gate.outcome if gate is not None else None
+    written = set(gate.written) if gate is not None and outcome == "written" else set()
+    audit = set(gate.audit) & written if gate is not None else set()
+    would = set(gate.selected) if gate is not None and outcome == "would_write" else set()
+    unlabeled = df["status"] == "unlabeled"
+    done = ids.isin(written)
+    remaining = unlabeled & ~done
     rows = []
     for t in PLAN_TIERS:
         total = int((tier == t).sum())
         left = int(((tier == t) & remaining).sum())
         if t == "unscored" and total == 0:
             continue
-        hours = left * rates[t]["seconds"] / 3600.0
         rows.append(
             {
                 "tier": t,
                 "items": total,
                 "remaining": left,
+                "auto_labeled": int(((tier == t) & unlabeled & done).sum()),
                 "seconds_per_item": rates[t]["seconds"],
                 "seconds_source": rates[t]["source"],
-                "hours": hours,
+                "hours": left * rates[t]["seconds"] / 3600.0,
             }
         )
-    total_hours = sum(r["hours"] for r in rows)
-    easy_hours = next((r["hours"] for r in rows if r["tier"] == "easy"), 0.0)
-    saved = easy_hours * (1.0 - settings.audit_share)
+    audit_hours = _hours(audit, df, tier, rates)
+    total_hours = sum(r["hours"] for r in rows) + audit_hours
+    auto: dict[str, Any] = {"kind": None, "items": 0, "audit_items": 0, "hours_saved": 0.0}
+    if written:
+        auto = {
+            "kind": "written",
+            "items": len(written),
+            "audit_items": len(audit),
+            "hours_saved": _hours(written, df, tier, rates) - audit_hours,
+        }
+    elif would and gate is not None:
+        n_audit = min(len(would), math.ceil(gate.audit_share * len(would)))
+        per_item = _hours(would, df, tier, rates) / len(would)
+        auto = {
+            "kind": "would",
+            "items": len(would),
+            "audit_items": n_audit,
+            "hours_saved": per_item * (len(would) - n_audit),
+        }
     team = settings.team()
     capacity = sum(a.hours_per_day or settings.hours_per_day for a in team)
     days = total_hours / capacity
-    days_auto = (total_hours - saved) / capacity
+    days_if = (total_hours - auto["hours_saved"]) / capacity if auto["kind"] == "would" else None
     assignment = assign(df[remaining], rates, settings)
     per_person = []
     for a in team:
@@ -181,19 +218,25 @@ def compute_plan(df: pd.DataFrame, settings: PlanSettings = PlanSettings()) -> d
     return {
         "tiers": rows,
         "remaining_items": int(remaining.sum()),
+        "audit_items": len(audit),
+        "audit_hours": audit_hours,
         "remaining_hours": total_hours,
-        "hours_saved_auto_label_easy": saved,
-        "audit_share": settings.audit_share,
+        "auto_label": auto,
+        "audit_share": gate.audit_share if gate is not None else settings.audit_share,
         "team": [a.model_dump() for a in team],
         "team_size": len(team),
         "hours_per_day": settings.hours_per_day,
         "team_hours_per_day": capacity,
         "forecast_days": days,
-        "forecast_days_auto_label_easy": days_auto,
-        "working_days": math.ceil(days - 1e-9) if days > 0 else 0,
-        "working_days_auto_label_easy": math.ceil(days_auto - 1e-9) if days_auto > 0 else 0,
+        "working_days": _working_days(days),
+        "forecast_days_if_auto_labeled": days_if,
+        "working_days_if_auto_labeled": None if days_if is None else _working_days(days_if),
         "assignment": per_person,
     }
+
+
+def _working_days(days: float) -> int:
+    return math.ceil(days - 1e-9) if days > 0 else 0
 
 
 def assign(
@@ -234,27 +277,45 @@ def assign(
 
 
 def plan_table(plan: dict[str, Any]) -> pd.DataFrame:
-    """``plan.csv``: one row per tier and a ``total`` row."""
+    """``plan.csv``: one row per tier, an ``audit`` row when written labels await review,
+    and a ``total`` row.  ``hours_saved`` holds hours saved by labels written in this run;
+    ``hours_would_save`` what a shadow run's labels would save."""
+    auto = plan["auto_label"]
+    saved = auto["hours_saved"] if auto["kind"] == "written" else 0.0
+    would = auto["hours_saved"] if auto["kind"] == "would" else 0.0
     rows = [dict(r) for r in plan["tiers"]]
     for r in rows:
-        r["hours_saved_auto_label"] = (
-            plan["hours_saved_auto_label_easy"] if r["tier"] == "easy" else 0.0
-        )
+        r["hours_saved"] = saved if r["tier"] == "easy" else 0.0
+        r["hours_would_save"] = would if r["tier"] == "easy" else 0.0
         r["assigned_to"] = " ".join(
             p["name"] for p in plan["assignment"] if p.get(r["tier"], 0) > 0
+        )
+    if plan["audit_items"]:
+        rows.append(
+            {
+                "tier": "audit",
+                "items": plan["audit_items"],
+                "remaining": plan["audit_items"],
+                "auto_labeled": 0,
+                "hours": plan["audit_hours"],
+                "hours_saved": 0.0,
+                "hours_would_save": 0.0,
+            }
         )
     rows.append(
         {
             "tier": "total",
-            "items": sum(r["items"] for r in rows),
+            "items": sum(r["items"] for r in plan["tiers"]),
             "remaining": plan["remaining_items"],
+            "auto_labeled": auto["items"] if auto["kind"] == "written" else 0,
             "seconds_per_item": None,
             "seconds_source": None,
             "hours": plan["remaining_hours"],
-            "hours_saved_auto_label": plan["hours_saved_auto_label_easy"],
+            "hours_saved": saved,
+            "hours_would_save": would,
             "assigned_to": " ".join(p["name"] for p in plan["assignment"]),
             "forecast_days": plan["forecast_days"],
-            "forecast_days_auto_label_easy": plan["forecast_days_auto_label_easy"],
+            "forecast_days_if_auto_labeled": plan["forecast_days_if_auto_labeled"],
         }
     )
     return pd.DataFrame(rows)

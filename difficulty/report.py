@@ -1,18 +1,22 @@
 """The manager's report: ``report.html`` (one self-contained file), ``summary.json``, ``plan.csv``.
 
-:func:`write_report` reads a scored run folder (``difficulty.parquet``), computes the plan
-(:mod:`difficulty.plan`) and writes, into the same folder:
+:func:`write_report` reads a run folder — the difficulty table (``difficulty.parquet``)
+and, when the auto-label gate ran, its run record (``autolabel.json``,
+:class:`difficulty.runrecord.GateRecord`) — computes the plan (:mod:`difficulty.plan`)
+from what the gate actually did, and writes, into the same folder:
 
 * ``report.html`` — opens offline: the CSS is inline, the plots are inline PNG
-  (``data:image/png;base64``) drawn with matplotlib, the thumbnails inline JPEG.  Sections
-  (element ids): ``tiers`` (counts and thresholds), ``distributions`` (combined score by
-  tier and each scorer's raw values), ``hardest`` / ``easiest`` (thumbnails in score
-  order), ``agreement`` (each scorer's Spearman ρ with the true error of the predictions,
-  the chosen weights, the cross-validated candidates, the true error per tier), ``plan``
-  (hours per tier, hours saved by auto-labeling the easy tier, forecast, assignment),
-  ``trend`` (tier counts and remaining hours across the earlier runs of the project) and
-  ``autolabel`` (precision / coverage / audit precision from ``autolabel.json`` when an
-  auto-label run left one in the folder; "not run" otherwise);
+  (``data:image/png;base64``) drawn with matplotlib, the thumbnails inline JPEG drawn
+  with Pillow (labels and predictions as boxes).  Sections (element ids): ``tiers``
+  (counts, thresholds and what "easy" means), ``distributions`` (combined score by tier
+  and each scorer's raw values), ``hardest`` / ``easiest`` (thumbnails in score order,
+  with a "why hard" line), ``agreement`` (each scorer's agreement with the true error
+  of the predictions, the chosen weights, the cross-validated candidates, the true error
+  per tier), ``plan`` (hours per tier, hours saved by what the gate wrote, forecast,
+  assignment), ``trend`` (tier counts and remaining hours across the earlier runs) and
+  ``autolabel`` (the gate's verdict in one sentence, its counts, the risk–coverage curve
+  of the calibration with ε and the threshold, thumbnails of the written — in shadow:
+  would-be — labels and of the audit sample, audit precision);
 * ``summary.json`` — the scoring summary plus ``plan``, ``trend`` and ``autolabel``;
 * ``plan.csv`` — one row per tier and a total (see :func:`difficulty.plan.plan_table`);
 * ``assignment.csv`` — ``item_id, tier, score, hours, assignee`` per remaining item.
@@ -20,16 +24,22 @@
 Earlier runs (``history``): run folders of the same project in the report store.  By
 default the siblings of ``run_dir`` (the store keeps ``<project>/<run_id>/``) that hold a
 ``difficulty.parquet`` of the same source created before this run.
+
+Boxes on thumbnails: the project's labels (read for the shown items only) and, when
+``predictions`` are given, the predictions after the run's label map.  Rendering needs
+no torch: images are decoded with Pillow at reduced size.
 """
 
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import logging
 import posixpath
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -38,17 +48,27 @@ import numpy as np
 import pandas as pd
 
 from connectors.errors import InputError, LabelTriageError
-from connectors.formats.base import ProjectFormat
+from connectors.formats.base import PredictionSource, ProjectFormat
+from connectors.labelmap import LabelMap, LabelMapCheck
+from connectors.model import Annotation, Item, ItemStatus
 from connectors.storage import ProjectFS
+from difficulty.combine import ecdf_midrank
 from difficulty.plan import PlanSettings, assign, compute_plan, seconds_per_tier, write_plan
+from difficulty.runrecord import GateRecord, read_gate_record
 from difficulty.table import FILENAME, read_difficulty, scorer_columns
-from difficulty.tiers import TIERS
+from difficulty.tiers import TIERS, largest_tie
 
 log = logging.getLogger(__name__)
 
 TEMPLATE = "report.html"
 TIER_COLORS = {"easy": "#2f9e62", "medium": "#e0a31f", "hard": "#d1453b", "unscored": "#9aa3ad"}
-THUMB_BOX = (220, 110)
+LABEL_COLOR = "#00a6d6"
+"""Boxes of the project's labels on thumbnails."""
+PREDICTION_COLOR = "#ff2d95"
+"""Boxes of predictions (and of written or would-be auto-labels) on thumbnails."""
+THUMB_BOX = (320, 200)
+SHARE_TOLERANCE = 0.05
+"""How far a quantile tier may be from its configured share before the report says why."""
 SECTIONS = (
     "tiers",
     "distributions",
@@ -59,6 +79,25 @@ SECTIONS = (
     "trend",
     "autolabel",
 )
+WHY = {
+    "fourier": "busy image: much fine detail",
+    "fourier_entropy": "cluttered image: spread-out spectrum",
+    "box_least_confidence": "the surest box is unsure",
+    "box_margin": "boxes near 50 % confidence",
+    "box_uncertain_share": "many boxes of middling confidence",
+    "box_expected_count": "many objects expected",
+    "box_count_variance": "many uncertain boxes",
+    "box_count": "many boxes",
+    "predicted_loss": "high predicted loss",
+    "learning_loss": "high predicted loss",
+    "least_confidence": "low top-class probability",
+    "margin": "top two classes close",
+    "entropy": "class probabilities spread out",
+    "vote_entropy": "the committee disagrees",
+    "consensus_entropy": "the committee is unsure",
+    "egl": "large expected gradient",
+}
+"""The plain-language reason a scorer gives for a high value (the "why hard" line)."""
 
 
 # -- plots ---------------------------------------------------------------------------------
@@ -66,14 +105,16 @@ SECTIONS = (
 
 def _png(fig: Any) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", facecolor="white")
+    fig.savefig(buf, format="png", dpi=100, facecolor="white", pil_kwargs={"compress_level": 1})
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _figure(w: float, h: float) -> Any:
+def _figure(w: float, h: float, **margins: float) -> Any:
+    """A figure with fixed margins (in figure fractions): no layout engine to run."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(w, h))
+    fig.subplots_adjust(**{"left": 0.1, "right": 0.97, "bottom": 0.18, "top": 0.9, **margins})
     return fig
 
 
@@ -88,7 +129,7 @@ def _style(ax: Any) -> None:
 
 
 def plot_tiers(counts: dict[str, int]) -> str:
-    fig = _figure(5.2, 2.6)
+    fig = _figure(5.2, 2.6, left=0.14, bottom=0.12)
     ax = fig.add_subplot()
     names = [t for t in (*TIERS, "unscored") if t in counts]
     values = [counts[t] for t in names]
@@ -108,7 +149,7 @@ def plot_tiers(counts: dict[str, int]) -> str:
 
 
 def plot_score_distribution(df: pd.DataFrame, thresholds: tuple[float, float]) -> str:
-    fig = _figure(7.0, 2.8)
+    fig = _figure(7.0, 2.8, left=0.08, bottom=0.17, top=0.84)
     ax = fig.add_subplot()
     bins = np.linspace(0.0, 1.0, 41)
     data = [df.loc[df["tier"] == t, "score"].dropna().to_numpy() for t in TIERS]
@@ -118,8 +159,8 @@ def plot_score_distribution(df: pd.DataFrame, thresholds: tuple[float, float]) -
         stacked=True,
         color=[TIER_COLORS[t] for t in TIERS],
         label=list(TIERS),
-        edgecolor="white",
-        linewidth=0.4,
+        histtype="stepfilled",
+        linewidth=0,
     )
     for row, (x, name) in enumerate(zip(thresholds, ("easy ≤", "hard ≥"), strict=True)):
         if np.isfinite(x):
@@ -136,36 +177,64 @@ def plot_score_distribution(df: pd.DataFrame, thresholds: tuple[float, float]) -
         "combined difficulty score (0 = easiest, 1 = hardest)", fontsize=9, color="#44505c"
     )
     ax.set_ylabel("items", fontsize=9, color="#44505c")
-    ax.legend(frameon=False, fontsize=8, ncols=3, loc="upper center", bbox_to_anchor=(0.5, 1.16))
+    ax.legend(frameon=False, fontsize=8, ncols=3, loc="upper center", bbox_to_anchor=(0.5, 1.2))
     _style(ax)
     return _png(fig)
 
 
-def plot_scorers(df: pd.DataFrame, scorers: Sequence[str], weights: dict[str, float]) -> str | None:
-    if not scorers:
-        return None
-    cols = min(4, len(scorers))
-    rows = int(np.ceil(len(scorers) / cols))
-    fig = _figure(2.35 * cols, 1.9 * rows)
-    for i, name in enumerate(scorers):
-        ax = fig.add_subplot(rows, cols, i + 1)
+def scorer_histograms(
+    df: pd.DataFrame,
+    scorers: Sequence[str],
+    weights: dict[str, float],
+    dropped: Iterable[str],
+    *,
+    bins: int = 30,
+) -> list[dict[str, Any]]:
+    """Each scorer's raw values as a small inline SVG histogram (no plotting library: a
+    few rectangles per scorer), with its weight and range."""
+    gone = set(dropped)
+    out = []
+    width, height = 220, 56
+    for name in scorers:
         v = df[name].to_numpy(dtype=np.float64, na_value=np.nan)
         v = v[np.isfinite(v)]
         w = weights.get(name) or 0.0
-        ax.hist(
-            v,
-            bins=30,
-            color="#3b6ea8" if w > 0 else "#8e5ba8" if w < 0 else "#9aa3ad",
-            edgecolor="white",
-            linewidth=0.3,
+        color = "#9aa3ad" if name in gone or w == 0 else "#3b6ea8" if w > 0 else "#8e5ba8"
+        rects = []
+        if v.size:
+            lo, hi = float(v.min()), float(v.max())
+            counts, _ = np.histogram(
+                v, bins=bins, range=(lo, hi) if hi > lo else (lo - 0.5, lo + 0.5)
+            )
+            top = max(int(counts.max()), 1)
+            step = width / bins
+            for i, c in enumerate(counts):
+                if c:
+                    h = max(1.0, height * c / top)
+                    rects.append(
+                        f'<rect x="{i * step:.1f}" y="{height - h:.1f}" width="{step - 0.6:.1f}" '
+                        f'height="{h:.1f}" fill="{color}"/>'
+                    )
+        svg = (
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" role="img" aria-label="histogram of {html.escape(name)}">'
+            + "".join(rects)
+            + f'<line x1="0" y1="{height}" x2="{width}" y2="{height}" stroke="#b8bfc7"/></svg>'
         )
-        ax.set_title(
-            f"{name}  (w={w:.2f}{', reversed' if w < 0 else ''})", fontsize=8.5, color="#1f2a36"
+        note = (
+            "dropped: constant" if name in gone else f"w = {w:.2f}{', reversed' if w < 0 else ''}"
         )
-        _style(ax)
-        ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    return _png(fig)
+        out.append(
+            {
+                "name": name,
+                "note": note,
+                "svg": svg,  # built here from numbers and an escaped name
+                "min": float(v.min()) if v.size else None,
+                "median": float(np.median(v)) if v.size else None,
+                "max": float(v.max()) if v.size else None,
+            }
+        )
+    return out
 
 
 def plot_agreement(rhos: dict[str, float | None], combined: float | None) -> str | None:
@@ -175,7 +244,14 @@ def plot_agreement(rhos: dict[str, float | None], combined: float | None) -> str
     items.sort(key=lambda kv: kv[1])
     if combined is not None:
         items.append(("combined score", combined))
-    fig = _figure(6.0, 0.32 * len(items) + 0.9)
+    longest = max(len(k) for k, _ in items)
+    fig = _figure(
+        6.0,
+        0.32 * len(items) + 0.9,
+        left=min(0.45, 0.02 + 0.012 * longest),
+        bottom=0.55 / (0.32 * len(items) + 0.9),
+        top=1 - 0.1 / (0.32 * len(items) + 0.9),
+    )
     ax = fig.add_subplot()
     names = [k for k, _ in items]
     vals = [v for _, v in items]
@@ -210,7 +286,7 @@ def plot_agreement(rhos: dict[str, float | None], combined: float | None) -> str
 def plot_error_by_tier(df: pd.DataFrame) -> str | None:
     if df["true_error"].notna().sum() == 0:
         return None
-    fig = _figure(4.2, 2.6)
+    fig = _figure(4.2, 2.6, left=0.16, bottom=0.12)
     ax = fig.add_subplot()
     means = [df.loc[df["tier"] == t, "true_error"].mean() for t in TIERS]
     counts = [int(df.loc[df["tier"] == t, "true_error"].notna().sum()) for t in TIERS]
@@ -238,7 +314,7 @@ def plot_error_by_tier(df: pd.DataFrame) -> str | None:
 def plot_trend(trend: list[dict[str, Any]]) -> str | None:
     if len(trend) < 2:
         return None
-    fig = _figure(8.0, 2.8)
+    fig = _figure(8.0, 3.0, left=0.1, right=0.98, bottom=0.33, top=0.9, wspace=0.45)
     x = list(range(len(trend)))
     labels = [t["created"][:16].replace("T", " ") for t in trend]
     ax = fig.add_subplot(1, 2, 1)
@@ -259,27 +335,106 @@ def plot_trend(trend: list[dict[str, Any]]) -> str | None:
     ax2.set_title("remaining annotation hours", fontsize=9)
     ax2.set_xticks(x, labels, rotation=30, ha="right", fontsize=7)
     _style(ax2)
-    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_risk_coverage(gate: GateRecord) -> str | None:
+    """The calibration's risk–coverage curve: observed error and its bound per candidate
+    threshold, ε, and the chosen threshold."""
+    steps = [s for s in gate.steps if s.n > 0]
+    if not steps or not gate.n_calibration:
+        return None
+    fig = _figure(6.4, 3.1, left=0.1, right=0.97, bottom=0.16, top=0.86)
+    ax = fig.add_subplot()
+    cov = np.array([s.n / gate.n_calibration for s in steps])
+    risk = np.array([s.k / s.n for s in steps])
+    ax.plot(cov, risk, marker="o", markersize=3, color="#3b6ea8", label="observed error")
+    tested = [(c, s.bound) for c, s in zip(cov, steps, strict=True) if s.bound is not None]
+    if tested:
+        tc, tb = zip(*tested, strict=True)
+        ax.plot(
+            tc,
+            tb,
+            marker="s",
+            markersize=3,
+            color="#d1453b",
+            label=f"upper bound (δ={gate.delta:g})",
+        )
+    ax.axhline(gate.epsilon, color="#1f2a36", linestyle=":", linewidth=1.2)
+    ax.annotate(
+        f"ε = {gate.epsilon:g}",
+        (0.0, gate.epsilon),
+        xytext=(2, 3),
+        textcoords="offset points",
+        fontsize=8,
+    )
+    if gate.threshold is not None:
+        x = gate.n / gate.n_calibration
+        ax.axvline(x, color="#2f9e62", linestyle="--", linewidth=1.2)
+        ax.annotate(
+            f"threshold {gate.threshold:.3g}\n(coverage {x:.0%})",
+            (x, ax.get_ylim()[1]),
+            xytext=(-4, -22),
+            textcoords="offset points",
+            ha="right",
+            fontsize=8,
+            color="#2f9e62",
+        )
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, max(1e-3, min(1.0, 1.25 * max(gate.epsilon, float(risk.max())))))
+    ax.set_xlabel(
+        "coverage: share of labeled calibration items at or below a threshold",
+        fontsize=9,
+        color="#44505c",
+    )
+    ax.set_ylabel("auto-label error", fontsize=9, color="#44505c")
+    ax.legend(frameon=False, fontsize=8, ncols=2, loc="lower left", bbox_to_anchor=(0.0, 1.0))
+    _style(ax)
     return _png(fig)
 
 
 # -- thumbnails -------------------------------------------------------------------------------
 
 
-def _thumbnail(uri: str, item_id: str, project: ProjectFS | None) -> tuple[str | None, str | None]:
-    """``(data URI of a JPEG thumbnail, None)`` or ``(None, why not)``."""
-    from PIL import Image, ImageOps
+def _thumbnail(
+    uri: str,
+    item_id: str,
+    fs: ProjectFS | None,
+    labels: Sequence[Annotation] = (),
+    predictions: Sequence[Annotation] = (),
+) -> tuple[str | None, str | None]:
+    """``(data URI of a JPEG thumbnail with boxes, None)`` or ``(None, why not)``.
+
+    Boxes are pixel ``xyxy`` of the oriented image: ``labels`` in :data:`LABEL_COLOR`,
+    ``predictions`` in :data:`PREDICTION_COLOR` (drawn second, dashed look by a thinner
+    line).
+    """
+    from PIL import Image, ImageDraw, ImageOps
 
     from difficulty.imageio import read_image_bytes
 
+    if fs is None:
+        return None, "project not available"
     try:
-        data = read_image_bytes(uri, project, item=item_id)
+        data = read_image_bytes(uri, fs, item=item_id)
         with Image.open(io.BytesIO(data)) as source:
-            source.draft("RGB", (THUMB_BOX[0] * 2, THUMB_BOX[1] * 2))
+            width, height = source.size
+            orientation = source.getexif().get(0x0112, 1)
+            if orientation in (5, 6, 7, 8):
+                width, height = height, width
+            source.draft("RGB", (THUMB_BOX[0], THUMB_BOX[1]))
             thumb = ImageOps.exif_transpose(source).convert("RGB")
         thumb.thumbnail(THUMB_BOX)
+        sx, sy = thumb.width / width, thumb.height / height
+        draw = ImageDraw.Draw(thumb)
+        for anns, color, line in ((labels, LABEL_COLOR, 3), (predictions, PREDICTION_COLOR, 2)):
+            for a in anns:
+                if a.box is None:
+                    continue
+                x1, y1, x2, y2 = a.box
+                draw.rectangle((x1 * sx, y1 * sy, x2 * sx, y2 * sy), outline=color, width=line)
         buf = io.BytesIO()
-        thumb.save(buf, format="JPEG", quality=82)
+        thumb.save(buf, format="JPEG", quality=85)
     except (InputError, OSError, ValueError) as exc:
         log.warning("no thumbnail for item %s: %s", item_id, exc)
         return None, str(exc)
@@ -300,33 +455,165 @@ def _project_fs(meta: dict[str, Any], project: ProjectFormat | None) -> ProjectF
         return None
 
 
+def _open_format(meta: dict[str, Any], fs: ProjectFS | None) -> ProjectFormat | None:
+    """The project's format from the run's recorded source and format (for its labels)."""
+    if fs is None or not meta.get("format"):
+        return None
+    from connectors.formats.base import FORMATS
+
+    try:
+        return FORMATS[str(meta["format"])](fs)
+    except (LabelTriageError, KeyError, TypeError) as exc:
+        log.info("labels of %s are not drawn: %s", fs.url, exc)
+        return None
+
+
+def read_items(fmt: ProjectFormat, rows: pd.DataFrame) -> dict[str, Item]:
+    """The items of ``rows`` (``item_id``, ``uri``, ``status``) with their labels.
+
+    A file-per-image format reads just those label files; any other format is streamed
+    until every wanted item has come by.  Items whose label cannot be read are left out.
+    """
+    wanted = {str(i): str(u) for i, u in zip(rows["item_id"], rows["uri"], strict=True)}
+    out: dict[str, Item] = {}
+    label_path = getattr(fmt, "label_path", None)
+    parse_label = getattr(fmt, "parse_label", None)
+    if callable(label_path) and callable(parse_label):
+        for item_id, uri in wanted.items():
+            rel = label_path(item_id)
+            item = Item(item_id=item_id, uri=uri)
+            try:
+                if fmt.project.exists(rel):
+                    item = parse_label(
+                        item.model_copy(update={"status": ItemStatus.LABELED}),
+                        rel,
+                        fmt.project.read_bytes(rel),
+                    )
+            except (InputError, OSError) as exc:
+                log.info("%s: label not drawn: %s", item_id, exc)
+                continue
+            out[item_id] = item
+        return out
+    try:
+        for item in fmt.iter_items():
+            if item.item_id in wanted and item.error is None:
+                out[item.item_id] = item
+                if len(out) == len(wanted):
+                    break
+    except LabelTriageError as exc:
+        log.info("labels of %s are not drawn: %s", fmt.project.url, exc)
+    return out
+
+
+def _predicted(
+    predictions: PredictionSource | None,
+    label_map: LabelMap,
+    item_id: str,
+    item: Item | None,
+    min_score: float,
+) -> list[Annotation]:
+    if predictions is None:
+        return []
+    try:
+        pred = predictions.get(item_id, item)
+    except LabelTriageError as exc:
+        log.info("%s: prediction not drawn: %s", item_id, exc)
+        return []
+    if pred is None or pred.error is not None:
+        return []
+    return [
+        a
+        for a in label_map.apply(pred.annotations)
+        if a.box is not None and (a.score is None or a.score >= min_score)
+    ]
+
+
+def _why(row: Any, pct: dict[str, np.ndarray], position: int, names: Sequence[str]) -> str | None:
+    """The scorer that ranks this item highest, in words: ``many uncertain boxes
+    (box_count_variance: top 2 %)``."""
+    best = max(
+        (n for n in names if np.isfinite(pct[n][position])),
+        key=lambda n: pct[n][position],
+        default=None,
+    )
+    if best is None:
+        return None
+    top = max(1, round(100 * (1 - float(pct[best][position]))))
+    return f"{WHY.get(best, 'high ' + best)} ({best}: top {top} %)"
+
+
+@dataclass(frozen=True)
+class BoxSources:
+    """Where the boxes drawn on thumbnails come from: the project's labels (``fmt``) and
+    ``predictions`` after ``label_map``, boxes below ``min_score`` left out."""
+
+    fmt: ProjectFormat | None = None
+    predictions: PredictionSource | None = None
+    label_map: LabelMap = field(default_factory=LabelMap)
+    min_score: float = 0.25
+    written: frozenset[str] = frozenset()
+    """Items whose label is this run's auto-label (drawn as predictions, not as labels)."""
+
+
 def thumbnails(
     df: pd.DataFrame,
     fs: ProjectFS | None,
     *,
     hardest: bool,
     n: int,
+    boxes: BoxSources = BoxSources(),
+    why_from: Sequence[str] = (),
     task_url: Callable[[str], str] | None = None,
 ) -> list[dict[str, Any]]:
-    scored = df[df["rank"].notna()].sort_values("rank", ascending=hardest)
+    """The ``n`` hardest (or easiest) items with thumbnails; hardest ones with a "why"."""
+    scored = df[df["rank"].notna()].sort_values("rank", ascending=hardest).head(n)
+    items = read_items(boxes.fmt, scored) if boxes.fmt is not None else {}
+    written = boxes.written
+    pct: dict[str, np.ndarray] = {}
+    ok = df["score"].notna().to_numpy()
+    for name in why_from if hardest else ():
+        values = df[name].to_numpy(dtype=np.float64, na_value=np.nan)
+        pct[name] = ecdf_midrank(values, values[ok])
+    position = {v: i for i, v in enumerate(df.index)}
     out = []
-    for row in scored.head(n).itertuples():
-        src, why = (
-            _thumbnail(str(row.uri), str(row.item_id), fs)
-            if fs is not None
-            else (None, "project not available")
+    for row in scored.itertuples():
+        item = items.get(str(row.item_id))
+        auto = str(row.item_id) in written  # its label file is this run's auto-label
+        labels = item.annotations if item is not None and not auto else []
+        preds = _predicted(
+            boxes.predictions, boxes.label_map, str(row.item_id), item, boxes.min_score
         )
+        src, why_not = _thumbnail(str(row.uri), str(row.item_id), fs, labels, preds)
         out.append(
             {
                 "item_id": row.item_id,
                 "rank": int(row.rank),
                 "score": float(row.score),
                 "tier": row.tier,
-                "status": row.status,
+                "status": "auto-labeled in this run" if auto else row.status,
                 "true_error": None if pd.isna(row.true_error) else float(row.true_error),
                 "src": src,
-                "why": why,
+                "why": why_not,
+                "reason": _why(row, pct, position[row.Index], list(pct)) if pct else None,
                 "url": task_url(str(row.item_id)) if task_url else None,
+            }
+        )
+    return out
+
+
+def gate_thumbnails(gate: GateRecord, fs: ProjectFS | None) -> dict[str, list[dict[str, Any]]]:
+    """Thumbnails of the written (would-be) labels and of the audit sample, with their boxes."""
+    out: dict[str, list[dict[str, Any]]] = {"labels": [], "audit": []}
+    for ex in gate.examples:
+        src, why_not = _thumbnail(ex.uri, ex.item_id, fs, (), ex.annotations)
+        boxes = sum(1 for a in ex.annotations if a.box is not None)
+        out["audit" if ex.audit else "labels"].append(
+            {
+                "item_id": ex.item_id,
+                "score": ex.difficulty,
+                "src": src,
+                "why": why_not,
+                "content": ", ".join(a.label for a in ex.annotations) if boxes else "empty label",
             }
         )
     return out
@@ -350,14 +637,22 @@ def _earlier_runs(run_dir: str, storage_options: dict[str, Any] | None) -> list[
     return out
 
 
+def _gate_of(run_dir: str, storage_options: dict[str, Any] | None) -> GateRecord | None:
+    try:
+        return read_gate_record(run_dir, storage_options)
+    except InputError as exc:
+        log.warning("%s", exc)
+        return None
+
+
 def trend_points(
-    current: tuple[pd.DataFrame, dict[str, Any]],
+    current: tuple[pd.DataFrame, dict[str, Any], GateRecord | None],
     runs: Sequence[str],
     settings: PlanSettings,
     storage_options: dict[str, Any] | None,
 ) -> list[dict[str, Any]]:
     """Tier counts and remaining hours of the earlier runs of the same source, then this run."""
-    df, meta = current
+    df, meta, gate = current
     points = []
     for run in runs:
         try:
@@ -371,14 +666,16 @@ def trend_points(
             or str(m.get("created")) >= str(meta.get("created"))
         ):
             continue
-        points.append(_point(other, m, settings))
+        points.append(_point(other, m, settings, _gate_of(run, storage_options)))
     points.sort(key=lambda p: p["created"])
-    points.append(_point(df, meta, settings))
+    points.append(_point(df, meta, settings, gate))
     return points
 
 
-def _point(df: pd.DataFrame, meta: dict[str, Any], settings: PlanSettings) -> dict[str, Any]:
-    plan = compute_plan(df, settings)
+def _point(
+    df: pd.DataFrame, meta: dict[str, Any], settings: PlanSettings, gate: GateRecord | None
+) -> dict[str, Any]:
+    plan = compute_plan(df, settings, gate)
     counts = df["tier"].value_counts()
     return {
         "run_id": meta.get("run_id"),
@@ -387,72 +684,72 @@ def _point(df: pd.DataFrame, meta: dict[str, Any], settings: PlanSettings) -> di
         "tiers": {t: int(counts.get(t, 0)) for t in TIERS},
         "remaining_items": plan["remaining_items"],
         "remaining_hours": plan["remaining_hours"],
+        "written": len(gate.written) if gate is not None else 0,
     }
 
 
-# -- auto-label -----------------------------------------------------------------------------
+# -- what the tiers mean ----------------------------------------------------------------------
 
 
-def _autolabel(fs: ProjectFS) -> dict[str, Any] | None:
-    if not fs.exists("autolabel.json"):
+def tier_notes(df: pd.DataFrame, meta: dict[str, Any], gate: GateRecord | None) -> dict[str, Any]:
+    """What "easy" means in this run, and whether the quantile tiers hold their shares."""
+    tiers = meta.get("tiers") or {}
+    config = tiers.get("config") or {}
+    scored = int(df["score"].notna().sum())
+    calibrated = tiers.get("source") == "calibrated"
+    out: dict[str, Any] = {"calibrated": calibrated, "shares": None, "tie": None}
+    if calibrated:
+        cal = tiers.get("calibration") or {}
+        out["easy"] = (
+            f"Easy means the model labels the item with error ≤ ε {cal.get('epsilon', 0):g} at "
+            f"{100 * (1 - float(cal.get('delta', 0.1))):g} % confidence: its score is at or below "
+            f"the threshold calibrated on labeled items ({tiers.get('easy_max', 0):.3g}). "
+            "Medium and hard split the rest."
+        )
+        return out
+    source = str(tiers.get("source") or "quantiles")
+    if source.startswith("reference"):
+        out["easy"] = (
+            f"Easy means a score at or below {tiers.get('easy_max', 0):.3g}, the easy boundary "
+            f"of the {source} (kept so that runs compare). It is a planning tier, not a promise "
+            "about auto-labels"
+        )
+    elif config.get("mode", "quantiles") == "quantiles":
+        easy, hard = float(config.get("easy", 0.3)), float(config.get("hard", 0.7))
+        out["easy"] = (
+            f"Easy means the {100 * easy:g} % lowest scores. It is a planning tier, not a "
+            "promise about auto-labels"
+        )
+        if scored:
+            want = {"easy": easy, "medium": hard - easy, "hard": 1.0 - hard}
+            got = {t: float((df["tier"] == t).sum()) / scored for t in TIERS}
+            off = {t: got[t] - want[t] for t in TIERS}
+            out["shares"] = {"want": want, "got": got}
+            if max(abs(v) for v in off.values()) > SHARE_TOLERANCE:
+                value, count = largest_tie(df["score"].to_numpy(dtype=np.float64, na_value=np.nan))
+                out["tie"] = {"value": value, "count": count, "share": count / scored}
+    else:
+        out["easy"] = (
+            f"Easy means a score at or below {tiers.get('easy_max', 0):.3g} (configured "
+            "threshold). It is a planning tier, not a promise about auto-labels"
+        )
+    if gate is not None and gate.threshold is None:
+        out["easy"] += (
+            f"; the gate found no threshold with bound ≤ ε {gate.epsilon:g}, so none of it is auto-labeled"
+        )
+    out["easy"] += "."
+    return out
+
+
+def read_label_map_check(fs: ProjectFS) -> LabelMapCheck | None:
+    """The run's label-map check (``label_map_check.json``), if one was recorded."""
+    if not fs.exists(LabelMapCheck.FILENAME):
         return None
     try:
-        data = json.loads(fs.read_text("autolabel.json"))
-    except (ValueError, OSError) as exc:
-        log.warning("%s: unreadable autolabel.json: %s", fs.url, exc)
-        return {"error": f"unreadable autolabel.json: {exc}"}
-    return data if isinstance(data, dict) else {"error": "autolabel.json is not an object"}
-
-
-def _find(data: Any, *keys: str) -> Any:
-    """The first value under any of ``keys`` (dotted paths allowed) in nested ``data``."""
-    for key in keys:
-        node = data
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                node = None
-                break
-            node = node[part]
-        if node is not None and not isinstance(node, (dict, list)):
-            return node
-    return None
-
-
-def autolabel_view(data: dict[str, Any] | None) -> dict[str, Any]:
-    if data is None:
-        return {"ran": False}
-    flat: list[tuple[str, str]] = []
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        elif isinstance(node, list):
-            flat.append((prefix, f"{len(node)} entries"))
-        else:
-            flat.append((prefix, _fmt(node)))
-
-    walk("", data)
-    return {
-        "ran": True,
-        "precision": _opt(
-            _find(data, "precision", "calibration.precision", "shadow.precision", "agreement")
-        ),
-        "coverage": _opt(_find(data, "coverage", "calibration.coverage")),
-        "audit_precision": _opt(_find(data, "audit_precision", "audit.precision")),
-        "written": _opt(_find(data, "written", "items_written", "count")),
-        "rows": flat[:60],
-    }
-
-
-def _opt(v: Any) -> str | None:
-    return None if v is None else _fmt(v)
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+        return LabelMapCheck.model_validate_json(fs.read_bytes(LabelMapCheck.FILENAME))
+    except ValueError as exc:
+        log.warning("%s: unreadable label-map check: %s", fs.url, exc)
+        return None
 
 
 # -- the report ---------------------------------------------------------------------------
@@ -470,6 +767,7 @@ def _template() -> Any:
         "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:,.{d}f}"
     )
     env.filters["rho"] = lambda v: "–" if v is None else f"{v:+.3f}"
+    env.filters["pct"] = lambda v, d=0: "–" if v is None else f"{100 * v:.{d}f} %"
     return env.get_template(TEMPLATE)
 
 
@@ -499,25 +797,30 @@ def write_report(
     plan_settings: PlanSettings | None = None,
     history: list[str] | None = None,
     project: ProjectFormat | None = None,
+    predictions: PredictionSource | None = None,
     storage_options: dict[str, Any] | None = None,
     thumbnails_per_side: int = 12,
 ) -> dict[str, str]:
     """Write ``report.html``, ``summary.json``, ``plan.csv`` and ``assignment.csv`` into ``run_dir``.
 
     ``team_size`` / ``hours_per_day`` override ``plan_settings``.  ``history``: earlier run
-    folders (default: the siblings of ``run_dir``).  ``project`` is used for thumbnails;
-    without it the project is opened from the run's recorded source.  Returns the paths
-    written, by name (``report``, ``summary``, ``plan``, ``assignment``).
+    folders (default: the siblings of ``run_dir``).  ``project`` is used for thumbnails
+    and their label boxes; without it the project is opened from the run's recorded
+    source and format.  ``predictions`` (optional) are drawn on the thumbnails too, after
+    the run's label map.  Returns the paths written, by name (``report``, ``summary``,
+    ``plan``, ``assignment``).
     """
     df, meta = read_difficulty(run_dir, storage_options)
     settings = _settings(plan_settings, team_size, hours_per_day)
     out = ProjectFS(run_dir, storage_options)
+    gate = read_gate_record(run_dir, storage_options)
     scorers = scorer_columns(df)
-    plan = compute_plan(df, settings)
-    assignment = assign(df[df["status"] == "unlabeled"], seconds_per_tier(df, settings), settings)
+    plan = compute_plan(df, settings, gate)
+    written = set(gate.written) if gate is not None else set()
+    left = df[(df["status"] == "unlabeled") & ~df["item_id"].astype(str).isin(written)]
+    assignment = assign(left, seconds_per_tier(df, settings), settings)
     runs = history if history is not None else _earlier_runs(run_dir, storage_options)
-    trend = trend_points((df, meta), runs, settings, storage_options)
-    auto = _autolabel(out)
+    trend = trend_points((df, meta, gate), runs, settings, storage_options)
 
     summary: dict[str, Any] = {}
     if out.exists("summary.json"):
@@ -533,10 +836,24 @@ def write_report(
     combination = meta.get("combination", {})
     weights = {k: (v or 0.0) for k, v in combination.get("weights", {}).items()}
     correlations = combination.get("correlations", {})
+    dropped = combination.get("dropped") or {}
+    cv_aurc = combination.get("cv_aurc") or {}
     fs = _project_fs(meta, project)
     task_url = getattr(project, "task_url", None)  # the item on its platform (Label Studio)
     if task_url is not None and len(assignment):
         assignment.insert(1, "task_url", [task_url(str(i)) for i in assignment["item_id"]])
+    fmt = project if project is not None else _open_format(meta, fs)
+    settings_meta = meta.get("settings") or {}
+    label_map = LabelMap.model_validate(settings_meta.get("label_map") or {})
+    min_score = float(settings_meta.get("error_min_score", 0.25))
+    tie_break = combination.get("tie_break") or {}
+    why_from = [
+        s
+        for s in scorers
+        if s not in dropped and (weights.get(s, 0.0) > 0 or (tie_break.get(s) or 0.0) > 0)
+    ]
+    gate_thumbs = gate_thumbnails(gate, fs) if gate is not None else {"labels": [], "audit": []}
+    boxes = BoxSources(fmt, predictions, label_map, min_score, frozenset(written))
 
     context = {
         "meta": meta,
@@ -546,30 +863,50 @@ def write_report(
         "unscored": unscored,
         "total": len(df),
         "tier_colors": TIER_COLORS,
+        "label_color": LABEL_COLOR,
+        "prediction_color": PREDICTION_COLOR,
+        "has_predictions": predictions is not None,
         "tier_plot": plot_tiers({**counts, **({"unscored": unscored} if unscored else {})}),
         "score_plot": plot_score_distribution(
             df, (_threshold(meta, "easy_max"), _threshold(meta, "hard_min"))
         ),
-        "scorer_plot": plot_scorers(df, scorers, weights),
+        "scorer_histograms": scorer_histograms(df, scorers, weights, dropped),
         "agreement_plot": plot_agreement(correlations, combination.get("combined_rho")),
         "error_plot": plot_error_by_tier(df),
         "trend_plot": plot_trend(trend),
+        "risk_plot": plot_risk_coverage(gate) if gate is not None else None,
         "scorers": [
             {
                 "name": s,
                 "weight": weights.get(s, 0.0),
                 "rho": correlations.get(s),
+                "aurc": cv_aurc.get(f"single:{s}"),
+                "dropped": dropped.get(s),
                 "median": _median(df[s]),
                 "missing": int(df.loc[df["error"].isna(), s].isna().sum()),
             }
             for s in scorers
         ],
+        "dropped": dropped,
         "combination": combination,
-        "hardest": thumbnails(df, fs, hardest=True, n=thumbnails_per_side, task_url=task_url),
-        "easiest": thumbnails(df, fs, hardest=False, n=thumbnails_per_side, task_url=task_url),
+        "tier_notes": tier_notes(df, meta, gate),
+        "label_map_check": read_label_map_check(out),
+        "hardest": thumbnails(
+            df,
+            fs,
+            hardest=True,
+            n=thumbnails_per_side,
+            why_from=why_from,
+            boxes=boxes,
+            task_url=task_url,
+        ),
+        "easiest": thumbnails(
+            df, fs, hardest=False, n=thumbnails_per_side, boxes=boxes, task_url=task_url
+        ),
         "plan": plan,
         "trend": trend,
-        "autolabel": autolabel_view(auto),
+        "gate": gate,
+        "gate_thumbs": gate_thumbs,
         "errors": summary.get("error_items", [])[:20],
         "sections": SECTIONS,
     }
@@ -577,7 +914,7 @@ def write_report(
     paths = {"report": out.write_text("report.html", page)}
     summary["plan"] = plan
     summary["trend"] = trend
-    summary["autolabel"] = auto
+    summary["autolabel"] = gate.model_dump(mode="json") if gate is not None else None
     summary["report"] = {"generated": context["generated"], "sections": list(SECTIONS)}
     paths["summary"] = out.write_text("summary.json", json.dumps(summary, indent=2, default=str))
     paths["plan"] = write_plan(plan, run_dir, storage_options)

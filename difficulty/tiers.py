@@ -14,6 +14,17 @@ else ``medium``: items tied at a cut go to the outer tier (a scorer that gives m
 the same extreme value — every image without a detection, say — puts them all in one
 tier instead of leaving the tier empty), and ``easy`` wins where the two cuts coincide.
 An item without a score (NaN) has no tier (``None``).
+
+**Calibrated tiers.**  Where labels allow calibrating the auto-label gate (rollout stages
+``shadow`` and ``autolabel``), the easy tier's upper boundary *is* the calibrated
+threshold on the same combined score (:func:`calibrated_cuts`): "easy" means "the model
+labels it with error ≤ ε at confidence 1 − δ".  Medium and hard split the rest: in
+``quantiles`` mode in the configured proportion (``easy=0.3, hard=0.7`` → 40 : 30), in
+``thresholds`` mode at the configured hard score.
+
+The combined score breaks ties between items with its continuous scorers
+(:mod:`difficulty.combine`), so quantile cuts hold their shares; items tied in every scorer that counts
+can still make a tier larger than its share, and :func:`largest_tie` says by how much.
 """
 
 from __future__ import annotations
@@ -73,3 +84,36 @@ def assign_tiers(score: np.ndarray, config: TierConfig = TierConfig()) -> np.nda
     """Tiers of ``score`` ``(N,)`` under ``config`` (see the module docstring)."""
     easy_max, hard_min = tier_thresholds(score, config)
     return tiers_from_thresholds(score, easy_max, hard_min)
+
+
+def calibrated_cuts(
+    score: np.ndarray, threshold: float, config: TierConfig = TierConfig()
+) -> tuple[float, float]:
+    """``(easy_max, hard_min)`` with the easy boundary at a calibrated ``threshold``.
+
+    The items above ``threshold`` are split into medium and hard: in ``quantiles`` mode
+    the hardest ``(1 − hard) / (1 − easy)`` of them are hard (the configured medium : hard
+    proportion), in ``thresholds`` mode ``hard_min`` is the configured hard score (no
+    medium when the threshold lies above it).
+    """
+    if config.mode == "thresholds":
+        return float(threshold), float(config.hard)
+    s = np.asarray(score, dtype=np.float64)
+    rest = s[np.isfinite(s) & (s > threshold)]
+    if rest.size == 0:
+        return float(threshold), float(threshold)
+    hard_share = (1.0 - config.hard) / (1.0 - config.easy) if config.easy < 1.0 else 0.0
+    hard_min = float(np.quantile(rest, 1.0 - hard_share))
+    return float(threshold), max(hard_min, float(threshold))
+
+
+def largest_tie(score: np.ndarray) -> tuple[float | None, int]:
+    """The score value shared by the most items, and how many share it (``(None, 0)``
+    without finite scores)."""
+    s = np.asarray(score, dtype=np.float64)
+    s = s[np.isfinite(s)]
+    if s.size == 0:
+        return None, 0
+    values, counts = np.unique(s, return_counts=True)
+    i = int(np.argmax(counts))
+    return float(values[i]), int(counts[i])

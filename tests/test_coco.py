@@ -253,7 +253,8 @@ def assert_same_items(back: list[Item], items: list[Item]) -> None:
         assert [a.label for a in got.annotations] == [a.label for a in want.annotations]
         assert [a.score for a in got.annotations] == [a.score for a in want.annotations]
         for ga, wa in zip(got.annotations, want.annotations, strict=True):
-            assert ga.box == pytest.approx(wa.box, rel=1e-9, abs=1e-9)
+            # COCO bboxes are written with 2 decimals: x, y, w and h each within 0.005
+            assert ga.box == pytest.approx(wa.box, abs=0.01 + 1e-9)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -479,3 +480,12 @@ def test_remove_written_is_exact_and_keeps_edits(mem: ProjectFS) -> None:
     assert fmt.remove_written(outcome.records)[0].startswith(
         "p:"
     )  # already gone: reported, nothing removed
+
+
+def test_written_boxes_have_two_decimals(mem: ProjectFS) -> None:
+    fmt = small_project(mem)
+    items = by_id(list(fmt.iter_items()))
+    fmt.write_labels([label_write(items["b"], box=(1.004, 1.5, 11.3333333, 11.0))])
+    doc = json.loads(mem.read_text("annotations.json"))
+    (written,) = [a for a in doc["annotations"] if "labeltriage" in a]
+    assert written["bbox"] == [1.0, 1.5, 10.33, 9.5]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,15 +12,19 @@ from hypothesis import strategies as st
 
 from difficulty.combine import (
     SKETCH_SIZE,
+    TIE_BREAK,
+    CombineFit,
     candidate_weights,
     combine,
     ecdf_midrank,
     fit_weights,
     percentiles,
     quantile_sketch,
+    risk_coverage_area,
     sketch_percentile,
     spearman,
 )
+from difficulty.tiers import TierConfig, assign_tiers
 
 
 def test_ecdf_midrank_hand_example() -> None:
@@ -146,9 +152,14 @@ def test_fit_prefers_a_blend_of_two_independent_good_scorers() -> None:
     fit = fit_weights(pct, err)
     assert fit.method in ("rho", "rho2")
     assert fit.weights["anti"] == 0.0  # negative ρ never gets weight
-    assert fit.cv_rho[fit.method] >= fit.cv_rho["single"]
+    singles = [v for k, v in fit.cv_aurc.items() if k.startswith("single:")]
+    assert fit.cv_aurc[fit.method] < min(singles)  # lower risk–coverage area than any part
     best_single = max(fit.correlations.values())
     assert spearman(combine(pct, fit.weights), err) > best_single
+
+    by_rho = fit_weights(pct, err, criterion="rho")
+    assert by_rho.method in ("rho", "rho2")
+    assert by_rho.cv_rho[by_rho.method] >= by_rho.cv_rho["single"]
 
 
 def test_fit_is_never_worse_than_the_best_part_out_of_sample() -> None:
@@ -165,11 +176,16 @@ def test_fit_is_never_worse_than_the_best_part_out_of_sample() -> None:
     pct = percentiles(raw, list(raw.columns))
     train = np.zeros(n, dtype=bool)
     train[: n // 2] = True
-    fit = fit_weights(pct, np.where(train, err, np.nan))
     held = ~train
+    fit = fit_weights(pct, np.where(train, err, np.nan), criterion="rho")
     combined = spearman(combine(pct[held], fit.weights), err[held])
     best = max(spearman(pct[c].to_numpy()[held], err[held]) for c in raw.columns)
     assert combined >= best - 0.01
+
+    fit = fit_weights(pct, np.where(train, err, np.nan))
+    combined_area = risk_coverage_area(fit.score(pct[held]), err[held])
+    best_area = min(risk_coverage_area(pct[c].to_numpy()[held], err[held]) for c in raw.columns)
+    assert combined_area <= best_area + 0.005
 
 
 def test_no_positive_agreement_falls_back_to_default() -> None:
@@ -184,8 +200,20 @@ def test_no_positive_agreement_falls_back_to_default() -> None:
 def test_fit_to_dict_is_json_safe() -> None:
     pct, err = _synthetic(200, 7)
     d = fit_weights(pct, err).to_dict()
-    assert set(d) == {"method", "weights", "correlations", "cv_rho", "n_labeled", "reason"}
+    assert set(d) == {
+        "method",
+        "criterion",
+        "weights",
+        "correlations",
+        "cv_rho",
+        "cv_aurc",
+        "tie_break",
+        "dropped",
+        "n_labeled",
+        "reason",
+    }
     assert sum(d["weights"].values()) == pytest.approx(1.0)
+    json.dumps(d)
 
 
 def test_signed_weights_use_reversed_scorers() -> None:
@@ -218,3 +246,96 @@ def test_signed_fit_beats_unsigned_when_the_best_scorer_is_backwards() -> None:
         spearman(combine(pct, signed.weights), err)
         > spearman(combine(pct, unsigned.weights), err) + 0.3
     )
+
+
+def test_risk_coverage_area_hand_example() -> None:
+    # easiest first: errors 0, 1, 0 → risks 0/1, 1/2, 1/3
+    assert risk_coverage_area(np.array([0.1, 0.2, 0.3]), np.array([0.0, 1.0, 0.0])) == (
+        pytest.approx((0.0 + 0.5 + 1 / 3) / 3)
+    )
+    # a tie has no order: its error is spread evenly (risk 1/3 at every position)
+    tied = risk_coverage_area(np.zeros(3), np.array([0.0, 1.0, 0.0]))
+    assert tied == pytest.approx(1 / 3)
+    assert np.isnan(risk_coverage_area(np.array([0.1, np.nan]), np.array([0.0, 1.0])))
+
+
+def test_aurc_prefers_the_score_whose_easy_end_is_clean() -> None:
+    """A coarse count ranks the whole error better (ρ), a continuous score keeps the easy
+    end cleaner: the gate calibrates the second one to more coverage, so it is chosen."""
+    rng = np.random.default_rng(11)
+    n = 800
+    err = (rng.random(n) < 0.15).astype(float)
+    err[rng.random(n) < 0.3] *= 0.5
+    # coarse: 0 for most items whatever their error, high values for many wrong ones
+    coarse = np.where(err > 0, rng.integers(0, 4, n), rng.integers(0, 2, n)).astype(float)
+    # continuous: wrong items never among the easiest 40 %, weak order above that
+    smooth = np.where(err > 0, 0.4 + 0.6 * rng.random(n), rng.random(n))
+    raw = pd.DataFrame({"fourier": rng.random(n), "coarse": coarse, "smooth": smooth})
+    pct = percentiles(raw, list(raw.columns))
+    fit = fit_weights(pct, err)
+    assert fit.criterion == "aurc"
+    assert fit.weights["smooth"] > 0
+    assert fit.cv_aurc["single:smooth"] < fit.cv_aurc["single:coarse"]
+
+
+def test_a_constant_scorer_is_dropped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    rng = np.random.default_rng(12)
+    n = 300
+    err = rng.random(n)
+    raw = pd.DataFrame(
+        {"fourier": rng.random(n), "good": err + rng.normal(scale=0.2, size=n), "flat": 0.7}
+    )
+    pct = percentiles(raw, list(raw.columns))
+    with caplog.at_level("WARNING"):
+        fit = fit_weights(pct, err)
+    assert "flat" in fit.dropped and fit.weights["flat"] == 0.0
+    assert "flat" not in (fit.tie_break or {})
+    assert any("flat" in r.getMessage() for r in caplog.records)
+    # without labels too: a constant default scorer gives way to the others
+    raw["fourier"] = 0.0
+    pct = percentiles(raw, list(raw.columns))
+    fit = fit_weights(pct, np.full(n, np.nan))
+    assert fit.method == "equal" and fit.weights["fourier"] == 0.0 and fit.weights["flat"] == 0.0
+
+
+def test_ties_are_broken_by_the_continuous_scorers_so_quantile_cuts_hold() -> None:
+    rng = np.random.default_rng(13)
+    n = 1000
+    err = rng.random(n)
+    # a coarse scorer: 60 % of the items share its lowest value
+    coarse = np.where(rng.random(n) < 0.6, 0.0, 1.0 + np.floor(3 * err))
+    raw = pd.DataFrame({"coarse": coarse, "fine": err + rng.normal(scale=0.5, size=n)})
+    pct = percentiles(raw, list(raw.columns))
+    fit = CombineFit("single", {"coarse": 1.0, "fine": 0.0}, {"coarse": 0.6, "fine": 0.4})
+    primary = combine(pct, fit.weights)
+    tiers = assign_tiers(primary, TierConfig())
+    assert (tiers == "easy").mean() > 0.55  # the tie swallows the easy cut
+    score = fit.score(pct)
+    tiers = assign_tiers(score, TierConfig())
+    shares = [(tiers == t).mean() for t in ("easy", "medium", "hard")]
+    np.testing.assert_allclose(shares, [0.3, 0.4, 0.3], atol=0.01)
+    # distinct primary values keep their order: the secondary moves a score by ≤ η
+    assert np.abs(score - primary).max() <= TIE_BREAK
+    order = np.argsort(primary, kind="stable")
+    distinct = np.diff(primary[order]) > TIE_BREAK
+    assert np.all(np.diff(score[order])[distinct] > 0)
+    assert np.all((score >= 0) & (score <= 1))
+
+
+def test_a_scorer_constant_up_to_float_rounding_ranks_nothing() -> None:
+    """An untrained model's predicted loss: the same value for every item, give or take
+    10⁻⁹; its noise must not become a ranking."""
+    rng = np.random.default_rng(14)
+    n = 200
+    raw = pd.DataFrame(
+        {
+            "fourier": rng.random(n),
+            "predicted_loss": 0.024008 + 1e-9 * rng.random(n),
+            "coarse": rng.integers(0, 3, n).astype(float),
+        }
+    )
+    pct = percentiles(raw, list(raw.columns))
+    assert set(pct["predicted_loss"]) == {0.5}
+    assert pct["coarse"].nunique() == 3  # a real, discrete spread is kept
+    fit = fit_weights(pct, rng.random(n))
+    assert "predicted_loss" in fit.dropped and fit.weights["predicted_loss"] == 0.0

@@ -34,7 +34,10 @@ def test_example_config_is_valid() -> None:
     _, project = cfg.project("road_signs")
     assert project.stage in ("report", "shadow", "autolabel") and project.predictions is not None
     assert cfg.projects["road_signs_model"].train is not None
-    assert Path(project.source) == (REPO / "examples" / "sample_project").resolve()
+    # the demo builds the stop-sign and traffic-light project next to its reports
+    assert Path(project.source) == (REPO / "demo-out" / "road_signs").resolve()
+    assert Path(cfg.projects["road_signs_model"].source) == (REPO / "examples" / "sample_project")
+    assert project.epsilon <= 0.1
     assert Path(project.label_map.file or "").is_file()
     assert project.schedule is not None
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -32,8 +34,18 @@ def test_prepare_copies_the_sample_and_writes_a_valid_config(tmp_path: Path) -> 
     assert len(list((out / "project" / "images").iterdir())) == 120
     cfg = load_config(config)
     assert cfg.report_store == str(out / "reports")
-    assert cfg.projects[PROJECT].source == str(out / "project")
+    assert cfg.projects[PROJECT].source == str(out / PROJECT)
     assert cfg.projects[MODEL_PROJECT].source == str(out / "project")
+    assert cfg.projects[PROJECT].epsilon <= 0.1  # a bound the predictions earn
+    # the stop-sign and traffic-light job: 270 photos, only those two classes' boxes kept
+    from connectors.formats.voc import VocFormat
+    from connectors.storage import ProjectFS
+
+    items = list(VocFormat(ProjectFS(str(out / PROJECT))).iter_items())
+    assert len(items) == 270 and sum(i.status.value == "unlabeled" for i in items) == 90
+    assert {a.label for i in items for a in i.annotations} == {"stop", "trafficlight"}
+    four = list(VocFormat(ProjectFS(str(out / "project"))).iter_items())
+    assert len(four) == 120 and "speedlimit" in {a.label for i in four for a in i.annotations}
     assert cfg.projects[PROJECT].stage == "shadow"
     assert Path(cfg.projects[PROJECT].predictions.source).is_dir()  # type: ignore[union-attr]
 
@@ -89,9 +101,22 @@ def test_demo_runs_the_whole_job(tmp_path: Path) -> None:
             in result.output
         )
 
-    sidecars = list((out / "project" / ".labeltriage" / "auto").glob("*.json"))
+    sidecars = list((out / PROJECT / ".labeltriage" / "auto").glob("*.json"))
     assert len(sidecars) == written
-    assert all((out / "project" / "annotations" / f"{p.stem}.xml").is_file() for p in sidecars)
+    assert all((out / PROJECT / "annotations" / f"{p.stem}.xml").is_file() for p in sidecars)
+    # honest: ε ≤ 0.1 printed next to the bound, written items only from the easy tier
+    assert final.counts["autolabel"]["epsilon"] <= 0.1
+    assert "≤ ε 0.1 at 90 % confidence" in result.output
+    table = pd.read_parquet(Path(final.outputs["difficulty"]))
+    written_ids = {p.stem for p in sidecars}
+    assert set(table.loc[table["item_id"].isin(written_ids), "tier"]) == {"easy"}
+    # the model project: no constant scorer presented as a ranking
+    model_table = pd.read_parquet(Path(model_runs[0].outputs["difficulty"]))
+    summary = json.loads(Path(model_runs[0].outputs["summary"]).read_text())
+    for name in summary["scorers"]:
+        if model_table[name].nunique(dropna=True) <= 1:
+            assert name in summary["combination"]["dropped"]
+            assert summary["combination"]["weights"][name] == 0.0
     assert (
         _tree_digest(EXAMPLES / "sample_project") == before
     )  # the bundled sample is never touched

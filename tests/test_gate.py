@@ -16,7 +16,7 @@ from PIL import Image
 
 import connectors.formats  # noqa: F401  (registers every format)
 from autolabel.audit import choose_audit, measure_audit_precision
-from autolabel.gate import AutolabelResult, auto_label, run_autolabel
+from autolabel.gate import auto_label, run_autolabel
 from connectors.errors import UsageError
 from connectors.formats._filebased import LabelFileFormat
 from connectors.formats.base import FORMATS, PredictionSource, ProjectFormat
@@ -26,7 +26,8 @@ from connectors.labelstudio.provenance import package_version
 from connectors.model import Annotation, Item, ItemStatus, Prediction
 from connectors.storage import ProjectFS
 from connectors.writeback import list_runs, load_manifest, rollback, write_run
-from difficulty.table import write_difficulty
+from difficulty.runrecord import GateRecord
+from difficulty.table import read_difficulty, write_difficulty
 
 LABEL_MAP = LabelMap(map={"stop sign": "stop"})
 GOOD_BOX = (2.0, 2.0, 12.0, 12.0)
@@ -120,7 +121,7 @@ def project(tmp_path: Path) -> tuple[VocFormat, DictPredictions, str, Path]:
     return VocFormat(ProjectFS(str(root))), preds, str(report), root
 
 
-def _run(fmt: ProjectFormat, preds: PredictionSource, report: str, **kw: object) -> AutolabelResult:
+def _run(fmt: ProjectFormat, preds: PredictionSource, report: str, **kw: object) -> GateRecord:
     args: dict[str, object] = {
         "difficulty_dir": report,
         "predictions": preds,
@@ -140,7 +141,7 @@ def test_writes_only_easy_unlabeled_items_with_provenance(
     res = _run(fmt, preds, report, audit_share=0.0)
     t = res.threshold
     assert t is not None and 0.5 < t < 0.8
-    assert res.bound <= 0.1 and res.calibration.n >= 30
+    assert res.bound <= 0.1 and res.n >= 30
     expected = sorted(f"u{i:02d}" for i in range(20) if i / 20 <= t)
     assert res.written == expected == res.selected
     after = snapshot(root)
@@ -159,6 +160,17 @@ def test_writes_only_easy_unlabeled_items_with_provenance(
         and prov["tier"] == "easy"
     )
     assert prov["score"] == pytest.approx(0.9) and prov["extra"]["difficulty"] <= t
+    # one score, one set of tiers, one gate: the run's table now cuts "easy" at t, and
+    # every written item is in it (the scored table had them in "medium")
+    table, meta = read_difficulty(report)
+    assert meta["tiers"]["source"] == "calibrated" and meta["tiers"]["easy_max"] == t
+    tier = dict(zip(table["item_id"], table["tier"], strict=True))
+    assert {tier[i] for i in res.written} == {"easy"}
+    assert set(table.loc[table["tier"] == "easy", "item_id"]) == set(
+        table.loc[table["score"] <= t, "item_id"]
+    )
+    assert res.tiers is not None and res.tiers.source == "calibrated"
+    assert res.tiers.counts["easy"] == int((table["score"] <= t).sum())
     report_json = json.loads(Path(report, "autolabel.json").read_text())
     for key in (
         "run_id",
@@ -495,15 +507,15 @@ def test_audit_share_is_deterministic_and_measured(
     manifest = load_manifest(fmt.project, res.run_id)
     assert manifest.meta["audit"]["item_ids"] == res.audit
     assert json.loads(Path(report, "autolabel.json").read_text())["audit"] == res.audit
-    assert measure_audit_precision(fmt)["reviewed"] == 0
+    assert measure_audit_precision(fmt).reviewed == 0
     # a reviewer fixes the first audited item (moves the box), and leaves the others as they are
     wrong, *_ = res.audit
     (root / "annotations" / f"{wrong}.xml").write_text(
         voc_xml(wrong, [("stop", (8.0, 8.0, 16.0, 16.0))])
     )
     measured = measure_audit_precision(fmt)
-    assert measured["audited"] == len(res.audit) and measured["reviewed"] == 1
-    assert measured["correct"] == 0 and measured["precision"] == 0.0
+    assert measured.audited == len(res.audit) and measured.reviewed == 1
+    assert measured.correct == 0 and measured.precision == 0.0
 
 
 def test_bad_arguments_are_usage_errors(
@@ -561,7 +573,7 @@ def test_checkpoint_calibrates_only_on_its_held_out_items(
         label_map=LABEL_MAP,
         box_confidences=(0.5,),
     )
-    assert res.calibration.n_calibration == 40
+    assert res.n_calibration == 40
     assert {i for i in seen if i.startswith("l")} == set(
         held_out
     )  # trained-on items are not even predicted

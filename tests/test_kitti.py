@@ -91,10 +91,7 @@ def test_round_trip_keeps_3d_fields_byte_for_byte() -> None:
     items = list(KittiFormat(source).iter_items())
     target = make_project({}, "kitti-dst")
     KittiFormat(target).write_items(items, image_root=source)
-    assert (
-        target.read_text("labels/a.txt")
-        == "Car 0.00 0 -1.57 5.5 4 20.25 18 1.50 1.60 3.70 -1.00 1.50 20.00 -1.56\nDontCare -1 -1 -10 30 2 39 10 -1 -1 -1 -1000 -1000 -1000 -10\n"
-    )
+    assert target.read_text("labels/a.txt") == text  # 2 decimals, as KITTI writes them
     assert (
         by_id(KittiFormat(target))["a"].annotations == by_id(KittiFormat(source))["a"].annotations
     )
@@ -125,7 +122,11 @@ def test_round_trip_property(boxes: list[tuple[str, float, float, float, float]]
     target = make_project({}, "kitti-dst")
     KittiFormat(target).write_items([item], image_root=source)
     got = by_id(KittiFormat(target))["a"]
-    assert got.error is None and got.annotations == item.annotations
+    assert got.error is None and [a.label for a in got.annotations] == [
+        a.label for a in item.annotations
+    ]
+    for g, a in zip(got.annotations, item.annotations, strict=True):  # 2 decimals
+        assert g.box == pytest.approx(a.box, abs=0.005 + 1e-9)
 
 
 def test_auto_label_gets_placeholders() -> None:
@@ -142,7 +143,15 @@ def test_auto_label_gets_placeholders() -> None:
         ]
     )
     assert (
-        fs.read_text("labels/a.txt") == "Car 0.00 0 -10 1 2 10 12 -1 -1 -1 -1000 -1000 -1000 -10\n"
+        fs.read_text("labels/a.txt")
+        == "Car 0.00 0 -10 1.00 2.00 10.00 12.00 -1 -1 -1 -1000 -1000 -1000 -10\n"
     )
     assert by_id(fmt)["a"].status is ItemStatus.AUTO_LABELED
     assert fmt.remove_written(outcome.records) == [] and not fs.exists("labels/a.txt")
+
+
+def test_written_coordinates_have_two_decimals() -> None:
+    fmt = KittiFormat(kitti_project({}))
+    item = by_id(fmt)["a"]
+    line = fmt.render_label(item, [Annotation(label="Car", box=(1.004, 2.5, 10.3333333, 12.0))])
+    assert line == b"Car 0.00 0 -10 1.00 2.50 10.33 12.00 -1 -1 -1 -1000 -1000 -1000 -10\n"

@@ -30,6 +30,7 @@ from connectors.labelmap import LabelMap
 from connectors.labelstudio.provenance import model_version_for
 from connectors.model import Annotation, Item, Prediction
 from connectors.project import open_predictions
+from difficulty.runrecord import GateRecord, write_gate_record
 from difficulty.table import write_difficulty
 
 LABEL_CONFIG = (
@@ -69,15 +70,17 @@ def write_run(
         }
     )
     write_difficulty(df, str(run_dir), {"run_id": run_id, "scorers": ["fourier"]})
-    body = {
-        "run_id": run_id,
-        "stage": stage,
-        "task": "detection",
-        "threshold": threshold,
-        "box_confidence": 0.5,
-        "model_version": "yolov5n",
-    }
-    (run_dir / "autolabel.json").write_text(json.dumps(body))
+    record = GateRecord(  # the gate's own record type, not a hand-written shape
+        run_id=run_id,
+        stage=stage,
+        task="detection",
+        epsilon=0.05,
+        delta=0.1,
+        threshold=threshold,
+        box_confidence=0.5,
+        model_version="yolov5n",
+    )
+    write_gate_record(str(run_dir), record)
 
 
 PREDS = {

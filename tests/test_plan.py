@@ -18,6 +18,7 @@ from difficulty.plan import (
     seconds_per_tier,
     write_plan,
 )
+from difficulty.runrecord import GateRecord
 
 
 def _table() -> pd.DataFrame:
@@ -71,12 +72,67 @@ def test_hand_computed_plan() -> None:
     assert by_tier["unscored"]["hours"] == pytest.approx(0.5)
     assert plan["remaining_items"] == 8
     assert plan["remaining_hours"] == pytest.approx(5.0)
-    assert plan["hours_saved_auto_label_easy"] == pytest.approx(0.45)  # 0.5 h × (1 − 10 % audit)
+    # no gate ran: no savings are claimed
+    assert plan["auto_label"] == {"kind": None, "items": 0, "audit_items": 0, "hours_saved": 0.0}
     # team: 2 people × 2 h/day = 4 h/day
     assert plan["team_hours_per_day"] == pytest.approx(4.0)
     assert plan["forecast_days"] == pytest.approx(1.25)
-    assert plan["forecast_days_auto_label_easy"] == pytest.approx((5.0 - 0.45) / 4.0)
-    assert plan["working_days"] == 2 and plan["working_days_auto_label_easy"] == 2
+    assert plan["forecast_days_if_auto_labeled"] is None
+    assert plan["working_days"] == 2
+
+
+def _gate(stage: str, selected: list[str], written: list[str], audit: list[str]) -> GateRecord:
+    return GateRecord(
+        run_id="g1",
+        stage=stage,  # type: ignore[arg-type]
+        epsilon=0.05,
+        delta=0.1,
+        audit_share=0.5,
+        threshold=0.2,
+        selected=selected,
+        written=written,
+        audit=audit,
+    )
+
+
+def test_written_items_leave_the_remaining_work_and_save_their_hours() -> None:
+    gate = _gate("autolabel", ["e3", "e4"], ["e3", "e4"], ["e4"])
+    plan = compute_plan(_table(), SETTINGS, gate)
+    by_tier = {r["tier"]: r for r in plan["tiers"]}
+    assert by_tier["easy"]["remaining"] == 0 and by_tier["easy"]["auto_labeled"] == 2
+    assert plan["remaining_items"] == 6  # 8 unlabeled − 2 written
+    # e4 still needs its audit (900 s); the 2 written saved 2 × 900 s minus that audit
+    assert plan["audit_items"] == 1 and plan["audit_hours"] == pytest.approx(0.25)
+    assert plan["remaining_hours"] == pytest.approx(5.0 - 0.5 + 0.25)
+    assert plan["auto_label"]["kind"] == "written"
+    assert plan["auto_label"]["hours_saved"] == pytest.approx(0.25)
+    assert plan["forecast_days_if_auto_labeled"] is None
+    csv = plan_table(plan)
+    assert list(csv["tier"]) == ["easy", "medium", "hard", "unscored", "audit", "total"]
+    assert csv.loc[csv["tier"] == "total", "hours_saved"].iloc[0] == pytest.approx(0.25)
+
+
+def test_shadow_would_save_without_changing_the_remaining_work() -> None:
+    gate = _gate("shadow", ["e3", "e4"], [], [])
+    plan = compute_plan(_table(), SETTINGS, gate)
+    assert plan["remaining_items"] == 8 and plan["remaining_hours"] == pytest.approx(5.0)
+    # 2 would-be labels × 900 s, half of them (ceil) audited: 0.25 h would be saved
+    assert plan["auto_label"] == {
+        "kind": "would",
+        "items": 2,
+        "audit_items": 1,
+        "hours_saved": pytest.approx(0.25),
+    }
+    assert plan["forecast_days_if_auto_labeled"] == pytest.approx((5.0 - 0.25) / 4.0)
+    csv = plan_table(plan)
+    total = csv[csv["tier"] == "total"].iloc[0]
+    assert total["hours_saved"] == 0.0 and total["hours_would_save"] == pytest.approx(0.25)
+
+
+def test_a_refused_gate_claims_nothing() -> None:
+    gate = _gate("autolabel", [], [], []).model_copy(update={"threshold": None})
+    plan = compute_plan(_table(), SETTINGS, gate)
+    assert plan["auto_label"]["kind"] is None and plan["remaining_items"] == 8
 
 
 def test_hard_items_go_to_the_most_experienced() -> None:
@@ -171,6 +227,6 @@ def test_plan_csv(tmp_path: Path) -> None:
     total = csv[csv["tier"] == "total"].iloc[0]
     assert total["hours"] == pytest.approx(5.0)
     assert total["forecast_days"] == pytest.approx(1.25)
-    assert csv.loc[csv["tier"] == "easy", "hours_saved_auto_label"].iloc[0] == pytest.approx(0.45)
+    assert csv.loc[csv["tier"] == "easy", "hours_saved"].iloc[0] == 0.0
     assert "senior-1" in csv.loc[csv["tier"] == "hard", "assigned_to"].iloc[0]
     assert not math.isnan(plan_table(plan)["hours"].sum())

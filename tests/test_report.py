@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -175,27 +176,126 @@ def test_trend_across_runs_of_the_same_project(tmp_path: Path) -> None:
     assert "r1" in trend and "data:image/png" in trend
 
 
-def test_autolabel_section_reads_autolabel_json(run_dir: Path) -> None:
-    ProjectFS(str(run_dir)).write_text(
-        "autolabel.json",
-        json.dumps(
-            {
-                "run_id": "a1",
-                "threshold": 0.21,
-                "bound": 0.048,
-                "coverage": 0.31,
-                "precision": 0.97,
-                "written": 12,
-                "audit": {"precision": 0.95, "items": 20},
-            }
-        ),
+def _gate_project(tmp_path: Path, **kw: object) -> tuple[Any, Any, Path, Path]:
+    """The gate tests' VOC project (80 labeled, 20 unlabeled items, predictions right below
+    difficulty 0.75) with its scored table in a run folder of a report store."""
+    from test_gate import make_project
+
+    from connectors.formats.voc import VocFormat
+
+    root = tmp_path / "proj"
+    preds, df = make_project(root, **kw)  # type: ignore[arg-type]
+    df["fourier"] = df["score"]
+    df["true_error"] = np.nan
+    run = tmp_path / "store" / "proj" / "r1"
+    meta = {
+        "run_id": "r1",
+        "created": "2026-01-01T00:00:00+00:00",
+        "source": str(root),
+        "format": "voc",
+        "task": "detection",
+        "model_version": "yolo-test-1",
+        "reference": {},
+        "scorers": ["fourier"],
+        "combination": {"method": "default", "weights": {"fourier": 1.0}, "reason": "test"},
+        "tiers": {
+            "config": {"mode": "quantiles", "easy": 0.3, "hard": 0.7},
+            "easy_max": 0.3,
+            "hard_min": 0.7,
+            "source": "quantiles",
+        },
+        "settings": {"label_map": {"map": {"stop sign": "stop"}}, "error_min_score": 0.25},
+    }
+    write_difficulty(df, str(run), meta)
+    return VocFormat(ProjectFS(str(root))), preds, run, root
+
+
+def _gate_and_report(fmt: Any, preds: Any, run: Path, stage: str, **kw: Any) -> str:
+    from autolabel.gate import run_autolabel
+    from connectors.labelmap import LabelMap
+
+    run_autolabel(
+        fmt,
+        difficulty_dir=str(run),
+        predictions=preds,
+        epsilon=kw.pop("epsilon", 0.1),
+        delta=0.1,
+        label_map=LabelMap(map={"stop sign": "stop"}),
+        stage=stage,
+        audit_share=0.25,
+        **kw,
     )
-    write_report(str(run_dir))
-    page = (run_dir / "report.html").read_text()
+    write_report(str(run), project=fmt, predictions=preds)
+    return (run / "report.html").read_text()
+
+
+def _pixels_near(data_uri: str, color: str) -> int:
+    import base64
+    import io
+
+    rgb = np.asarray(Image.open(io.BytesIO(base64.b64decode(data_uri.split(",", 1)[1]))))
+    target = np.array([int(color[i : i + 2], 16) for i in (1, 3, 5)])
+    return int((np.abs(rgb.astype(int) - target).sum(axis=2) < 90).sum())
+
+
+def test_report_after_the_real_gate_says_what_was_written(tmp_path: Path) -> None:
+    from difficulty.report import PREDICTION_COLOR
+
+    fmt, preds, run, _ = _gate_project(tmp_path)
+    page = _gate_and_report(fmt, preds, run, "autolabel")
+    record = json.loads((run / "autolabel.json").read_text())
+    written = record["written"]
+    assert 0 < len(written) < 20 and record["threshold"] is not None
     section = page[page.index('id="autolabel"') :]
-    assert "not run" not in section
-    assert "0.97" in section and "0.31" in section and "0.95" in section
-    assert json.loads((run_dir / "summary.json").read_text())["autolabel"]["written"] == 12
+    # the verdict in words, the written count in a card, no raw dotted keys
+    assert f"→ {len(written)} items written, {len(record['audit'])} sent to audit." in section
+    assert re.search(rf'<div class="l">Written</div><div class="v">{len(written)}</div>', section)
+    assert "calibration." not in page and "audit_summary" not in page and "entries" not in page
+    assert f"{len(written)} with boxes, 0 empty" in page  # every written label holds a stop box
+    # written items left the work: the plan and the top card count only what is still unlabeled
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["plan"]["remaining_items"] == 20 - len(written)
+    assert summary["plan"]["auto_label"]["kind"] == "written"
+    assert summary["autolabel"]["written"] == written
+    assert re.search(rf'Left to label</div><div class="v">{20 - len(written)}</div>', page), (
+        "left to label still counts written items"
+    )
+    # thumbnails of the written labels and of the audit sample, with the auto-label box drawn
+    thumbs = re.findall(r'src="(data:image/jpeg;base64,[^"]+)"', section)
+    assert len(thumbs) >= len(written[:12])
+    assert all(_pixels_near(t, PREDICTION_COLOR) > 10 for t in thumbs)
+    # the risk–coverage curve of the calibration is there, and the tiers say what easy means
+    assert 'alt="risk–coverage curve of the calibration"' in section
+    assert "Easy means the model labels the item with error ≤ ε 0.1" in page
+    # no written item outside the easy tier of the run's final table
+    table = pd.read_parquet(run / "difficulty.parquet")
+    assert set(table.loc[table["item_id"].isin(written), "tier"]) == {"easy"}
+
+
+def test_shadow_report_says_would_write_and_claims_no_saving(tmp_path: Path) -> None:
+    fmt, preds, run, root = _gate_project(tmp_path)
+    page = _gate_and_report(fmt, preds, run, "shadow")
+    section = page[page.index('id="autolabel"') :]
+    record = json.loads((run / "autolabel.json").read_text())
+    assert record["written"] == [] and record["selected"]
+    assert f"→ would write {len(record['selected'])} items (shadow: nothing written)." in section
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["plan"]["remaining_items"] == 20  # nothing was written
+    assert summary["plan"]["auto_label"]["kind"] == "would"
+    assert "would save" in page and "h saved" not in page
+    assert not (root / "annotations" / "u00.xml").exists()
+
+
+def test_refused_gate_report_writes_nothing_and_says_why(tmp_path: Path) -> None:
+    fmt, preds, run, _ = _gate_project(tmp_path, hard_from=0.0)  # every prediction is wrong
+    page = _gate_and_report(fmt, preds, run, "autolabel")
+    section = page[page.index('id="autolabel"') :]
+    assert "Refused: the best bound" in section and "nothing written." in section
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["plan"]["auto_label"]["kind"] is None
+    assert summary["plan"]["remaining_items"] == 20
+    assert "no hours are saved" in page
+    assert "so none of it is auto-labeled" in page  # easy is only a planning tier here
 
 
 def test_missing_images_give_a_placeholder(tmp_path: Path) -> None:
@@ -268,3 +368,49 @@ def _unlabeled_project(tmp_path: Path) -> ProjectFormat:
             folder / f"u{i}.png"
         )
     return ImageFolderFormat(ProjectFS(str(tmp_path / "proj")))
+
+
+def test_the_report_needs_no_torch(run_dir: Path) -> None:
+    """Thumbnails are decoded with Pillow alone: rendering a report never imports torch."""
+    import os
+    import sys
+
+    code = (
+        "import sys; from difficulty.report import write_report; "
+        "write_report(sys.argv[1]); print('torch' in sys.modules)"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(run_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.stdout.strip() == "False"
+    assert (run_dir / "report.html").read_text().count("data:image/jpeg") == 24
+
+
+def test_tier_notes_say_when_ties_break_the_shares() -> None:
+    from difficulty.report import tier_notes
+
+    score = np.r_[np.full(60, 0.25), np.linspace(0.3, 1.0, 40)]  # 60 % tied in every scorer
+    tier = np.where(score <= 0.25, "easy", np.where(score >= 0.79, "hard", "medium"))
+    df = pd.DataFrame({"score": score, "tier": tier})
+    meta = {
+        "tiers": {
+            "config": {"mode": "quantiles", "easy": 0.3, "hard": 0.7},
+            "source": "quantiles",
+            "easy_max": 0.25,
+        }
+    }
+    notes = tier_notes(df, meta, None)
+    assert notes["tie"] == {"value": 0.25, "count": 60, "share": 0.6}
+    assert notes["shares"]["got"]["easy"] == pytest.approx(0.6)
+    assert "30 % lowest scores" in notes["easy"]
+    even = pd.DataFrame(
+        {"score": np.linspace(0, 1, 100), "tier": ["easy"] * 30 + ["medium"] * 40 + ["hard"] * 30}
+    )
+    assert tier_notes(even, meta, None)["tie"] is None

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from autolabel.gate import AutolabelResult, run_autolabel
+from autolabel.gate import run_autolabel
 from autolabel.stages import (
     ShadowLabel,
     ShadowRecord,
@@ -26,6 +26,7 @@ from connectors.formats.voc import VocFormat
 from connectors.labelmap import LabelMap
 from connectors.model import Annotation, Item, ItemStatus, Prediction
 from connectors.storage import ProjectFS
+from difficulty.runrecord import GateRecord
 from difficulty.table import write_difficulty
 
 BOX = (2.0, 2.0, 12.0, 12.0)
@@ -98,9 +99,7 @@ def setup(tmp_path: Path) -> tuple[VocFormat, Preds, Path, Path]:
     return fmt, preds, tmp_path / "proj", store
 
 
-def run_stage(
-    setup: tuple[VocFormat, Preds, Path, Path], stage: str, **options: Any
-) -> AutolabelResult:
+def run_stage(setup: tuple[VocFormat, Preds, Path, Path], stage: str, **options: Any) -> GateRecord:
     """The gate at ε = δ = 0.1 on the project of ``setup`` and its first scored run."""
     fmt, preds, _, store = setup
     return run_autolabel(
@@ -180,7 +179,7 @@ def test_next_shadow_run_reports_agreement_of_the_previous_one(
         (root / "annotations" / f"{item_id}.xml").write_text(xml(item_id, BOX))
     second = run_stage(setup, "shadow", out_dir=str(store / "run2"))
     assert second.agreement is not None
-    assert second.agreement["run_id"] == first.run_id and second.agreement["promotion_safe"] is True
+    assert second.agreement.run_id == first.run_id and second.agreement.promotion_safe is True
 
 
 def test_agreement_uses_ignore_regions() -> None:

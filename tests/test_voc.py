@@ -137,7 +137,24 @@ def test_round_trip(per_item: list[list[tuple[str, tuple[int, int, int, int]]]])
     for item in items:
         got = back[item.item_id]
         assert got.error is None and (got.width, got.height) == (45, 35)
-        assert got.annotations == item.annotations
+        # VOC holds integer pixels: the half-pixel edge is rounded outward, nothing else moves
+        assert [a.label for a in got.annotations] == [a.label for a in item.annotations]
+        for g, a in zip(got.annotations, item.annotations, strict=True):
+            assert g.box is not None and a.box is not None
+            assert g.box == (a.box[0], a.box[1], a.box[2] + 0.5, a.box[3])
+
+
+def test_written_boxes_are_integer_pixels_that_contain_the_predicted_box() -> None:
+    from connectors.formats.voc import integer_box
+
+    assert integer_box((12.3, 4.7, 218.29999999999998, 99.0)) == (12, 4, 219, 99)
+    assert integer_box((3.0000000001, 2.9999999999, 7.9999999999, 8.0000000001)) == (3, 3, 8, 8)
+    fs = voc_project({})
+    fmt = VocFormat(fs)
+    item = Item(item_id="a", uri="images/a.png", width=45, height=35)
+    xml = fmt.render_label(item, [Annotation(label="stop", box=(1.25, 2.5, 30.75, 20.01))])
+    assert b"<xmin>1</xmin>" in xml and b"<ymin>2</ymin>" in xml
+    assert b"<xmax>31</xmax>" in xml and b"<ymax>21</ymax>" in xml
 
 
 def test_write_labels_then_remove() -> None:
@@ -152,7 +169,8 @@ def test_write_labels_then_remove() -> None:
     assert [r.path for r in outcome.records] == ["annotations/b.xml"] and "a" in outcome.refused
     back = by_id(fmt)["b"]
     assert back.status is ItemStatus.AUTO_LABELED and back.source is AnnotationSource.AUTO
-    assert back.annotations == [Annotation(label="stop", box=(2.0, 3.0, 12.5, 20.0))]
+    # integer pixels, rounded outward: the written box contains the predicted one
+    assert back.annotations == [Annotation(label="stop", box=(2.0, 3.0, 13.0, 20.0))]
     assert "<filename>b.png</filename>" in fs.read_text("annotations/b.xml")
     assert fmt.remove_written(outcome.records) == []
     assert not fs.exists("annotations/b.xml") and not fs.exists(sidecar_path("b"))

@@ -210,8 +210,8 @@ def test_write_labels_auto_label_read_back_and_remove() -> None:
     assert "labels/c.txt" in outcome.refused["c"] and "not overwritten" in outcome.refused["c"]
     assert fs.read_text("labels/c.txt") == "0 0.5 0.5 0.2 0.2\n"
     assert (
-        fs.read_text("labels/b.txt") == "1 0.30000000 0.30000000 0.40000000 0.40000000\n"
-    )  # 5 columns, no score
+        fs.read_text("labels/b.txt") == "1 0.300000 0.300000 0.400000 0.400000\n"
+    )  # 5 columns, 6 decimals, no score
     sidecar = json.loads(fs.read_text(sidecar_path("b")))
     assert sidecar["provenance"]["score"] == 0.9 and sidecar["path"] == "labels/b.txt"
 
@@ -338,3 +338,10 @@ def test_run_and_rollback_through_writeback() -> None:
     assert (
         after["c"].source is AnnotationSource.HUMAN and after["a"].source is AnnotationSource.HUMAN
     )
+
+
+def test_written_coordinates_have_six_decimals() -> None:
+    from connectors.formats.yolo import render_line
+
+    line = render_line(Annotation(label="dog", box=(1.0, 2.0, 21.3333333, 12.0)), 3, 40, 30)
+    assert line == "3 0.279167 0.233333 0.508333 0.333333"

@@ -84,10 +84,12 @@ def autolabel(
     storage_options: str | None,
 ) -> None:
     """Calibrate the easy tier on labeled items (Clopper–Pearson bound ≤ EPSILON with
-    confidence 1 − DELTA), then write predictions as labels for easy unlabeled items.
+    confidence 1 − DELTA), cut the run's easy tier there (stages shadow and autolabel),
+    then write predictions as labels for the easy unlabeled items.
 
-    Prints a JSON summary; DIR/autolabel.json holds the full record (not with --dry-run).
-    Undo a run with `labeltriage rollback RUN_ID`."""
+    Prints a JSON summary with the verdict; DIR/autolabel.json holds the full record and
+    DIR/difficulty.parquet the tiers after the gate (neither with --dry-run).  Render the
+    report afterwards with `labeltriage report DIR`; undo with `labeltriage rollback RUN_ID`."""
     from autolabel.commands.rollback import rollback_command
     from autolabel.gate import run_autolabel
     from connectors.labelmap import load_label_map
@@ -116,19 +118,22 @@ def autolabel(
         "run_id": result.run_id,
         "stage": result.stage,
         "dry_run": result.dry_run,
+        "verdict": result.verdict(),
         "threshold": result.threshold,
         "box_confidence": result.box_confidence,
         "bound": result.bound,
-        "n": result.calibration.n,
         "epsilon": epsilon,
         "delta": delta,
+        "n": result.n,
         "coverage": result.coverage,
         "selected": len(result.selected),
         "written": len(result.written),
+        "with_boxes": result.labels.with_boxes,
+        "empty": result.labels.empty,
         "refused": result.refused,
         "audit": result.audit,
         "precision": result.precision,
-        "audit_precision": result.audit_precision.get("precision"),
+        "audit_precision": result.audit_precision.precision,
         "report": result.report_path,
     }
     if dry_run:

@@ -1,22 +1,29 @@
-"""``labeltriage demo``: the whole job on the bundled sample project, in a fresh folder.
+"""``labeltriage demo``: the whole job on the bundled sample, in a fresh folder.
 
-1. copy ``examples/sample_project`` (120 road-sign photos, Pascal VOC, 40 unlabeled)
-   into ``OUT/project`` and write ``OUT/config.yaml`` from ``examples/config.yaml``;
-2. project ``road_signs_model``: train a small detector with its loss-prediction module
-   on the labeled items, score (predicted loss, model uncertainty, Fourier), tier, report;
-3. project ``road_signs``, stage ``shadow``: score with the platform's predictions, tier,
-   report, calibrate the easy tier and record what would be auto-labeled (nothing is
-   written to the project);
-4. promote ``road_signs`` to ``autolabel`` in ``OUT/config.yaml`` and run again: scores
-   compare with the shadow run, the report shows the trend, and the calibrated easy
-   items get labels written into the copy, never over a human label;
-5. print where the reports are and how to undo the write-back.
+1. copy ``examples/sample_project`` (120 road-sign photos, Pascal VOC, 40 unlabeled) to
+   ``OUT/project``; build ``OUT/road_signs``, the job of boxing stop signs and traffic
+   lights: the same 120 photos plus the 150 of ``examples/sample_project_extra`` (photos
+   with neither, 50 unlabeled), with only the ``stop`` and ``trafficlight`` boxes kept;
+   write ``OUT/config.yaml`` from ``examples/config.yaml``;
+2. project ``road_signs_model`` (on ``OUT/project``): train a small detector with its
+   loss-prediction module on the labeled items, score (predicted loss, model
+   uncertainty, Fourier; a scorer constant over the items is dropped), tier, report;
+3. project ``road_signs`` at stage ``shadow``: score with the platform's predictions,
+   calibrate the easy tier at ε = 0.1, report what *would* be auto-labeled (nothing is
+   written);
+4. promote ``road_signs`` to ``autolabel`` in ``OUT/config.yaml`` and run again: the
+   calibrated easy items get labels written into the copy, never over a human label;
+   the report says what was written;
+5. print the verdicts, where the reports are, and how to audit and undo the write-back.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -46,14 +53,43 @@ def find_examples(given: str | None) -> Path:
 MARKER = ".labeltriage-demo"
 PROJECT = "road_signs"
 MODEL_PROJECT = "road_signs_model"
+KEEP = ("stop", "trafficlight")
+"""The classes of the auto-labeled project (the predictions' ``stop sign`` and ``traffic light``)."""
+
+
+def keep_classes(xml: bytes, keep: tuple[str, ...]) -> bytes:
+    """A Pascal VOC document with only the objects of the classes ``keep``."""
+    import xml.etree.ElementTree as ET
+
+    from connectors.formats.voc import parse_voc_xml
+
+    root = parse_voc_xml(xml, "<sample>")
+    for obj in list(root.iter("object")):
+        if (obj.findtext("name") or "").strip() not in keep:
+            root.remove(obj)
+    return ET.tostring(root, encoding="utf-8")
+
+
+def build_two_class_project(out: Path, sources: list[Path]) -> None:
+    """``out`` as a VOC project: every image of ``sources``, their annotations with only
+    the :data:`KEEP` classes (an item without annotation file stays unlabeled)."""
+    (out / "images").mkdir(parents=True)
+    (out / "annotations").mkdir()
+    for source in sources:
+        for image in sorted((source / "images").iterdir()):
+            shutil.copy2(image, out / "images" / image.name)
+        for xml in sorted((source / "annotations").glob("*.xml")):
+            (out / "annotations" / xml.name).write_bytes(keep_classes(xml.read_bytes(), KEEP))
 
 
 def prepare(out: Path, examples: Path) -> Path:
-    """Fresh ``out`` with a copy of the sample project and a config for it; returns the config path."""
+    """Fresh ``out`` with the sample copies and a config for them; returns the config path."""
     sample = examples / "sample_project"
+    extra = examples / "sample_project_extra"
     template = examples / "config.yaml"
     for needed in (
         sample,
+        extra,
         template,
         examples / "sample_project_predictions",
         examples / "label_map.yaml",
@@ -73,11 +109,12 @@ def prepare(out: Path, examples: Path) -> Path:
         "made by labeltriage demo; removed and recreated by the next demo run\n"
     )
     shutil.copytree(sample, out / "project")
+    build_two_class_project(out / PROJECT, [sample, extra])
     data = yaml.safe_load(template.read_text(encoding="utf-8"))
     data["report_store"] = "reports"
-    for name in (PROJECT, MODEL_PROJECT):
-        data["projects"][name]["source"] = "project"
+    data["projects"][MODEL_PROJECT]["source"] = "project"
     project = data["projects"][PROJECT]
+    project["source"] = PROJECT
     project["predictions"]["source"] = str((examples / project["predictions"]["source"]).resolve())
     project["label_map"] = str((examples / project["label_map"]).resolve())
     project["stage"] = "shadow"
@@ -93,22 +130,49 @@ def promote(config: Path) -> None:
     config.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
 
 
+def program() -> str:
+    """How to call labeltriage again, as this demo was called (``.venv/bin/labeltriage``
+    after ``make demo``; ``python -m autolabel.cli`` when run as a module)."""
+    exe = Path(sys.argv[0])
+    if exe.name != "labeltriage":
+        return f"{sys.executable} -m autolabel.cli"
+    if exe.parent == Path("."):
+        found = shutil.which("labeltriage")
+        return "labeltriage" if found and Path(found).resolve() == exe.resolve() else str(exe)
+    try:
+        return os.path.relpath(exe)
+    except ValueError:  # another drive
+        return str(exe)
+
+
+def _dropped(record: Any) -> dict[str, str]:
+    summary = record.outputs.get("summary")
+    if not summary or not Path(summary).is_file():
+        return {}
+    data = json.loads(Path(summary).read_text(encoding="utf-8"))
+    return dict((data.get("combination") or {}).get("dropped") or {})
+
+
 def _summary(record: Any) -> list[str]:
     counts = record.counts
     lines = [
         f"  run {record.run_id}: {record.status} in {sum(record.steps.values()):.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in record.steps.items())})"
     ]
     if "tiers" in counts:
+        dropped = _dropped(record)
+        used = [s for s in counts.get("scorers", []) if s not in dropped]
+        note = f"; dropped, the same value for every item: {', '.join(dropped)}" if dropped else ""
         lines.append(
-            f"  tiers: {', '.join(f'{k} {v}' for k, v in counts['tiers'].items())} (scorers: {', '.join(counts.get('scorers', []))})"
+            f"  tiers: {', '.join(f'{k} {v}' for k, v in counts['tiers'].items())} (scorers: {', '.join(used)}{note})"
         )
     gate = counts.get(record.stage)
     if isinstance(gate, dict):
-        threshold = "none passed" if gate.get("threshold") is None else f"{gate['threshold']:.3f}"
-        lines.append(
-            f"  {record.stage}: calibrated threshold {threshold}, error bound {gate['bound']:.3f}, "
-            f"{gate['selected']} of {gate['eligible']} unlabeled items selected, {gate['written']} written, {gate['audit']} for audit"
-        )
+        lines.append(f"  {record.stage}: {gate['verdict']}")
+        if gate.get("written") or gate.get("selected"):
+            lines.append(
+                f"  labels: {gate['with_boxes']} with boxes, {gate['empty']} empty "
+                f'("no stop sign or traffic light here")'
+            )
     if record.error:
         lines.append(f"  error: {record.error}")
     return lines
@@ -138,9 +202,10 @@ def demo(
     epochs: int | None,
     progress: bool | None,
 ) -> None:
-    """The whole job on the bundled sample project: train, score, tier, report, shadow, autolabel.
+    """The whole job on the bundled sample: train, score, tier, shadow, autolabel, report.
 
-    Works on a copy of examples/sample_project in --out; the original is never touched.
+    Works on copies of examples/sample_project (and sample_project_extra) in --out; the
+    originals are never touched.
     """
     from autolabel.config import load_config
     from autolabel.pipeline import run_project
@@ -152,7 +217,10 @@ def demo(
         data = yaml.safe_load(config.read_text(encoding="utf-8"))
         data["projects"][MODEL_PROJECT]["train"]["epochs"] = epochs
         config.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    click.echo(f"sample project copied to {out / 'project'}; config {config}")
+    click.echo(
+        f"sample copied to {out / 'project'}; the stop-sign and traffic-light job built in "
+        f"{out / PROJECT}; config {config}"
+    )
     show = want_progress(progress)
 
     click.echo(
@@ -162,7 +230,7 @@ def demo(
     click.echo("\n".join(_summary(model_run)))
 
     click.echo(
-        f"\n[2/3] {PROJECT} at stage shadow: score with the platform's predictions, tier, report, calibrate"
+        f"\n[2/3] {PROJECT} at stage shadow: score with the platform's predictions, calibrate the easy tier, report what would be written"
     )
     shadow = run_project(load_config(config), PROJECT, trigger="demo", progress=show)
     click.echo("\n".join(_summary(shadow)))
@@ -175,13 +243,16 @@ def demo(
     click.echo("\n".join(_summary(final)))
 
     failed = [r for r in (model_run, shadow, final) if r.status != "ok"]
+    prog = program()
     click.echo("")
     for record in (model_run, shadow, final):
         if "report" in record.outputs:
             click.echo(f"report ({record.project}, {record.stage}): {record.outputs['report']}")
-    click.echo(f"run again:            labeltriage run --config {config}")
+    final_dir = Path(final.outputs.get("report", "")).parent
+    click.echo(f"audit the written labels: {prog} audit {final_dir}")
+    click.echo(f"run again:                {prog} run --config {config}")
     click.echo(
-        f"undo the write-back:  labeltriage rollback {final.run_id} --source {out / 'project'} --format voc"
+        f"undo the write-back:      {prog} rollback {final.run_id} --source {out / PROJECT} --format voc"
     )
     click.echo(f"demo finished in {time.perf_counter() - start:.0f} s")
     if failed:

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from autolabel.commands._common import storage_options_option
+from autolabel.commands._common import predictions_options, storage_options_option
 
 if TYPE_CHECKING:
     from difficulty.plan import PlanSettings
@@ -36,18 +36,25 @@ if TYPE_CHECKING:
     multiple=True,
     help="An earlier run folder to show in the trend (repeatable; default: the run's sibling folders).",
 )
-@storage_options_option("fsspec storage options as a JSON object (for RUN_DIR).")
+@predictions_options("Predictions to draw on the thumbnails (the ones the run was scored with).")
+@storage_options_option("fsspec storage options as a JSON object (for RUN_DIR and the project).")
 def report(
     run_dir: str,
     team_size: int | None,
     hours_per_day: float | None,
     plan_config: str | None,
     history: tuple[str, ...],
+    predictions: str | None,
+    predictions_format: str,
     storage_options: str | None,
 ) -> None:
-    """Write RUN_DIR/report.html (self-contained), summary.json, plan.csv and assignment.csv."""
-    from autolabel.commands._common import parse_storage_options
+    """Write RUN_DIR/report.html (self-contained), summary.json, plan.csv and assignment.csv.
+
+    Run it after the gate (`labeltriage autolabel`) so that the report shows what the gate
+    did; `labeltriage run` does both in that order."""
+    from autolabel.commands._common import open_inputs, parse_storage_options
     from difficulty.report import write_report
+    from difficulty.table import read_difficulty
 
     options = parse_storage_options(storage_options)
     settings = _load_plan_settings(plan_config) if plan_config else None
@@ -55,12 +62,21 @@ def report(
         raise click.BadParameter("must be at least 1", param_hint="--team-size")
     if hours_per_day is not None and not 0 < hours_per_day <= 24:
         raise click.BadParameter("must be in (0, 24]", param_hint="--hours-per-day")
+    project = source = None
+    if predictions:  # drawn on the thumbnails; they need the project the run scored
+        _, meta = read_difficulty(run_dir, options)
+        project, source = open_inputs(
+            str(meta["source"]), str(meta.get("format") or "auto"), options, predictions,
+            predictions_format,
+        )  # fmt: skip
     paths = write_report(
         run_dir,
         team_size=team_size,
         hours_per_day=hours_per_day,
         plan_settings=settings,
         history=list(history) or None,
+        project=project,
+        predictions=source,
         storage_options=options,
     )
     for name, path in paths.items():

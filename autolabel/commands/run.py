@@ -70,6 +70,9 @@ def run(
                 if record.error:
                     line += f": {record.error}"
                 click.echo(line)
+                gate = record.counts.get(record.stage)
+                if isinstance(gate, dict) and gate.get("verdict"):
+                    click.echo(f"  {record.stage}: {gate['verdict']}")
                 if "report" in record.outputs:
                     click.echo(f"  report: {record.outputs['report']}")
             written = (record.counts.get("autolabel") or {}).get("written") or 0

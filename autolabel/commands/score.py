@@ -169,6 +169,7 @@ def score(
         raise UsageError(f"tiers: {exc.errors()[0]['msg']}") from exc
     project, prediction_source = open_inputs(source, fmt, options, predictions, predictions_format)
     names = [s.strip() for s in scorers.split(",") if s.strip()] if scorers else None
+    mapping = load_label_map(label_map, options)
     result = score_project_with_engine(
         project,
         engine=engine,
@@ -176,7 +177,7 @@ def score(
         n_workers=workers,
         predictions=prediction_source,
         checkpoint=model,
-        label_map=load_label_map(label_map, options),
+        label_map=mapping,
         scorers=names,
         settings=parse_scorer_settings(scorer_settings),
         tiers=tiers,
@@ -200,3 +201,9 @@ def score(
     )
     click.echo(f"combination: {comb['method']} ({comb['reason']})")
     click.echo(f"wrote {result.paths['difficulty']} and {result.paths['summary']}")
+    if prediction_source is not None:  # a map that connects nothing is warned about (stderr)
+        from connectors.stats import label_map_check
+        from connectors.storage import ProjectFS
+
+        check = label_map_check(project, prediction_source, mapping)
+        ProjectFS(out_dir, options).write_text(check.FILENAME, check.model_dump_json(indent=1))

@@ -99,8 +99,9 @@ def xywh_to_xyxy(bbox: Any) -> BoxXYXY:
 
 
 def xyxy_to_xywh(box: BoxXYXY) -> list[float]:
+    """A COCO ``bbox`` from pixel ``xyxy``, in COCO's convention of 2 decimals."""
     x1, y1, x2, y2 = box
-    return [x1, y1, x2 - x1, y2 - y1]
+    return [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)]
 
 
 class CocoIndex:
@@ -379,12 +380,13 @@ class CocoFormat(JsonFileFormat):
             names = sorted(labels)
         cat_ids = {name: i + 1 for i, name in enumerate(names)}
         for ann_id, (image_id, label, box, score, prov) in enumerate(pending, start=1):
+            bbox = xyxy_to_xywh(box)
             entry: dict[str, Any] = {
                 "id": ann_id,
                 "image_id": image_id,
                 "category_id": cat_ids[label],
-                "bbox": xyxy_to_xywh(box),
-                "area": (box[2] - box[0]) * (box[3] - box[1]),
+                "bbox": bbox,
+                "area": bbox[2] * bbox[3],
                 "iscrowd": 0,
             }
             if score is not None:
@@ -499,12 +501,13 @@ class CocoFormat(JsonFileFormat):
             why = check_box_in_image(a.box, width, height)
             if why is not None:
                 return [], why
+            bbox = xyxy_to_xywh(a.box)
             entry: dict[str, Any] = {
                 "id": next_id + k,
                 "image_id": image.get("id"),
                 "category_id": cat,
-                "bbox": xyxy_to_xywh(a.box),
-                "area": a.area,
+                "bbox": bbox,
+                "area": bbox[2] * bbox[3],
                 "iscrowd": 0,
                 PROVENANCE_KEY: prov,
             }

@@ -23,7 +23,7 @@ import logging
 from typing import Any
 
 from connectors.errors import InputError
-from connectors.formats._filebased import LabelFileFormat, format_number, image_size
+from connectors.formats._filebased import LabelFileFormat, image_size
 from connectors.formats.base import FORMATS
 from connectors.model import Annotation, Item, check_box_in_image
 from connectors.storage import ProjectFS
@@ -133,6 +133,6 @@ class KittiFormat(LabelFileFormat):
                     item=item.item_id,
                 )
             other = [str(v) for v in extras[index]] if keep else list(PLACEHOLDER_FIELDS)  # type: ignore[index]
-            coords = [format_number(v) for v in a.box]
+            coords = [f"{v:.2f}" for v in a.box]  # label_2 writes pixels with 2 decimals
             lines.append(" ".join([a.label, *other[:3], *coords, *other[3:]]))
         return "".join(f"{line}\n" for line in lines).encode()

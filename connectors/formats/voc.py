@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import posixpath
 import xml.etree.ElementTree as ET
 
@@ -26,7 +27,7 @@ import defusedxml
 from defusedxml import ElementTree as SafeET
 
 from connectors.errors import InputError
-from connectors.formats._filebased import LabelFileFormat, format_number, image_size
+from connectors.formats._filebased import LabelFileFormat, image_size
 from connectors.formats.base import FORMATS
 from connectors.model import Annotation, Item, check_box_in_image
 from connectors.storage import ProjectFS
@@ -61,6 +62,19 @@ def _number(element: ET.Element | None, field: str, where: str, rel: str) -> flo
     if value != value or value in (float("inf"), float("-inf")):
         raise InputError(f"{where}: <{field}> {text.strip()!r} is not a finite number", file=rel)
     return value
+
+
+def integer_box(box: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
+    """VOC's integer pixels, rounded outward so the box still contains ``box``: ``xmin``,
+    ``ymin`` down, ``xmax``, ``ymax`` up (a coordinate within 10⁻⁶ of an integer is that
+    integer, so float noise does not grow a box by a pixel)."""
+    x1, y1, x2, y2 = box
+    return (
+        math.floor(x1 + 1e-6),
+        math.floor(y1 + 1e-6),
+        math.ceil(x2 - 1e-6),
+        math.ceil(y2 - 1e-6),
+    )
 
 
 @FORMATS.register("voc")
@@ -134,7 +148,7 @@ class VocFormat(LabelFileFormat):
             for tag, text in (("pose", "Unspecified"), ("truncated", "0"), ("difficult", "0")):
                 ET.SubElement(obj, tag).text = text
             bndbox = ET.SubElement(obj, "bndbox")
-            for tag, coord in zip(_BOX_FIELDS, a.box, strict=True):
-                ET.SubElement(bndbox, tag).text = format_number(coord)
+            for tag, coord in zip(_BOX_FIELDS, integer_box(a.box), strict=True):
+                ET.SubElement(bndbox, tag).text = str(coord)
         ET.indent(root)
         return ET.tostring(root, encoding="utf-8", xml_declaration=False) + b"\n"

@@ -144,13 +144,14 @@ def parse_line(
 
 
 def render_line(annotation: Annotation, class_id: int, width: int, height: int) -> str:
-    """``class_id cx cy w h`` (normalised, 8 decimals) for a pixel ``xyxy`` box."""
+    """``class_id cx cy w h`` (normalised, 6 decimals as YOLO writes them) for a pixel
+    ``xyxy`` box."""
     if annotation.box is None:
         raise ValueError("YOLO detection labels need a box")
     x1, y1, x2, y2 = annotation.box
     cx, cy = (x1 + x2) / 2 / width, (y1 + y2) / 2 / height
     w, h = (x2 - x1) / width, (y2 - y1) / height
-    return f"{class_id} {cx:.8f} {cy:.8f} {w:.8f} {h:.8f}"
+    return f"{class_id} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}"
 
 
 @FORMATS.register("yolo")
