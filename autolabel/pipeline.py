@@ -376,7 +376,7 @@ def run_project(
         if expected:
             log.debug("traceback of %s", exc.step, exc_info=exc.cause)
         record.status = "failed"
-        record.error = str(exc)
+        record.error = redact_url(str(exc))
     except (KeyboardInterrupt, SystemExit) as exc:  # SIGINT / SIGTERM: record it, then stop
         record.status = "failed"
         record.error = f"interrupted ({type(exc).__name__})"
@@ -487,7 +487,8 @@ def run_locked(
                     raise
                 except Exception as exc:
                     log.exception("run %s of project %s raised", run_id, name)
-                    record = _skipped(cfg, name, trigger, f"{type(exc).__name__}: {exc}")
+                    why = redact_url(f"{type(exc).__name__}: {exc}")
+                    record = _skipped(cfg, name, trigger, why)
                     record.run_id, record.status = run_id, "failed"
                     _write_final_record(cfg, record, store)
             if record.status == "skipped":

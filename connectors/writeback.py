@@ -656,7 +656,9 @@ def write_run(
         )
         manifest.error = f"{type(exc).__name__}: {exc}"
         try:
-            undone = _undo(fmt, manifest)
+            records = _records_to_undo(fmt, manifest)
+            undone = _undo(fmt, manifest, records)
+            _remove_temporaries(fmt, manifest, records, [w.item.item_id for w in writes])
             manifest.stage = "rolled_back"
             manifest.meta = {
                 **manifest.meta,
@@ -687,9 +689,13 @@ def write_run(
     return manifest
 
 
-def _undo(fmt: ProjectFormat, manifest: RunManifest) -> RollbackResult:
-    """Remove the manifest's records plus anything else tagged with its run id."""
-    records = _records_to_undo(fmt, manifest)
+def _undo(
+    fmt: ProjectFormat, manifest: RunManifest, records: list[WrittenRecord] | None = None
+) -> RollbackResult:
+    """Remove the manifest's records plus anything else tagged with its run id
+    (``records``: those, found by :func:`_records_to_undo`)."""
+    if records is None:
+        records = _records_to_undo(fmt, manifest)
     outcomes = _remove_each(fmt, records)
     result = RollbackResult(run_id=manifest.run_id)
     for record, kept in zip(records, outcomes, strict=True):
@@ -821,9 +827,8 @@ def _recover_run(fmt: ProjectFormat, run_id: str, claim: _JournalClaim) -> Recov
             format=str(claim.head.get("format") or getattr(fmt, "name", "")),
         )
     records = _records_to_undo(fmt, manifest)
-    folders = _write_folders(fmt, manifest, records, claim.items)
     if manifest.stage == "pending":
-        undone = _undo(fmt, manifest)
+        undone = _undo(fmt, manifest, records)
         manifest.stage = "rolled_back"
         cause = f"process {claim.head.get('owner', 'unknown')} stopped during write-back"
         manifest.error = f"interrupted: {cause}" + (
@@ -852,13 +857,22 @@ def _recover_run(fmt: ProjectFormat, run_id: str, claim: _JournalClaim) -> Recov
             outcome="completed",
             message=f"run {run_id} had finished ({manifest.stage}); its leftovers were removed",
         )
-    for folder in sorted(folders):
-        if project.isdir(folder):
-            result.temporaries.extend(project.remove_temporaries(folder))
+    result.temporaries = _remove_temporaries(fmt, manifest, records, claim.items)
     with contextlib.suppress(FileNotFoundError):
         project.remove(journal_path(run_id))
     log.warning("%s", result.message)
     return result
+
+
+def _remove_temporaries(
+    fmt: ProjectFormat, manifest: RunManifest, records: list[WrittenRecord], items: list[str]
+) -> list[str]:
+    """Delete the temporaries the run's interrupted writes left; their relative paths."""
+    removed = []
+    for folder in sorted(_write_folders(fmt, manifest, records, items)):
+        if fmt.project.isdir(folder):
+            removed.extend(fmt.project.remove_temporaries(folder))
+    return removed
 
 
 def _write_folders(
