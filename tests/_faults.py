@@ -50,9 +50,10 @@ LABEL_MAP = {"map": {"stop sign": "stop", "traffic light": "trafficlight"}, "ign
 EPSILON, DELTA, MIN_COUNT = 0.3, 0.1, 10
 
 
-def cli_env() -> dict[str, str]:
+def cli_env(code: Path | None = None) -> dict[str, str]:
+    """The environment of a ``labeltriage`` child: this tree's code, or ``code``'s."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = str(code or REPO)
     env["OMP_WAIT_POLICY"] = "PASSIVE"
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
@@ -65,6 +66,7 @@ def cli(*args: str, check: bool = True, timeout: float = 600) -> subprocess.Comp
         capture_output=True,
         text=True,
         env=cli_env(),
+        cwd=REPO,
         timeout=timeout,
     )
     if check and done.returncode != 0:
@@ -297,6 +299,22 @@ class Trial:
         return {**asdict(self), "ok": self.ok}
 
 
+def writing(runs: Path) -> bool | None:
+    """``None`` before the write-back began, then whether it is still in flight: its
+    journal exists (or, for code without journals, its manifest still says pending)."""
+    names = [p for p in runs.iterdir() if not p.name.startswith(".")] if runs.is_dir() else []
+    if not names:
+        return None
+    if any(p.suffix == ".journal" for p in names):
+        return True
+    for p in names:
+        try:
+            return bool(json.loads(p.read_bytes()).get("stage") == "pending")
+        except (OSError, ValueError):
+            return True
+    return True
+
+
 def _run_config(project: FaultProject, root: Path, store: Path) -> Path:
     config = {
         "report_store": str(store),
@@ -345,11 +363,14 @@ def run_trial(
     delay_s: float,
     after_labels: int = 0,
     start_timeout: float = 300.0,
+    code: Path | None = None,
 ) -> Trial:
     """One trial (see the module docstring); ``work`` must not exist yet.
 
     The signal goes ``delay_s`` after the write-back began or, with ``after_labels``
-    (file formats), as soon as that many sidecars exist.
+    (file formats), as soon as that many sidecars exist.  ``code``: run the killed
+    command from that source tree (an older version, for comparison); the checks always
+    use this one.
     """
     t0 = time.perf_counter()
     trial = Trial(project.fmt, command, sig.name, round(delay_s, 4))
@@ -364,7 +385,8 @@ def run_trial(
     runs = root / ".labeltriage" / "runs"
     proc = subprocess.Popen(
         _command(project, root, command, config),
-        env=cli_env(),
+        env=cli_env(code),
+        cwd=code or REPO,  # python -m imports from the working directory first
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -372,7 +394,7 @@ def run_trial(
     deadline = time.monotonic() + start_timeout
     started = False
     while time.monotonic() < deadline and proc.poll() is None:
-        if runs.is_dir() and any(p.suffix == ".journal" for p in runs.iterdir()):
+        if writing(runs) is not None:
             started = True
             break
         time.sleep(0.002)
@@ -383,7 +405,7 @@ def run_trial(
         time.sleep(0.001)
     if started:
         time.sleep(delay_s)
-        trial.killed_during_writes = any(p.suffix == ".journal" for p in runs.iterdir())
+        trial.killed_during_writes = bool(writing(runs))
         trial.written_before_kill = (
             len(list((root / ".labeltriage" / "auto").rglob("*.json")))
             if (root / ".labeltriage" / "auto").is_dir()
@@ -404,7 +426,9 @@ def run_trial(
     return trial
 
 
-def measure_window(project: FaultProject, work: Path, *, command: str) -> tuple[float, int]:
+def measure_window(
+    project: FaultProject, work: Path, *, command: str, code: Path | None = None
+) -> tuple[float, int]:
     """``(seconds the write-back lasts, labels written)`` of one uncut run (journal lifetime)."""
     work.mkdir(parents=True)
     root = fresh_copy(project, work / "project")
@@ -412,13 +436,14 @@ def measure_window(project: FaultProject, work: Path, *, command: str) -> tuple[
     runs = root / ".labeltriage" / "runs"
     proc = subprocess.Popen(
         _command(project, root, command, config),
-        env=cli_env(),
+        env=cli_env(code),
+        cwd=code or REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     began = ended = None
     while proc.poll() is None:
-        present = runs.is_dir() and any(p.suffix == ".journal" for p in runs.iterdir())
+        present = bool(writing(runs))
         now = time.perf_counter()
         if present and began is None:
             began = now

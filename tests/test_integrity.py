@@ -23,7 +23,9 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 import yaml
+from _moto import local_s3, s3_options
 from click.testing import CliRunner
+from test_scheduler import fake_run
 
 import connectors.storage as storage
 from autolabel.cli import cli
@@ -238,27 +240,6 @@ def _config(tmp_path: Path, source: Path | str, **top: Any) -> Path:
     return path
 
 
-def _quick_ok(
-    cfg: Any,
-    name: str,
-    *,
-    run_id: str | None = None,
-    trigger: str = "manual",
-    progress: bool = False,
-) -> RunRecord:
-    record = RunRecord(
-        run_id=run_id or new_run_id(),
-        project=name,
-        stage="report",
-        trigger=trigger,
-        started=utcnow(),
-        status="ok",
-        finished=utcnow(),
-    )
-    ReportStore(cfg.report_store).write_record(record)
-    return record
-
-
 def test_a_record_left_running_by_a_dead_run_and_its_lock_are_recovered(tmp_path: Path) -> None:
     cfg = load_config(_config(tmp_path, tmp_path / "p"))
     store = ReportStore(cfg.report_store)
@@ -277,7 +258,7 @@ def test_a_record_left_running_by_a_dead_run_and_its_lock_are_recovered(tmp_path
                 expires_at=time.time() + 3600,
             )
         )
-    record = run_locked(cfg, "roads", run_fn=_quick_ok, db=db)
+    record = run_locked(cfg, "roads", run_fn=fake_run, db=db)
     assert record.status == "ok"  # not skipped until the lock's TTL
     old = store.read_record("roads", stuck.run_id)
     assert old is not None and old.status == "failed" and old.error.startswith("interrupted")
@@ -290,7 +271,7 @@ def test_a_live_holder_keeps_its_lock(tmp_path: Path) -> None:
     db = StateDB(cfg.job_store_url())  # type: ignore[arg-type]
     with db.lock("roads", ttl=600).held() as acquired:
         assert acquired
-        assert run_locked(cfg, "roads", run_fn=_quick_ok, db=db).status == "skipped"
+        assert run_locked(cfg, "roads", run_fn=fake_run, db=db).status == "skipped"
 
 
 def test_a_report_store_that_fails_is_a_failed_run_with_one_line(tmp_path: Path) -> None:
@@ -311,27 +292,8 @@ def test_a_report_store_that_fails_is_a_failed_run_with_one_line(tmp_path: Path)
 def test_no_bucket_is_created_unless_configured(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    moto_server = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
-    pytest.importorskip("s3fs")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        options = {
-            "key": "k",
-            "secret": "s",
-            "client_kwargs": {"endpoint_url": endpoint},  # us-east-1 (from the environment)
-        }
-        client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name="us-east-1",
-            aws_access_key_id="k",
-            aws_secret_access_key="s",
-        )
+    with local_s3(monkeypatch) as (endpoint, client):
+        options = s3_options(endpoint)
         data = yaml.safe_load(_config(tmp_path, _voc(tmp_path / "p")).read_text())
         data.update(report_store="s3://no-such-bucket/reports", report_store_options=options)
         cfg = parse_config(data)
@@ -342,8 +304,6 @@ def test_no_bucket_is_created_unless_configured(
         record = run_project(cfg, "roads")
         assert record.status == "ok", record.error
         assert [b["Name"] for b in client.list_buckets()["Buckets"]] == ["no-such-bucket"]
-    finally:
-        server.stop()
 
 
 def test_passwords_in_urls_never_reach_records_history_or_logs(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _moto import local_s3, s3_options
 from PIL import Image
 
 from connectors.formats.base import LabelWrite, Provenance
@@ -135,34 +136,14 @@ def test_label_files_race_many_trials(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[dict[str, Any]]:
-    """A moto S3 server on 127.0.0.1 with a fresh bucket; yields endpoint and options."""
-    moto_server = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
-    pytest.importorskip("s3fs")
+    """A moto S3 server on 127.0.0.1 with a fresh bucket."""
     mp = pytest.MonkeyPatch()
-    for key, value in (
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ("AWS_DEFAULT_REGION", "us-east-1"),
-    ):
-        mp.setenv(key, value)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
     try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        bucket = f"race-{uuid.uuid4().hex[:10]}"
-        client.create_bucket(Bucket=bucket)
-        options = {
-            "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-            "key": "testing",
-            "secret": "testing",
-            "use_listings_cache": False,
-        }
-        yield {"bucket": bucket, "client": client, "options": options}
+        with local_s3(mp) as (endpoint, client):
+            bucket = f"race-{uuid.uuid4().hex[:10]}"
+            client.create_bucket(Bucket=bucket)
+            yield {"bucket": bucket, "client": client, "options": s3_options(endpoint)}
     finally:
-        server.stop()
         mp.undo()
 
 
