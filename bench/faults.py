@@ -4,8 +4,9 @@ On real road-sign photos (``../shared/data/road_signs``, 700 images restricted t
 {stop, trafficlight} classes that the real YOLOv5n predictions know, half of them left
 unlabeled) written as Pascal VOC, YOLO, COCO and a Label Studio export, each trial
 copies the project, starts the command, waits for its write-back to begin, sends SIGKILL
-or SIGTERM after a random delay drawn uniformly from 0 to 1.1 × the length of an uncut
-write-back of that format and command (measured first), and then checks, in order
+or SIGTERM at a random instant of it (:func:`tests._faults.draw_instant`: after a random
+number of labels for VOC and YOLO, after a random share of the measured length of an
+uncut write-back for COCO and Label Studio), and then checks, in order
 (:mod:`tests._faults`):
 
 1. human labels byte-identical, and no auto-label read as human, *before* any recovery;
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import shutil
 import signal
@@ -43,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from _faults import FORMATS, build_projects, measure_window, run_trial  # noqa: E402
+from _faults import FORMATS, build_projects, draw_instant, measure_window, run_trial  # noqa: E402
 
 from bench._common import machine_line  # noqa: E402
 
@@ -75,20 +77,27 @@ def trials_for(
             rng = random.Random(f"{seed}-{fmt}-{command}")
             for sig in SIGNALS:
                 for k in range(n):
-                    delay = rng.uniform(0.0, 1.1) * window
+                    delay, after = draw_instant(rng, fmt, window, written)
                     trial = run_trial(
                         project,
                         work / f"{label}-{fmt}-{command}-{sig.name}-{k}",
                         command=command,
                         sig=sig,
                         delay_s=delay,
+                        after_labels=after,
                         code=code,
                     )
-                    row = {**trial.to_dict(), "code": label, "window_s": round(window, 3)}
+                    row = {
+                        **trial.to_dict(),
+                        "code": label,
+                        "window_s": round(window, 3),
+                        "after_labels": after,
+                        "labels": written,
+                    }
                     rows.append(row)
                     log.info(
-                        "%s %s %s %s +%.3fs: %s %s",
-                        label, fmt, command, sig.name, delay,
+                        "%s %s %s %s after %d labels +%.3fs: %s %s",
+                        label, fmt, command, sig.name, after, delay,
                         "ok" if trial.ok else "PROBLEM", trial.problems or "",
                     )  # fmt: skip
                     shutil.rmtree(work / f"{label}-{fmt}-{command}-{sig.name}-{k}")
@@ -101,14 +110,17 @@ def write_markdown(
     lines = [
         "# Faults: labeltriage killed during its write-back",
         "",
-        f"Machine: {machine_line()}.",
+        f"Machine: {machine_line()} (1-minute load average at the start: {args.load_start:.2f};"
+        " a shared machine, so the length of a write-back varies from trial to trial).",
         f"Command: `OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/faults.py {' '.join(args.argv)}`"
         f" — {seconds / 60:.0f} min in all.",
         "",
         "Project: road_signs (real photos) restricted to {stop, trafficlight}, half the images "
         f"unlabeled{' (first 200 images)' if args.quick else ''}; ε = 0.3, δ = 0.1. Each trial "
-        "kills the command at a random instant of its write-back (uniform over 0 … 1.1 × the "
-        "length of an uncut write-back, measured first) and checks: human labels "
+        "kills the command at a random instant of its write-back — VOC and YOLO after a "
+        "uniformly random number of labels (1 … all) plus 0–10 ms, COCO and Label Studio "
+        "(one file rewritten per chunk of 256 items) after a uniform 0 … 1.1 × the length of "
+        "an uncut write-back, measured first — and checks: human labels "
         "byte-identical and no auto-label read as human before recovery; `stats` after "
         "recovery; project restored byte for byte (by the command's rollback, by recovery, "
         "or by `rollback RUN_ID` after a committed run); no temporary or journal left; "
@@ -126,7 +138,7 @@ def write_markdown(
         "",
         "## Outcomes",
         "",
-        "| code | format | command | signal | trials | killed while writing | labels on disk at the kill (min–max) | rolled back | committed, then `rollback` | all checks passed |",
+        "| code | format | command | signal | trials | killed while writing | labels with sidecar at the kill (min–max) | rolled back | committed, then `rollback` | all checks passed |",
         "|---|---|---|---|---:|---:|---|---:|---:|---:|",
     ]
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
@@ -134,9 +146,10 @@ def write_markdown(
         groups.setdefault((r["code"], r["fmt"], r["command"], r["signal"]), []).append(r)
     for (code, fmt, command, sig), rs in groups.items():
         written = [r["written_before_kill"] for r in rs]
+        span = f"{min(written)}–{max(written)}" if fmt in ("voc", "yolo") else "—"
         lines.append(
             f"| {code} | {fmt} | {command} | {sig} | {len(rs)} | "
-            f"{sum(r['killed_during_writes'] for r in rs)} | {min(written)}–{max(written)} | "
+            f"{sum(r['killed_during_writes'] for r in rs)} | {span} | "
             f"{sum(r['manifest_stage'] == 'rolled_back' for r in rs)} | "
             f"{sum(r['manifest_stage'] == 'committed' for r in rs)} | "
             f"{sum(r['ok'] for r in rs)} |"
@@ -145,15 +158,20 @@ def write_markdown(
         "",
         "## Every trial",
         "",
-        "| code | format | command | signal | kill at (s after the write-back began) | of window | exit | manifest | problems |",
-        "|---|---|---|---|---:|---:|---:|---|---|",
+        "| code | format | command | signal | kill at | exit | killed while writing | manifest | problems |",
+        "|---|---|---|---|---|---:|---|---|---|",
     ]
     for r in rows:
-        frac = r["delay_s"] / r["window_s"] if r["window_s"] else 0.0
+        if r["after_labels"]:
+            at = f"label {r['after_labels']} of {r['labels']} + {r['delay_s'] * 1000:.1f} ms"
+        else:
+            frac = r["delay_s"] / r["window_s"] if r["window_s"] else 0.0
+            at = f"{r['delay_s']:.3f} s ({frac:.2f} of the write-back)"
         problems = "; ".join(r["problems"])[:160] or "—"
         lines.append(
-            f"| {r['code']} | {r['fmt']} | {r['command']} | {r['signal']} | {r['delay_s']:.3f} | "
-            f"{frac:.2f} | {r['exit_code']} | {r['manifest_stage']} | {problems} |"
+            f"| {r['code']} | {r['fmt']} | {r['command']} | {r['signal']} | {at} | "
+            f"{r['exit_code']} | {'yes' if r['killed_during_writes'] else 'no'} | "
+            f"{r['manifest_stage']} | {problems} |"
         )
     path.write_text("\n".join(lines) + "\n")
 
@@ -172,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
+    args.load_start = os.getloadavg()[0]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     t0 = time.time()
     road = args.data / "road_signs"

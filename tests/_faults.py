@@ -299,6 +299,20 @@ class Trial:
         return {**asdict(self), "ok": self.ok}
 
 
+def draw_instant(rng: random.Random, fmt: str, window: float, written: int) -> tuple[float, int]:
+    """A random kill instant: ``(delay_s, after_labels)`` for :func:`run_trial`.
+
+    File formats write one label at a time: the kill comes after a uniformly random
+    number of labels (1 … all) plus 0–10 ms, wherever that falls in the steps of the
+    next label; that is independent of how loaded the machine is.  The one-file formats
+    rewrite their file once per chunk: the kill comes after a uniformly random time in
+    0 … 1.1 × the length of an uncut write-back (``window``).
+    """
+    if fmt in ("voc", "yolo") and written > 0:
+        return rng.uniform(0.0, 0.01), rng.randint(1, written)
+    return rng.uniform(0.0, 1.1) * window, 0
+
+
 def writing(runs: Path) -> bool | None:
     """``None`` before the write-back began, then whether it is still in flight: its
     journal exists (or, for code without journals, its manifest still says pending)."""
@@ -406,11 +420,7 @@ def run_trial(
     if started:
         time.sleep(delay_s)
         trial.killed_during_writes = bool(writing(runs))
-        trial.written_before_kill = (
-            len(list((root / ".labeltriage" / "auto").rglob("*.json")))
-            if (root / ".labeltriage" / "auto").is_dir()
-            else 0
-        )
+        trial.written_before_kill = len(list(sidecars.rglob("*.json"))) if sidecars.is_dir() else 0
         if proc.poll() is None:
             proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=600)

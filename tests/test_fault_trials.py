@@ -2,7 +2,8 @@
 
 Real road-sign photos in Pascal VOC, YOLO, COCO and Label Studio export projects
 (:mod:`_faults` builds them and runs the trials): each trial kills the command with
-SIGKILL or SIGTERM at a random instant of its write-back and checks that the human
+SIGKILL or SIGTERM at a random instant of its write-back (:func:`_faults.draw_instant`)
+and checks that the human
 labels are byte-identical, that no auto-label reads as human (before and after
 recovery), that recovery or rollback restores the project byte for byte, and that no
 temporary or journal is left.
@@ -21,7 +22,14 @@ import signal
 from pathlib import Path
 
 import pytest
-from _faults import FORMATS, FaultProject, build_projects, measure_window, run_trial
+from _faults import (
+    FORMATS,
+    FaultProject,
+    build_projects,
+    draw_instant,
+    measure_window,
+    run_trial,
+)
 
 
 def _projects(
@@ -58,6 +66,7 @@ def full_projects(
 
 @pytest.mark.slow
 @pytest.mark.faults
+@pytest.mark.timeout(7200)
 @pytest.mark.parametrize("command", ["autolabel", "run"])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_kills_at_random_instants_lose_nothing(
@@ -71,9 +80,14 @@ def test_kills_at_random_instants_lose_nothing(
     failures = []
     for sig in (signal.SIGKILL, signal.SIGTERM):
         for k in range(n):
-            delay = rng.uniform(0.0, 1.1) * window
+            delay, after = draw_instant(rng, fmt, window, written)
             trial = run_trial(
-                project, tmp_path / f"{sig.name}-{k}", command=command, sig=sig, delay_s=delay
+                project,
+                tmp_path / f"{sig.name}-{k}",
+                command=command,
+                sig=sig,
+                delay_s=delay,
+                after_labels=after,
             )
             if not trial.ok:
                 failures.append(trial.to_dict())

@@ -126,6 +126,7 @@ def test_label_files_created_during_write_back_survive(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.faults
+@pytest.mark.timeout(3600)
 def test_label_files_race_many_trials(tmp_path: Path) -> None:
     for trial in range(FULL):
         local_file_race(tmp_path, trial)
@@ -207,6 +208,7 @@ def test_s3_label_put_just_before_ours_is_never_replaced(
 
 @pytest.mark.slow
 @pytest.mark.faults
+@pytest.mark.timeout(3600)
 def test_s3_race_many_trials(s3: dict[str, Any]) -> None:
     for trial in range(FULL):
         s3_race(s3, trial)
@@ -326,6 +328,7 @@ def test_a_coco_save_landing_while_ours_is_written_is_kept(
 
 @pytest.mark.slow
 @pytest.mark.faults
+@pytest.mark.timeout(3600)
 def test_coco_race_many_trials(tmp_path: Path) -> None:
     saves = [coco_race(tmp_path, trial) for trial in range(FULL)]
     assert min(saves) >= 3, saves
