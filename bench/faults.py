@@ -35,6 +35,7 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -104,14 +105,46 @@ def trials_for(
     return rows, windows
 
 
+def _loads(loads: tuple[float, ...]) -> str:
+    return " / ".join(f"{x:.2f}" for x in loads)
+
+
+def _commit() -> str:
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return done.stdout.strip()
+
+
+def _summary(rows: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for code in dict.fromkeys(r["code"] for r in rows):
+        rs = [r for r in rows if r["code"] == code]
+        during = sum(r["killed_during_writes"] for r in rs)
+        passed = sum(r["ok"] for r in rs)
+        formats = ", ".join(dict.fromkeys(r["fmt"] for r in rs))
+        lines.append(
+            f"- code `{code}`: {len(rs)} kill instants ({formats}), {during} of them while "
+            f"labels were being written; all checks passed in {passed}, problems in "
+            f"{len(rs) - passed}."
+        )
+    return lines
+
+
 def write_markdown(
     path: Path, rows: list[dict[str, Any]], windows: dict[str, Any], args: Any, seconds: float
 ) -> None:
     lines = [
         "# Faults: labeltriage killed during its write-back",
         "",
-        f"Machine: {machine_line()} (1-minute load average at the start: {args.load_start:.2f};"
-        " a shared machine, so the length of a write-back varies from trial to trial).",
+        f"Machine: {machine_line()}; load averages (1, 5, 15 min) {_loads(args.load_start)} at"
+        f" the start, {_loads(os.getloadavg())} at the end (a shared machine, so the length of"
+        " a write-back varies from trial to trial).",
+        f"Code: commit {args.commit}.",
         f"Command: `OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/faults.py {' '.join(args.argv)}`"
         f" — {seconds / 60:.0f} min in all.",
         "",
@@ -125,6 +158,10 @@ def write_markdown(
         "recovery; project restored byte for byte (by the command's rollback, by recovery, "
         "or by `rollback RUN_ID` after a committed run); no temporary or journal left; "
         "for `run`, its record `failed (interrupted)`.",
+        "",
+        "## Summary",
+        "",
+        *_summary(rows),
         "",
         "## Length of an uncut write-back",
         "",
@@ -190,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
-    args.load_start = os.getloadavg()[0]
+    args.load_start = os.getloadavg()
+    args.commit = _commit()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     t0 = time.time()
     road = args.data / "road_signs"
