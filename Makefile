@@ -10,7 +10,7 @@ PIP := $(VENV)/bin/pip
 export OMP_WAIT_POLICY := PASSIVE
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: venv demo test test-slow test-integration test-fiftyone lint typecheck bench clean
+.PHONY: venv demo test test-slow test-faults test-integration test-fiftyone lint typecheck bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ test: venv
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow
+
+# The fault-injection suite: a write-back killed at every step in six formats, labeltriage
+# autolabel/run killed by SIGKILL and SIGTERM at random instants on real data (32 per
+# format; needs ../shared/data), races with other writers (25 trials each).  About an hour.
+test-faults: venv
+	$(PY) -m pytest -q -m faults
 
 LS_VENV ?= .ls-venv
 

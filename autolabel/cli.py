@@ -52,6 +52,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "autolabel.commands.rollback:rollback",
         "Remove exactly what one auto-label run wrote.",
     ),
+    "recover": (
+        "autolabel.commands.recover:recover",
+        "Finish or undo auto-label runs that were cut short.",
+    ),
     "run": ("autolabel.commands.run:run", "One full run of each configured project at its stage."),
     "schedule": (
         "autolabel.commands.schedule:schedule",
@@ -108,7 +112,9 @@ class ExitError(click.ClickException):
         return self.message
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.message}", err=True)
+        from connectors.storage import redact_url
+
+        click.echo(f"error: {redact_url(self.message)}", err=True)
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg,unused-ignore]
@@ -126,13 +132,22 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg,unused-ign
         pass
 
 
+class _RedactingFormatter(logging.Formatter):
+    """Log lines never show the password of a ``scheme://user:password@`` URL."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from connectors.storage import redact_url
+
+        return redact_url(super().format(record))
+
+
 def configure_logging(verbosity: int) -> None:
     """WARNING by default; each -v one level more (INFO, DEBUG), -q errors only."""
     level = max(logging.DEBUG, min(logging.ERROR, logging.WARNING - 10 * verbosity))
     root = logging.getLogger()
     if not any(isinstance(h, _StderrHandler) for h in root.handlers):
         handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(_RedactingFormatter("%(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
     root.setLevel(level)
 

@@ -190,6 +190,11 @@ class ProjectConfig(_Strict):
     dask_workers: int = Field(
         2, ge=1, description="engine dask: worker processes of a local cluster"
     )
+    allow_image_hosts: list[str] = Field(
+        default_factory=list,
+        description="where item images may come from besides the project's storage: hosts "
+        "(cdn.example.com, host:port) or URL prefixes (file:///mnt/images/); * for any",
+    )
 
     @field_validator("scorers", mode="before")
     @classmethod
@@ -283,6 +288,9 @@ class AppConfig(_Strict):
         "reports", description="fsspec URL or path where runs, reports and records go"
     )
     report_store_options: dict[str, Any] = Field(default_factory=dict)
+    report_store_create: bool = Field(
+        False, description="create the report store's bucket when it is missing (object stores)"
+    )
     scheduler: SchedulerConfig = Field(default_factory=lambda: SchedulerConfig.model_validate({}))
     projects: dict[ProjectName, ProjectConfig] = Field(default_factory=dict)
     commands: dict[str, dict[str, Any]] = Field(
@@ -448,6 +456,48 @@ def scorer_problems(cfg: AppConfig) -> list[tuple[str, str]]:
     return problems
 
 
+MAX_YAML_NODES = 100_000
+"""The most nodes a config may expand to through YAML aliases (``*ref``)."""
+
+
+def safe_load_bounded(text: str, max_nodes: int = MAX_YAML_NODES) -> Any:
+    """``yaml.safe_load`` that refuses documents whose aliases expand beyond ``max_nodes``.
+
+    Anchors and aliases let a few lines stand for an exponential number of nodes (a
+    "billion laughs" document); the node graph is measured before anything is built,
+    counting each alias as the size of what it repeats.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        sizes: dict[int, int] = {}
+
+        def size(n: yaml.Node) -> int:
+            known = sizes.get(id(n))
+            if known is not None:
+                return known
+            sizes[id(n)] = 1  # a recursive alias counts once
+            if isinstance(n, yaml.SequenceNode):
+                total = 1 + sum(size(c) for c in n.value)
+            elif isinstance(n, yaml.MappingNode):
+                total = 1 + sum(size(k) + size(v) for k, v in n.value)
+            else:
+                total = 1
+            sizes[id(n)] = total = min(total, max_nodes + 1)
+            return total
+
+        if size(node) > max_nodes:
+            raise yaml.YAMLError(
+                f"the document expands to more than {max_nodes} nodes through aliases "
+                "(an alias bomb?)"
+            )
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def load_config(path: str | os.PathLike[str]) -> AppConfig:
     """Read, interpolate and validate a YAML config file; :class:`ConfigError` lists every problem."""
     path = Path(path)
@@ -457,8 +507,19 @@ def load_config(path: str | os.PathLike[str]) -> AppConfig:
         raise ConfigError(str(path), [("", "file not found")]) from exc
     except OSError as exc:
         raise ConfigError(str(path), [("", f"cannot read: {exc.strerror}")]) from exc
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            str(path),
+            [
+                (
+                    f"line {line}",
+                    f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x}); save the file as UTF-8",
+                )
+            ],
+        ) from exc
     try:
-        data = yaml.safe_load(text)
+        data = safe_load_bounded(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else ""
@@ -535,6 +596,7 @@ def command_defaults(cfg: AppConfig, project: str | None) -> dict[str, dict[str,
             "epsilon": p.epsilon, "delta": p.delta, "audit_share": p.audit_share, "min_count": p.min_count,
         }  # fmt: skip
         defaults["rollback"] = dict(common)
+        defaults["recover"] = dict(common)
     if project is not None:
         defaults.setdefault("run", {})["project"] = [project]
     return defaults

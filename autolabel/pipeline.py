@@ -14,16 +14,21 @@ lock taken is recorded as ``skipped``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import sqlalchemy as sa
+
 from autolabel.config import AppConfig, ProjectConfig, is_local_path
 from autolabel.store import ReportStore, RunRecord, StateDB, new_run_id, utcnow
 from connectors.errors import LabelTriageError
 from connectors.labelmap import LabelMap, load_label_map
+from connectors.owner import current as current_owner
+from connectors.storage import redact_url
 from difficulty.plan import PlanSettings
 
 log = logging.getLogger(__name__)
@@ -127,7 +132,10 @@ class _Run:
         from connectors.stats import compute_stats
 
         p = self.p
-        self.project = open_project(p.source, p.format, p.storage_options or None, **p.options)
+        self.project = open_project(
+            p.source, p.format, p.storage_options or None,
+            allow_image_hosts=p.allow_image_hosts, **p.options,
+        )  # fmt: skip
         if p.predictions is not None:
             self.predictions = open_predictions(
                 p.predictions.source,
@@ -353,17 +361,23 @@ def run_project(
     the report store at ``<project>/<run_id>/run.json``.
     """
     p = cfg.projects[name]
-    store = store or ReportStore(cfg.report_store, cfg.report_store_options)
     record = RunRecord(
         run_id=run_id or new_run_id(),
         project=name,
         stage=p.stage,
         trigger=trigger,
         started=utcnow(),
+        owner=str(current_owner()),
     )
-    run = _Run(cfg, name, store, record, progress)
-    store.write_record(record)
     try:
+        try:  # the report store itself can fail: unreachable, read-only, full, no bucket
+            store = store or ReportStore(
+                cfg.report_store, cfg.report_store_options, create=cfg.report_store_create
+            )
+            run = _Run(cfg, name, store, record, progress)
+            store.write_record(record)
+        except Exception as exc:
+            raise StepFailed("report store", exc) from exc
         run.step("stats", run.stats)
         if p.train is not None or p.model is not None:
             run.step("train" if p.train is not None else "model", run.train)
@@ -383,7 +397,7 @@ def run_project(
     except StepFailed as exc:
         # Errors raised on purpose (bad input, bad usage) carry their own message; anything
         # else is a bug somewhere and gets its traceback.
-        expected = isinstance(exc.cause, LabelTriageError)
+        expected = isinstance(exc.cause, LabelTriageError | OSError)  # input or storage
         log.error(
             "run %s of project %s failed: %s",
             record.run_id,
@@ -394,16 +408,39 @@ def run_project(
         if expected:
             log.debug("traceback of %s", exc.step, exc_info=exc.cause)
         record.status = "failed"
-        record.error = str(exc)
+        record.error = redact_url(str(exc))
     except (KeyboardInterrupt, SystemExit) as exc:  # SIGINT / SIGTERM: record it, then stop
         record.status = "failed"
         record.error = f"interrupted ({type(exc).__name__})"
         raise
     finally:
         record.finished = utcnow()
-        store.write_record(record)
+        _write_final_record(cfg, record, store)
     log.info("run %s of project %s: %s", record.run_id, name, record.status)
     return record
+
+
+def _recover_records(store: ReportStore | None, name: str, *, lock_held: bool) -> list[RunRecord]:
+    """Records left ``running`` by dead runs of ``name``, now ``failed`` (see ReportStore)."""
+    if store is None:
+        return []
+    try:
+        return store.recover_records(name, lock_held=lock_held)
+    except Exception as exc:
+        log.warning("project %s: could not check earlier runs' records: %s", name, exc)
+        return []
+
+
+def _write_final_record(cfg: AppConfig, record: RunRecord, store: ReportStore | None) -> None:
+    """Write the run's last record; a report store that fails is logged in one line."""
+    try:
+        (store or ReportStore(cfg.report_store, cfg.report_store_options)).write_record(record)
+    except Exception as exc:
+        why = f"run.json not written to {redact_url(cfg.report_store)}: {type(exc).__name__}: {exc}"
+        log.error("run %s of project %s: %s", record.run_id, record.project, why)
+        if record.status != "failed":
+            record.status = "failed"
+            record.error = f"report store: {why}"
 
 
 def _skipped(cfg: AppConfig, name: str, trigger: str, why: str) -> RunRecord:
@@ -432,17 +469,33 @@ def run_locked(
     store without ``scheduler.job_store`` has no database: the run then goes ahead
     without a lock, with a warning.
     """
-    store = ReportStore(cfg.report_store, cfg.report_store_options)
+    try:
+        store: ReportStore | None = ReportStore(
+            cfg.report_store, cfg.report_store_options, create=cfg.report_store_create
+        )
+    except Exception as exc:  # the run records this failure itself
+        log.debug("report store %s: %s", redact_url(cfg.report_store), exc)
+        store = None
     url = cfg.job_store_url()
     if db is None and url is None:
         log.warning(
             "no scheduler.job_store for a remote report store: running %s without a lock", name
         )
+        _recover_records(store, name, lock_held=False)
         return run_fn(cfg, name, trigger=trigger, progress=progress)
     own_db = db is None
-    state = db if db is not None else StateDB(url)  # type: ignore[arg-type]
+    try:
+        state = db if db is not None else StateDB(url)  # type: ignore[arg-type]
+    except (sa.exc.SQLAlchemyError, OSError) as exc:
+        raise LabelTriageError(
+            f"the state database {redact_url(str(url))} cannot be opened "
+            f"(scheduler.job_store): {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        ) from exc
     try:
         with state.lock(name, ttl=cfg.scheduler.lock_ttl_seconds).held() as acquired:
+            if acquired:  # runs of this project that died without recording their end
+                for leftover in _recover_records(store, name, lock_held=True):
+                    state.add_history(leftover)
             done = state.slot_run(name, slot) if acquired and slot is not None else None
             if not acquired:
                 holder = state.lock_holder(name)
@@ -459,17 +512,19 @@ def run_locked(
                 try:
                     record = run_fn(cfg, name, run_id=run_id, trigger=trigger, progress=progress)
                 except (KeyboardInterrupt, SystemExit):
-                    interrupted = store.read_record(name, run_id)
-                    if interrupted is not None:
-                        state.add_history(interrupted, slot=slot)
+                    with contextlib.suppress(Exception):
+                        interrupted = store.read_record(name, run_id) if store else None
+                        if interrupted is not None:
+                            state.add_history(interrupted, slot=slot)
                     raise
                 except Exception as exc:
                     log.exception("run %s of project %s raised", run_id, name)
-                    record = _skipped(cfg, name, trigger, f"{type(exc).__name__}: {exc}")
+                    why = redact_url(f"{type(exc).__name__}: {exc}")
+                    record = _skipped(cfg, name, trigger, why)
                     record.run_id, record.status = run_id, "failed"
-                    store.write_record(record)
+                    _write_final_record(cfg, record, store)
             if record.status == "skipped":
-                store.write_record(record)
+                _write_final_record(cfg, record, store)
                 log.warning("project %s: skipped, %s", name, record.error)
             state.add_history(record, slot=slot)
     finally:

@@ -11,7 +11,13 @@
   project inserted under a primary-key constraint, so two processes sharing the
   database (two scheduler daemons, a daemon and a ``labeltriage run``) never run the
   same project at once.  A holder refreshes its row; a row not refreshed for
-  ``ttl`` seconds (a crashed process) is stale and may be taken over.
+  ``ttl`` seconds (a crashed process) is stale and may be taken over, and a row whose
+  holder is a process of this host that no longer runs is taken over at once.
+
+A run killed without a chance to record its end leaves its record ``running``;
+:meth:`ReportStore.recover_records` marks such records ``failed`` (``interrupted``) once
+their process is known to be gone.  Records and history rows never hold the password of
+a ``scheme://user:password@`` URL (:func:`connectors.storage.redact_url`).
 """
 
 from __future__ import annotations
@@ -20,19 +26,22 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import sqlalchemy as sa
 from pydantic import BaseModel, Field
 
-from connectors.storage import ProjectFS
+from connectors import owner as owners
+from connectors.storage import ProjectFS, redact_url
+
+if TYPE_CHECKING:
+    from autolabel.config import AppConfig
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +73,7 @@ class RunRecord(BaseModel):
     outputs: dict[str, str] = Field(default_factory=dict)
     counts: dict[str, Any] = Field(default_factory=dict)
     steps: dict[str, float] = Field(default_factory=dict, description="seconds per step")
+    owner: str | None = Field(None, description="the process running it (HOST:PID:START)")
 
     @property
     def ok(self) -> bool:
@@ -73,10 +83,16 @@ class RunRecord(BaseModel):
 class ReportStore:
     """The report store: ``<url>/<project>/<run_id>/`` per run."""
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, url: str, storage_options: dict[str, Any] | None = None, *, create: bool = False
+    ) -> None:
+        """``create``: also create a missing bucket (object stores); a local folder is
+        always created."""
         self.fs = ProjectFS(url, storage_options)
         if self.fs.is_local:
             os.makedirs(self.fs.root, exist_ok=True)
+        elif create:
+            self.fs.fs.makedirs(self.fs.root, exist_ok=True)
         self.url = url
         self.storage_options = dict(storage_options or {})
 
@@ -89,14 +105,41 @@ class ReportStore:
 
     def make_run_dir(self, project: str, run_id: str) -> str:
         full = self.fs.resolve(self.run_rel(project, run_id))
-        self.fs.fs.makedirs(full, exist_ok=True)
+        if self.fs.is_local:  # object stores have no folders (and s3fs would create a bucket)
+            self.fs.fs.makedirs(full, exist_ok=True)
         return self.run_dir(project, run_id)
 
     def write_record(self, record: RunRecord) -> str:
         """Atomically write (or replace) the record of a run; returns its location."""
         rel = f"{self.run_rel(record.project, record.run_id)}/{RECORD_NAME}"
-        self.fs.write_text(rel, record.model_dump_json(indent=2))
+        self.fs.write_text(rel, redact_url(record.model_dump_json(indent=2)))
         return self.fs.url_of(rel)
+
+    def recover_records(self, project: str, *, lock_held: bool) -> list[RunRecord]:
+        """Mark ``failed`` the records left ``running`` by runs whose process is gone.
+
+        With ``lock_held`` (the caller holds the project's lock, so no other run of it
+        lives) every ``running`` record is such a leftover; without, only records whose
+        owner is a process of this host that no longer runs.  Returns the records changed
+        (their history rows are the caller's).
+        """
+        changed = []
+        for record in self.records(project):
+            if record.status != "running":
+                continue
+            holder = owners.Owner.parse(record.owner or "")
+            if not lock_held and not (holder is not None and holder.is_dead()):
+                continue
+            record.status = "failed"
+            record.finished = record.finished or utcnow()
+            record.error = (
+                f"interrupted: process {record.owner or 'unknown'} stopped without finishing "
+                f"the run (recovered by {owners.current()})"
+            )
+            self.write_record(record)
+            log.warning("run %s of project %s: %s", record.run_id, project, record.error)
+            changed.append(record)
+        return changed
 
     def read_record(self, project: str, run_id: str) -> RunRecord | None:
         rel = f"{self.run_rel(project, run_id)}/{RECORD_NAME}"
@@ -206,7 +249,7 @@ class StateDB:
                     status=record.status,
                     started=record.started.isoformat(),
                     finished=record.finished.isoformat() if record.finished else None,
-                    error=record.error,
+                    error=redact_url(record.error) if record.error else None,
                 )
             )
 
@@ -261,7 +304,7 @@ class ProjectLock:
         self.db = db
         self.project = project
         self.ttl = float(ttl)
-        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = owner or f"{owners.current()}:{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
 
@@ -272,6 +315,17 @@ class ProjectLock:
             conn.execute(
                 table.delete().where(table.c.project == self.project, table.c.expires_at < now)
             )
+            row = conn.execute(sa.select(table.c.owner).where(table.c.project == self.project))
+            holder = row.scalar()
+            if holder is not None and _holder_is_dead(str(holder)):
+                log.warning(
+                    "project %s: lock holder %s no longer runs; taking the lock over",
+                    self.project,
+                    holder,
+                )
+                conn.execute(
+                    table.delete().where(table.c.project == self.project, table.c.owner == holder)
+                )
         try:
             with self.db.engine.begin() as conn:
                 conn.execute(
@@ -334,9 +388,16 @@ class ProjectLock:
             self.release()
 
 
+def _holder_is_dead(owner: str) -> bool:
+    """Whether a lock owner (``HOST:PID:START:TOKEN``) is a process of this host that is gone."""
+    process, _, _ = owner.rpartition(":")
+    holder = owners.Owner.parse(process)
+    return holder is not None and holder.is_dead()
+
+
 def record_json(record: RunRecord) -> str:
     """A record as one JSON line (for the command line)."""
-    return json.dumps(record.model_dump(mode="json"), sort_keys=True)
+    return redact_url(json.dumps(record.model_dump(mode="json"), sort_keys=True))
 
 
 ROLLBACK_FILENAME = "rollback.json"
@@ -354,3 +415,24 @@ def mark_rolled_back(
     return store.fs.write_text(
         f"{folder}/{ROLLBACK_FILENAME}", json.dumps(body, indent=1, sort_keys=True)
     )
+
+
+def recover_run_records(cfg: AppConfig, name: str) -> list[RunRecord]:
+    """Mark ``failed`` the records of ``name`` that dead runs left ``running`` (with history).
+
+    Under the project's lock (when it is free) every ``running`` record is a leftover;
+    while another run holds it, only those of provably dead processes of this host.
+    """
+    store = ReportStore(cfg.report_store, cfg.report_store_options)
+    url = cfg.job_store_url()
+    if url is None:
+        return store.recover_records(name, lock_held=False)
+    state = StateDB(url)
+    try:
+        with state.lock(name, ttl=cfg.scheduler.lock_ttl_seconds).held() as acquired:
+            changed = store.recover_records(name, lock_held=acquired)
+            for record in changed:
+                state.add_history(record)
+    finally:
+        state.dispose()
+    return changed

@@ -60,6 +60,14 @@ class HumanLabelConflict(LabelTriageError):
     """A write would replace or delete a human label; it was refused."""
 
 
+class VersionConflict(LabelTriageError):
+    """A compare-and-swap write found the file changed since it was read; nothing was written."""
+
+
+class UnsafeWriteRefused(UsageError):
+    """The storage offers no atomic conditional write that this write needs; it was refused."""
+
+
 @dataclass(frozen=True)
 class ItemError:
     """A per-item problem as reported by ``labeltriage stats`` and in tables."""

@@ -17,6 +17,16 @@ file's folder and the format gets the option ``file=<basename>``; when it names 
   Label Studio server: format ``labelstudio_api``, opened with its
   ``from_url(url, storage_options=..., **options)``;
 * a ``fiftyone://NAME`` source is a FiftyOne dataset: format ``fiftyone``, opened the same way.
+
+Opening a project also recovers it: an auto-label run that was cut short (its process
+killed in the middle of the write-back) is rolled back, or completed if it had
+committed, before anything reads the project (:func:`connectors.writeback.recover`).
+A recovery that fails is logged and the project opens anyway: an interrupted run's
+labels still carry their sidecars or run ids, so they read as auto-labels.
+
+The option ``allow_image_hosts`` (a list) is the project's image-source policy: item
+images are read from the project's own storage only, unless their URL starts with one
+of these prefixes or is on one of these hosts (see :func:`difficulty.imageio.read_image_bytes`).
 """
 
 from __future__ import annotations
@@ -148,33 +158,71 @@ def _detect_file(project: ProjectFS, name: str) -> str:
 
 
 def open_project(
-    source: str, fmt: str = "auto", storage_options: dict[str, Any] | None = None, **options: Any
+    source: str,
+    fmt: str = "auto",
+    storage_options: dict[str, Any] | None = None,
+    *,
+    recover: bool = True,
+    **options: Any,
 ) -> ProjectFormat:
-    """The project at ``source`` in format ``fmt`` (``"auto"`` detects it).
+    """The project at ``source`` in format ``fmt`` (``"auto"`` detects it), recovered
+    from any interrupted auto-label run unless ``recover`` is false.
 
     Raises :class:`UsageError` for an unknown format, a missing source, or an
     undetectable layout.
     """
+    image_hosts = _image_hosts(options.pop("allow_image_hosts", None))
     if source.startswith(FIFTYONE_SCHEME):
-        fo_project: ProjectFormat = _open_fiftyone(
+        project: ProjectFormat = _open_fiftyone(
             FORMATS, source, fmt, storage_options=storage_options, **options
         )
-        return fo_project
-    if _is_remote_api(source) and fmt in ("auto", "labelstudio", "labelstudio_api"):
+    elif _is_remote_api(source) and fmt in ("auto", "labelstudio", "labelstudio_api"):
         cls = FORMATS["labelstudio_api"]
         from_url = getattr(cls, "from_url", None)
         if from_url is None:
             raise UsageError(f"format labelstudio_api cannot open {source}: it has no from_url")
-        project: ProjectFormat = from_url(source, storage_options=storage_options, **options)
-        return project
-    if fmt != "auto":
-        FORMATS[fmt]
-    root, file = split_source(source, storage_options)
-    if file is not None:
-        options = {**options, "file": file}
-    if fmt == "auto":
-        fmt = _detect_file(root, file) if file is not None else detect_format(root)
-    return FORMATS[fmt](root, **options)
+        project = from_url(source, storage_options=storage_options, **options)
+    else:
+        if fmt != "auto":
+            FORMATS[fmt]
+        root, file = split_source(source, storage_options)
+        if file is not None:
+            options = {**options, "file": file}
+        if fmt == "auto":
+            fmt = _detect_file(root, file) if file is not None else detect_format(root)
+        project = FORMATS[fmt](root, **options)
+    fs = getattr(project, "project", None)
+    if isinstance(fs, ProjectFS):
+        fs.allow_image_hosts = image_hosts
+        if recover:
+            recover_project(project)
+    return project
+
+
+def _image_hosts(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise UsageError(
+            f"allow_image_hosts must be a list of hosts or URL prefixes, not {value!r}"
+        )
+    return tuple(value)
+
+
+def recover_project(project: ProjectFormat) -> None:
+    """Roll back or complete the project's interrupted auto-label runs (logged, never raised)."""
+    from connectors.writeback import recover
+
+    try:
+        recover(project)
+    except (LabelTriageError, OSError, ValueError) as exc:
+        log.warning(
+            "%s: could not recover an interrupted auto-label run (%s); run `labeltriage recover`",
+            project.project.url,
+            exc,
+        )
 
 
 def open_predictions(

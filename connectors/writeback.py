@@ -1,15 +1,36 @@
-"""Write-back bookkeeping for file-based projects: runs, manifests, sidecars, rollback.
+"""Write-back bookkeeping for file-based projects: runs, journals, sidecars, rollback, recovery.
 
 Everything lives in the project's own ``.labeltriage/`` folder::
 
     .labeltriage/runs/<run_id>.json      one RunManifest per auto-label run
+    .labeltriage/runs/<run_id>.journal   the intent log of a run in flight (gone when it ends)
     .labeltriage/auto/<item_id>.json     one sidecar per auto-labeled item (file formats)
 
-A run is a transaction (see :func:`write_run`): its manifest is written as ``pending``
-before anything else, grows by the records of each chunk that the format wrote, and ends
-``committed``; on an exception everything the run wrote is removed again and the manifest
-ends ``rolled_back``.  :func:`rollback` undoes a committed run later, exactly: only that
-run's records, and never a file a person has edited since (its sha256 changed).
+A run is a transaction (see :func:`write_run`), crash-consistent in this order:
+
+1. **intent**: the journal is created (durably: synced file and folder on a local disk)
+   and names the run's owner (host, pid); before each chunk of writes it gets a line
+   with the chunk's item ids;
+2. per item, the **sidecar** (the label's path and sha256) is written durably *before*
+   the label file is created (:func:`write_auto_file`), so that at every instant a label
+   file written by a run has its sidecar and reads as an auto-label; formats that keep
+   labels inside one shared file (COCO, Label Studio) tag every written entry with its
+   run id in the same atomic write;
+3. the **commit mark**: the manifest is marked ``committed``, then the journal removed.
+
+On an exception inside the run (``BaseException``: Ctrl-C and SIGTERM too) everything
+the run wrote is removed again and the manifest ends ``rolled_back``.  A run cut short
+with no chance to clean up (``kill -9``, a power cut) leaves its journal: the next time
+the project is opened (:func:`connectors.project.open_project`, i.e. by any command) or by
+``labeltriage recover``, :func:`recover` finds it, checks that its owner is gone (an
+``flock`` on the journal on a local disk; elsewhere a dead pid on the same host or a
+journal untouched for :data:`STALE_SECONDS`), and rolls the run back — or, if its
+manifest was already ``committed``, completes it — and removes the temporaries of
+interrupted writes.  The manifest then reads ``rolled_back`` with ``error``
+``interrupted: …``.
+
+:func:`rollback` undoes a committed run later, exactly: only that run's records, and
+never a file a person has edited since (its sha256 changed).
 
 Sidecars tell readers that a label file is an auto-label: a reader loads the index once
 (:func:`read_auto_label_index`) and, for an item whose label file still has the sha256
@@ -23,14 +44,17 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import posixpath
 import secrets
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field, ValidationError
 
+from connectors import owner as owners
 from connectors.errors import InputError, UsageError
 from connectors.storage import BOOKKEEPING_DIR, ProjectFS
 
@@ -42,6 +66,9 @@ log = logging.getLogger(__name__)
 RUNS_DIR = f"{BOOKKEEPING_DIR}/runs"
 WRITE_CHUNK = 256
 """Items per ``write_labels`` call inside a run; the manifest is updated after each."""
+JOURNAL_SUFFIX = ".journal"
+STALE_SECONDS = 600.0
+"""A journal of another host not touched for this long belongs to a run that died."""
 
 RunStage = Literal["pending", "committed", "rolled_back"]
 
@@ -91,7 +118,69 @@ def write_sidecar(
         "record": record.model_dump(mode="json"),
     }
     project.write_text(rel, json.dumps(body, sort_keys=True, indent=1))
+    project.sync(rel)
     return rel
+
+
+def read_sidecar(project: ProjectFS, item_id: str) -> dict[str, Any] | None:
+    """The sidecar of ``item_id`` as a dict; ``None`` when there is none or it is unreadable."""
+    from connectors.formats.base import sidecar_path
+
+    try:
+        body = json.loads(project.read_bytes(sidecar_path(item_id)))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def write_auto_file(
+    project: ProjectFS, item_id: str, rel: str, content: bytes, provenance: Provenance
+) -> WrittenRecord | str:
+    """Create the auto-label file ``rel`` of ``item_id``, its sidecar first.
+
+    Returns the record of the write, or why nothing was written (a file is at ``rel``,
+    or the item's earlier auto-label is still in place).  Order: the sidecar (naming
+    ``rel`` and the sha256 of ``content``) is written and synced, then ``rel`` is
+    created, never replacing anything (:meth:`ProjectFS.write_bytes` with
+    ``overwrite=False``).  If the create fails, the sidecar is taken back.  Whatever
+    instant the process dies at, a file at ``rel`` with ``content`` has its sidecar;
+    a sidecar without its file (an intent) reads as nothing and recovery removes it.
+    """
+    from connectors.formats.base import sidecar_path
+
+    record = WrittenRecord(kind="file", path=rel, item_id=item_id, sha256=sha256_hex(content))
+    if project.exists(rel):
+        return f"{rel}: a file exists already; not overwritten"
+    previous = read_sidecar(project, item_id) or {}
+    previous_path = previous.get("path")
+    if isinstance(previous_path, str) and project.exists(previous_path):
+        # its label is in place: replacing the sidecar would make that label read as human
+        return f"{previous_path}: auto-labeled by run {previous.get('run_id')} already"
+    write_sidecar(project, item_id, record, provenance)
+    try:
+        project.write_bytes(rel, content, overwrite=False)
+    except FileExistsError:
+        _take_back_sidecar(project, item_id, record)
+        return f"{rel}: a file was created meanwhile (a human label); not overwritten"
+    except BaseException:
+        # cut while creating the file: an intent without its file is taken back; a file
+        # that made it keeps its sidecar (the run's undo or recovery removes both)
+        with contextlib.suppress(Exception):
+            if not project.exists(rel):
+                _take_back_sidecar(project, item_id, record)
+        raise
+    log.debug("%s: wrote auto-label %s (sidecar %s)", item_id, rel, sidecar_path(item_id))
+    return record
+
+
+def _take_back_sidecar(project: ProjectFS, item_id: str, record: WrittenRecord) -> None:
+    """Remove ``item_id``'s sidecar if it is the one written for ``record``."""
+    from connectors.formats.base import sidecar_path
+
+    body = read_sidecar(project, item_id)
+    if body is not None and body.get("path") == record.path and body.get("sha256") == record.sha256:
+        with contextlib.suppress(FileNotFoundError):
+            project.remove(sidecar_path(item_id))
 
 
 def read_auto_label_index(project: ProjectFS) -> dict[str, dict[str, Any]]:
@@ -234,6 +323,195 @@ def list_runs(project: ProjectFS) -> list[RunManifest]:
     return sorted(runs, key=lambda m: m.run_id)
 
 
+# -- journals: the intent log of a run in flight -------------------------------------------
+
+
+def journal_path(run_id: str) -> str:
+    return f"{RUNS_DIR}/{_check_run_id(run_id)}{JOURNAL_SUFFIX}"
+
+
+def runs_in_flight(project: ProjectFS) -> list[str]:
+    """Run ids with a journal: runs writing now, or cut short and not yet recovered."""
+    return [
+        name.removesuffix(JOURNAL_SUFFIX)
+        for name in project.listdir(RUNS_DIR)
+        if name.endswith(JOURNAL_SUFFIX) and not name.startswith(".")
+    ]
+
+
+def _line(body: dict[str, Any]) -> bytes:
+    return (json.dumps({**body, "at": time.time()}, sort_keys=True) + "\n").encode("utf-8")
+
+
+class Journal:
+    """The journal of one run (see the module docstring).
+
+    On a local disk it is one file opened for appending, each line synced, and held
+    under an exclusive ``flock`` for as long as the run lives: the kernel drops the lock
+    when the process dies, however it dies, which is how recovery knows.  Elsewhere
+    (object stores) the whole journal is rewritten at each line; its first line names
+    the owner and every line carries the time it was written.
+    """
+
+    def __init__(self, project: ProjectFS, run_id: str, fd: int | None, lines: list[bytes]):
+        self.project = project
+        self.run_id = run_id
+        self.rel = journal_path(run_id)
+        self._fd = fd
+        self._lines = lines
+
+    @classmethod
+    def start(cls, project: ProjectFS, run_id: str, fmt_name: str) -> Journal:
+        """Create the journal of a new run; :class:`UsageError` if it exists already."""
+        head = _line(
+            {
+                "run_id": run_id,
+                "format": fmt_name,
+                "owner": str(owners.current()),
+                "started": datetime.now(timezone.utc).isoformat(),
+            }
+        )
+        rel = journal_path(run_id)
+        fd = None
+        try:
+            if project.is_local:
+                import fcntl
+
+                full = project.resolve(rel)
+                os.makedirs(os.path.dirname(full), exist_ok=True)
+                fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.write(fd, head)
+                os.fsync(fd)
+            else:
+                project.write_bytes(rel, head, overwrite=False)
+        except FileExistsError as exc:
+            raise UsageError(
+                f"run {run_id} already exists in {project.url}; every run needs a new run id"
+            ) from exc
+        project.sync(rel)
+        return cls(project, run_id, fd, [head])
+
+    def intend(self, item_ids: list[str]) -> None:
+        """Record, durably, that the next writes are for ``item_ids``."""
+        line = _line({"items": item_ids})
+        if self._fd is not None:
+            os.write(self._fd, line)
+            os.fsync(self._fd)
+        else:
+            self._lines.append(line)
+            self.project.write_bytes(self.rel, b"".join(self._lines))
+
+    def abandon(self) -> None:
+        """Leave the journal for recovery, marked so that no live owner is assumed."""
+        with contextlib.suppress(Exception):
+            self.intend([])
+            line = _line({"abandoned": True})
+            if self._fd is not None:
+                os.write(self._fd, line)
+            else:
+                self._lines.append(line)
+                self.project.write_bytes(self.rel, b"".join(self._lines))
+        self._close()
+
+    def finish(self) -> None:
+        """The run is over (committed or rolled back): remove the journal."""
+        with contextlib.suppress(FileNotFoundError):
+            self.project.remove(self.rel)
+        self._close()
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the flock
+            self._fd = None
+
+
+class _JournalClaim:
+    """A journal whose run is not alive, held (locally: flocked) while it is recovered."""
+
+    def __init__(self, head: dict[str, Any], items: list[str], fd: int | None) -> None:
+        self.head = head
+        self.items = items
+        self.fd = fd
+
+
+def _parse_journal(data: bytes) -> tuple[dict[str, Any], list[str], bool, float]:
+    """``(first line, item ids, abandoned, time of the last line)``; a torn last line is skipped."""
+    head: dict[str, Any] = {}
+    items: list[str] = []
+    abandoned = False
+    last = 0.0
+    for raw in data.splitlines():
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if not isinstance(body, dict):
+            continue
+        if not head:
+            head = body
+        items.extend(str(i) for i in body.get("items") or [])
+        abandoned = abandoned or bool(body.get("abandoned"))
+        if isinstance(body.get("at"), int | float):
+            last = max(last, float(body["at"]))
+    return head, list(dict.fromkeys(items)), abandoned, last
+
+
+@contextlib.contextmanager
+def _claim(project: ProjectFS, run_id: str) -> Iterator[_JournalClaim | str]:
+    """Claim the journal of ``run_id`` for recovery; yields why not when its run lives."""
+    rel = journal_path(run_id)
+    fd = None
+    try:
+        if project.is_local:
+            import fcntl
+
+            full = project.resolve(rel)
+            try:
+                fd = os.open(full, os.O_RDONLY)
+            except FileNotFoundError:
+                yield "its journal is gone (the run ended meanwhile)"
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                head, *_ = _parse_journal(os.pread(fd, 4096, 0))
+                yield f"it is in progress (process {head.get('owner', 'unknown')})"
+                return
+            try:
+                if os.stat(full).st_ino != os.fstat(fd).st_ino:
+                    yield "its journal was replaced meanwhile"
+                    return
+            except FileNotFoundError:
+                yield "its journal is gone (the run ended meanwhile)"
+                return
+            with os.fdopen(os.dup(fd), "rb") as f:
+                head, items, _, _ = _parse_journal(f.read())
+        else:
+            try:
+                data = project.read_bytes(rel)
+            except FileNotFoundError:
+                yield "its journal is gone (the run ended meanwhile)"
+                return
+            head, items, abandoned, last = _parse_journal(data)
+            holder = owners.Owner.parse(str(head.get("owner", "")))
+            age = time.time() - last
+            if not abandoned and not (holder is not None and holder.is_dead()):
+                if holder is not None and holder.host == owners.current().host:
+                    yield f"it is in progress (process {holder})"
+                    return
+                if age < STALE_SECONDS:
+                    yield (
+                        f"it may be in progress on {holder.host if holder else 'another host'} "
+                        f"(journal updated {age:.0f} s ago; it counts as stale after {STALE_SECONDS:.0f} s)"
+                    )
+                    return
+        yield _JournalClaim(head, items, fd)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 # -- removal with a per-record outcome -------------------------------------------------------
 
 
@@ -311,13 +589,17 @@ def write_run(
 ) -> RunManifest:
     """Write ``writes`` as one run: all of it, or (on an exception) none of it.
 
-    1. the manifest is written as ``pending`` (atomically) before any label;
-    2. ``fmt.write_labels`` runs chunk by chunk; after each chunk its records and refusals
-       are added to the manifest (rewritten atomically);
-    3. the manifest is marked ``committed``.
+    1. the run's journal is created (durable intent, owner named) and the manifest is
+       written as ``pending`` before any label;
+    2. chunk by chunk, the chunk's item ids go to the journal, then ``fmt.write_labels``
+       writes them (file formats: each sidecar before its label); its records and
+       refusals are added to the manifest (rewritten atomically);
+    3. the manifest is marked ``committed`` (the commit mark), then the journal removed.
 
-    If anything raises, what this run wrote is removed (``remove_written``), the manifest
-    is marked ``rolled_back`` with the error, and the exception propagates.
+    If anything raises — ``KeyboardInterrupt`` and ``SystemExit`` (SIGTERM) included —
+    what this run wrote is removed, the manifest is marked ``rolled_back`` with the
+    error, and the exception propagates.  If even that fails, the journal stays for
+    :func:`recover`.
 
     ``dry_run`` writes nothing, not even the manifest: the returned manifest lists as
     refused the items that already have a human label as read.
@@ -352,16 +634,19 @@ def write_run(
         raise UsageError(
             f"run {run_id} already exists in {project.url}; every run needs a new run id"
         )
-    save_manifest(project, manifest)
+    journal = Journal.start(project, run_id, manifest.format)
     try:
+        save_manifest(project, manifest)
         for start in range(0, len(writes), max(1, chunk_size)):
             chunk = writes[start : start + chunk_size]
+            journal.intend([w.item.item_id for w in chunk])
             outcome = fmt.write_labels(chunk)
             manifest.records.extend(outcome.records)
             manifest.refused.update(outcome.refused)
             save_manifest(project, manifest)
         manifest.stage = "committed"
         save_manifest(project, manifest)
+        project.sync(manifest_path(run_id))
     except BaseException as exc:
         log.error(
             "run %s failed after %d records; removing what it wrote: %s",
@@ -371,26 +656,30 @@ def write_run(
         )
         manifest.error = f"{type(exc).__name__}: {exc}"
         try:
-            undone = _undo(fmt, manifest)
-        except Exception as undo_exc:
-            # Leave the manifest pending: `rollback RUN_ID` can finish the job later.
+            records = _records_to_undo(fmt, manifest)
+            undone = _undo(fmt, manifest, records)
+            _remove_temporaries(fmt, manifest, records, [w.item.item_id for w in writes])
+            manifest.stage = "rolled_back"
+            manifest.meta = {
+                **manifest.meta,
+                "rollback": {"removed": len(undone.removed), "kept": undone.kept},
+            }
+            save_manifest(project, manifest)
+        except BaseException as undo_exc:
+            # Leave the journal: `recover` (or the next open of the project) finishes the job.
             log.error(
-                "run %s: could not remove what it wrote (%s); run `rollback %s`",
+                "run %s: could not remove what it wrote (%s); `labeltriage recover` will",
                 run_id,
                 undo_exc,
-                run_id,
             )
             manifest.error += f"; undo failed: {type(undo_exc).__name__}: {undo_exc}"
             with contextlib.suppress(Exception):
                 save_manifest(project, manifest)
+            journal.abandon()
             raise exc from undo_exc
-        manifest.stage = "rolled_back"
-        manifest.meta = {
-            **manifest.meta,
-            "rollback": {"removed": len(undone.removed), "kept": undone.kept},
-        }
-        save_manifest(project, manifest)
+        journal.finish()
         raise
+    journal.finish()
     log.info(
         "run %s committed: %d records, %d refused",
         run_id,
@@ -400,17 +689,13 @@ def write_run(
     return manifest
 
 
-def _undo(fmt: ProjectFormat, manifest: RunManifest) -> RollbackResult:
-    """Remove the manifest's records plus anything else tagged with its run id."""
-    records = list(manifest.records)
-    seen = {_record_key(r) for r in records}
-    extra: list[WrittenRecord] = _sidecar_records_of_run(fmt.project, manifest.run_id)
-    if isinstance(fmt, FindsRunRecords):
-        extra.extend(fmt.records_of_run(manifest.run_id))
-    for record in extra:
-        if _record_key(record) not in seen:
-            seen.add(_record_key(record))
-            records.append(record)
+def _undo(
+    fmt: ProjectFormat, manifest: RunManifest, records: list[WrittenRecord] | None = None
+) -> RollbackResult:
+    """Remove the manifest's records plus anything else tagged with its run id
+    (``records``: those, found by :func:`_records_to_undo`)."""
+    if records is None:
+        records = _records_to_undo(fmt, manifest)
     outcomes = _remove_each(fmt, records)
     result = RollbackResult(run_id=manifest.run_id)
     for record, kept in zip(records, outcomes, strict=True):
@@ -423,13 +708,40 @@ def _undo(fmt: ProjectFormat, manifest: RunManifest) -> RollbackResult:
     return result
 
 
+def _records_to_undo(fmt: ProjectFormat, manifest: RunManifest) -> list[WrittenRecord]:
+    """The manifest's records, the run's sidecars and entries tagged with its run id."""
+    records = list(manifest.records)
+    seen = {_record_key(r) for r in records}
+    extra: list[WrittenRecord] = _sidecar_records_of_run(fmt.project, manifest.run_id)
+    if isinstance(fmt, FindsRunRecords):
+        extra.extend(fmt.records_of_run(manifest.run_id))
+    for record in extra:
+        if _record_key(record) not in seen:
+            seen.add(_record_key(record))
+            records.append(record)
+    return records
+
+
 def rollback(fmt: ProjectFormat, run_id: str) -> RollbackResult:
     """Remove exactly what run ``run_id`` wrote; keep anything a person edited since.
 
-    Raises :class:`UsageError` (listing the known runs) for an unknown run id.  Rolling
-    back a run twice is a no-op whose ``message`` says so.
+    Raises :class:`UsageError` (listing the known runs) for an unknown run id, and for a
+    run that is still writing.  A run that was cut short is recovered (rolled back, or
+    completed if it had committed) first.  Rolling back a run twice is a no-op whose
+    ``message`` says so.
     """
     project = fmt.project
+    if project.exists(journal_path(run_id)):
+        for recovered in recover(fmt, run_ids=[run_id]):
+            if recovered.outcome == "in_progress":
+                raise UsageError(f"run {run_id} cannot be rolled back now: {recovered.message}")
+            if recovered.outcome == "rolled_back":
+                return RollbackResult(
+                    run_id=run_id,
+                    removed=recovered.removed,
+                    kept=recovered.kept,
+                    message=recovered.message,
+                )
     manifest = load_manifest(project, run_id)
     if manifest.stage == "rolled_back":
         when = manifest.updated.isoformat() if manifest.updated else "earlier"
@@ -454,3 +766,130 @@ def rollback(fmt: ProjectFormat, run_id: str) -> RollbackResult:
         )
     log.info(result.message)
     return result
+
+
+# -- recovery of runs cut short ----------------------------------------------------------
+
+
+class RecoveryResult(BaseModel):
+    """What :func:`recover` did with one run that has a journal.
+
+    ``outcome``: ``rolled_back`` (its writes were undone), ``completed`` (it had
+    committed; only its journal and temporaries were left) or ``in_progress`` (its
+    owner lives; nothing was touched).
+    """
+
+    run_id: str
+    outcome: Literal["rolled_back", "completed", "in_progress"]
+    removed: list[str] = Field(default_factory=list)
+    kept: dict[str, str] = Field(default_factory=dict)
+    temporaries: list[str] = Field(default_factory=list)
+    message: str = ""
+
+
+def recover(fmt: ProjectFormat, *, run_ids: list[str] | None = None) -> list[RecoveryResult]:
+    """Roll back or complete every run of the project that was cut short.
+
+    A run is cut short when its journal is still there and its owner is gone (see the
+    module docstring).  A ``pending`` run is rolled back (what it wrote removed, edits
+    by people kept) and its manifest marked ``rolled_back`` with ``error``
+    ``interrupted: …``; a run whose manifest says ``committed`` keeps its labels.  Either
+    way the temporaries of interrupted writes are removed and the journal last of all.
+    ``run_ids`` limits recovery to those runs.  Runs still alive are reported
+    ``in_progress`` and left alone.
+    """
+    project = fmt.project
+    results = []
+    for run_id in runs_in_flight(project):
+        if run_ids is not None and run_id not in run_ids:
+            continue
+        with _claim(project, run_id) as claim:
+            if isinstance(claim, str):
+                message = f"run {run_id} left alone: {claim}"
+                log.info("%s", message)
+                results.append(
+                    RecoveryResult(run_id=run_id, outcome="in_progress", message=message)
+                )
+                continue
+            results.append(_recover_run(fmt, run_id, claim))
+    return results
+
+
+def _recover_run(fmt: ProjectFormat, run_id: str, claim: _JournalClaim) -> RecoveryResult:
+    project = fmt.project
+    by = str(owners.current())
+    try:
+        manifest = load_manifest(project, run_id)
+    except UsageError:  # cut before its manifest was written
+        manifest = RunManifest(
+            run_id=run_id,
+            created=claim.head.get("started") or datetime.now(timezone.utc),
+            format=str(claim.head.get("format") or getattr(fmt, "name", "")),
+        )
+    records = _records_to_undo(fmt, manifest)
+    if manifest.stage == "pending":
+        undone = _undo(fmt, manifest, records)
+        manifest.stage = "rolled_back"
+        cause = f"process {claim.head.get('owner', 'unknown')} stopped during write-back"
+        manifest.error = f"interrupted: {cause}" + (
+            f" (then: {manifest.error})" if manifest.error else ""
+        )
+        manifest.meta = {
+            **manifest.meta,
+            "rollback": {"removed": len(undone.removed), "kept": undone.kept},
+            "recovered": {"at": datetime.now(timezone.utc).isoformat(), "by": by},
+        }
+        save_manifest(project, manifest)
+        project.sync(manifest_path(run_id))
+        result = RecoveryResult(
+            run_id=run_id,
+            outcome="rolled_back",
+            removed=undone.removed,
+            kept=undone.kept,
+            message=(
+                f"run {run_id} was interrupted: rolled back, {len(undone.removed)} item "
+                f"labels removed, {len(undone.kept)} kept"
+            ),
+        )
+    else:
+        result = RecoveryResult(
+            run_id=run_id,
+            outcome="completed",
+            message=f"run {run_id} had finished ({manifest.stage}); its leftovers were removed",
+        )
+    result.temporaries = _remove_temporaries(fmt, manifest, records, claim.items)
+    with contextlib.suppress(FileNotFoundError):
+        project.remove(journal_path(run_id))
+    log.warning("%s", result.message)
+    return result
+
+
+def _remove_temporaries(
+    fmt: ProjectFormat, manifest: RunManifest, records: list[WrittenRecord], items: list[str]
+) -> list[str]:
+    """Delete the temporaries the run's interrupted writes left; their relative paths."""
+    removed = []
+    for folder in sorted(_write_folders(fmt, manifest, records, items)):
+        if fmt.project.isdir(folder):
+            removed.extend(fmt.project.remove_temporaries(folder))
+    return removed
+
+
+def _write_folders(
+    fmt: ProjectFormat, manifest: RunManifest, records: list[WrittenRecord], items: list[str]
+) -> set[str]:
+    """Folders where the run's interrupted writes may have left temporaries."""
+    from connectors.formats.base import sidecar_path
+
+    paths = [manifest_path(manifest.run_id)]
+    paths += [r.path for r in records]
+    paths += [sidecar_path(i) for i in items]
+    targets = getattr(fmt, "write_targets", None)
+    if callable(targets):
+        paths += list(targets(items))
+    folders = {posixpath.dirname(p) or "." for p in paths}
+    if fmt.project.is_local and fmt.project.isdir(BOOKKEEPING_DIR):
+        full = fmt.project.resolve(BOOKKEEPING_DIR)
+        for dirpath, _, _ in os.walk(full):
+            folders.add(fmt.project.relative(dirpath))
+    return folders

@@ -47,7 +47,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from connectors.errors import InputError
-from connectors.storage import ProjectFS
+from connectors.storage import ProjectFS, redact_url
 
 if TYPE_CHECKING:
     import torch
@@ -177,22 +177,20 @@ def _to_gray_array(image: Image.Image, size: int) -> np.ndarray:
 
 
 def read_image_bytes(uri: str, project: ProjectFS | None, *, item: str | None = None) -> bytes:
-    """The bytes of an item's image.
+    """The bytes of an item's image, from where the project's image-source policy allows.
 
     ``uri`` is relative to ``project`` (read through :meth:`ProjectFS.read_bytes`, which
-    refuses paths that leave the root) or a full fsspec URL (``s3://…``, ``file://…``)
-    opened with ``fsspec.open`` — with the project's storage options when it is on the
-    project's own protocol.  A missing or unreadable file raises :class:`InputError`
-    naming it and the item.
+    refuses paths that leave the root) or a full URL.  A full URL is read only when it
+    lies in the project's own storage (then through the project, like a relative path),
+    is on the host of an ``http(s)`` project (a Label Studio server; with the project's
+    storage options, its token), or is listed in ``project.allow_image_hosts``
+    (:meth:`ProjectFS.foreign_url_refusal`); anything else — ``file://`` paths elsewhere,
+    other hosts — is an :class:`InputError` for that item, as are missing and unreadable
+    files.  Without a project, full URLs are refused.
     """
     try:
         if "://" in uri:
-            options: dict[str, Any] = {}
-            if project is not None and uri.split("://", 1)[0] in _protocols(project):
-                options = project.storage_options
-            with fsspec.open(uri, "rb", **options) as f:
-                data: bytes = f.read()
-                return data
+            return _read_url(uri, project, item)
         if project is None:
             raise InputError("relative image path without a project root", file=uri, item=item)
         return project.read_bytes(uri)
@@ -201,9 +199,34 @@ def read_image_bytes(uri: str, project: ProjectFS | None, *, item: str | None = 
             raise type(exc)(exc.message, file=exc.file or uri, item=item, line=exc.line) from exc
         raise
     except FileNotFoundError as exc:
-        raise InputError("image file not found", file=uri, item=item) from exc
+        raise InputError("image file not found", file=redact_url(uri), item=item) from exc
     except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read image file: {_describe(exc)}", file=uri, item=item) from exc
+        raise InputError(
+            f"cannot read image file: {_describe(exc)}", file=redact_url(uri), item=item
+        ) from exc
+
+
+def _read_url(uri: str, project: ProjectFS | None, item: str | None) -> bytes:
+    if project is None:
+        raise InputError(
+            "full image URL without a project: refused (images are read from a project's storage)",
+            file=redact_url(uri),
+            item=item,
+        )
+    rel = project.inside(uri)
+    if rel is not None:
+        return project.read_bytes(rel)
+    why = project.foreign_url_refusal(uri)
+    if why is not None:
+        raise InputError(why, file=redact_url(uri), item=item)
+    options: dict[str, Any] = {}
+    if project.same_origin(uri) or (
+        uri.split("://", 1)[0] in _protocols(project) and not uri.startswith(("http:", "https:"))
+    ):
+        options = project.storage_options  # the project's own server or object store only
+    with fsspec.open(uri, "rb", **options) as f:
+        data: bytes = f.read()
+        return data
 
 
 def _protocols(project: ProjectFS) -> tuple[str, ...]:

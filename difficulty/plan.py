@@ -28,7 +28,6 @@ run record (:class:`difficulty.runrecord.GateRecord`):
 
 from __future__ import annotations
 
-import io
 import math
 from typing import Any
 
@@ -36,6 +35,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from connectors.csvsafe import csv_text
 from connectors.storage import ProjectFS
 from difficulty.runrecord import GateRecord
 
@@ -325,6 +325,5 @@ def write_plan(
     plan: dict[str, Any], out_dir: str, storage_options: dict[str, Any] | None = None
 ) -> str:
     """Atomically write ``out_dir/plan.csv``; returns its full path."""
-    buf = io.StringIO()
-    plan_table(plan).to_csv(buf, index=False, float_format="%.4g")
-    return ProjectFS(out_dir, storage_options).write_text("plan.csv", buf.getvalue())
+    text = csv_text(plan_table(plan), float_format="%.4g")
+    return ProjectFS(out_dir, storage_options).write_text("plan.csv", text)

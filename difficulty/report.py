@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from connectors.csvsafe import csv_text
 from connectors.errors import InputError, LabelTriageError
 from connectors.formats.base import PredictionSource, ProjectFormat
 from connectors.labelmap import LabelMap, LabelMapCheck
@@ -918,9 +919,8 @@ def write_report(
     summary["report"] = {"generated": context["generated"], "sections": list(SECTIONS)}
     paths["summary"] = out.write_text("summary.json", json.dumps(summary, indent=2, default=str))
     paths["plan"] = write_plan(plan, run_dir, storage_options)
-    buf = io.StringIO()
-    assignment.to_csv(buf, index=False, float_format="%.4g")
-    paths["assignment"] = out.write_text("assignment.csv", buf.getvalue())
+    text = csv_text(assignment, float_format="%.4g")  # no cell starts a formula
+    paths["assignment"] = out.write_text("assignment.csv", text)
     log.info("report written to %s", paths["report"])
     return paths
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from connectors.csvsafe import csv_text
 from connectors.errors import UsageError
 from connectors.model import Item, ItemStatus
 from connectors.storage import ProjectFS
@@ -308,7 +309,7 @@ def write_selection(
     if out.endswith(".parquet"):
         frame.to_parquet(buffer, index=False)
     elif out.endswith(".csv"):
-        frame.to_csv(buffer, index=False)
+        buffer.write(csv_text(frame).encode("utf-8"))  # no cell starts a formula
     else:
         raise UsageError(f"--out {out}: expected a .csv or .parquet file")
     if "://" in out:

@@ -483,7 +483,18 @@ def test_each_format_crash_mid_write_leaves_nothing_behind(
                     return real_write(self, rel, data, overwrite=overwrite)
         return real_write(self, rel, data, overwrite=overwrite)
 
+    real_replace = ProjectFS.replace_if
+
+    def replace_if(self: ProjectFS, rel: str, data: bytes, version: str) -> str:
+        calls["n"] += 1  # the JSON formats rewrite their file by compare-and-swap
+        if calls["n"] == crash_at:
+            with monkeypatch.context() as m:
+                m.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space")))
+                return real_replace(self, rel, data, version)
+        return real_replace(self, rel, data, version)
+
     monkeypatch.setattr(ProjectFS, "write_bytes", write_bytes)
+    monkeypatch.setattr(ProjectFS, "replace_if", replace_if)
     with pytest.raises(OSError, match="No space"):
         _gate(p, p.predictions(), report)
     monkeypatch.undo()

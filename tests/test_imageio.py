@@ -198,17 +198,49 @@ def test_path_outside_project_names_item(tmp_path: Path) -> None:
         read_image_bytes("../secret.jpg", project, item="x")
 
 
-def test_full_url_is_read_with_fsspec(tmp_path: Path) -> None:
+def test_full_url_is_read_only_where_the_policy_allows(tmp_path: Path) -> None:
     data = _encode(Image.new("L", (8, 8), 10), "PNG")
     fs = fsspec.filesystem("memory")
     fs.pipe_file("/imageio-test/a.png", data)
     try:
-        assert read_image_bytes("memory://imageio-test/a.png", ProjectFS(str(tmp_path))) == data
-        assert read_image_bytes("memory://imageio-test/a.png", None) == data
+        project = ProjectFS(str(tmp_path))
+        with pytest.raises(InputError, match=r"outside the project's storage.*allow_image_hosts"):
+            read_image_bytes("memory://imageio-test/a.png", project, item="a")
+        with pytest.raises(InputError, match=r"without a project"):
+            read_image_bytes("memory://imageio-test/a.png", None)
+        project.allow_image_hosts = ("memory://imageio-test/",)
+        assert read_image_bytes("memory://imageio-test/a.png", project) == data
         with pytest.raises(InputError, match=r"memory://imageio-test/missing\.png"):
-            read_image_bytes("memory://imageio-test/missing.png", None, item="m")
+            read_image_bytes("memory://imageio-test/missing.png", project, item="m")
+        inside = ProjectFS("memory://imageio-test")  # a full URL inside the project's own storage
+        assert read_image_bytes("memory://imageio-test/a.png", inside) == data
     finally:
         fs.rm("/imageio-test", recursive=True)
+
+
+def test_file_urls_and_other_hosts_are_item_errors(tmp_path: Path) -> None:
+    """A task pointing at a local file or an internal server is refused, naming the item."""
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(_encode(Image.new("L", (8, 8), 10), "PNG"))
+    root = tmp_path / "project"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "in.png").write_bytes(secret.read_bytes())
+    project = ProjectFS(str(root))
+    for uri in (
+        secret.as_uri(),
+        f"file://{root}/../secret.png",
+        "http://127.0.0.1:9/api/users",
+        "http://user:hunter2@169.254.169.254/latest/meta-data",
+    ):
+        with pytest.raises(InputError, match=r"item 'x'.*refused") as err:
+            read_image_bytes(uri, project, item="x")
+        assert "hunter2" not in str(err.value)
+    assert read_image_bytes((root / "images" / "in.png").as_uri(), project) == secret.read_bytes()
+    project.allow_image_hosts = (secret.parent.as_uri(),)
+    assert read_image_bytes(secret.as_uri(), project) == secret.read_bytes()
+    project.allow_image_hosts = ("cdn.example.com",)
+    with pytest.raises(InputError, match="refused"):
+        read_image_bytes(secret.as_uri(), project, item="x")
 
 
 def test_real_road_signs_images_decode(road_signs: Path) -> None:

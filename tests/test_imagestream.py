@@ -57,7 +57,9 @@ def project(tmp_path: Path) -> tuple[ProjectFS, list[Item]]:
     outside = tmp_path / "elsewhere.png"
     _picture(99).save(outside)
     items.append(Item(item_id="url", uri=outside.as_uri()))
-    return ProjectFS(str(root)), items
+    fs = ProjectFS(str(root))
+    fs.allow_image_hosts = (tmp_path.as_uri(),)  # the image-source policy allows it explicitly
+    return fs, items
 
 
 def _collect(batches: Iterator[ImageBatch]) -> list[ImageBatch]:

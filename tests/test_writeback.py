@@ -180,21 +180,21 @@ def test_rollback_is_exact(mem: ProjectFS) -> None:
         rollback(fmt, "nope")
 
 
-class ExplodingMove:
-    """Wraps ``fs.mv`` to fail on the ``n``-th move onto ``target``."""
+class ExplodingReplace:
+    """Wraps ``ProjectFS.replace_if`` to fail on the ``n``-th replacement of ``target``."""
 
     def __init__(self, project: ProjectFS, target: str, n: int) -> None:
-        self.real = project.fs.mv
-        self.target = project.resolve(target)
+        self.real = project.replace_if
+        self.target = target
         self.n = n
         self.count = 0
 
-    def __call__(self, src: str, dst: str, *args: Any, **kwargs: Any) -> Any:
-        if dst == self.target:
+    def __call__(self, rel: str, data: bytes, version: str) -> str:
+        if rel == self.target:
             self.count += 1
             if self.count == self.n:
-                raise OSError("connection reset while moving")
-        return self.real(src, dst, *args, **kwargs)
+                raise OSError("connection reset while writing")
+        return self.real(rel, data, version)
 
 
 @pytest.mark.parametrize("kind", ["coco", "labelstudio"])
@@ -213,7 +213,7 @@ def test_crash_in_second_chunk_leaves_nothing_behind(
         fmt, target = LabelStudioFormat(mem), "export.json"
     items = [i.model_copy(update={"width": 64, "height": 48}) for i in fmt.iter_items()]
     original = mem.read_bytes(target)
-    monkeypatch.setattr(mem.fs, "mv", ExplodingMove(mem, target, n=2))
+    monkeypatch.setattr(mem, "replace_if", ExplodingReplace(mem, target, n=2))
     run_id = new_run_id()
     with pytest.raises(OSError, match="connection reset"):
         write_run(fmt, writes_for(items, run_id), run_id, chunk_size=2)

@@ -9,9 +9,12 @@ help text says more passes its own ``help``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -182,3 +185,22 @@ def config_from(ctx: click.Context, config_path: str | None) -> tuple[AppConfig,
 def want_progress(flag: bool | None) -> bool:
     """Progress bars by default only when stderr is a terminal."""
     return sys.stderr.isatty() if flag is None else flag
+
+
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM raises ``SystemExit(143)`` inside the block, as Ctrl-C raises
+    ``KeyboardInterrupt``: a write-back in progress rolls itself back before the process
+    ends (a stopped container), instead of leaving the work to recovery."""
+
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

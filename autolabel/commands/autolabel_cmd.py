@@ -13,6 +13,7 @@ from autolabel.commands._common import (
     parse_storage_options,
     predictions_options,
     project_options,
+    sigterm_as_exit,
     storage_options_option,
 )
 from connectors.errors import UsageError
@@ -98,22 +99,23 @@ def autolabel(
         raise UsageError("give exactly one of --predictions and --model")
     options = parse_storage_options(storage_options)
     project, source_obj = open_inputs(source, fmt, options, predictions, predictions_format)
-    result = run_autolabel(
-        project,
-        difficulty_dir=difficulty_dir,
-        predictions=source_obj,
-        checkpoint=model,
-        epsilon=epsilon,
-        delta=delta,
-        label_map=load_label_map(label_map, options),
-        stage=stage,
-        dry_run=dry_run,
-        audit_share=audit_share,
-        min_count=min_count,
-        seed=seed,
-        out_dir=out_dir,
-        storage_options=options,
-    )
+    with sigterm_as_exit():  # a stopped process rolls its write-back back first
+        result = run_autolabel(
+            project,
+            difficulty_dir=difficulty_dir,
+            predictions=source_obj,
+            checkpoint=model,
+            epsilon=epsilon,
+            delta=delta,
+            label_map=load_label_map(label_map, options),
+            stage=stage,
+            dry_run=dry_run,
+            audit_share=audit_share,
+            min_count=min_count,
+            seed=seed,
+            out_dir=out_dir,
+            storage_options=options,
+        )
     summary = {
         "run_id": result.run_id,
         "stage": result.stage,

@@ -16,8 +16,9 @@ comes by.  Memory holds one folder's names, never the whole project.
   leaves the root → an item with ``error`` set whose message names the file (and line).
 
 Writing auto-labels (:meth:`LabelFileFormat.write_labels`) creates a label file only
-where none exists, with an exclusive atomic create, then records a sidecar
-(:func:`connectors.writeback.write_sidecar`).  :meth:`LabelFileFormat.remove_written`
+where none exists, with an exclusive atomic create, *after* its sidecar
+(:func:`connectors.writeback.write_auto_file`): at no instant is there an auto-written
+label file without the sidecar that marks it.  :meth:`LabelFileFormat.remove_written`
 deletes exactly those files, and only while their content is unchanged.
 """
 
@@ -27,7 +28,6 @@ import abc
 import contextlib
 import hashlib
 import itertools
-import json
 import logging
 import posixpath
 from collections.abc import Iterable, Iterator
@@ -116,11 +116,31 @@ def format_number(value: float) -> str:
     return repr(float(value))
 
 
+def read_sidecar(project: ProjectFS, item_id: str) -> dict[str, Any] | None:
+    """The sidecar of ``item_id`` (see :func:`connectors.writeback.read_sidecar`)."""
+    from connectors.writeback import read_sidecar as read
+
+    return read(project, item_id)
+
+
 def read_auto_index(project: ProjectFS) -> dict[str, dict[str, Any]]:
     """item id → sidecar record of every auto-labeled item (empty when none)."""
     from connectors.writeback import read_auto_label_index
 
     return read_auto_label_index(project)
+
+
+def recheck_sidecars(project: ProjectFS) -> bool:
+    """Whether a reader should look for the sidecar of a label file missing from the index.
+
+    The index is read once, when a stream starts; a run writing meanwhile adds sidecars
+    (each before its label).  On a local disk the extra look-up is one ``stat`` of a
+    label without sidecar, so it is always made; on object stores (a request each) only
+    while a run is in flight.
+    """
+    from connectors.writeback import runs_in_flight
+
+    return project.is_local or bool(runs_in_flight(project))
 
 
 def auto_label_meta(entry: dict[str, Any]) -> dict[str, Any]:
@@ -166,6 +186,7 @@ class LabelFileFormat(RemovesFiles, ProjectFormat):
     images_dir: ClassVar[str] = "images"
     labels_dir: ClassVar[str] = "labels"
     label_ext: ClassVar[str] = ".txt"
+    _recheck: bool = False
 
     def __init__(self, project: ProjectFS, **options: Any) -> None:
         super().__init__(project, **options)
@@ -214,15 +235,20 @@ class LabelFileFormat(RemovesFiles, ProjectFormat):
                 f"{self.project.url}: no {self.images_dir}/ folder (layout of format {self.name!r})"
             )
         index = read_auto_index(self.project)
+        self._recheck = recheck_sidecars(self.project)
         visited: set[str] = set()
         groups = itertools.groupby(self.project.walk_files(self.images_dir), key=posixpath.dirname)
         for image_folder, paths in groups:
             sub = image_folder[len(self.images_dir) :].lstrip("/")
             label_folder = posixpath.join(self.labels_dir, sub) if sub else self.labels_dir
             visited.add(label_folder)
-            label_names = {
-                n for n in self.project.listdir(label_folder) if n.endswith(self.label_ext)
-            }
+            try:
+                label_names = {
+                    n for n in self.project.listdir(label_folder) if n.endswith(self.label_ext)
+                }
+            except InputError as exc:  # e.g. a symlink to a folder outside the project
+                yield from self._unreadable_folder(paths, exc)
+                continue
             stems: set[str] = set()
             for image_rel in paths:
                 name = posixpath.basename(image_rel)
@@ -255,6 +281,13 @@ class LabelFileFormat(RemovesFiles, ProjectFormat):
                     and posixpath.dirname(label_rel) not in visited
                 ):
                     yield self._orphan_item(label_rel)
+
+    def _unreadable_folder(self, image_paths: Iterable[str], exc: InputError) -> Iterator[Item]:
+        """The images of a folder whose label folder cannot be read: each an error item."""
+        for image_rel in image_paths:
+            if is_image_name(posixpath.basename(image_rel)):
+                item_id = self.item_id_of_image(image_rel)
+                yield error_item(item_id, image_rel, exc, status=ItemStatus.LABELED)
 
     def _orphan_item(self, label_rel: str) -> Item:
         item_id = posixpath.splitext(label_rel[len(self.labels_dir) + 1 :])[0]
@@ -289,6 +322,8 @@ class LabelFileFormat(RemovesFiles, ProjectFormat):
                 status=ItemStatus.LABELED,
             )
         entry = index.get(item_id)
+        if (entry is None or not matches_sidecar(entry, label_rel, data)) and self._recheck:
+            entry = read_sidecar(self.project, item_id)  # written since the index was read?
         if entry is not None and matches_sidecar(entry, label_rel, data):
             meta = {**item.meta, **auto_label_meta(entry)}
             item = item.model_copy(
@@ -367,7 +402,7 @@ class LabelFileFormat(RemovesFiles, ProjectFormat):
         """Hook run once before :meth:`write_items` (YOLO writes ``classes.txt``)."""
 
     def write_labels(self, writes: list[LabelWrite]) -> WriteOutcome:
-        from connectors.writeback import write_sidecar
+        from connectors.writeback import write_auto_file
 
         outcome = WriteOutcome()
         for w in writes:
@@ -379,27 +414,19 @@ class LabelFileFormat(RemovesFiles, ProjectFormat):
             try:
                 self.project.resolve(label_rel, item=item_id)
                 content = self.render_label(w.item, list(w.annotations))
-                self.project.write_bytes(label_rel, content, overwrite=False)
-            except FileExistsError:
-                outcome.refused[item_id] = (
-                    f"{label_rel}: a label file exists (a human label appeared since the item was read); not overwritten"
-                )
-                continue
             except InputError as exc:
                 outcome.refused[item_id] = str(exc)
                 continue
-            record = WrittenRecord(
-                kind="file", path=label_rel, item_id=item_id, sha256=sha256_hex(content)
-            )
-            try:
-                write_sidecar(self.project, item_id, record, w.provenance)
-            except Exception:
-                # Without its sidecar the file would read as a human label: take it back.
-                self.project.remove(label_rel)
-                raise
-            outcome.records.append(record)
-            log.debug("%s: wrote auto-label %s", item_id, label_rel)
+            written = write_auto_file(self.project, item_id, label_rel, content, w.provenance)
+            if isinstance(written, str):
+                outcome.refused[item_id] = written
+                continue
+            outcome.records.append(written)
         return outcome
+
+    def write_targets(self, item_ids: Iterable[str]) -> list[str]:
+        """Files a write of ``item_ids`` creates (recovery looks for temporaries next to them)."""
+        return [self.label_path(i) for i in item_ids]
 
 
 def _current_sha(project: ProjectFS, rel: str) -> str | None:
@@ -407,14 +434,6 @@ def _current_sha(project: ProjectFS, rel: str) -> str | None:
         return sha256_hex(project.read_bytes(rel))
     except FileNotFoundError:
         return None
-
-
-def _sidecar_body(project: ProjectFS, item_id: str) -> dict[str, Any] | None:
-    try:
-        body = json.loads(project.read_bytes(sidecar_path(item_id)))
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return body if isinstance(body, dict) else None
 
 
 def remove_file_records(project: ProjectFS, records: list[WrittenRecord]) -> list[str | None]:
@@ -443,7 +462,7 @@ def remove_file_records(project: ProjectFS, records: list[WrittenRecord]) -> lis
             outcome.append(None)
         if r.path.startswith(AUTO_SIDECAR_DIR + "/"):
             continue
-        body = _sidecar_body(project, r.item_id)
+        body = read_sidecar(project, r.item_id)
         if body is not None and body.get("path") == r.path and body.get("sha256") == r.sha256:
             with contextlib.suppress(FileNotFoundError):
                 project.remove(sidecar_path(r.item_id))

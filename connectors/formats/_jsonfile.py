@@ -3,12 +3,13 @@
 * :func:`load_json` parses a file and turns a syntax error into an :class:`InputError`
   naming the file, line and column;
 * :func:`find_json` finds a project's JSON file by convention;
-* :func:`rewrite_json` is the read-modify-write used by write-back: it re-reads the file,
-  applies a change, and writes the result atomically — re-checking just before the move
-  that nobody changed the file meanwhile (redoing the change from the new content if
-  so).  This narrows the window for a concurrent save to the instant between that check
-  and the move; neither POSIX rename nor object stores offer a compare-and-swap that
-  would close it.  The human-label check runs on the content that is written;
+* :func:`rewrite_json` is the read-modify-write used by write-back, a compare-and-swap on
+  the file's version: it reads the file with its version, applies a change, and replaces
+  the file only if it still has that version (:meth:`ProjectFS.replace_if`: an atomic
+  exchange checked afterwards on a local disk, ``If-Match: ETag`` on S3); if someone
+  saved meanwhile, the change is redone on their content, so their save is never lost
+  and the human-label check runs on the content that is written.  Storages without
+  such a primitive refuse the write and say why;
 * :func:`entries_sha256` is the checksum of written entries that ``remove_written``
   compares to tell an untouched auto-label from one a person edited;
 * :class:`JsonFileFormat` is the base of such formats: locating and detecting the file,
@@ -22,10 +23,12 @@ import hashlib
 import json
 import logging
 import posixpath
+import random
+import time
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
-from connectors.errors import InputError, LabelTriageError, UsageError
+from connectors.errors import InputError, LabelTriageError, UsageError, VersionConflict
 from connectors.formats._entries import RemovesEntries, records_by_file
 from connectors.formats.base import ProjectFormat, WrittenRecord
 from connectors.model import Item, ItemStatus
@@ -34,7 +37,7 @@ from connectors.storage import ProjectFS
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-REWRITE_ATTEMPTS = 5
+REWRITE_ATTEMPTS = 50
 
 
 def parse_json(raw: bytes, url: str) -> Any:
@@ -124,26 +127,33 @@ def rewrite_json(
     """Read ``rel``, apply ``change`` to the parsed data, write the result atomically.
 
     ``change(data)`` edits ``data`` in place and returns ``(modified, result)``; when
-    ``modified`` is false nothing is written.  Just before the atomic move the file is
-    read again; if it changed meanwhile (a person saved it), the whole step is redone
-    from the new content, so the human-label check inside ``change`` sees that edit and
-    the edit is kept.
+    ``modified`` is false nothing is written.  The write is a compare-and-swap on the
+    version read: if the file changed meanwhile (a person saved it), the whole step is
+    redone from the new content, so the human-label check inside ``change`` sees that
+    edit and the edit is kept.  Raises :class:`ConcurrentEditError` when the file keeps
+    changing for :data:`REWRITE_ATTEMPTS` attempts (nothing written), and
+    :class:`~connectors.errors.UnsafeWriteRefused` on storage without compare-and-swap.
     """
     url = project.url_of(rel)
     for attempt in range(REWRITE_ATTEMPTS):
-        data, raw = load_json(project, rel)
+        try:
+            raw, version = project.read_versioned(rel)
+        except FileNotFoundError as exc:
+            raise InputError("file not found", file=url) from exc
+        data = parse_json(raw, url)
         modified, result = change(data)
         if not modified:
             return result
-        out = dump_json(data, indent=indent)
-        if project.read_bytes(rel) != raw:
+        try:
+            project.replace_if(rel, dump_json(data, indent=indent), version)
+        except VersionConflict:
             log.info(
                 "%s changed while it was being updated; redoing the update (attempt %d)",
                 url,
                 attempt + 1,
             )
+            time.sleep(random.uniform(0.0, 0.002 * (attempt + 1)))
             continue
-        project.write_bytes(rel, out)
         return result
     raise ConcurrentEditError(
         f"{url}: the file kept changing during {REWRITE_ATTEMPTS} attempts to update it; nothing was written"
@@ -209,6 +219,10 @@ class JsonFileFormat(RemovesEntries, ProjectFormat):
     @property
     def url(self) -> str:
         return self.project.url_of(self.file)
+
+    def write_targets(self, item_ids: Any) -> list[str]:
+        """Files a write-back rewrites (recovery looks for temporaries next to them)."""
+        return [self.file] if self.has_file() else []
 
     def has_file(self) -> bool:
         """True when the file is named or can be found."""

@@ -37,7 +37,7 @@ from connectors.formats._filebased import (
     readable_items,
     sha256_hex,
 )
-from connectors.formats.base import FORMATS, LabelWrite, ProjectFormat, WriteOutcome, WrittenRecord
+from connectors.formats.base import FORMATS, LabelWrite, ProjectFormat, WriteOutcome
 from connectors.model import Annotation, AnnotationSource, Item, ItemStatus
 from connectors.storage import BOOKKEEPING_DIR, ProjectFS
 
@@ -209,7 +209,7 @@ class ImageFolderFormat(RemovesFiles, ProjectFormat):
         folder, when the prediction is not exactly one class of this project, or when
         the target file exists.
         """
-        from connectors.writeback import write_sidecar
+        from connectors.writeback import write_auto_file
 
         outcome = WriteOutcome()
         classes = set(self.classes)
@@ -237,24 +237,16 @@ class ImageFolderFormat(RemovesFiles, ProjectFormat):
             target = f"{label}/{posixpath.basename(item.uri)}"
             try:
                 data = self.project.read_bytes(item.uri)
-                self.project.write_bytes(target, data, overwrite=False)
-            except FileExistsError:
-                outcome.refused[item.item_id] = f"{target}: exists already; not overwritten"
-                continue
             except (InputError, FileNotFoundError) as exc:
                 outcome.refused[item.item_id] = f"{item.uri}: cannot copy: {exc}"
                 continue
-            record = WrittenRecord(
-                kind="file", path=target, item_id=item.item_id, sha256=sha256_hex(data)
-            )
             provenance = w.provenance.model_copy(
                 update={"extra": {**w.provenance.extra, "copied_from": item.uri}}
             )
-            try:
-                write_sidecar(self.project, item.item_id, record, provenance)
-            except Exception:
-                # Without its sidecar the copy would read as a human label: take it back.
-                self.project.remove(target)
-                raise
+            # the sidecar goes first, so the copy never reads as a human label
+            record = write_auto_file(self.project, item.item_id, target, data, provenance)
+            if isinstance(record, str):
+                outcome.refused[item.item_id] = record
+                continue
             outcome.records.append(record)
         return outcome
