@@ -46,11 +46,19 @@ noise.
 
 A constant image has no power at all; both functions return exactly ``0`` for it, not
 NaN (as for any image whose spectral power sums to zero).
+
+One spectrum per image
+----------------------
+Both scorers start from the same power spectrum.  The spectrum of the last batch is kept
+for as long as that batch tensor lives (and is not modified in place), so running both
+scorers on one batch computes each image's FFT once.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -140,12 +148,45 @@ def _ratio_weights(
     return weights.to(device=device, dtype=dtype)
 
 
+@dataclass
+class _Spectrum:
+    """The power spectrum of one batch tensor, while that tensor lives."""
+
+    images: weakref.ref[torch.Tensor]
+    key: tuple[int, bool]
+    power: torch.Tensor
+    constant: torch.Tensor
+
+
+_last_spectrum: _Spectrum | None = None
+"""The last batch's spectrum (replaced by one assignment; a stale read only recomputes)."""
+
+
+def _forget_spectrum(ref: weakref.ref[torch.Tensor]) -> None:
+    global _last_spectrum
+    last = _last_spectrum
+    if last is not None and last.images is ref:
+        _last_spectrum = None
+
+
 def _power(images: torch.Tensor, window: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Half-grid power ``|rfft2(y)|²`` flattened to ``(N, H·(W//2+1))``, and a ``(N,)`` mask
     of constant images.
 
-    Computed in float64 for float64 input, in float32 otherwise.
+    Computed in float64 for float64 input, in float32 otherwise.  The result for the last
+    batch tensor is reused while that tensor lives unmodified (callers must not modify it).
     """
+    global _last_spectrum
+    key = (images._version, window)
+    last = _last_spectrum
+    if last is not None and last.images() is images and last.key == key:
+        return last.power, last.constant
+    power, constant = _compute_power(images, window)
+    _last_spectrum = _Spectrum(weakref.ref(images, _forget_spectrum), key, power, constant)
+    return power, constant
+
+
+def _compute_power(images: torch.Tensor, window: bool) -> tuple[torch.Tensor, torch.Tensor]:
     x = images if images.dtype == torch.float64 else images.to(torch.float32)
     n, height, width = x.shape
     w = _window(height, width, window, str(x.device), x.dtype)
