@@ -132,6 +132,19 @@ def _multiplicity(height: int, width: int, device: str, dtype: torch.dtype) -> t
 
 
 @lru_cache(maxsize=16)
+def _sum_weights(height: int, width: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """``(H·(W//2+1), 2)``: the bin multiplicity, in both columns.
+
+    Column 0 of ``x @ w`` is the multiplicity-weighted sum of each row of ``x``.  A
+    two-column product is used, not a matrix-vector one: MKL's matrix-vector product sums a
+    row in an order that depends on where the row sits in the batch (the last bits of an
+    image's value would change with the batch it came in); its matrix product does not.
+    """
+    multiplicity = _multiplicity(height, width, "cpu", torch.float64)
+    return torch.stack([multiplicity, multiplicity], dim=1).to(device=device, dtype=dtype)
+
+
+@lru_cache(maxsize=16)
 def _ratio_weights(
     height: int, width: int, cutoff: float, device: str, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -220,13 +233,13 @@ def _spectral_entropy(images: torch.Tensor, window: bool) -> torch.Tensor:
         return _empty(images)
     power, constant = _power(images, window)
     _, height, width = images.shape
-    multiplicity = _multiplicity(height, width, str(power.device), power.dtype)
-    total = power @ multiplicity
+    weights = _sum_weights(height, width, str(power.device), power.dtype)
+    total = (power @ weights)[:, 0]
     no_power = constant | ~(total > 0)
     # p is the probability of one full-grid bin; a half-grid bin stands for
     # ``multiplicity`` bins of equal power, so its share of −Σ p log p is −m · p log p.
     p = power / torch.where(no_power, torch.ones_like(total), total)[:, None]
-    entropy = -(torch.xlogy(p, p) @ multiplicity) / math.log(height * width)
+    entropy = -(torch.xlogy(p, p) @ weights)[:, 0] / math.log(height * width)
     entropy = entropy.clamp(0.0, 1.0)
     return torch.where(no_power, torch.zeros_like(entropy), entropy)
 

@@ -211,6 +211,21 @@ def match_error(m: MatchResult) -> float:
     return 0.0 if denom == 0 else (m.fp + m.fn) / denom
 
 
+def detection_error(
+    gt: Sequence[Annotation],
+    pred: Sequence[Annotation],
+    *,
+    iou_threshold: float = 0.5,
+    ignore_labels: Collection[str] = frozenset(),
+    min_score: float = 0.0,
+) -> float:
+    """:func:`match_error` of one image's matching; ``pred`` already in project classes."""
+    curve = match_curve(
+        gt, pred, iou_threshold=iou_threshold, ignore_labels=ignore_labels, min_score=min_score
+    )
+    return match_error(curve.at(min_score))
+
+
 def predicted_class(prediction: Prediction, label_map: LabelMap, min_score: float) -> str | None:
     """The arg-max project class of a classification prediction, or ``None``.
 
@@ -330,7 +345,11 @@ def item_error(
             if item_correct(item, prediction, label_map, task=task, min_score=min_score)
             else 1.0
         )
-    curve = item_match_curve(
-        item, prediction, label_map, iou_threshold=iou_threshold, min_score=min_score
+    pred = label_map.apply(prediction.annotations) if prediction is not None else []
+    return detection_error(
+        item.annotations,
+        pred,
+        iou_threshold=iou_threshold,
+        ignore_labels=label_map.ignore,
+        min_score=min_score,
     )
-    return match_error(curve.at(min_score))

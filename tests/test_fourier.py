@@ -319,3 +319,19 @@ def test_spectrum_is_released_with_its_batch() -> None:
     del images
     gc.collect()
     assert fourier._last_spectrum is None and power() is None
+
+
+@pytest.mark.parametrize("scorer", ["fourier", "fourier_entropy"])
+def test_an_image_scores_the_same_in_any_batch(scorer: str) -> None:
+    """Bit for bit: values do not depend on the batch size, the neighbours or the threads."""
+    images = torch.rand(70, 64, 64, generator=torch.Generator().manual_seed(5))
+    fn = SCORERS[scorer].fn
+    whole = fn(images=images)
+    for lo, hi in [(0, 1), (3, 40), (10, 70), (0, 69), (33, 34)]:
+        assert np.array_equal(fn(images=images[lo:hi].clone()), whole[lo:hi]), (lo, hi)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert np.array_equal(fn(images=images.clone()), whole)
+    finally:
+        torch.set_num_threads(threads)

@@ -40,6 +40,15 @@ def _probe(box_scores: list[np.ndarray], n: int) -> np.ndarray:
     return np.array([float(len(b)) for b in box_scores])
 
 
+@register_scorer(
+    "test_scoring_pid", needs={"images"}, description="the process that scored the image (tests)"
+)
+def _pid(images: Any) -> np.ndarray:
+    import os
+
+    return np.full(len(images), float(os.getpid()))
+
+
 class FakeProject(ProjectFormat):
     name = "fake"
 
@@ -446,3 +455,91 @@ def test_model_checkpoint_feeds_model_scorers(tmp_path: Path) -> None:
     assert result.meta["model_version"] == str(tmp_path / "m.pt")
     assert result.table["true_error"].notna().sum() == 60
     assert result.table[list(names)].notna().all().all()
+
+
+# -- one image stream per run, streamed output ------------------------------------------------
+
+
+def _normal(df: pd.DataFrame) -> pd.DataFrame:
+    """Pillow names the in-memory buffer of an unreadable image by its address."""
+    return df.assign(error=df["error"].str.replace(r"0x[0-9a-f]+", "0x?", regex=True))
+
+
+def test_one_set_of_workers_scores_the_whole_project(tmp_path: Path) -> None:
+    """Image scorers run in the decoding workers, started once for all chunks."""
+    import os
+
+    project, _ = make_project(tmp_path / "p", n=40, corrupt=False)
+    result = score_project(
+        project,
+        scorers=["test_scoring_pid", "fourier"],
+        out_dir=str(tmp_path / "run"),
+        num_workers=2,
+        batch_size=2,
+        chunk_size=4,  # ten chunks
+    )
+    pids = set(result.table["test_scoring_pid"].astype(int))
+    assert len(pids) == 2 and os.getpid() not in pids
+
+
+def test_workers_chunks_and_batches_do_not_change_the_table(tmp_path: Path) -> None:
+    project, preds = make_project(tmp_path / "p")
+    scorers = ["fourier", "fourier_entropy", "box_least_confidence"]
+    runs = [
+        score_project(
+            project,
+            predictions=preds,
+            scorers=scorers,
+            out_dir=str(tmp_path / f"r{i}"),
+            run_id="same",
+            min_labeled=10,
+            **kwargs,
+        )
+        for i, kwargs in enumerate(
+            [
+                {"num_workers": 0},
+                {"num_workers": 2, "batch_size": 3, "chunk_size": 5},
+                {"num_workers": 1, "batch_size": 64, "chunk_size": 1000},
+            ]
+        )
+    ]
+    for other in runs[1:]:
+        pd.testing.assert_frame_equal(_normal(runs[0].table), _normal(other.table))
+        assert {k: v for k, v in runs[0].meta.items() if k != "created"} == {
+            k: v for k, v in other.meta.items() if k != "created"
+        }
+
+
+def test_items_given_by_the_run_are_scored_instead_of_read(tmp_path: Path) -> None:
+    project, preds = make_project(tmp_path / "p", corrupt=False)
+    items = list(project.iter_items())[:10]
+    project._items = []  # the project is not read again
+    result = score_project(
+        project, items=iter(items), predictions=preds, out_dir=str(tmp_path / "r"), num_workers=0
+    )
+    assert result.table["item_id"].tolist() == [it.item_id for it in items]
+
+
+def test_table_is_written_in_row_groups_and_read_back_lazily(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyarrow.parquet as pq
+
+    import difficulty.scoring as scoring
+
+    project, preds = make_project(tmp_path / "p")
+    whole = score_project(
+        project, predictions=preds, out_dir=str(tmp_path / "a"), num_workers=0, run_id="x"
+    )
+    monkeypatch.setattr(scoring, "ROW_GROUP_ROWS", 8)
+    parts = score_project(
+        project, predictions=preds, out_dir=str(tmp_path / "b"), num_workers=0, run_id="x"
+    )
+    assert parts._table is None  # nothing read back until asked
+    assert pq.ParquetFile(tmp_path / "b" / "difficulty.parquet").num_row_groups == 6  # 42 rows
+    pd.testing.assert_frame_equal(_normal(whole.table), _normal(parts.table))
+    assert {k: v for k, v in whole.summary.items() if k not in ("error_items", "created")} == {
+        k: v for k, v in parts.summary.items() if k not in ("error_items", "created")
+    }
+    first = read_difficulty(str(tmp_path / "a"))
+    assert first[0].equals(whole.table)
