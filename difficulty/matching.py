@@ -22,6 +22,7 @@ same class with the highest IoU, if that IoU reaches the threshold.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -102,16 +103,17 @@ class MatchCurve:
     taken before it).  So one pass gives the counts for every ``c``: ``at(c)`` equals
     :func:`match_detections` with ``min_score=c``, for any ``c >= min_score``.
 
-    ``scores``: ``(P,)`` descending; ``tp``, ``fp``, ``in_region``: ``(P + 1,)`` counts over
-    the first ``k`` predictions; ``ignored_class_scores``: scores of predictions whose own
-    class is ignored; ``targets``: ground-truth boxes to find.
+    ``neg_scores``: the kept predictions' scores, negated, ascending; ``tp``, ``fp``,
+    ``in_region``: counts over the first ``k`` predictions, ``k = 0 … P``;
+    ``ignored_class_scores``: scores of predictions whose own class is ignored;
+    ``targets``: ground-truth boxes to find.
     """
 
-    scores: np.ndarray
-    tp: np.ndarray
-    fp: np.ndarray
-    in_region: np.ndarray
-    ignored_class_scores: np.ndarray
+    neg_scores: tuple[float, ...]
+    tp: tuple[int, ...]
+    fp: tuple[int, ...]
+    in_region: tuple[int, ...]
+    ignored_class_scores: tuple[float, ...]
     targets: int
     min_score: float = 0.0
 
@@ -120,10 +122,9 @@ class MatchCurve:
         c = self.min_score if min_score is None else float(min_score)
         if c < self.min_score:
             raise ValueError(f"this matching starts at score {self.min_score}, asked for {c}")
-        # scores are descending, so -scores ascends: k = number of scores >= c
-        k = int(np.searchsorted(-self.scores, -c, side="right"))
-        tp, fp = int(self.tp[k]), int(self.fp[k])
-        ignored = int(self.in_region[k]) + int(np.count_nonzero(self.ignored_class_scores >= c))
+        k = bisect.bisect_right(self.neg_scores, -c)  # the predictions with score >= c
+        tp, fp = self.tp[k], self.fp[k]
+        ignored = self.in_region[k] + sum(1 for s in self.ignored_class_scores if s >= c)
         fn = self.targets - tp
         return MatchResult(tp=tp, fp=fp, fn=fn, ignored=ignored, correct=fp == 0 and fn == 0)
 
@@ -147,40 +148,39 @@ def match_curve(
     regions = [a for a in gt_boxed if a.label in ignore]
 
     boxed = [a for a in pred if a.box is not None and _score(a) >= min_score]
-    ignored_class = np.array([_score(a) for a in boxed if a.label in ignore], dtype=np.float64)
-    kept = [a for a in boxed if a.label not in ignore]
-    order = sorted(range(len(kept)), key=lambda i: -_score(kept[i]))
-    kept = [kept[i] for i in order]
+    ignored_class = tuple(_score(a) for a in boxed if a.label in ignore)
+    kept = sorted((a for a in boxed if a.label not in ignore), key=lambda a: -_score(a))
 
-    t_boxes = _boxes(targets)
-    p_boxes = _boxes(kept)
-    iou = box_iou(p_boxes, t_boxes)
-    t_labels = np.array([a.label for a in targets], dtype=object)
+    iou: list[list[float]] = (
+        box_iou(_boxes(kept), _boxes(targets)).tolist() if kept and targets else []
+    )
+    in_region: list[bool]
     if regions and kept:
-        in_region: np.ndarray = np.asarray(
-            (box_ioa(p_boxes, _boxes(regions)) >= IGNORE_IOA).any(axis=1)
-        )
+        inside: np.ndarray = np.asarray(box_ioa(_boxes(kept), _boxes(regions)) >= IGNORE_IOA)
+        in_region = [bool(v) for v in inside.any(axis=1)]
     else:
-        in_region = np.zeros(len(kept), dtype=bool)
+        in_region = [False] * len(kept)
 
-    taken = np.zeros(len(targets), dtype=bool)
-    outcome = np.zeros(len(kept), dtype=np.int8)  # 1 true positive, 2 ignored, 0 false positive
+    labels = [a.label for a in targets]
+    taken = [False] * len(targets)
+    tp, fp, region = [0], [0], [0]
     for i, p in enumerate(kept):
-        if targets:
-            candidates = np.where((t_labels == p.label) & ~taken, iou[i], -1.0)
-            j = int(np.argmax(candidates))
-            if candidates[j] >= iou_threshold:
-                taken[j] = True
-                outcome[i] = 1
-                continue
-        if in_region[i]:
-            outcome[i] = 2
-    zero = np.zeros(1, dtype=np.int64)
+        # the untaken target of the same class with the highest IoU (the first on ties)
+        best, j = -1.0, -1
+        for t, label in enumerate(labels):
+            if not taken[t] and label == p.label and iou[i][t] > best:
+                best, j = iou[i][t], t
+        matched = j >= 0 and best >= iou_threshold
+        if matched:
+            taken[j] = True
+        tp.append(tp[-1] + matched)
+        fp.append(fp[-1] + (not matched and not in_region[i]))
+        region.append(region[-1] + (not matched and in_region[i]))
     return MatchCurve(
-        scores=np.array([_score(a) for a in kept], dtype=np.float64),
-        tp=np.concatenate([zero, np.cumsum(outcome == 1)]),
-        fp=np.concatenate([zero, np.cumsum(outcome == 0)]),
-        in_region=np.concatenate([zero, np.cumsum(outcome == 2)]),
+        neg_scores=tuple(-_score(a) for a in kept),
+        tp=tuple(tp),
+        fp=tuple(fp),
+        in_region=tuple(region),
         ignored_class_scores=ignored_class,
         targets=len(targets),
         min_score=float(min_score),
