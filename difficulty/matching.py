@@ -157,7 +157,7 @@ def match_curve(
     in_region: list[bool]
     if regions and kept:
         inside: np.ndarray = np.asarray(box_ioa(_boxes(kept), _boxes(regions)) >= IGNORE_IOA)
-        in_region = [bool(v) for v in inside.any(axis=1)]
+        in_region = [bool(v) for v in np.asarray(inside.any(axis=1))]
     else:
         in_region = [False] * len(kept)
 
