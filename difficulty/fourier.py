@@ -56,17 +56,39 @@ scorers on one batch computes each image's FFT once.
 
 from __future__ import annotations
 
+import importlib
 import math
 import weakref
 from dataclasses import dataclass
 from functools import lru_cache
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from difficulty.imageio import DEFAULT_SIZE
 from difficulty.registry import register_scorer
+
+
+class _Lazy:
+    """A module imported on first use: registering the scorers (in a process that only
+    chooses and combines scores) does not import torch; computing them does."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._module: ModuleType | None = None
+
+    def __getattr__(self, attr: str) -> Any:
+        if self._module is None:
+            self._module = importlib.import_module(self._name)
+        return getattr(self._module, attr)
+
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = _Lazy("torch")
 
 DEFAULT_CUTOFF = 0.25
 

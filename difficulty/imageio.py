@@ -40,15 +40,17 @@ import io
 import logging
 import struct
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from connectors.errors import InputError
 from connectors.storage import ProjectFS
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +151,8 @@ def decode_gray(
         raise
     except _DECODE_ERRORS as exc:
         raise InputError(f"cannot decode image: {_describe(exc)}", file=name, item=item) from exc
+    import torch  # here, not at the top: reading and sizing images need no torch
+
     return torch.from_numpy(array)
 
 

@@ -1,42 +1,38 @@
-"""Stream the images of a project through one torch DataLoader, decoded and scored in workers.
+"""Stream the images of a project through one pool of worker processes, decoded and scored there.
 
 :func:`iter_image_scores` reads an iterable of :class:`~connectors.model.Item` once, in
-the main process, and cuts it into tasks of ``batch_size`` ``(item_id, uri, error)``
-tuples.  Each task travels to a DataLoader worker *as the sampler's index* of a map-style
-dataset; the worker reads the files (``ProjectFS.read_bytes`` for paths relative to the
-project, ``fsspec.open`` for full URLs), decodes them with
-:func:`difficulty.imageio.decode_gray` into a buffer it keeps for the whole stream, runs
-the image scorers (e.g. both Fourier scorers, on one spectrum per image) on the batch and
-sends back only the values: a few floats per item.  :func:`iter_image_batches` sends the
+the calling process, and cuts it into tasks of ``batch_size`` ``(item_id, uri, error)``
+tuples.  Each task goes to a worker process, which reads the files
+(``ProjectFS.read_bytes`` for paths relative to the project, ``fsspec.open`` for full
+URLs), decodes them with :func:`difficulty.imageio.decode_gray` into a
+``(batch_size, size, size)`` buffer it keeps for the whole stream, runs the image
+scorers on the batch (e.g. both Fourier scorers, on one spectrum per image) and sends
+back only their values: a few floats per item.  :func:`iter_image_batches` sends the
 pixels back instead, for callers that want the images themselves.
 
-One stream, one set of workers.  A whole project is one DataLoader iteration: the workers
-are started once and decode ahead (``prefetch_factor`` tasks each) while the main process
-reads the next items and does its own work on the results already back, so reading,
-decoding and scoring overlap.
+One stream, one pool.  A whole project is one stream: the workers start once and decode
+ahead while the calling process reads the next items and works on the results already
+back, so reading, decoding and scoring overlap.  Results come back in input order, so
+**the output is the same for any ``num_workers``** (0 decodes and scores in the calling
+process).  Every value is computed per image (a scorer's value for an image does not
+depend on the other images of its batch), so it does not depend on ``batch_size``
+either.
 
-Why tasks as indices and not an ``IterableDataset`` sharded by ``worker_info``: a
-sharded iterable dataset makes every worker iterate (and parse) the whole item stream
-and keep the tasks that are its own, which needs a stream that can be re-read from the
-start in every worker — a generator over an open manifest file cannot (after ``fork``
-the workers would share its file offset).  Here the stream is read exactly once, only
-the small tuples cross process boundaries, and DataLoader returns map-style results in
-sampler order, so **the output order is the input order, identical for any
-``num_workers``** (0 decodes and scores in the calling process).  Every value is
-computed per image (the scorers' per-image results do not depend on the other images of
-a batch), so values do not depend on ``batch_size`` or ``num_workers`` either.
+Only the small tuples and the values cross process boundaries, and the item stream is
+read exactly once, by the calling process (a generator over an open manifest file could
+not be shared with forked workers).  Memory is bounded whatever the project size: items
+are pulled from the iterable only as results are taken (at most
+``prefetch_factor × num_workers`` tasks in flight), and nothing is listed or kept.
 
-Memory is bounded whatever the project size: items are pulled from the iterable only
-as the DataLoader asks for new tasks (at most ``prefetch_factor × num_workers`` tasks
-in flight), and nothing is listed or kept.  Each worker decodes into one
-``(batch_size, size, size)`` buffer that it reuses for every batch.  The glibc heap
-keeps its default behaviour of handing large blocks back to the system
-(:func:`fix_mmap_threshold`): without it, the per-batch arrays of a long stream
-fragment the heap and the resident size grows with the item count.
+torch is imported where it computes: in the workers (each imports it when it starts,
+while the calling process already reads items), or in the calling process with
+``num_workers=0``.  A calling process that only reads items and combines scores never
+loads it.  :func:`fix_mmap_threshold` keeps large blocks out of the glibc heap, which the
+per-batch arrays of a long stream would otherwise fragment.
 
-Workers on remote storage: the workers are forked, and an fsspec filesystem that runs
-an event loop (``s3fs``, ``gcsfs``) cannot be used in a forked child; each worker opens
-the project's filesystem anew (same URL and storage options) on its first task.
+Workers on remote storage: workers are forked, and an fsspec filesystem that runs an
+event loop (``s3fs``, ``gcsfs``) cannot be used in a forked child; each worker opens the
+project's filesystem anew (same URL and storage options) on its first task.
 
 Bad items never stop the stream: an item whose ``error`` is already set, a missing
 file, a path outside the project or an undecodable image is reported in the batch's
@@ -48,16 +44,17 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import multiprocessing
 import os
 import sys
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from pydantic import ValidationError
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from connectors.errors import InputError, UsageError
@@ -66,6 +63,9 @@ from connectors.storage import ProjectFS
 from difficulty import fourier as _fourier  # noqa: F401  (registers the image scorers)
 from difficulty.imageio import DEFAULT_SIZE, decode_gray, read_image_bytes
 from difficulty.registry import SCORERS
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -178,11 +178,11 @@ class _Done:
     values: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-class _DecodeTasks(Dataset[_Done]):
-    """Map-style dataset whose "index" is a task; returns it decoded (and scored).
+class _DecodeTasks:
+    """Decodes (and scores) one task; one instance lives in each worker process.
 
-    With a ``plan`` the worker runs the image scorers on the batch and returns their
-    values only; without one it returns the pixels.
+    With a ``plan`` the scorers run on the decoded batch and only their values are
+    returned; without one, the pixels.
     """
 
     def __init__(
@@ -205,7 +205,9 @@ class _DecodeTasks(Dataset[_Done]):
             self._pid = pid
         return self.project
 
-    def __getitem__(self, task: tuple[_Task, ...]) -> _Done:
+    def __call__(self, task: tuple[_Task, ...]) -> _Done:
+        import torch
+
         project = self._project()
         if self._buffer is None:
             self._buffer = torch.empty((self.batch_size, self.size, self.size))
@@ -235,8 +237,28 @@ class _DecodeTasks(Dataset[_Done]):
         return _Done(order, ids, errors, values=values)
 
 
-def _as_is(batch: Any) -> Any:
-    return batch
+_worker_tasks: _DecodeTasks | None = None
+"""The task runner of this worker process (set by :func:`_start_worker`)."""
+
+
+def _start_worker(tasks: _DecodeTasks) -> None:
+    global _worker_tasks
+    _worker_tasks = tasks
+    import torch  # the worker's own import: the main process need not load torch
+
+    torch.set_num_threads(1)  # the workers are the parallelism
+
+
+def _run_task(task: tuple[_Task, ...]) -> _Done:
+    if _worker_tasks is None:
+        raise RuntimeError("image stream worker used before it was started")
+    return _worker_tasks(task)
+
+
+def _context() -> Any:
+    """``fork`` where it exists (workers start in milliseconds), else ``spawn``."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
 def _check_stream_arguments(
@@ -262,24 +284,45 @@ def _stream(
     progress: bool,
     prefetch_factor: int,
 ) -> Iterator[_Done]:
-    """One DataLoader over the whole item stream: workers start once, results in order."""
+    """One pool of workers over the whole item stream, results in input order.
+
+    At most ``prefetch_factor × num_workers`` tasks are in flight; the next task is cut
+    from the item stream (here, in the calling process) when a result is taken.
+    """
     fix_mmap_threshold()
-    loader: DataLoader[_Done] = DataLoader(
-        _DecodeTasks(project, size, batch_size, plan),
-        batch_size=None,
-        sampler=_TaskSampler(items, batch_size),
-        num_workers=num_workers,
-        collate_fn=_as_is,
-        prefetch_factor=prefetch_factor if num_workers > 0 else None,
-    )
+    tasks = _DecodeTasks(project, size, batch_size, plan)
     with tqdm(
         unit="img", desc="decode", file=sys.stderr, disable=not progress, dynamic_ncols=True
     ) as bar:
-        for done in loader:
+        for done in _run(tasks, _TaskSampler(items, batch_size), num_workers, prefetch_factor):
             for item_id, message in done.errors.items():
                 log.debug("image not decoded: %s (%s)", item_id, message)
             bar.update(len(done.order))
             yield done
+
+
+def _run(
+    tasks: _DecodeTasks,
+    sampler: Iterable[tuple[_Task, ...]],
+    num_workers: int,
+    prefetch_factor: int,
+) -> Iterator[_Done]:
+    if num_workers == 0:
+        yield from map(tasks, sampler)
+        return
+    pool = ProcessPoolExecutor(
+        num_workers, mp_context=_context(), initializer=_start_worker, initargs=(tasks,)
+    )
+    in_flight: deque[Future[_Done]] = deque()
+    try:
+        for task in sampler:
+            in_flight.append(pool.submit(_run_task, task))
+            if len(in_flight) >= prefetch_factor * num_workers:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def iter_image_batches(
@@ -301,6 +344,8 @@ def iter_image_batches(
     may be ``None`` when every uri is a full fsspec URL.
     """
     _check_stream_arguments(size, batch_size, num_workers, prefetch_factor)
+    import torch
+
     return (
         ImageBatch(
             item_ids=done.item_ids,

@@ -28,6 +28,7 @@ from difficulty.registry import register_scorer
 from difficulty.scoring import default_scorers, score_chunk, score_project
 from difficulty.table import read_difficulty
 
+REPO = Path(__file__).resolve().parents[1]
 SEEN: dict[str, Any] = {}
 
 
@@ -543,3 +544,25 @@ def test_table_is_written_in_row_groups_and_read_back_lazily(
     }
     first = read_difficulty(str(tmp_path / "a"))
     assert first[0].equals(whole.table)
+
+
+def test_the_scoring_process_does_not_load_torch(tmp_path: Path) -> None:
+    """Decoding workers import torch themselves; the process that reads items and combines
+    scores stays small (torch alone is about half a gigabyte resident)."""
+    import subprocess
+    import sys
+
+    make_project(tmp_path / "p", n=12, corrupt=False)
+    script = f"""
+import sys
+from connectors.project import open_project
+from difficulty.scoring import score_project
+project = open_project({str(tmp_path / "p")!r}, "imagefolder")
+result = score_project(project, out_dir={str(tmp_path / "run")!r}, num_workers=2, batch_size=4)
+print(result.summary["scored"], "torch" in sys.modules)
+"""
+    (tmp_path / "p" / "images").rename(tmp_path / "p" / "_unlabeled")
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert out.stdout.split() == ["12", "False"], out.stderr
