@@ -24,15 +24,18 @@ not be shared with forked workers).  Memory is bounded whatever the project size
 are pulled from the iterable only as results are taken (at most
 ``prefetch_factor × num_workers`` tasks in flight), and nothing is listed or kept.
 
-torch is imported where it computes: in the workers (each imports it when it starts,
-while the calling process already reads items), or in the calling process with
-``num_workers=0``.  A calling process that only reads items and combines scores never
-loads it.  :func:`fix_mmap_threshold` keeps large blocks out of the glibc heap, which the
-per-batch arrays of a long stream would otherwise fragment.
+torch is imported where it computes.  The workers are forked from a fork server that
+imports torch once, while the calling process already reads items; the calling process,
+which only reads items and combines scores, never loads it (with ``num_workers=0`` it
+computes, and imports torch, itself).  A process that has loaded torch anyway forks its
+workers directly (see :func:`_context`).  :func:`fix_mmap_threshold` keeps large blocks
+out of the glibc heap, which the per-batch arrays of a long stream would otherwise
+fragment.
 
-Workers on remote storage: workers are forked, and an fsspec filesystem that runs an
-event loop (``s3fs``, ``gcsfs``) cannot be used in a forked child; each worker opens the
-project's filesystem anew (same URL and storage options) on its first task.
+Workers on remote storage: an fsspec filesystem that runs an event loop (``s3fs``,
+``gcsfs``) cannot be used in a forked child.  A worker started by the fork server gets
+the project by pickle, which opens its filesystem anew; a worker forked directly opens it
+anew (same URL and storage options) on its first task.
 
 Bad items never stop the stream: an item whose ``error`` is already set, a missing
 file, a path outside the project or an undecodable image is reported in the batch's
@@ -244,7 +247,7 @@ _worker_tasks: _DecodeTasks | None = None
 def _start_worker(tasks: _DecodeTasks) -> None:
     global _worker_tasks
     _worker_tasks = tasks
-    import torch  # the worker's own import: the main process need not load torch
+    import torch  # preloaded by the fork server (or inherited): the main process need not
 
     torch.set_num_threads(1)  # the workers are the parallelism
 
@@ -255,10 +258,26 @@ def _run_task(task: tuple[_Task, ...]) -> _Done:
     return _worker_tasks(task)
 
 
+WORKER_PRELOAD = ("torch", "difficulty.fourier")
+"""Modules the fork server imports once, before it forks the workers."""
+
+
 def _context() -> Any:
-    """``fork`` where it exists (workers start in milliseconds), else ``spawn``."""
+    """How worker processes start.
+
+    When this process has loaded torch already, ``fork``: the workers share its pages.
+    Otherwise a fork server that imports torch once (:data:`WORKER_PRELOAD`) and forks
+    the workers from itself: torch is imported once, in parallel with this process's own
+    work, and never in this process.  ``spawn`` where neither exists.
+    """
     methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    if "fork" in methods and "torch" in sys.modules:
+        return multiprocessing.get_context("fork")
+    if "forkserver" in methods:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(list(WORKER_PRELOAD))
+        return context
+    return multiprocessing.get_context("spawn")
 
 
 def _check_stream_arguments(

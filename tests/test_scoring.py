@@ -558,7 +558,10 @@ import sys
 from connectors.project import open_project
 from difficulty.scoring import score_project
 project = open_project({str(tmp_path / "p")!r}, "imagefolder")
-result = score_project(project, out_dir={str(tmp_path / "run")!r}, num_workers=2, batch_size=4)
+result = score_project(
+    project, out_dir={str(tmp_path / "run")!r}, num_workers=2, batch_size=4,
+    scorers=["fourier", "fourier_entropy"],
+)
 print(result.summary["scored"], "torch" in sys.modules)
 """
     (tmp_path / "p" / "images").rename(tmp_path / "p" / "_unlabeled")
@@ -566,3 +569,14 @@ print(result.summary["scored"], "torch" in sys.modules)
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO
     )
     assert out.stdout.split() == ["12", "False"], out.stderr
+    # workers from the fork server compute what this process computes itself
+    from connectors.project import open_project
+
+    here = score_project(
+        open_project(str(tmp_path / "p"), "imagefolder"),
+        out_dir=str(tmp_path / "here"),
+        num_workers=0,
+        scorers=["fourier", "fourier_entropy"],
+    )
+    there, _ = read_difficulty(str(tmp_path / "run"))
+    pd.testing.assert_frame_equal(here.table, there)
