@@ -220,10 +220,11 @@ def detection_error(
     min_score: float = 0.0,
 ) -> float:
     """:func:`match_error` of one image's matching; ``pred`` already in project classes."""
-    curve = match_curve(
-        gt, pred, iou_threshold=iou_threshold, ignore_labels=ignore_labels, min_score=min_score
+    return match_error(
+        match_detections(
+            gt, pred, iou_threshold=iou_threshold, ignore_labels=ignore_labels, min_score=min_score
+        )
     )
-    return match_error(curve.at(min_score))
 
 
 def predicted_class(prediction: Prediction, label_map: LabelMap, min_score: float) -> str | None:
