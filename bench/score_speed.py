@@ -328,15 +328,17 @@ def render(
         "CPU seconds (medians; user + system from `/proc/PID/stat`, sampled every "
         f"{SAMPLE_SECONDS} s, so the last fraction of a second of a process may be missed):",
         "",
-        "| items | floor, all processes | score, main process | score, workers (and fork server) |",
-        "|---:|---:|---:|---:|",
+        "| items | floor, all processes | score, main process | score, workers (and fork server) "
+        "| score / floor |",
+        "|---:|---:|---:|---:|---:|",
     ]
     for n in sizes:
         floor, score = results[n]["floor"], results[n]["score"]
         floor_cpu = statistics.median(r["cpu_main"] + r["cpu_others"] for r in floor)
+        score_cpu = statistics.median(r["cpu_main"] + r["cpu_others"] for r in score)
         lines.append(
             f"| {n:,} | {floor_cpu:.2f} | {_med(score, 'cpu_main'):.2f} | "
-            f"{_med(score, 'cpu_others'):.2f} |"
+            f"{_med(score, 'cpu_others'):.2f} | {score_cpu / floor_cpu:.2f} |"
         )
     lines += ["", "Seconds per repeat:", ""]
     for n in sizes:
