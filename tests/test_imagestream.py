@@ -26,7 +26,6 @@ from difficulty.imagestream import (
     iter_image_scores,
     score_images,
 )
-from difficulty.registry import register_scorer
 
 
 def _picture(seed: int, width: int = 96, height: int = 64) -> Image.Image:
@@ -280,10 +279,8 @@ def test_real_road_signs_stream_through_workers(road_signs: Path) -> None:
 # -- one set of workers, scorers in the workers, remote filesystems --------------------------
 
 
-@register_scorer(
-    "test_imagestream_pid", needs={"images"}, description="the process that scored it (tests)"
-)
 def _pid(images: torch.Tensor) -> np.ndarray:
+    """The process that scored each image."""
     import os
 
     return np.full(len(images), float(os.getpid()))
@@ -298,8 +295,10 @@ def test_scorers_run_in_the_same_two_workers_for_the_whole_stream(
     many = [
         it.model_copy(update={"item_id": f"{it.item_id}-{k}"}) for k in range(6) for it in items
     ]
-    rows = list(score_images(many, fs, ["test_imagestream_pid"], batch_size=2, num_workers=2))
-    pids = {values["test_imagestream_pid"] for _, values, error in rows if error is None}
+    plan = [("pid", _pid, {})]
+    batches = iter_image_scores(many, fs, plan, size=32, batch_size=2, num_workers=2)
+    rows = [row for batch in batches for row in batch.per_item()]
+    pids = {values["pid"] for _, values, error in rows if error is None}
     assert len(rows) == len(many) and len(pids) == 2 and float(os.getpid()) not in pids
 
 

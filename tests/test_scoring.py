@@ -41,13 +41,22 @@ def _probe(box_scores: list[np.ndarray], n: int) -> np.ndarray:
     return np.array([float(len(b)) for b in box_scores])
 
 
-@register_scorer(
-    "test_scoring_pid", needs={"images"}, description="the process that scored the image (tests)"
-)
 def _pid(images: Any) -> np.ndarray:
+    """The process that scored each image (registered only by the test that uses it)."""
     import os
 
     return np.full(len(images), float(os.getpid()))
+
+
+@pytest.fixture
+def pid_scorer(monkeypatch: pytest.MonkeyPatch) -> str:
+    """An image scorer ``test_scoring_pid``, registered for one test only (an image
+    scorer registered for good would join every later run's default scorers)."""
+    from difficulty.registry import SCORERS, ScorerSpec
+
+    spec = ScorerSpec("test_scoring_pid", _pid, frozenset({"images"}), "the scoring process")
+    monkeypatch.setitem(SCORERS._entries, spec.name, spec)
+    return spec.name
 
 
 class FakeProject(ProjectFormat):
@@ -466,20 +475,20 @@ def _normal(df: pd.DataFrame) -> pd.DataFrame:
     return df.assign(error=df["error"].str.replace(r"0x[0-9a-f]+", "0x?", regex=True))
 
 
-def test_one_set_of_workers_scores_the_whole_project(tmp_path: Path) -> None:
+def test_one_set_of_workers_scores_the_whole_project(tmp_path: Path, pid_scorer: str) -> None:
     """Image scorers run in the decoding workers, started once for all chunks."""
     import os
 
     project, _ = make_project(tmp_path / "p", n=40, corrupt=False)
     result = score_project(
         project,
-        scorers=["test_scoring_pid", "fourier"],
+        scorers=[pid_scorer, "fourier"],
         out_dir=str(tmp_path / "run"),
         num_workers=2,
         batch_size=2,
         chunk_size=4,  # ten chunks
     )
-    pids = set(result.table["test_scoring_pid"].astype(int))
+    pids = set(result.table[pid_scorer].astype(int))
     assert len(pids) == 2 and os.getpid() not in pids
 
 
