@@ -659,7 +659,7 @@ class _Collected:
             yield batch.to_pandas().drop(columns=list(drop))
 
 
-ROW_GROUP_ROWS = 65536
+ROW_GROUP_ROWS = 16384
 """Rows per Parquet row group of the run's tables."""
 MAX_ERROR_ITEMS = 50
 """Error items listed by name in ``summary.json``."""
