@@ -22,7 +22,7 @@ repeat, and the median is reported.  Targets:
 Peak memory: a Parquet manifest of N items (``connectors.manifest``) whose uris re-use a
 few real images is scored end to end in a fresh subprocess, for N = 10k and 100k; each
 subprocess reads its own peak RSS (``resource.getrusage``; main process and the largest
-DataLoader worker).  Target: ≤ 1.5 GB, and not growing with N.
+worker process).  Target: ≤ 1.5 GB, and not growing with N.
 
 Results go to ``bench/results/fourier_speed.md`` (``--out``).
 """
@@ -204,7 +204,7 @@ RSS_SOURCE_IMAGES = 50
 def _memory_mb(pid: int | str) -> tuple[float, float]:
     """``(resident, private)`` MB of one process, from ``/proc/PID/smaps_rollup``.
 
-    ``private`` counts only pages no other process maps (for a forked DataLoader worker:
+    ``private`` counts only pages no other process maps (for a forked worker:
     what it added on top of what it shares with the main process and the libraries).
     """
     values = {"Rss:": 0, "Private_Clean:": 0, "Private_Dirty:": 0}
@@ -510,7 +510,7 @@ def render(
     cores = os.cpu_count() or 1
     lines.append(
         "- the load average after the run includes the benchmark's own processes "
-        "(the main process and its DataLoader workers)"
+        "(the main process and its worker processes)"
     )
     if load_before[0] > 0.5 * cores:
         lines.append("")
@@ -525,7 +525,7 @@ def render(
     lines.append("")
     lines.append(
         f"(a) decode only through `iter_image_batches` and (b) decode + `fourier` through `score_images`: "
-        f"128×128 reduced decode, {args.workers} DataLoader workers, batches of {args.batch_size}. "
+        f"128×128 reduced decode, {args.workers} worker processes, batches of {args.batch_size}. "
         f"Sets smaller than {MIN_PER_PASS} images are cycled within each timed pass until it has at least "
         f"{MIN_PER_PASS} (`n`: images per pass), so that worker start-up does not dominate. "
         "(c) naive: full-size PIL decode + `numpy.fft.fft2` of the full image, one process, on the first "
@@ -546,9 +546,10 @@ def render(
     lines.append(
         "How the real path gets there: JPEGs are decoded by libjpeg at 1/2, 1/4 or 1/8 scale straight "
         "to luminance (`Image.draft('L', (128, 128))`, the smallest scale still ≥ 128 px on both sides: "
-        "a 1280×720 frame decodes at 320×180), in DataLoader worker processes; workers return pixels as "
-        "pickled NumPy arrays; the main process scores whole batches with one `torch.fft.rfft2` of "
-        "`(64, 128, 128)` and gets the total and the high-frequency power of all images from one matrix "
+        "a 1280×720 frame decodes at 320×180), in worker processes that keep running for the whole "
+        "stream; in (a) the workers return the pixels as pickled NumPy arrays, in (b) they score each "
+        "batch where it was decoded and return only the values: one `torch.fft.rfft2` of "
+        "`(64, 128, 128)`, and the total and the high-frequency power of all images from one matrix "
         "product. The naive path decodes every pixel and transforms the full image."
     )
     lines.append("")
@@ -564,7 +565,7 @@ def render(
             f"Manifest rows (written beforehand with `connectors.manifest.write_manifest`) point at {rss_source} "
             "copied into a temporary project; each size is read with `connectors.manifest.iter_manifest_items` "
             f"and scored with `score_images(['fourier'])` ({args.workers} workers) in its own process. "
-            "`ru_maxrss`: peak resident set of the main process and of the largest DataLoader worker "
+            "`ru_maxrss`: peak resident set of the main process and of the largest worker process "
             "(forked workers share most pages, torch's libraries above all, with the main process, so these do "
             "not add up); `main + workers`: peak of the main process's resident set plus the workers' private "
             "memory (pages no other process maps), sampled every 0.25 s from `/proc/PID/smaps_rollup`: what the "

@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 BOOKKEEPING_DIR = ".labeltriage"
 """Per-project folder for run manifests and other bookkeeping (like ``.git``)."""
 
+_MAX_CHECKED_FOLDERS = 65536
+"""Folders whose real location :meth:`ProjectFS.resolve` remembers (then it starts over)."""
+
 _OPTIONAL_BACKENDS = {
     "s3": "s3fs",
     "s3a": "s3fs",
@@ -98,13 +101,21 @@ class ProjectFS:
         self.fs, root = open_fs(url, self.storage_options)
         self.root = root.rstrip("/") or "/"
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        self._real_root: str | None = None
+        self._checked_folders: set[str] = set()
 
     def __repr__(self) -> str:
         return f"ProjectFS({self.url!r})"
 
     # -- paths ---------------------------------------------------------------------
     def resolve(self, rel: str, *, item: str | None = None) -> str:
-        """The full path of ``rel`` inside the root; refuses anything that escapes it."""
+        """The full path of ``rel`` inside the root; refuses anything that escapes it.
+
+        On a local filesystem symlinks are followed: a path whose real location is outside
+        the real root is refused.  The real root is resolved once, and each folder once
+        (its real location is remembered for the life of this object); a path's last
+        component costs one ``lstat``.
+        """
         if "://" in rel:
             raise PathEscapeError(
                 f"path {rel!r} names another location; expected a path relative to the project",
@@ -120,14 +131,29 @@ class ProjectFS:
         if norm == ".." or norm.startswith("../"):
             raise PathEscapeError(f"path {rel!r} escapes the project root", file=rel, item=item)
         full = self.root if norm == "." else posixpath.join(self.root, norm)
-        if self.is_local:
-            real_root = os.path.realpath(self.root)
-            real = os.path.realpath(full)
-            if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
-                raise PathEscapeError(
-                    f"path {rel!r} resolves outside the project root (symlink)", file=rel, item=item
-                )
+        if self.is_local and norm != ".":
+            folder = posixpath.dirname(norm)
+            if folder and folder not in self._checked_folders:
+                self._check_real(folder, posixpath.join(self.root, folder), rel, item)
+            if os.path.islink(full):
+                self._check_real(None, full, rel, item)
         return full
+
+    def _check_real(self, folder: str | None, full: str, rel: str, item: str | None) -> None:
+        """Refuse ``full`` when its real location is outside the real root; remember an
+        existing ``folder`` that passed."""
+        if self._real_root is None:
+            self._real_root = os.path.realpath(self.root)
+        real_root = self._real_root
+        real = os.path.realpath(full)
+        if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
+            raise PathEscapeError(
+                f"path {rel!r} resolves outside the project root (symlink)", file=rel, item=item
+            )
+        if folder is not None and os.path.isdir(real):
+            if len(self._checked_folders) >= _MAX_CHECKED_FOLDERS:
+                self._checked_folders.clear()
+            self._checked_folders.add(folder)
 
     def relative(self, full: str) -> str:
         """Inverse of :meth:`resolve` for paths listed by the filesystem."""

@@ -46,19 +46,49 @@ noise.
 
 A constant image has no power at all; both functions return exactly ``0`` for it, not
 NaN (as for any image whose spectral power sums to zero).
+
+One spectrum per image
+----------------------
+Both scorers start from the same power spectrum.  The spectrum of the last batch is kept
+for as long as that batch tensor lives (and is not modified in place), so running both
+scorers on one batch computes each image's FFT once.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+import weakref
+from dataclasses import dataclass
 from functools import lru_cache
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from difficulty.imageio import DEFAULT_SIZE
 from difficulty.registry import register_scorer
+
+
+class _Lazy:
+    """A module imported on first use: registering the scorers (in a process that only
+    chooses and combines scores) does not import torch; computing them does."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._module: ModuleType | None = None
+
+    def __getattr__(self, attr: str) -> Any:
+        if self._module is None:
+            self._module = importlib.import_module(self._name)
+        return getattr(self._module, attr)
+
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = _Lazy("torch")
 
 DEFAULT_CUTOFF = 0.25
 
@@ -124,6 +154,19 @@ def _multiplicity(height: int, width: int, device: str, dtype: torch.dtype) -> t
 
 
 @lru_cache(maxsize=16)
+def _sum_weights(height: int, width: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """``(H·(W//2+1), 2)``: the bin multiplicity, in both columns.
+
+    Column 0 of ``x @ w`` is the multiplicity-weighted sum of each row of ``x``.  A
+    two-column product is used, not a matrix-vector one: MKL's matrix-vector product sums a
+    row in an order that depends on where the row sits in the batch (the last bits of an
+    image's value would change with the batch it came in); its matrix product does not.
+    """
+    multiplicity = _multiplicity(height, width, "cpu", torch.float64)
+    return torch.stack([multiplicity, multiplicity], dim=1).to(device=device, dtype=dtype)
+
+
+@lru_cache(maxsize=16)
 def _ratio_weights(
     height: int, width: int, cutoff: float, device: str, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -140,12 +183,45 @@ def _ratio_weights(
     return weights.to(device=device, dtype=dtype)
 
 
+@dataclass
+class _Spectrum:
+    """The power spectrum of one batch tensor, while that tensor lives."""
+
+    images: weakref.ref[torch.Tensor]
+    key: tuple[int, bool]
+    power: torch.Tensor
+    constant: torch.Tensor
+
+
+_last_spectrum: _Spectrum | None = None
+"""The last batch's spectrum (replaced by one assignment; a stale read only recomputes)."""
+
+
+def _forget_spectrum(ref: weakref.ref[torch.Tensor]) -> None:
+    global _last_spectrum
+    last = _last_spectrum
+    if last is not None and last.images is ref:
+        _last_spectrum = None
+
+
 def _power(images: torch.Tensor, window: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Half-grid power ``|rfft2(y)|²`` flattened to ``(N, H·(W//2+1))``, and a ``(N,)`` mask
     of constant images.
 
-    Computed in float64 for float64 input, in float32 otherwise.
+    Computed in float64 for float64 input, in float32 otherwise.  The result for the last
+    batch tensor is reused while that tensor lives unmodified (callers must not modify it).
     """
+    global _last_spectrum
+    key = (images._version, window)
+    last = _last_spectrum
+    if last is not None and last.images() is images and last.key == key:
+        return last.power, last.constant
+    power, constant = _compute_power(images, window)
+    _last_spectrum = _Spectrum(weakref.ref(images, _forget_spectrum), key, power, constant)
+    return power, constant
+
+
+def _compute_power(images: torch.Tensor, window: bool) -> tuple[torch.Tensor, torch.Tensor]:
     x = images if images.dtype == torch.float64 else images.to(torch.float32)
     n, height, width = x.shape
     w = _window(height, width, window, str(x.device), x.dtype)
@@ -179,13 +255,13 @@ def _spectral_entropy(images: torch.Tensor, window: bool) -> torch.Tensor:
         return _empty(images)
     power, constant = _power(images, window)
     _, height, width = images.shape
-    multiplicity = _multiplicity(height, width, str(power.device), power.dtype)
-    total = power @ multiplicity
+    weights = _sum_weights(height, width, str(power.device), power.dtype)
+    total = (power @ weights)[:, 0]
     no_power = constant | ~(total > 0)
     # p is the probability of one full-grid bin; a half-grid bin stands for
     # ``multiplicity`` bins of equal power, so its share of −Σ p log p is −m · p log p.
     p = power / torch.where(no_power, torch.ones_like(total), total)[:, None]
-    entropy = -(torch.xlogy(p, p) @ multiplicity) / math.log(height * width)
+    entropy = -(torch.xlogy(p, p) @ weights)[:, 0] / math.log(height * width)
     entropy = entropy.clamp(0.0, 1.0)
     return torch.where(no_power, torch.zeros_like(entropy), entropy)
 

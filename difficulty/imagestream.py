@@ -1,47 +1,63 @@
-"""Stream the images of a project through a torch DataLoader, decoded in worker processes.
+"""Stream the images of a project through one pool of worker processes, decoded and scored there.
 
-:func:`iter_image_batches` reads an iterable of :class:`~connectors.model.Item` once, in
-the main process, and cuts it into chunks of ``batch_size`` ``(item_id, uri, error)``
-tuples.  Each chunk travels to a DataLoader worker *as the sampler's index* of a
-map-style dataset; the worker reads the files (``ProjectFS.read_bytes`` for paths
-relative to the project, ``fsspec.open`` for full URLs), decodes them with
-:func:`difficulty.imageio.decode_gray` and stacks the images into one
-:class:`ImageBatch`.
+:func:`iter_image_scores` reads an iterable of :class:`~connectors.model.Item` once, in
+the calling process, and cuts it into tasks of ``batch_size`` ``(item_id, uri, error)``
+tuples.  Each task goes to a worker process, which reads the files
+(``ProjectFS.read_bytes`` for paths relative to the project, ``fsspec.open`` for full
+URLs), decodes them with :func:`difficulty.imageio.decode_gray` into a
+``(batch_size, size, size)`` buffer it keeps for the whole stream, runs the image
+scorers on the batch (e.g. both Fourier scorers, on one spectrum per image) and sends
+back only their values: a few floats per item.  :func:`iter_image_batches` sends the
+pixels back instead, for callers that want the images themselves.
 
-Why chunks as indices and not an ``IterableDataset`` sharded by ``worker_info``: a
-sharded iterable dataset makes every worker iterate (and parse) the whole item stream
-and keep the chunks that are its own, which needs a stream that can be re-read from the
-start in every worker — a generator over an open manifest file cannot (after ``fork``
-the workers would share its file offset).  Here the stream is read exactly once, only
-the small tuples cross process boundaries, and DataLoader returns map-style results in
-sampler order, so **the output order is the input order, identical for any
-``num_workers``** (0 decodes in the calling process).
+One stream, one pool.  A whole project is one stream: the workers start once and decode
+ahead while the calling process reads the next items and works on the results already
+back, so reading, decoding and scoring overlap.  Results come back in input order, so
+**the output is the same for any ``num_workers``** (0 decodes and scores in the calling
+process).  Every value is computed per image (a scorer's value for an image does not
+depend on the other images of its batch), so it does not depend on ``batch_size``
+either.
 
-Memory is bounded whatever the project size: items are pulled from the iterable only
-as the DataLoader asks for new chunks (at most ``prefetch_factor × num_workers`` chunks
-in flight, default 2 per worker), and nothing is listed or kept.  Workers send their
-pixels back as a pickled NumPy array, not as a torch tensor: torch moves tensors
-between processes through shared-memory segments, and with those the main process's
-resident memory was measured to creep upwards (by about 150 MB over the first 10k
-items); a pickled ``(64, 128, 128)`` float32 array is 4 MB per batch and keeps it flat.
+Only the small tuples and the values cross process boundaries, and the item stream is
+read exactly once, by the calling process (a generator over an open manifest file could
+not be shared with forked workers).  Memory is bounded whatever the project size: items
+are pulled from the iterable only as results are taken (at most
+``prefetch_factor × num_workers`` tasks in flight), and nothing is listed or kept.
+
+torch is imported where it computes.  The workers are forked from a fork server that
+imports torch once, while the calling process already reads items; the calling process,
+which only reads items and combines scores, never loads it (with ``num_workers=0`` it
+computes, and imports torch, itself).  A process that has loaded torch anyway forks its
+workers directly (see :func:`_context`).  :func:`fix_mmap_threshold` keeps large blocks
+out of the glibc heap, which the per-batch arrays of a long stream would otherwise
+fragment.
+
+Workers on remote storage: an fsspec filesystem that runs an event loop (``s3fs``,
+``gcsfs``) cannot be used in a forked child.  A worker started by the fork server gets
+the project by pickle, which opens its filesystem anew; a worker forked directly opens it
+anew (same URL and storage options) on its first task.
 
 Bad items never stop the stream: an item whose ``error`` is already set, a missing
-file, a path outside the project or an undecodable image is reported in
-:attr:`ImageBatch.errors` with a message naming the file and the item.
+file, a path outside the project or an undecodable image is reported in the batch's
+``errors`` with a message naming the file and the item.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
+import multiprocessing
+import os
 import sys
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from pydantic import ValidationError
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from connectors.errors import InputError, UsageError
@@ -51,10 +67,20 @@ from difficulty import fourier as _fourier  # noqa: F401  (registers the image s
 from difficulty.imageio import DEFAULT_SIZE, decode_gray, read_image_bytes
 from difficulty.registry import SCORERS
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger(__name__)
 
 _Task = tuple[str, str, str | None]
 """``(item_id, uri, error)`` — all a worker needs to know about an item."""
+
+ImagePlan = list[tuple[str, Any, dict[str, Any]]]
+"""``(scorer name, scorer function, its keyword arguments)`` for each image scorer."""
+
+MMAP_THRESHOLD = 128 * 1024
+"""Blocks of at least this many bytes are mapped and returned to the system when freed."""
+_M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
 
 
 @dataclass
@@ -76,68 +102,246 @@ class ImageBatch:
         return len(self.order)
 
 
-class _ChunkSampler:
-    """Iterates the item stream once, yielding chunks of ``batch_size`` tasks."""
+@dataclass
+class ImageScores:
+    """One chunk of the item stream, decoded and scored.
+
+    ``order``: every item id of the chunk, in input order; ``item_ids``: those that
+    decoded, in input order; ``values``: scorer name → ``(len(item_ids),)`` float64, row
+    ``i`` belonging to ``item_ids[i]``; ``errors``: item id → message, for the others.
+    """
+
+    order: list[str]
+    item_ids: list[str]
+    values: dict[str, np.ndarray]
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def per_item(self) -> Iterator[tuple[str, dict[str, float], str | None]]:
+        """``(item_id, {scorer: value}, error)`` for every item of the chunk, in order."""
+        position = 0
+        n = len(self.item_ids)
+        for item_id in self.order:
+            if position < n and self.item_ids[position] == item_id:
+                yield item_id, {k: float(v[position]) for k, v in self.values.items()}, None
+                position += 1
+            else:
+                yield item_id, {}, self.errors[item_id]
+
+
+def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Fix glibc's mmap threshold for this process (and the processes it forks later).
+
+    glibc raises its threshold each time a mapped block is freed (up to 32 MB), after
+    which the large per-batch arrays come from the heap, which they fragment: a long
+    stream then grows the resident size with the item count.  A fixed threshold keeps
+    large blocks mapped and returns them to the system when freed.  Returns ``False``
+    where there is no glibc ``mallopt`` (other C libraries, other systems).
+    """
+    name = ctypes.util.find_library("c")
+    if not sys.platform.startswith("linux") or name is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, threshold))
+
+
+class _TaskSampler:
+    """Iterates the item stream once, yielding tasks of ``batch_size`` items."""
 
     def __init__(self, items: Iterable[Item], batch_size: int) -> None:
         self.items = items
         self.batch_size = batch_size
 
     def __iter__(self) -> Iterator[tuple[_Task, ...]]:
-        chunk: list[_Task] = []
+        task: list[_Task] = []
         for item in self.items:
-            chunk.append((item.item_id, item.uri, item.error))
-            if len(chunk) == self.batch_size:
-                yield tuple(chunk)
-                chunk = []
-        if chunk:
-            yield tuple(chunk)
+            task.append((item.item_id, item.uri, item.error))
+            if len(task) == self.batch_size:
+                yield tuple(task)
+                task = []
+        if task:
+            yield tuple(task)
 
 
 @dataclass
-class _Decoded:
-    """What a worker sends back: an :class:`ImageBatch` with ``images`` as NumPy."""
+class _Done:
+    """What a worker sends back: pixels (``(n, size, size)`` float32) or scorer values."""
 
     order: list[str]
     item_ids: list[str]
-    pixels: np.ndarray
     errors: dict[str, str]
+    pixels: np.ndarray | None = None
+    values: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-class _DecodeChunks(Dataset[_Decoded]):
-    """Map-style dataset whose "index" is a chunk of tasks; returns the decoded chunk."""
+class _DecodeTasks:
+    """Decodes (and scores) one task; one instance lives in each worker process.
 
-    def __init__(self, project: ProjectFS | None, size: int) -> None:
+    With a ``plan`` the scorers run on the decoded batch and only their values are
+    returned; without one, the pixels.
+    """
+
+    def __init__(
+        self, project: ProjectFS | None, size: int, batch_size: int, plan: ImagePlan | None
+    ) -> None:
         self.project = project
         self.size = size
+        self.batch_size = batch_size
+        self.plan = plan
+        self._pid = os.getpid()
+        self._buffer: torch.Tensor | None = None
 
-    def __getitem__(self, chunk: tuple[_Task, ...]) -> _Decoded:
+    def _project(self) -> ProjectFS | None:
+        """The project's filesystem, opened anew once in each forked worker (fsspec's
+        event-loop filesystems cannot be used across ``fork``)."""
+        pid = os.getpid()
+        if pid != self._pid:
+            if self.project is not None and not self.project.is_local:
+                self.project = ProjectFS(self.project.url, self.project.storage_options)
+            self._pid = pid
+        return self.project
+
+    def __call__(self, task: tuple[_Task, ...]) -> _Done:
+        import torch
+
+        project = self._project()
+        if self._buffer is None:
+            self._buffer = torch.empty((self.batch_size, self.size, self.size))
+        buffer = self._buffer
         order: list[str] = []
         ids: list[str] = []
-        images: list[torch.Tensor] = []
         errors: dict[str, str] = {}
-        for item_id, uri, error in chunk:
+        for item_id, uri, error in task:
             order.append(item_id)
             if error is not None:
                 errors[item_id] = error
                 continue
             try:
-                data = read_image_bytes(uri, self.project, item=item_id)
-                images.append(decode_gray(data, size=self.size, name=uri, item=item_id))
+                data = read_image_bytes(uri, project, item=item_id)
+                buffer[len(ids)] = decode_gray(data, size=self.size, name=uri, item=item_id)
             except InputError as exc:
                 errors[item_id] = str(exc)
                 continue
             ids.append(item_id)
-        pixels = (
-            torch.stack(images).numpy()
-            if images
-            else np.empty((0, self.size, self.size), np.float32)
-        )
-        return _Decoded(order=order, item_ids=ids, pixels=pixels, errors=errors)
+        images = buffer[: len(ids)]
+        if self.plan is None:
+            return _Done(order, ids, errors, pixels=images.numpy().copy())
+        values: dict[str, np.ndarray] = {}
+        if ids:
+            for name, fn, kwargs in self.plan:
+                values[name] = np.asarray(fn(images=images, **kwargs), dtype=np.float64).reshape(-1)
+        return _Done(order, ids, errors, values=values)
 
 
-def _as_is(batch: Any) -> Any:
-    return batch
+_worker_tasks: _DecodeTasks | None = None
+"""The task runner of this worker process (set by :func:`_start_worker`)."""
+
+
+def _start_worker(tasks: _DecodeTasks) -> None:
+    global _worker_tasks
+    _worker_tasks = tasks
+    import torch  # preloaded by the fork server (or inherited): the main process need not
+
+    torch.set_num_threads(1)  # the workers are the parallelism
+
+
+def _run_task(task: tuple[_Task, ...]) -> _Done:
+    if _worker_tasks is None:
+        raise RuntimeError("image stream worker used before it was started")
+    return _worker_tasks(task)
+
+
+WORKER_PRELOAD = ("torch", "difficulty.fourier")
+"""Modules the fork server imports once, before it forks the workers."""
+
+
+def _context() -> Any:
+    """How worker processes start.
+
+    When this process has loaded torch already, ``fork``: the workers share its pages.
+    Otherwise a fork server that imports torch once (:data:`WORKER_PRELOAD`) and forks
+    the workers from itself: torch is imported once, in parallel with this process's own
+    work, and never in this process.  ``spawn`` where neither exists.
+    """
+    methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods and "torch" in sys.modules:
+        return multiprocessing.get_context("fork")
+    if "forkserver" in methods:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(list(WORKER_PRELOAD))
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+def _check_stream_arguments(
+    size: int, batch_size: int, num_workers: int, prefetch_factor: int
+) -> None:
+    if size < 1:
+        raise UsageError(f"image size must be a positive number of pixels, got {size}")
+    if batch_size < 1:
+        raise UsageError(f"batch size must be at least 1, got {batch_size}")
+    if num_workers < 0:
+        raise UsageError(f"num_workers must be 0 or more, got {num_workers}")
+    if prefetch_factor < 1:
+        raise UsageError(f"prefetch_factor must be at least 1, got {prefetch_factor}")
+
+
+def _stream(
+    items: Iterable[Item],
+    project: ProjectFS | None,
+    plan: ImagePlan | None,
+    size: int,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+    prefetch_factor: int,
+) -> Iterator[_Done]:
+    """One pool of workers over the whole item stream, results in input order.
+
+    At most ``prefetch_factor × num_workers`` tasks are in flight; the next task is cut
+    from the item stream (here, in the calling process) when a result is taken.
+    """
+    fix_mmap_threshold()
+    tasks = _DecodeTasks(project, size, batch_size, plan)
+    with tqdm(
+        unit="img", desc="decode", file=sys.stderr, disable=not progress, dynamic_ncols=True
+    ) as bar:
+        for done in _run(tasks, _TaskSampler(items, batch_size), num_workers, prefetch_factor):
+            for item_id, message in done.errors.items():
+                log.debug("image not decoded: %s (%s)", item_id, message)
+            bar.update(len(done.order))
+            yield done
+
+
+def _run(
+    tasks: _DecodeTasks,
+    sampler: Iterable[tuple[_Task, ...]],
+    num_workers: int,
+    prefetch_factor: int,
+) -> Iterator[_Done]:
+    if num_workers == 0:
+        yield from map(tasks, sampler)
+        return
+    pool = ProcessPoolExecutor(
+        num_workers, mp_context=_context(), initializer=_start_worker, initargs=(tasks,)
+    )
+    in_flight: deque[Future[_Done]] = deque()
+    try:
+        for task in sampler:
+            in_flight.append(pool.submit(_run_task, task))
+            if len(in_flight) >= prefetch_factor * num_workers:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def iter_image_batches(
@@ -158,56 +362,63 @@ def iter_image_batches(
     same for any value.  ``progress`` shows a tqdm bar (images) on stderr.  ``project``
     may be ``None`` when every uri is a full fsspec URL.
     """
-    if size < 1:
-        raise UsageError(f"image size must be a positive number of pixels, got {size}")
-    if batch_size < 1:
-        raise UsageError(f"batch size must be at least 1, got {batch_size}")
-    if num_workers < 0:
-        raise UsageError(f"num_workers must be 0 or more, got {num_workers}")
-    if prefetch_factor < 1:
-        raise UsageError(f"prefetch_factor must be at least 1, got {prefetch_factor}")
-    return _iter_batches(items, project, size, batch_size, num_workers, progress, prefetch_factor)
+    _check_stream_arguments(size, batch_size, num_workers, prefetch_factor)
+    import torch
+
+    return (
+        ImageBatch(
+            item_ids=done.item_ids,
+            images=torch.from_numpy(done.pixels)
+            if done.pixels is not None
+            else torch.empty((0, size, size)),
+            errors=done.errors,
+            order=done.order,
+        )
+        for done in _stream(
+            items, project, None, size, batch_size, num_workers, progress, prefetch_factor
+        )
+    )
 
 
-def _iter_batches(
+def iter_image_scores(
     items: Iterable[Item],
     project: ProjectFS | None,
-    size: int,
-    batch_size: int,
-    num_workers: int,
-    progress: bool,
-    prefetch_factor: int,
-) -> Iterator[ImageBatch]:
-    loader: DataLoader[_Decoded] = DataLoader(
-        _DecodeChunks(project, size),
-        batch_size=None,
-        sampler=_ChunkSampler(items, batch_size),
-        num_workers=num_workers,
-        collate_fn=_as_is,
-        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+    plan: ImagePlan,
+    *,
+    size: int = DEFAULT_SIZE,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    progress: bool = False,
+    prefetch_factor: int = 2,
+) -> Iterator[ImageScores]:
+    """Decode and score the images of ``items`` in batches, in input order.
+
+    ``plan``: ``(name, function, keyword arguments)`` of each image scorer, already
+    validated (see :func:`score_images` for the checked entry point).  The scorers run
+    where the images are decoded (in the workers), on each batch of ``batch_size`` items;
+    only their values come back.  Each :class:`ImageScores` covers the next ``batch_size``
+    items.
+    """
+    _check_stream_arguments(size, batch_size, num_workers, prefetch_factor)
+    if not plan:
+        raise UsageError("no image scorers to run")
+    return (
+        ImageScores(
+            order=done.order, item_ids=done.item_ids, values=done.values, errors=done.errors
+        )
+        for done in _stream(
+            items, project, plan, size, batch_size, num_workers, progress, prefetch_factor
+        )
     )
-    with tqdm(
-        unit="img", desc="decode", file=sys.stderr, disable=not progress, dynamic_ncols=True
-    ) as bar:
-        for decoded in loader:
-            for item_id, message in decoded.errors.items():
-                log.debug("image not decoded: %s (%s)", item_id, message)
-            bar.update(len(decoded.order))
-            yield ImageBatch(
-                order=decoded.order,
-                item_ids=decoded.item_ids,
-                images=torch.from_numpy(decoded.pixels),
-                errors=decoded.errors,
-            )
 
 
-def _scorer_plan(
+def image_plan(
     scorers: Sequence[str], settings: Mapping[str, Mapping[str, Any]] | None, size: int | None
-) -> tuple[list[tuple[str, Any, dict[str, Any]]], int]:
-    """Validate scorer names and settings; the common decode size."""
+) -> tuple[ImagePlan, int]:
+    """Validate image scorer names and settings; the plan and the common decode size."""
     if not scorers:
         raise UsageError("no scorers given; choose one or more of the image scorers, e.g. fourier")
-    plan: list[tuple[str, Any, dict[str, Any]]] = []
+    plan: ImagePlan = []
     sizes: dict[str, int] = {}
     for name in scorers:
         spec = SCORERS[name]
@@ -256,25 +467,9 @@ def score_images(
     settings model).  The decode size is the ``size`` set in the settings or given as a
     keyword argument (default 128); where several are set they must agree.  Items that
     could not be decoded come back with empty values and ``error`` set.  Remaining keyword
-    arguments go to :func:`iter_image_batches`.  Names, settings and stream arguments are
+    arguments go to :func:`iter_image_scores`.  Names, settings and stream arguments are
     checked when this is called (:class:`UsageError`), before any item is read.
     """
-    plan, size = _scorer_plan(scorers, settings, stream_kwargs.pop("size", None))
-    return _score_batches(plan, iter_image_batches(items, project, size=size, **stream_kwargs))
-
-
-def _score_batches(
-    plan: list[tuple[str, Any, dict[str, Any]]], batches: Iterator[ImageBatch]
-) -> Iterator[tuple[str, dict[str, float], str | None]]:
-    for batch in batches:
-        columns: dict[str, list[float]] = {}
-        if batch.item_ids:
-            for name, fn, kwargs in plan:
-                columns[name] = [float(v) for v in fn(images=batch.images, **kwargs)]
-        position = 0
-        for item_id in batch.order:
-            if position < len(batch.item_ids) and batch.item_ids[position] == item_id:
-                yield item_id, {name: values[position] for name, values in columns.items()}, None
-                position += 1
-            else:
-                yield item_id, {}, batch.errors[item_id]
+    plan, size = image_plan(scorers, settings, stream_kwargs.pop("size", None))
+    batches = iter_image_scores(items, project, plan, size=size, **stream_kwargs)
+    return (row for batch in batches for row in batch.per_item())

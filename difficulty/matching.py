@@ -22,6 +22,7 @@ same class with the highest IoU, if that IoU reaches the threshold.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -92,6 +93,100 @@ def _score(a: Annotation) -> float:
     return a.score if a.score is not None else 1.0
 
 
+@dataclass(frozen=True)
+class MatchCurve:
+    """One image's greedy matching, done once, read at any minimum box score.
+
+    The kept predictions (boxed, not of an ignored class) are sorted once by descending
+    score; those with ``score >= c`` are a prefix of that order, and the greedy matching of
+    a prefix is the prefix of the greedy matching (each prediction only sees the targets
+    taken before it).  So one pass gives the counts for every ``c``: ``at(c)`` equals
+    :func:`match_detections` with ``min_score=c``, for any ``c >= min_score``.
+
+    ``neg_scores``: the kept predictions' scores, negated, ascending; ``tp``, ``fp``,
+    ``in_region``: counts over the first ``k`` predictions, ``k = 0 … P``;
+    ``ignored_class_scores``: scores of predictions whose own class is ignored;
+    ``targets``: ground-truth boxes to find.
+    """
+
+    neg_scores: tuple[float, ...]
+    tp: tuple[int, ...]
+    fp: tuple[int, ...]
+    in_region: tuple[int, ...]
+    ignored_class_scores: tuple[float, ...]
+    targets: int
+    min_score: float = 0.0
+
+    def at(self, min_score: float | None = None) -> MatchResult:
+        """The counts with predictions below ``min_score`` dropped (default: the curve's own)."""
+        c = self.min_score if min_score is None else float(min_score)
+        if c < self.min_score:
+            raise ValueError(f"this matching starts at score {self.min_score}, asked for {c}")
+        k = bisect.bisect_right(self.neg_scores, -c)  # the predictions with score >= c
+        tp, fp = self.tp[k], self.fp[k]
+        ignored = self.in_region[k] + sum(1 for s in self.ignored_class_scores if s >= c)
+        fn = self.targets - tp
+        return MatchResult(tp=tp, fp=fp, fn=fn, ignored=ignored, correct=fp == 0 and fn == 0)
+
+
+def match_curve(
+    gt: Sequence[Annotation],
+    pred: Sequence[Annotation],
+    *,
+    iou_threshold: float = 0.5,
+    ignore_labels: Collection[str] = frozenset(),
+    min_score: float = 0.0,
+) -> MatchCurve:
+    """Match one image's predicted boxes to its ground truth once, for every ``c >= min_score``.
+
+    Same rule and arguments as :func:`match_detections`; predictions below ``min_score``
+    are left out of the matching (read the curve only at ``c >= min_score``).
+    """
+    ignore = frozenset(ignore_labels)
+    gt_boxed = [a for a in gt if a.box is not None]
+    targets = [a for a in gt_boxed if a.label not in ignore]
+    regions = [a for a in gt_boxed if a.label in ignore]
+
+    boxed = [a for a in pred if a.box is not None and _score(a) >= min_score]
+    ignored_class = tuple(_score(a) for a in boxed if a.label in ignore)
+    kept = sorted((a for a in boxed if a.label not in ignore), key=lambda a: -_score(a))
+
+    iou: list[list[float]] = (
+        box_iou(_boxes(kept), _boxes(targets)).tolist() if kept and targets else []
+    )
+    in_region: list[bool]
+    if regions and kept:
+        inside: np.ndarray = np.asarray(box_ioa(_boxes(kept), _boxes(regions)) >= IGNORE_IOA)
+        in_region = [bool(v) for v in np.asarray(inside.any(axis=1))]
+    else:
+        in_region = [False] * len(kept)
+
+    labels = [a.label for a in targets]
+    taken = [False] * len(targets)
+    tp, fp, region = [0], [0], [0]
+    for i, p in enumerate(kept):
+        # the untaken target of the same class with the highest IoU (the first on ties)
+        best, j = -1.0, -1
+        for t, label in enumerate(labels):
+            if not taken[t] and label == p.label and iou[i][t] > best:
+                best, j = iou[i][t], t
+        matched = j >= 0 and best >= iou_threshold
+        if matched:
+            taken[j] = True
+        tp.append(tp[-1] + matched)
+        fp.append(fp[-1] + (not matched and not in_region[i]))
+        region.append(region[-1] + (not matched and in_region[i]))
+    return MatchCurve(
+        neg_scores=tuple(-_score(a) for a in kept),
+        tp=tuple(tp),
+        fp=tuple(fp),
+        in_region=tuple(region),
+        ignored_class_scores=ignored_class,
+        targets=len(targets),
+        min_score=float(min_score),
+    )
+
+
 def match_detections(
     gt: Sequence[Annotation],
     pred: Sequence[Annotation],
@@ -105,44 +200,31 @@ def match_detections(
     ``gt`` and ``pred`` hold boxed annotations (pixel ``xyxy``); annotations without a box
     are ignored.  Predictions with ``score < min_score`` are dropped before matching.
     """
-    ignore = frozenset(ignore_labels)
-    gt_boxed = [a for a in gt if a.box is not None]
-    targets = [a for a in gt_boxed if a.label not in ignore]
-    regions = [a for a in gt_boxed if a.label in ignore]
+    return match_curve(
+        gt, pred, iou_threshold=iou_threshold, ignore_labels=ignore_labels, min_score=min_score
+    ).at(min_score)
 
-    kept = [a for a in pred if a.box is not None and _score(a) >= min_score]
-    ignored = sum(1 for a in kept if a.label in ignore)
-    kept = [a for a in kept if a.label not in ignore]
-    order = sorted(range(len(kept)), key=lambda i: -_score(kept[i]))
-    kept = [kept[i] for i in order]
 
-    t_boxes = _boxes(targets)
-    p_boxes = _boxes(kept)
-    iou = box_iou(p_boxes, t_boxes)
-    t_labels = np.array([a.label for a in targets], dtype=object)
-    if regions and kept:
-        in_region: np.ndarray = np.asarray(
-            (box_ioa(p_boxes, _boxes(regions)) >= IGNORE_IOA).any(axis=1)
+def match_error(m: MatchResult) -> float:
+    """``1 − F1 = (fp + fn) / (2·tp + fp + fn)``; 0 when there is nothing to find or predict."""
+    denom = 2 * m.tp + m.fp + m.fn
+    return 0.0 if denom == 0 else (m.fp + m.fn) / denom
+
+
+def detection_error(
+    gt: Sequence[Annotation],
+    pred: Sequence[Annotation],
+    *,
+    iou_threshold: float = 0.5,
+    ignore_labels: Collection[str] = frozenset(),
+    min_score: float = 0.0,
+) -> float:
+    """:func:`match_error` of one image's matching; ``pred`` already in project classes."""
+    return match_error(
+        match_detections(
+            gt, pred, iou_threshold=iou_threshold, ignore_labels=ignore_labels, min_score=min_score
         )
-    else:
-        in_region = np.zeros(len(kept), dtype=bool)
-
-    taken = np.zeros(len(targets), dtype=bool)
-    tp = fp = 0
-    for i, p in enumerate(kept):
-        if targets:
-            candidates = np.where((t_labels == p.label) & ~taken, iou[i], -1.0)
-            j = int(np.argmax(candidates))
-            if candidates[j] >= iou_threshold:
-                taken[j] = True
-                tp += 1
-                continue
-        if in_region[i]:
-            ignored += 1
-        else:
-            fp += 1
-    fn = len(targets) - tp
-    return MatchResult(tp=tp, fp=fp, fn=fn, ignored=ignored, correct=fp == 0 and fn == 0)
+    )
 
 
 def predicted_class(prediction: Prediction, label_map: LabelMap, min_score: float) -> str | None:
@@ -172,15 +254,22 @@ def predicted_class(prediction: Prediction, label_map: LabelMap, min_score: floa
     return top.label
 
 
-def _match_item(
+def item_match_curve(
     item: Item,
     prediction: Prediction | None,
     label_map: LabelMap,
-    iou_threshold: float,
-    min_score: float,
-) -> MatchResult:
+    *,
+    iou_threshold: float = 0.5,
+    min_score: float = 0.0,
+) -> MatchCurve:
+    """The detection matching of ``item``'s labels and its prediction, once for every box
+    confidence ``c >= min_score`` (:class:`MatchCurve`).
+
+    The label map turns model classes into project classes (unmapped ones dropped) and
+    names the ignored classes; a missing prediction is an empty one.
+    """
     pred = label_map.apply(prediction.annotations) if prediction is not None else []
-    return match_detections(
+    return match_curve(
         item.annotations,
         pred,
         iou_threshold=iou_threshold,
@@ -204,13 +293,37 @@ def item_correct(
     names the ignored classes.  A missing prediction is an empty one: right only for a
     detection item with nothing (but ignore regions) to find.
     """
+    return wrong_at(
+        item, prediction, label_map, [min_score], task=task, iou_threshold=iou_threshold
+    ) == [False]
+
+
+def wrong_at(
+    item: Item,
+    prediction: Prediction | None,
+    label_map: LabelMap,
+    confidences: Sequence[float],
+    *,
+    task: str = "detection",
+    iou_threshold: float = 0.5,
+) -> list[bool]:
+    """For each box confidence ``c``: would the auto-label from boxes with score ≥ ``c`` be
+    rejected?  ``not item_correct(..., min_score=c)`` for every ``c``, with one matching.
+    """
     if task == "classification":
         truth = item.class_label
-        guess = (
-            predicted_class(prediction, label_map, min_score) if prediction is not None else None
-        )
-        return truth is not None and guess == truth
-    return _match_item(item, prediction, label_map, iou_threshold, min_score).correct
+        return [
+            truth is None
+            or (predicted_class(prediction, label_map, c) if prediction is not None else None)
+            != truth
+            for c in confidences
+        ]
+    if not confidences:
+        return []
+    curve = item_match_curve(
+        item, prediction, label_map, iou_threshold=iou_threshold, min_score=min(confidences)
+    )
+    return [not curve.at(c).correct for c in confidences]
 
 
 def item_error(
@@ -233,6 +346,11 @@ def item_error(
             if item_correct(item, prediction, label_map, task=task, min_score=min_score)
             else 1.0
         )
-    m = _match_item(item, prediction, label_map, iou_threshold, min_score)
-    denom = 2 * m.tp + m.fp + m.fn
-    return 0.0 if denom == 0 else (m.fp + m.fn) / denom
+    pred = label_map.apply(prediction.annotations) if prediction is not None else []
+    return detection_error(
+        item.annotations,
+        pred,
+        iou_threshold=iou_threshold,
+        ignore_labels=label_map.ignore,
+        min_score=min_score,
+    )

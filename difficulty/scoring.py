@@ -25,12 +25,15 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
+import tempfile
 import uuid
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -39,7 +42,7 @@ from pydantic import ValidationError
 from connectors.errors import UsageError
 from connectors.formats.base import PredictionSource, ProjectFormat
 from connectors.labelmap import LabelMap
-from connectors.model import Item, Prediction
+from connectors.model import Annotation, Item, Prediction
 from connectors.storage import ProjectFS
 from difficulty.combine import (
     CombineFit,
@@ -48,11 +51,13 @@ from difficulty.combine import (
     quantile_sketch,
     spearman,
 )
+from difficulty.matching import detection_error, item_error
 from difficulty.registry import SCORERS, ScorerSpec
-from difficulty.table import write_difficulty
+from difficulty.table import write_difficulty_parts
 from difficulty.tiers import TierConfig, tier_thresholds, tiers_from_thresholds
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SCORER_MODULES = ("difficulty.fourier", "difficulty.strategies", "difficulty.prediction_scores")
 """Modules whose import registers scorers."""
@@ -141,6 +146,11 @@ def resolve_scorers(
     for name in names:
         spec = SCORERS[name]  # UsageError with the valid choices on a miss
         missing = sorted(spec.needs - needs)
+        if "images" in spec.needs and spec.needs - {"images", "rng", "n"}:
+            raise UsageError(
+                f"scorer {name!r} needs images together with {', '.join(sorted(spec.needs - {'images'}))}; "
+                "image scorers run where images are decoded and get images only"
+            )
         if missing:
             raise UsageError(
                 f"scorer {name!r} needs {', '.join(missing)}, which these inputs do not provide (bring predictions or a model)"
@@ -157,17 +167,21 @@ def resolve_scorers(
 # -- per-chunk work -----------------------------------------------------------------------
 
 
-def _box_scores(prediction: Prediction, label_map: LabelMap) -> np.ndarray:
-    anns = [a for a in label_map.apply(prediction.annotations) if a.box is not None]
-    return np.array([1.0 if a.score is None else a.score for a in anns], dtype=np.float64)
+def image_scorers(scorers: Iterable[str]) -> list[str]:
+    """The scorers that need images and nothing else: they run where images are decoded."""
+    return [name for name in scorers if SCORERS[name].needs == {"images"}]
+
+
+def _box_scores(mapped: Sequence[Annotation]) -> np.ndarray:
+    """Confidences of the boxed predictions (already in project classes)."""
+    return np.array(
+        [1.0 if a.score is None else a.score for a in mapped if a.box is not None],
+        dtype=np.float64,
+    )
 
 
 def _collate(need: str, values: list[Any]) -> Any:
     """Stack per-item inputs into what a scorer of that need receives."""
-    if need == "images":
-        import torch
-
-        return torch.stack(values) if values else torch.zeros((0, 1, 1))
     if need == "committee":
         return np.stack(values, axis=1)
     if need == "probs" and values and isinstance(values[0], dict):
@@ -185,20 +199,33 @@ def _split_batch(need: str, value: Any, n: int) -> list[Any]:
     return [value[i] for i in range(n)]
 
 
-def _images(
-    items: list[Item], project: ProjectFS, size: int, batch_size: int, num_workers: int
-) -> tuple[dict[str, Any], dict[str, str]]:
-    from difficulty.imagestream import iter_image_batches
+def _scored_images(
+    items: Iterable[Item],
+    project: ProjectFS,
+    scorers: Mapping[str, Mapping[str, Any]],
+    *,
+    image_size: int,
+    batch_size: int,
+    num_workers: int,
+) -> Iterator[tuple[Item, dict[str, float], str | None]]:
+    """Each item with the values of the image scorers (or why its image was not scored),
+    in input order, through one image stream (:mod:`difficulty.imagestream`)."""
+    from difficulty.imagestream import iter_image_scores
 
-    images: dict[str, Any] = {}
-    errors: dict[str, str] = {}
-    for batch in iter_image_batches(
-        items, project, size=size, batch_size=batch_size, num_workers=num_workers, progress=False
-    ):
-        errors.update(batch.errors)
-        for i, item_id in enumerate(batch.item_ids):
-            images[item_id] = batch.images[i]
-    return images, errors
+    plan = [(name, SCORERS[name].fn, dict(scorers[name])) for name in image_scorers(scorers)]
+    in_flight: deque[Item] = deque()
+
+    def feed() -> Iterator[Item]:
+        for item in items:
+            in_flight.append(item)
+            yield item
+
+    batches = iter_image_scores(
+        feed(), project, plan, size=image_size, batch_size=batch_size, num_workers=num_workers
+    )
+    for batch in batches:
+        for _, values, error in batch.per_item():
+            yield in_flight.popleft(), values, error
 
 
 def _model_outputs(
@@ -249,17 +276,65 @@ def score_chunk(
     ``true_error``, ``annotation_seconds``, ``model_version``.
     """
     items = list(items)
+    image_values: dict[str, dict[str, float]] = {}
+    image_errors: dict[str, str] = {}
+    ok = [it for it in items if not it.error]
+    if image_scorers(scorers) and ok:
+        for item, values, error in _scored_images(
+            ok,
+            project,
+            scorers,
+            image_size=image_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+        ):
+            if error is None:
+                image_values[item.item_id] = values
+            else:
+                image_errors[item.item_id] = error
+    return _chunk_frame(
+        items,
+        image_values,
+        image_errors,
+        project=project,
+        scorers=scorers,
+        predictions=predictions,
+        checkpoint=checkpoint,
+        label_map=label_map,
+        task=task,
+        batch_size=batch_size,
+        iou_threshold=iou_threshold,
+        error_min_score=error_min_score,
+        seed=seed,
+    )
+
+
+def _chunk_frame(
+    items: list[Item],
+    image_values: Mapping[str, Mapping[str, float]],
+    image_errors: Mapping[str, str],
+    *,
+    project: ProjectFS,
+    scorers: Mapping[str, Mapping[str, Any]],
+    predictions: PredictionSource | None,
+    checkpoint: str | None,
+    label_map: LabelMap,
+    task: str,
+    batch_size: int,
+    iou_threshold: float,
+    error_min_score: float,
+    seed: int,
+) -> pd.DataFrame:
+    """The rows of :func:`score_chunk`, given the image scorers' values of the chunk's items."""
     specs = {name: SCORERS[name] for name in scorers}
     wanted = frozenset().union(*(s.needs for s in specs.values())) if specs else frozenset()
     errors: dict[str, str] = {it.item_id: it.error for it in items if it.error}
     ok = [it for it in items if not it.error]
+    errors.update(image_errors)
     inputs: dict[str, dict[str, Any]] = {}
     preds: dict[str, Prediction] = {}
+    mapped: dict[str, list[Annotation]] = {}
 
-    if "images" in wanted and ok:
-        images, image_errors = _images(ok, project, image_size, batch_size, num_workers)
-        errors.update(image_errors)
-        inputs["images"] = images
     if checkpoint is not None and ok:
         per_need, preds, model_errors = _model_outputs(checkpoint, ok, project, batch_size, wanted)
         errors.update(model_errors)
@@ -273,7 +348,8 @@ def score_chunk(
                 errors[it.item_id] = p.error
                 continue
             preds[it.item_id] = p
-            inputs.setdefault("box_scores", {})[it.item_id] = _box_scores(p, label_map)
+            mapped[it.item_id] = label_map.apply(p.annotations)
+            inputs.setdefault("box_scores", {})[it.item_id] = _box_scores(mapped[it.item_id])
             if p.probs:
                 inputs.setdefault("probs", {})[it.item_id] = p.probs
 
@@ -287,6 +363,12 @@ def score_chunk(
     position = {it.item_id: i for i, it in enumerate(items)}
     for name, spec in specs.items():
         col = np.full(n, np.nan)
+        if spec.needs == {"images"}:
+            for i in good:
+                if i in image_values:
+                    col[position[i]] = image_values[i][name]
+            rows[name] = col
+            continue
         data_needs = spec.needs - {"rng", "n"}
         ids = [i for i in good if all(i in inputs.get(need, {}) for need in data_needs)]
         if ids:
@@ -301,18 +383,21 @@ def score_chunk(
             col[[position[i] for i in ids]] = values
         rows[name] = col
 
-    from difficulty.matching import item_error
-
     true_error = np.full(n, np.nan)
-    for i, it in enumerate(items):
+    for row, it in enumerate(items):
         if it.item_id in errors or it.item_id not in preds or not it.has_human_label:
             continue
-        true_error[i] = item_error(
-            it,
-            preds[it.item_id],
-            label_map,
-            task=task,
+        p = preds[it.item_id]
+        if task == "classification":
+            true_error[row] = item_error(
+                it, p, label_map, task=task, iou_threshold=iou_threshold, min_score=error_min_score
+            )
+            continue
+        true_error[row] = detection_error(
+            it.annotations,
+            mapped[it.item_id] if it.item_id in mapped else label_map.apply(p.annotations),
             iou_threshold=iou_threshold,
+            ignore_labels=label_map.ignore,
             min_score=error_min_score,
         )
     rows["error"] = [errors.get(it.item_id) for it in items]
@@ -337,12 +422,27 @@ def score_chunk(
 
 @dataclass
 class ScoreResult:
-    """What :func:`score_project` wrote: the table, its metadata and the paths."""
+    """What :func:`score_project` wrote: its metadata, summary and paths.
 
-    table: pd.DataFrame
+    The run streams its table to ``difficulty.parquet`` and never holds it whole;
+    :attr:`table` reads the written table back on first use.
+    """
+
     meta: dict[str, Any]
     summary: dict[str, Any]
     paths: dict[str, str] = field(default_factory=dict)
+    out_dir: str = ""
+    storage_options: dict[str, Any] | None = None
+    _table: pd.DataFrame | None = field(default=None, repr=False)
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """The written difficulty table (read from ``out_dir`` once)."""
+        if self._table is None:
+            from difficulty.table import read_difficulty
+
+            self._table, _ = read_difficulty(self.out_dir, self.storage_options)
+        return self._table
 
 
 def describe_predictions(predictions: PredictionSource | None) -> str | None:
@@ -358,8 +458,8 @@ def describe_predictions(predictions: PredictionSource | None) -> str | None:
     return type(predictions).__name__
 
 
-def _chunks(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
-    chunk: list[Item] = []
+def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    chunk: list[T] = []
     for it in items:
         chunk.append(it)
         if len(chunk) >= size:
@@ -470,11 +570,132 @@ def finish_table(
     return df, meta
 
 
+@dataclass
+class _Collected:
+    """The chunk tables of a run, streamed to a local Parquet file in row groups.
+
+    Kept in memory: only what combination and the summary need — one float64 array per
+    scorer, the true error, which rows were scored, and counts.
+    """
+
+    path: str
+    scorers: list[str]
+    values: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    true_error: list[np.ndarray] = field(default_factory=list)
+    ok: list[np.ndarray] = field(default_factory=list)
+    items: int = 0
+    labeled: int = 0
+    errors: int = 0
+    error_items: list[dict[str, Any]] = field(default_factory=list)
+    versions: set[str] = field(default_factory=set)
+    _pending: list[Any] = field(default_factory=list)
+    _pending_rows: int = 0
+    _writer: Any = None
+
+    def add(self, part: pd.DataFrame) -> None:
+        import pyarrow as pa
+
+        ok = part["error"].isna().to_numpy()
+        for name in self.scorers:
+            self.values.setdefault(name, []).append(part[name].to_numpy(dtype=np.float64))
+        self.true_error.append(part["true_error"].to_numpy(dtype=np.float64, na_value=np.nan))
+        self.ok.append(ok)
+        self.items += len(part)
+        self.labeled += int(part["status"].isin(["labeled", "reviewed"]).sum())
+        self.errors += int((~ok).sum())
+        for row in part.loc[~ok, ["item_id", "error"]].itertuples(index=False):
+            if len(self.error_items) >= MAX_ERROR_ITEMS:
+                break
+            self.error_items.append({"item_id": row.item_id, "error": row.error})
+        self.versions.update(str(v) for v in part["model_version"].dropna())
+        schema = pa.schema(
+            [
+                pa.field(c, pa.float64() if c in self.scorers or c in _RAW_FLOATS else pa.string())
+                for c in part.columns
+                if c != "model_version"
+            ]
+        )
+        self._pending.append(
+            pa.Table.from_pandas(
+                part.drop(columns=["model_version"]), schema=schema, preserve_index=False
+            )
+        )
+        self._pending_rows += len(part)
+        if self._pending_rows >= ROW_GROUP_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self._pending:
+            return
+        table = pa.concat_tables(self._pending)
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.path, table.schema, compression="zstd")
+        self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        self._pending, self._pending_rows = [], 0
+
+    def close(self) -> None:
+        self._flush()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def column(self, name: str) -> np.ndarray:
+        """One kept column over all rows: a scorer's values, ``true_error`` or ``ok``."""
+        if name == "ok":
+            return np.concatenate(self.ok) if self.ok else np.zeros(0, dtype=bool)
+        parts = self.true_error if name == "true_error" else self.values.get(name, [])
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    def parts(self, drop: Sequence[str]) -> Iterator[pd.DataFrame]:
+        """The raw rows back from the file, a row group at a time, without ``drop``."""
+        import pyarrow.parquet as pq
+
+        if self.items == 0:
+            return
+        for batch in pq.ParquetFile(self.path).iter_batches(batch_size=ROW_GROUP_ROWS):
+            yield batch.to_pandas().drop(columns=list(drop))
+
+
+ROW_GROUP_ROWS = 16384
+"""Rows per Parquet row group of the run's tables."""
+MAX_ERROR_ITEMS = 50
+"""Error items listed by name in ``summary.json``."""
+_RAW_FLOATS = ("true_error", "annotation_seconds")
+
+
 def summarize(df: pd.DataFrame, meta: dict[str, Any], *, max_errors: int = 50) -> dict[str, Any]:
-    """The run's numbers for ``summary.json``."""
-    tiers = df["tier"].value_counts()
+    """The run's numbers for ``summary.json``, from a whole difficulty table."""
     errors = df[df["error"].notna()]
-    labeled = df["status"].isin(["labeled", "reviewed"])
+    return run_summary(
+        meta,
+        items=len(df),
+        labeled=int(df["status"].isin(["labeled", "reviewed"]).sum()),
+        score=df["score"].to_numpy(dtype=np.float64, na_value=np.nan),
+        tier=df["tier"].to_numpy(),
+        true_error=df["true_error"].to_numpy(dtype=np.float64, na_value=np.nan),
+        errors=len(errors),
+        error_items=[
+            {"item_id": r.item_id, "error": r.error} for r in errors.head(max_errors).itertuples()
+        ],
+    )
+
+
+def run_summary(
+    meta: dict[str, Any],
+    *,
+    items: int,
+    labeled: int,
+    score: np.ndarray,
+    tier: np.ndarray,
+    true_error: np.ndarray,
+    errors: int,
+    error_items: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The run's numbers for ``summary.json``, from the counts and columns of the run."""
+    tiers = {t: int(np.count_nonzero(tier == t)) for t in ("easy", "medium", "hard")}
     return {
         "run_id": meta["run_id"],
         "created": meta["created"],
@@ -482,28 +703,51 @@ def summarize(df: pd.DataFrame, meta: dict[str, Any], *, max_errors: int = 50) -
         "format": meta.get("format"),
         "task": meta.get("task"),
         "model_version": meta.get("model_version"),
-        "items": len(df),
-        "scored": int(df["score"].notna().sum()),
-        "errors": len(errors),
-        "labeled": int(labeled.sum()),
-        "with_true_error": int(df["true_error"].notna().sum()),
-        "tiers": {t: int(tiers.get(t, 0)) for t in ("easy", "medium", "hard")},
+        "items": items,
+        "scored": int(np.isfinite(score).sum()),
+        "errors": errors,
+        "labeled": labeled,
+        "with_true_error": int(np.isfinite(true_error).sum()),
+        "tiers": tiers,
         "thresholds": {
             "easy_max": meta["tiers"]["easy_max"],
             "hard_min": meta["tiers"]["hard_min"],
         },
         "scorers": meta["scorers"],
         "combination": meta["combination"],
-        "error_items": [
-            {"item_id": r.item_id, "error": r.error} for r in errors.head(max_errors).itertuples()
-        ],
+        "error_items": error_items,
     }
+
+
+def _local_chunks(
+    items: Iterable[Item], chunk_size: int, **chunk_kwargs: Any
+) -> Iterator[pd.DataFrame]:
+    """:func:`score_chunk` over the chunks of ``items``, with one image stream for all of
+    them: the decoding workers start once and run ahead of the chunk being finished."""
+    scored: Iterable[tuple[Item, dict[str, float], str | None]]
+    if image_scorers(chunk_kwargs["scorers"]):
+        scored = _scored_images(
+            items,
+            chunk_kwargs["project"],
+            chunk_kwargs["scorers"],
+            image_size=chunk_kwargs["image_size"],
+            batch_size=chunk_kwargs["batch_size"],
+            num_workers=chunk_kwargs["num_workers"],
+        )
+    else:
+        scored = ((item, {}, None) for item in items)
+    frame_kwargs = {k: v for k, v in chunk_kwargs.items() if k not in ("image_size", "num_workers")}
+    for chunk in _chunks(scored, chunk_size):
+        values = {item.item_id: v for item, v, error in chunk if error is None}
+        errors = {item.item_id: error for item, _, error in chunk if error is not None}
+        yield _chunk_frame([item for item, _, _ in chunk], values, errors, **frame_kwargs)
 
 
 def score_project(
     project: ProjectFormat,
     *,
     out_dir: str,
+    items: Iterable[Item] | None = None,
     predictions: PredictionSource | None = None,
     checkpoint: str | None = None,
     label_map: LabelMap = LabelMap(),
@@ -527,6 +771,9 @@ def score_project(
 ) -> ScoreResult:
     """Score every item of ``project``; write ``out_dir/difficulty.parquet`` and ``summary.json``.
 
+    ``items`` is the run's stream of the project's items when it has read them already
+    (any iterable, read once; default: ``project.iter_items()``); ``predictions`` any
+    :class:`PredictionSource`, e.g. one over predictions held in memory.
     ``scorers`` defaults to ``fourier`` plus whatever the inputs support
     (:func:`default_scorers`); ``settings`` holds per-scorer settings under the scorer's
     name.  ``reference`` is an earlier run folder whose reference distributions, weights
@@ -536,7 +783,12 @@ def score_project(
     ``out_dir`` is any fsspec URL (``storage_options`` apply to it).
     ``chunk_runner`` (an engine, e.g. :meth:`autolabel.engine_dask.DaskEngine.map_chunks`)
     maps :func:`score_chunk` over the chunks elsewhere and yields their tables in order;
-    ``None`` runs them here, one after another.
+    ``None`` runs them here, with one image stream (``num_workers`` decoding processes)
+    for the whole project.
+
+    Memory does not grow with the project beyond a few numbers per item: chunk tables go
+    to a temporary Parquet file as they come, and the final table is written from it a
+    row group at a time.
     """
     if predictions is not None and checkpoint is not None:
         raise UsageError("give predictions or a model checkpoint, not both")
@@ -556,12 +808,11 @@ def score_project(
     run_id = run_id or new_run_id()
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
-    parts: list[pd.DataFrame] = []
-    items: Iterable[Item] = project.iter_items()
+    stream: Iterable[Item] = project.iter_items() if items is None else items
     if progress:
         from tqdm import tqdm
 
-        items = tqdm(items, desc="score", unit="item")
+        stream = tqdm(stream, desc="score", unit="item")
     chunk_kwargs: dict[str, Any] = {
         "project": project.project,
         "scorers": chosen,
@@ -576,65 +827,103 @@ def score_project(
         "error_min_score": error_min_score,
         "seed": seed,
     }
-    if chunk_runner is None:
-        parts = [score_chunk(chunk, **chunk_kwargs) for chunk in _chunks(items, chunk_size)]
-    else:
-        parts = list(chunk_runner(_chunks(items, chunk_size), **chunk_kwargs))
-    if not parts:
-        raise UsageError(f"project {project.project.url} has no items")
-    raw = pd.concat(parts, ignore_index=True)
-    if scorers is None:
-        empty = [
-            n for n in names if raw.loc[raw["error"].isna(), n].isna().all() and n != DEFAULT_SCORER
-        ]
-        if empty:
-            log.info("scorers without inputs in this project are left out: %s", ", ".join(empty))
-            names = [n for n in names if n not in empty]
-            raw = raw.drop(columns=empty)
-    df, parts_meta = finish_table(
-        raw,
-        names,
-        tiers=tiers,
-        reference_meta=reference_meta,
-        min_labeled=min_labeled,
-        seed=seed,
-        signed_weights=signed_weights,
+    with tempfile.TemporaryDirectory(prefix="labeltriage-score-") as spill:
+        raw = _Collected(os.path.join(spill, "raw.parquet"), list(names))
+        if chunk_runner is None:
+            parts: Iterable[pd.DataFrame] = _local_chunks(stream, chunk_size, **chunk_kwargs)
+        else:
+            parts = chunk_runner(_chunks(stream, chunk_size), **chunk_kwargs)
+        for part in parts:
+            raw.add(part)
+        raw.close()
+        if raw.items == 0:
+            raise UsageError(f"project {project.project.url} has no items")
+        ok = raw.column("ok")
+        values = {name: raw.column(name) for name in names}
+        if scorers is None:
+            empty = [n for n in names if np.isnan(values[n][ok]).all() and n != DEFAULT_SCORER]
+            if empty:
+                log.info(
+                    "scorers without inputs in this project are left out: %s", ", ".join(empty)
+                )
+                names = [n for n in names if n not in empty]
+        else:
+            empty = []
+        true_error = raw.column("true_error")
+        lean = pd.DataFrame({name: values[name] for name in names})
+        lean["error"] = pd.Series([None if good else "error" for good in ok], dtype=object)
+        lean["true_error"] = true_error
+        del values
+        finished, parts_meta = finish_table(
+            lean,
+            names,
+            tiers=tiers,
+            reference_meta=reference_meta,
+            min_labeled=min_labeled,
+            seed=seed,
+            signed_weights=signed_weights,
+        )
+        score = finished["score"].to_numpy(dtype=np.float64)
+        tier = finished["tier"].to_numpy()
+        rank = finished["rank"].array
+        del lean, finished
+        versions = sorted(raw.versions)
+        if checkpoint is not None:
+            model_version: str | None = checkpoint
+        elif versions:
+            model_version = ", ".join(versions)
+        else:
+            model_version = describe_predictions(predictions)
+        meta: dict[str, Any] = {
+            "run_id": run_id,
+            "created": created,
+            "source": project.project.url,
+            "format": getattr(project, "name", type(project).__name__),
+            "task": task,
+            "model_version": model_version,
+            "scorers": names,
+            "settings": {
+                "scorers": {k: dict(v) for k, v in chosen.items() if k in names},
+                "label_map": label_map.model_dump(mode="json"),
+                "iou_threshold": iou_threshold,
+                "error_min_score": error_min_score,
+                "image_size": image_size,
+                "min_labeled": min_labeled,
+                "signed_weights": signed_weights,
+                "reference": reference,
+            },
+            **parts_meta,
+        }
+
+        def finished_parts() -> Iterator[pd.DataFrame]:
+            start = 0
+            for part in raw.parts(drop=empty):
+                stop = start + len(part)
+                part["score"] = score[start:stop]
+                part["tier"] = tier[start:stop]
+                part["rank"] = rank[start:stop]
+                start = stop
+                yield part
+
+        paths = {
+            "difficulty": write_difficulty_parts(finished_parts(), out_dir, meta, storage_options)
+        }
+    summary = run_summary(
+        meta,
+        items=raw.items,
+        labeled=raw.labeled,
+        score=score,
+        tier=tier,
+        true_error=true_error,
+        errors=raw.errors,
+        error_items=raw.error_items,
     )
-    versions = sorted({str(v) for v in df["model_version"].dropna()})
-    if checkpoint is not None:
-        model_version: str | None = checkpoint
-    elif versions:
-        model_version = ", ".join(versions)
-    else:
-        model_version = describe_predictions(predictions)
-    meta: dict[str, Any] = {
-        "run_id": run_id,
-        "created": created,
-        "source": project.project.url,
-        "format": getattr(project, "name", type(project).__name__),
-        "task": task,
-        "model_version": model_version,
-        "scorers": names,
-        "settings": {
-            "scorers": {k: dict(v) for k, v in chosen.items() if k in names},
-            "label_map": label_map.model_dump(mode="json"),
-            "iou_threshold": iou_threshold,
-            "error_min_score": error_min_score,
-            "image_size": image_size,
-            "min_labeled": min_labeled,
-            "signed_weights": signed_weights,
-            "reference": reference,
-        },
-        **parts_meta,
-    }
-    df = df.drop(columns=["model_version"])
-    paths = {"difficulty": write_difficulty(df, out_dir, meta, storage_options)}
-    summary = summarize(df, meta)
     paths["summary"] = ProjectFS(out_dir, storage_options).write_text(
         "summary.json", json.dumps(summary, indent=2, default=str)
     )
     log.info("scored %d items (%d errors) into %s", summary["items"], summary["errors"], out_dir)
+    result = ScoreResult(meta, summary, paths, out_dir, storage_options)
     publish = getattr(project, "publish_scores", None)
     if callable(publish):  # a platform that shows the scores next to its items (FiftyOne)
-        publish(df, meta)
-    return ScoreResult(df, meta, summary, paths)
+        publish(result.table, meta)
+    return result

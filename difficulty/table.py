@@ -30,6 +30,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -63,7 +64,6 @@ def to_arrow(df: pd.DataFrame, meta: dict[str, Any]) -> pa.Table:
         raise ValueError(f"difficulty table lacks columns {missing}")
     fields: list[pa.Field] = []
     arrays: list[pa.Array] = []
-    values: list[Any]
     n = len(df)
     for name in (*LEADING, *scorers, *TRAILING):
         if name in _STRING:
@@ -73,15 +73,16 @@ def to_arrow(df: pd.DataFrame, meta: dict[str, Any]) -> pa.Table:
                 None if (v is None or (isinstance(v, float) and np.isnan(v))) else str(v)
                 for v in col
             ]
+            arrays.append(pa.array(values, type=typ))
         elif name == "rank":
             typ = pa.int64()
-            values = [None if pd.isna(v) else int(v) for v in df[name]]
+            arrays.append(pa.array(df[name].astype("Int64"), type=typ))
         else:
             typ = pa.float64()
             col = df[name] if name in df.columns else pd.Series([np.nan] * n)
-            values = [None if pd.isna(v) else float(v) for v in col]
+            floats = col.to_numpy(dtype=np.float64, na_value=np.nan)
+            arrays.append(pa.array(floats, type=typ, from_pandas=True))  # NaN → null
         fields.append(pa.field(name, typ))
-        arrays.append(pa.array(values, type=typ))
     schema = pa.schema(
         fields, metadata={META_KEY: json.dumps(meta, sort_keys=True, default=str).encode()}
     )
@@ -95,9 +96,27 @@ def write_difficulty(
     storage_options: dict[str, Any] | None = None,
 ) -> str:
     """Atomically write ``out_dir/difficulty.parquet`` (any fsspec URL); return its full path."""
-    table = to_arrow(df, meta)
+    return write_difficulty_parts([df], out_dir, meta, storage_options)
+
+
+def write_difficulty_parts(
+    parts: Iterable[pd.DataFrame],
+    out_dir: str,
+    meta: dict[str, Any],
+    storage_options: dict[str, Any] | None = None,
+) -> str:
+    """:func:`write_difficulty` for a table that comes in consecutive parts (one Parquet row
+    group each): one part is held at a time, and the compressed file."""
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    writer: pq.ParquetWriter | None = None
+    for part in parts:
+        table = to_arrow(part, meta)
+        if writer is None:
+            writer = pq.ParquetWriter(buf, table.schema, compression="zstd")
+        writer.write_table(table)
+    if writer is None:
+        raise ValueError("no rows to write")
+    writer.close()
     return ProjectFS(out_dir, storage_options).write_bytes(FILENAME, buf.getvalue())
 
 

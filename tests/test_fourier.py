@@ -261,3 +261,77 @@ def test_entropy_settings_have_no_cutoff() -> None:
     with pytest.raises(ValidationError):
         FourierEntropySettings(cutoff=0.2)  # type: ignore[call-arg]
     assert FourierEntropySettings().size == 128
+
+
+# -- one spectrum per image for both scorers --------------------------------------------------
+
+
+def _count_ffts(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    calls: list[tuple[int, ...]] = []
+    real = torch.fft.rfft2
+
+    def counting(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return real(x, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.fft, "rfft2", counting)
+    return calls
+
+
+def test_both_scorers_share_one_spectrum_per_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    images = torch.rand(6, 32, 32, generator=torch.Generator().manual_seed(3))
+    fresh_ratio = high_frequency_ratio(images.clone(), cutoff=0.2)
+    fresh_entropy = spectral_entropy(images.clone())
+    calls = _count_ffts(monkeypatch)
+    ratio = SCORERS["fourier"].fn(images=images, cutoff=0.2)
+    entropy = SCORERS["fourier_entropy"].fn(images=images)
+    assert calls == [(6, 32, 32)]  # one FFT of the batch for both scorers
+    assert np.array_equal(ratio, fresh_ratio.double().numpy())
+    assert np.array_equal(entropy, fresh_entropy.double().numpy())
+
+
+def test_spectrum_is_recomputed_for_a_new_or_changed_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gen = torch.Generator().manual_seed(4)
+    images = torch.rand(3, 16, 16, generator=gen)
+    calls = _count_ffts(monkeypatch)
+    before = spectral_entropy(images)
+    images[0] = 0.5  # in place: the cached spectrum no longer belongs to these pixels
+    after = spectral_entropy(images)
+    assert len(calls) == 2 and after[0] == 0.0 and after[1] == before[1]
+    spectral_entropy(images, window=False)  # another window is another spectrum
+    other = images.clone()
+    spectral_entropy(other)  # equal pixels, another tensor
+    assert len(calls) == 4
+
+
+def test_spectrum_is_released_with_its_batch() -> None:
+    import gc
+    import weakref
+
+    import difficulty.fourier as fourier
+
+    images = torch.rand(2, 16, 16)
+    high_frequency_ratio(images)
+    assert fourier._last_spectrum is not None
+    power = weakref.ref(fourier._last_spectrum.power)
+    del images
+    gc.collect()
+    assert fourier._last_spectrum is None and power() is None
+
+
+@pytest.mark.parametrize("scorer", ["fourier", "fourier_entropy"])
+def test_an_image_scores_the_same_in_any_batch(scorer: str) -> None:
+    """Bit for bit: values do not depend on the batch size, the neighbours or the threads."""
+    images = torch.rand(70, 64, 64, generator=torch.Generator().manual_seed(5))
+    fn = SCORERS[scorer].fn
+    whole = fn(images=images)
+    for lo, hi in [(0, 1), (3, 40), (10, 70), (0, 69), (33, 34)]:
+        assert np.array_equal(fn(images=images[lo:hi].clone()), whole[lo:hi]), (lo, hi)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert np.array_equal(fn(images=images.clone()), whole)
+    finally:
+        torch.set_num_threads(threads)

@@ -17,7 +17,15 @@ from connectors.model import Item
 from connectors.storage import ProjectFS
 from difficulty.fourier import high_frequency_ratio, spectral_entropy
 from difficulty.imageio import decode_gray
-from difficulty.imagestream import ImageBatch, iter_image_batches, score_images
+from difficulty.imagestream import (
+    ImageBatch,
+    ImageScores,
+    fix_mmap_threshold,
+    image_plan,
+    iter_image_batches,
+    iter_image_scores,
+    score_images,
+)
 
 
 def _picture(seed: int, width: int = 96, height: int = 64) -> Image.Image:
@@ -268,3 +276,58 @@ def test_real_road_signs_stream_through_workers(road_signs: Path) -> None:
     ratios = np.array([values["fourier"] for _, values, _ in rows])
     assert np.all((ratios > 0) & (ratios < 1))
     assert ratios.std() > 0
+
+
+# -- one set of workers, scorers in the workers, remote filesystems --------------------------
+
+
+def _pid(images: torch.Tensor) -> np.ndarray:
+    """The process that scored each image."""
+    import os
+
+    return np.full(len(images), float(os.getpid()))
+
+
+def test_scorers_run_in_the_same_two_workers_for_the_whole_stream(
+    project: tuple[ProjectFS, list[Item]],
+) -> None:
+    import os
+
+    fs, items = project
+    many = [
+        it.model_copy(update={"item_id": f"{it.item_id}-{k}"}) for k in range(6) for it in items
+    ]
+    plan = [("pid", _pid, {})]
+    batches = iter_image_scores(many, fs, plan, size=32, batch_size=2, num_workers=2)
+    rows = [row for batch in batches for row in batch.per_item()]
+    pids = {values["pid"] for _, values, error in rows if error is None}
+    assert len(rows) == len(many) and len(pids) == 2 and float(os.getpid()) not in pids
+
+
+def test_scores_come_back_without_pixels(project: tuple[ProjectFS, list[Item]]) -> None:
+    fs, items = project
+    plan, size = image_plan(["fourier"], None, 32)
+    batches = list(iter_image_scores(items, fs, plan, size=size, batch_size=4, num_workers=0))
+    assert all(isinstance(b, ImageScores) and not hasattr(b, "images") for b in batches)
+    assert all(b.values["fourier"].shape == (len(b.item_ids),) for b in batches if b.item_ids)
+
+
+def test_a_forked_worker_opens_a_remote_filesystem_anew() -> None:
+    from difficulty.imagestream import _DecodeTasks
+
+    fs = ProjectFS("memory://fork-reopen-test")
+    fs.is_local = False  # stands for s3://…: its event loop cannot cross a fork
+    dataset = _DecodeTasks(fs, 16, 4, None)
+    assert dataset._project() is fs  # same process: the same object
+    dataset._pid = -1  # as seen from a forked child
+    reopened = dataset._project()
+    assert reopened is not fs and reopened.url == fs.url
+    local = _DecodeTasks(ProjectFS("."), 16, 4, None)
+    local._pid = -1
+    assert local._project() is local.project  # local files need no new filesystem
+
+
+def test_mmap_threshold_is_fixed_on_linux() -> None:
+    import sys
+
+    assert fix_mmap_threshold() is sys.platform.startswith("linux")

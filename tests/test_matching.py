@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from connectors.labelmap import LabelMap
 from connectors.model import Annotation, Item, ItemStatus, Prediction
-from difficulty.matching import MatchResult, box_iou, item_correct, item_error, match_detections
+from difficulty.matching import (
+    MatchResult,
+    box_iou,
+    item_correct,
+    item_error,
+    match_curve,
+    match_detections,
+    wrong_at,
+)
 
 
 def box(
@@ -177,3 +185,120 @@ def test_classification_argmax_with_label_map() -> None:
     assert item_error(item, wrong, lm, task="classification") == 1.0
     by_label = Prediction(item_id="a", annotations=[Annotation(label="seven", score=0.9)])
     assert item_correct(item, by_label, lm, task="classification")
+
+
+# -- one matching for every box confidence ------------------------------------------------
+
+
+def reference_match(
+    gt: list[Annotation], pred: list[Annotation], ignore: set[str], min_score: float
+) -> tuple[int, int, int, int]:
+    """The review rule written out plainly, one threshold at a time: (tp, fp, fn, ignored)."""
+    targets = [a for a in gt if a.label not in ignore]
+    regions = [a for a in gt if a.label in ignore]
+    kept = [a for a in pred if (1.0 if a.score is None else a.score) >= min_score]
+    ignored = sum(a.label in ignore for a in kept)
+    kept = sorted(
+        (a for a in kept if a.label not in ignore),
+        key=lambda a: -(1.0 if a.score is None else a.score),
+    )
+    taken: set[int] = set()
+    tp = fp = 0
+    for p in kept:
+        best, best_iou = -1, -1.0
+        for j, t in enumerate(targets):
+            if j in taken or t.label != p.label:
+                continue
+            iou = float(box_iou(np.array([p.box]), np.array([t.box]))[0, 0])
+            if iou > best_iou:
+                best, best_iou = j, iou
+        if best >= 0 and best_iou >= 0.5:
+            taken.add(best)
+            tp += 1
+            continue
+        x1, y1, x2, y2 = p.box  # type: ignore[misc]
+        area = max(x2 - x1, 0) * max(y2 - y1, 0)
+        inside = False
+        for r in regions:
+            ix = max(min(x2, r.box[2]) - max(x1, r.box[0]), 0)  # type: ignore[index]
+            iy = max(min(y2, r.box[3]) - max(y1, r.box[1]), 0)  # type: ignore[index]
+            inside = inside or (area > 0 and ix * iy / area >= 0.5)
+        if inside:
+            ignored += 1
+        else:
+            fp += 1
+    return tp, fp, len(targets) - tp, ignored
+
+
+grid = st.integers(0, 6).map(lambda v: v * 5.0)
+box_st = st.tuples(
+    st.sampled_from(["car", "van", "DontCare"]), grid, grid, st.integers(1, 4), st.integers(1, 4)
+)
+score_st = st.one_of(st.none(), st.sampled_from([0.1, 0.25, 0.3, 0.3, 0.55, 0.7, 0.9, 1.0]))
+
+
+def to_annotation(b: tuple[str, float, float, int, int], score: float | None) -> Annotation:
+    label, x, y, w, h = b
+    return box(label, x, y, x + 5.0 * w, y + 5.0 * h, score)
+
+
+@settings(deadline=None)  # runs the matcher nine times per example; slow on a busy machine
+@given(
+    st.lists(box_st, max_size=5),
+    st.lists(st.tuples(box_st, score_st), max_size=7),
+    st.booleans(),
+)
+def test_curve_equals_matching_at_every_confidence(
+    gt_raw: list[tuple[str, float, float, int, int]],
+    pred_raw: list[tuple[tuple[str, float, float, int, int], float | None]],
+    with_ignore: bool,
+) -> None:
+    gt = [to_annotation(b, None) for b in gt_raw]
+    pred = [to_annotation(b, s) for b, s in pred_raw]
+    ignore = {"DontCare"} if with_ignore else set()
+    curve = match_curve(gt, pred, ignore_labels=ignore)
+    for c in (0.0, 0.1, 0.2, 0.25, 0.3, 0.31, 0.7, 0.95, 1.0):
+        expected = reference_match(gt, pred, ignore, c)
+        m = curve.at(c)
+        assert (m.tp, m.fp, m.fn, m.ignored) == expected
+        assert m == match_detections(gt, pred, ignore_labels=ignore, min_score=c)
+        assert m.correct == (m.fp == 0 and m.fn == 0)
+
+
+def test_curve_refuses_confidences_below_its_start() -> None:
+    curve = match_curve([box("car", 0, 0, 10, 10)], [box("car", 0, 0, 10, 10, 0.5)], min_score=0.3)
+    assert curve.at(0.3).correct and not curve.at(0.6).correct
+    with pytest.raises(ValueError, match=r"starts at score 0\.3"):
+        curve.at(0.1)
+
+
+def test_wrong_at_is_item_correct_per_confidence() -> None:
+    lm = LabelMap(map={"car": "Car"}, ignore=("DontCare",))
+    item = Item(
+        item_id="a",
+        uri="a.jpg",
+        status=ItemStatus.LABELED,
+        annotations=[box("Car", 0, 0, 40, 20), box("DontCare", 300, 100, 400, 150)],
+    )
+    pred = Prediction(
+        item_id="a",
+        annotations=[
+            box("car", 1, 0, 40, 20, 0.8),
+            box("car", 100, 100, 140, 140, 0.2),  # an extra box, only at low confidence
+            box("car", 320, 110, 360, 140, 0.5),  # inside the ignore region
+        ],
+    )
+    grid_c = [0.1, 0.25, 0.5, 0.9]
+    assert wrong_at(item, pred, lm, grid_c) == [True, False, False, True]
+    assert wrong_at(item, pred, lm, grid_c) == [
+        not item_correct(item, pred, lm, min_score=c) for c in grid_c
+    ]
+    assert wrong_at(item, None, lm, grid_c) == [True] * 4
+    cls_item = Item(
+        item_id="b", uri="b.png", status=ItemStatus.LABELED, annotations=[Annotation(label="7")]
+    )
+    probs = Prediction(item_id="b", probs={"7": 0.6, "1": 0.4})
+    assert wrong_at(cls_item, probs, LabelMap(), [0.5, 0.7], task="classification") == [
+        False,
+        True,
+    ]

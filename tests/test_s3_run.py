@@ -107,7 +107,6 @@ def test_full_run_on_s3_project_with_s3_report_store(s3: dict[str, Any], s3_proj
                     "delta": 0.1,
                     "min_count": 10,
                     "audit_share": 0.0,
-                    "num_workers": 0,
                 }
             },
         }

@@ -28,6 +28,7 @@ from difficulty.registry import register_scorer
 from difficulty.scoring import default_scorers, score_chunk, score_project
 from difficulty.table import read_difficulty
 
+REPO = Path(__file__).resolve().parents[1]
 SEEN: dict[str, Any] = {}
 
 
@@ -38,6 +39,24 @@ def _probe(box_scores: list[np.ndarray], n: int) -> np.ndarray:
     SEEN["box_scores"] = [np.asarray(b).copy() for b in box_scores]
     SEEN["n"] = n
     return np.array([float(len(b)) for b in box_scores])
+
+
+def _pid(images: Any) -> np.ndarray:
+    """The process that scored each image (registered only by the test that uses it)."""
+    import os
+
+    return np.full(len(images), float(os.getpid()))
+
+
+@pytest.fixture
+def pid_scorer(monkeypatch: pytest.MonkeyPatch) -> str:
+    """An image scorer ``test_scoring_pid``, registered for one test only (an image
+    scorer registered for good would join every later run's default scorers)."""
+    from difficulty.registry import SCORERS, ScorerSpec
+
+    spec = ScorerSpec("test_scoring_pid", _pid, frozenset({"images"}), "the scoring process")
+    monkeypatch.setitem(SCORERS._entries, spec.name, spec)
+    return spec.name
 
 
 class FakeProject(ProjectFormat):
@@ -459,3 +478,127 @@ def _aurc(table: pd.DataFrame, column: str) -> float:
         table[column].to_numpy(dtype=float, na_value=np.nan),
         table["true_error"].to_numpy(dtype=float, na_value=np.nan),
     )
+
+
+# -- one image stream per run, streamed output ------------------------------------------------
+
+
+def _normal(df: pd.DataFrame) -> pd.DataFrame:
+    """Pillow names the in-memory buffer of an unreadable image by its address."""
+    return df.assign(error=df["error"].str.replace(r"0x[0-9a-f]+", "0x?", regex=True))
+
+
+def test_one_set_of_workers_scores_the_whole_project(tmp_path: Path, pid_scorer: str) -> None:
+    """Image scorers run in the decoding workers, started once for all chunks."""
+    import os
+
+    project, _ = make_project(tmp_path / "p", n=40, corrupt=False)
+    result = score_project(
+        project,
+        scorers=[pid_scorer, "fourier"],
+        out_dir=str(tmp_path / "run"),
+        num_workers=2,
+        batch_size=2,
+        chunk_size=4,  # ten chunks
+    )
+    pids = set(result.table[pid_scorer].astype(int))
+    assert len(pids) == 2 and os.getpid() not in pids
+
+
+def test_workers_chunks_and_batches_do_not_change_the_table(tmp_path: Path) -> None:
+    project, preds = make_project(tmp_path / "p")
+    scorers = ["fourier", "fourier_entropy", "box_least_confidence"]
+    runs = [
+        score_project(
+            project,
+            predictions=preds,
+            scorers=scorers,
+            out_dir=str(tmp_path / f"r{i}"),
+            run_id="same",
+            min_labeled=10,
+            **kwargs,
+        )
+        for i, kwargs in enumerate(
+            [
+                {"num_workers": 0},
+                {"num_workers": 2, "batch_size": 3, "chunk_size": 5},
+                {"num_workers": 1, "batch_size": 64, "chunk_size": 1000},
+            ]
+        )
+    ]
+    for other in runs[1:]:
+        pd.testing.assert_frame_equal(_normal(runs[0].table), _normal(other.table))
+        assert {k: v for k, v in runs[0].meta.items() if k != "created"} == {
+            k: v for k, v in other.meta.items() if k != "created"
+        }
+
+
+def test_items_given_by_the_run_are_scored_instead_of_read(tmp_path: Path) -> None:
+    project, preds = make_project(tmp_path / "p", corrupt=False)
+    items = list(project.iter_items())[:10]
+    project._items = []  # the project is not read again
+    result = score_project(
+        project, items=iter(items), predictions=preds, out_dir=str(tmp_path / "r"), num_workers=0
+    )
+    assert result.table["item_id"].tolist() == [it.item_id for it in items]
+
+
+def test_table_is_written_in_row_groups_and_read_back_lazily(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyarrow.parquet as pq
+
+    import difficulty.scoring as scoring
+
+    project, preds = make_project(tmp_path / "p")
+    whole = score_project(
+        project, predictions=preds, out_dir=str(tmp_path / "a"), num_workers=0, run_id="x"
+    )
+    monkeypatch.setattr(scoring, "ROW_GROUP_ROWS", 8)
+    parts = score_project(
+        project, predictions=preds, out_dir=str(tmp_path / "b"), num_workers=0, run_id="x"
+    )
+    assert parts._table is None  # nothing read back until asked
+    assert pq.ParquetFile(tmp_path / "b" / "difficulty.parquet").num_row_groups == 6  # 42 rows
+    pd.testing.assert_frame_equal(_normal(whole.table), _normal(parts.table))
+    assert {k: v for k, v in whole.summary.items() if k not in ("error_items", "created")} == {
+        k: v for k, v in parts.summary.items() if k not in ("error_items", "created")
+    }
+    first = read_difficulty(str(tmp_path / "a"))
+    assert first[0].equals(whole.table)
+
+
+def test_the_scoring_process_does_not_load_torch(tmp_path: Path) -> None:
+    """Decoding workers import torch themselves; the process that reads items and combines
+    scores stays small (torch alone is about half a gigabyte resident)."""
+    import subprocess
+    import sys
+
+    make_project(tmp_path / "p", n=12, corrupt=False)
+    script = f"""
+import sys
+from connectors.project import open_project
+from difficulty.scoring import score_project
+project = open_project({str(tmp_path / "p")!r}, "imagefolder")
+result = score_project(
+    project, out_dir={str(tmp_path / "run")!r}, num_workers=2, batch_size=4,
+    scorers=["fourier", "fourier_entropy"],
+)
+print(result.summary["scored"], "torch" in sys.modules)
+"""
+    (tmp_path / "p" / "images").rename(tmp_path / "p" / "_unlabeled")
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert out.stdout.split() == ["12", "False"], out.stderr
+    # workers from the fork server compute what this process computes itself
+    from connectors.project import open_project
+
+    here = score_project(
+        open_project(str(tmp_path / "p"), "imagefolder"),
+        out_dir=str(tmp_path / "here"),
+        num_workers=0,
+        scorers=["fourier", "fourier_entropy"],
+    )
+    there, _ = read_difficulty(str(tmp_path / "run"))
+    pd.testing.assert_frame_equal(here.table, there)
