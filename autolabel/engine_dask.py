@@ -436,6 +436,28 @@ def _check_reachable(address: str, timeout: float) -> None:
         raise ClusterError(f"cannot reach the Dask scheduler at {address}: {exc}") from exc
 
 
+def _quiet_dask_logs() -> dict[str, int]:
+    """Dask's own log lines in this process — with tracebacks of what the run reports as
+    one :class:`ClusterError` — only when it logs at INFO or below (``labeltriage -v``).
+
+    Returns the levels it changed, by logger name, to restore afterwards.
+    """
+    if logging.getLogger().getEffectiveLevel() <= logging.INFO:
+        return {}
+    loggers = logging.Logger.manager.loggerDict
+    names = ["distributed"] + [
+        name
+        for name, logger in loggers.items()
+        if name.startswith("distributed.")
+        and isinstance(logger, logging.Logger)
+        and logger.level != logging.NOTSET
+    ]
+    changed = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    return changed
+
+
 @dataclass
 class DaskEngine:
     """A Dask client and a staging folder; use as a context manager.
@@ -471,14 +493,7 @@ class DaskEngine:
 
     def __enter__(self) -> DaskEngine:
         distributed = _import_distributed()
-        # Dask's own log lines here (with tracebacks of what the run reports as one
-        # ClusterError) only when this process logs at INFO or below (labeltriage -v)
-        dask_log = logging.getLogger("distributed")
-        self._dask_log_level = dask_log.level
-        verbose = logging.getLogger().getEffectiveLevel() <= logging.INFO
-        dask_log.setLevel(
-            max(dask_log.getEffectiveLevel(), logging.INFO) if verbose else logging.CRITICAL
-        )
+        self._dask_log_levels = _quiet_dask_logs()
         try:
             if self.scheduler is None:
                 with warnings.catch_warnings():  # the HTTP port of the scheduler's health checks
@@ -531,8 +546,9 @@ class DaskEngine:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self.staging = self._tmp = None
         self.client = self._cluster = None
-        if hasattr(self, "_dask_log_level"):
-            logging.getLogger("distributed").setLevel(self._dask_log_level)
+        for name, level in getattr(self, "_dask_log_levels", {}).items():
+            logging.getLogger(name).setLevel(level)
+        self._dask_log_levels = {}
 
     @property
     def n_running_workers(self) -> int:
@@ -618,7 +634,12 @@ class DaskEngine:
         try:
             for index, chunk in enumerate(chunks):
                 part = f"{folder}/part-{index:05d}.parquet"
-                write_batches(items_to_batches(chunk), staging, part, ITEM_SCHEMA)
+                try:
+                    write_batches(items_to_batches(chunk), staging, part, ITEM_SCHEMA)
+                except OSError as exc:
+                    raise ClusterError(
+                        f"cannot stage partition {staging.url_of(part)}: {_one_line(exc)}"
+                    ) from exc
                 key = f"labeltriage-{kind}-{token}-{index:05d}"
                 try:
                     future = self.client.submit(task, staging, part, key=key, pure=False, **kwargs)
@@ -640,13 +661,18 @@ class DaskEngine:
                     self.client.cancel(pending)
             self._remove_staged(staging, folder)
 
-    @staticmethod
-    def _result(future: Any) -> Any:
+    def _result(self, future: Any) -> Any:
         try:
             return future.result()
         except ClusterError:
             raise
         except (Exception, CancelledError) as exc:
+            if getattr(self.client, "status", "running") != "running":
+                where = self.scheduler or "of the local cluster"
+                raise ClusterError(
+                    f"lost the connection to the Dask scheduler {where} while waiting for "
+                    f"task {future.key}: {_one_line(exc)}"
+                ) from exc
             raise ClusterError(f"Dask task {future.key} failed: {_one_line(exc)}") from exc
 
     def _remove_staged(self, staging: ProjectFS, folder: str) -> None:

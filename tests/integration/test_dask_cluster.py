@@ -15,6 +15,7 @@ when a worker is killed in the middle of a run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -116,13 +117,13 @@ class Cluster:
     def log(self, name: str) -> str:
         return self.logs[name].read_text(errors="replace")[-3000:]
 
-    def add_worker(self, name: str) -> None:
+    def add_worker(self, name: str, *, isolate: bool = True) -> None:
         self._start(
             name,
             [DASK, "worker", self.address, "--host", "127.0.0.1", "--nthreads", "1",
              "--nworkers", "1", "--no-dashboard", "--dashboard-address", "127.0.0.1:0",
              "--name", name, "--local-directory", f"{self.tmp_root}/dask-{name}"],
-            isolate=True,
+            isolate=isolate,
         )  # fmt: skip
         deadline = time.monotonic() + 180
         while not self._named(name):
@@ -139,6 +140,11 @@ class Cluster:
         (address,) = self._named(name)
         return address
 
+    def kill_scheduler(self) -> None:
+        proc = self.procs.pop("scheduler")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
     def kill(self, name: str) -> None:
         """SIGKILL the worker's whole process group (nanny and worker): a lost machine."""
         proc = self.procs.pop(name)
@@ -146,7 +152,8 @@ class Cluster:
         proc.wait(timeout=30)
 
     def close(self) -> None:
-        self.client.close()
+        with contextlib.suppress(Exception):
+            self.client.close(timeout=10)
         for proc in self.procs.values():
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -384,3 +391,49 @@ def _score_tasks_done(client: Any) -> int:
         )
 
     return int(client.run_on_scheduler(count))
+
+
+def test_a_scheduler_lost_mid_run_is_a_failed_run_with_one_error_line(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Its own scheduler and worker (the worker reads the driver's disk here)."""
+    if not SAMPLE.is_dir():
+        pytest.skip(f"bundled sample project not found at {SAMPLE}")
+    home = tmp_path_factory.mktemp("lost")
+    small = Cluster(home)
+    try:
+        small.add_worker("w", isolate=False)
+        args = [
+            "-m",
+            "autolabel.cli",
+            "score",
+            "-s",
+            str(SAMPLE),
+            "-f",
+            "voc",
+            "--scorers",
+            "fourier",
+        ]
+        args += ["--engine", "dask", "--scheduler", small.address, "--partition-size", "4"]
+        log = home / "run.log"
+        with log.open("wb") as f:
+            run = subprocess.Popen(
+                [sys.executable, *args, "--out", str(home / "out")],
+                env=small.env, stdout=f, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        deadline = time.monotonic() + 300
+        while _score_tasks_done(small.client) < 2:
+            assert run.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "no partition finished"
+            time.sleep(0.05)
+        small.kill_scheduler()
+        assert run.wait(timeout=300) == 1, log.read_text()
+        output = log.read_text()
+        errors = [line for line in output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, output
+        assert "scheduler" in errors[0]
+        assert "Traceback" not in output
+        assert not (home / "out" / "difficulty.parquet").exists()
+        assert not (home / "out" / ".labeltriage-staging").exists()
+    finally:
+        small.close()
