@@ -238,6 +238,9 @@ def test_cli_score_on_a_running_scheduler(
         (["--scheduler", "tcp://127.0.0.1:1"], "--scheduler needs --engine dask"),
         (["--engine", "dask", "--scheduler", "127.0.0.1:8786"], "tcp://HOST:PORT"),
         (["--engine", "dask", "--workers", "0"], "--workers"),
+        (["--staging", "s3://b/stage"], "--staging needs --engine dask"),
+        (["--partition-size", "8"], "--partition-size needs --engine dask"),
+        (["--engine", "dask", "--partition-size", "0"], "--partition-size"),
     ],
 )
 def test_cli_engine_usage_errors_exit_2(
@@ -422,6 +425,7 @@ def test_brought_predictions_are_read_on_the_workers_not_shipped(
 
         result = score_project(
             project, out_dir=str(tmp_path / name), predictions=predictions, label_map=label_map,
+            scorers=["fourier", "box_uncertain_share", "box_least_confidence"],
             run_id="same-run", chunk_size=5, num_workers=0, chunk_runner=runner,
         )  # fmt: skip
         tables[name] = result.table
@@ -605,23 +609,6 @@ def test_an_unreachable_scheduler_is_a_failed_run_fast(project_dir: Path, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(
-    ("extra", "words"),
-    [
-        (["--staging", "s3://b/stage"], "--staging needs --engine dask"),
-        (["--partition-size", "8"], "--partition-size needs --engine dask"),
-        (["--engine", "dask", "--partition-size", "0"], "--partition-size"),
-    ],
-)
-def test_dask_only_options_are_usage_errors_otherwise(
-    project_dir: Path, tmp_path: Path, extra: list[str], words: str
-) -> None:
-    args = ["score", "--source", str(project_dir), "--out", str(tmp_path / "out"), *extra]
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 2, result.output
-    assert words in result.output
-
-
 def test_config_dask_staging_and_partition_size(tmp_path: Path) -> None:
     from autolabel.config import command_defaults
 
@@ -693,3 +680,36 @@ def _worker_logs_at_info() -> None:
     import logging
 
     logging.getLogger("distributed.worker").setLevel(logging.INFO)
+
+
+@pytest.mark.parametrize(
+    ("env", "called"),
+    [
+        ({"MALLOC_TRIM_THRESHOLD_": "65536"}, True),  # what a Dask nanny sets
+        ({}, False),  # glibc's dynamic thresholds are left alone
+        ({"MALLOC_TRIM_THRESHOLD_": "65536", "MALLOC_MMAP_THRESHOLD_": "131072"}, False),
+    ],
+)
+def test_workers_take_large_allocations_from_the_heap_again(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], called: bool
+) -> None:
+    import ctypes
+    import sys
+
+    from autolabel import engine_dask
+
+    calls: list[tuple[int, int]] = []
+
+    class Libc:
+        def mallopt(self, param: int, value: int) -> int:
+            calls.append((param, value))
+            return 1
+
+    for name in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
+    monkeypatch.setattr(sys, "platform", "linux")
+    engine_dask._heap_for_large_allocations()
+    assert calls == ([(-3, engine_dask.MMAP_THRESHOLD)] if called else [])
