@@ -6,7 +6,7 @@ engine runs the very same function, one Dask task per chunk, on a Dask cluster w
 workers may run on other machines and see nothing of the driver's disk:
 
 1. the driver streams the project's items into Parquet manifest partitions
-   (``<token>/part-00000.parquet``, … schema :data:`connectors.manifest.ITEM_SCHEMA`) under
+   (``score-<token>/part-00000.parquet``, … schema :data:`connectors.manifest.ITEM_SCHEMA`) under
    a **staging** URL that every worker can read, and submits a task as soon as its
    partition is written, so the driver never holds the whole project.  The staged
    partitions are removed when the run ends, whether it succeeded or not;

@@ -5,7 +5,8 @@ Scores the real road-sign photos (../shared/data/road_signs, Pascal VOC) twice: 
 real YOLOv5n predictions (light per-item work: Fourier + box-confidence scorers), and with
 an untrained SSDlite checkpoint (heavy per-item work: model inference), each on:
 
-* the local engine (one process; images decoded by its default 2 DataLoader processes);
+* the local engine (one process, its default chunks of 512 items; images decoded by its
+  default 2 DataLoader processes);
 * the Dask engine, a LocalCluster on 127.0.0.1 with 1 worker, then with 2 workers (one
   thread each, images decoded in the worker), the same chunks as Dask tasks.
 
@@ -16,10 +17,11 @@ by the workers, the output tables are written there, the checkpoint is read from
 on the local disk, so the figures measure the engine, not the S3 emulator's throughput.
 
 The configurations run interleaved, ``--repeats`` rounds of all three, so that the load
-of this shared machine weighs on each alike; the table reports medians and the ratios of
-medians.  Cluster start-up is not timed (it is paid once per run of ``labeltriage``); the
-staging of the partitions on S3 is.  The script checks that every engine produced the same
-table.  Results go to ``bench/results/scale.md``.
+of this shared machine weighs on each alike, after one untimed warm-up run of each (imports
+and the model in every process); the table reports medians and the ratios of medians.
+Cluster start-up and warm-up are not timed; the staging of the partitions on S3 is.  The
+script checks that every engine produced the same table.  Results go to
+``bench/results/scale.md``.
 
     OMP_WAIT_POLICY=PASSIVE python bench/scale.py [--items 700] [--partition-size 64] [--repeats 3]
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -39,6 +42,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dask
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,13 +51,16 @@ sys.path.insert(0, str(REPO))
 from autolabel.engine_dask import DaskEngine, Opener, ReopenablePredictions  # noqa: E402
 from bench._common import ROAD_MAP, machine_line  # noqa: E402
 from connectors.project import open_predictions, open_project  # noqa: E402
-from difficulty.scoring import score_project  # noqa: E402
+from difficulty.scoring import CHUNK_SIZE, score_project  # noqa: E402
 
 DATA = (
     Path(os.environ.get("LABELTRIAGE_SHARED_DATA", REPO.parent / "shared" / "data")) / "road_signs"
 )
 BUCKET = "bench"
 CONFIGS = (("local engine", 0), ("dask, 1 worker", 1), ("dask, 2 workers", 2))
+FROZEN = "dask, 1 worker, mmap threshold frozen at 128 KiB"
+"""1 worker with glibc's mmap threshold left as a Dask nanny's MALLOC_TRIM_THRESHOLD_ freezes
+it (the engine raises it in its workers unless MALLOC_MMAP_THRESHOLD_ is set)."""
 
 
 class Limited:
@@ -86,7 +93,9 @@ def s3_server() -> Iterator[dict[str, Any]]:
         "import time; from moto.server import ThreadedMotoServer; "
         f"ThreadedMotoServer(ip_address='127.0.0.1', port={port}).start(); time.sleep(1e9)"
     )
-    server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -95,7 +104,7 @@ def s3_server() -> Iterator[dict[str, Any]]:
             if time.monotonic() > deadline:
                 raise RuntimeError("the S3 server did not start")
             time.sleep(0.2)
-        options = {
+        options: dict[str, Any] = {
             "key": "bench",
             "secret": "bench",
             "client_kwargs": {
@@ -144,8 +153,11 @@ def run_once(
     out: str,
     options: dict[str, Any],
     checkpoint: str | None,
+    items: int | None = None,
 ) -> tuple[float, pd.DataFrame]:
-    project = Limited(open_project(str(DATA), "voc"), args.items)
+    """One scoring run; the local engine with its own default chunks, Dask with partitions
+    of ``--partition-size``."""
+    project = Limited(open_project(str(DATA), "voc"), items or args.items)
     predictions: Any = None
     if checkpoint is None:
         predictions = open_predictions(
@@ -166,40 +178,60 @@ def run_once(
         checkpoint=checkpoint,
         label_map=ROAD_MAP,
         run_id="bench",
-        chunk_size=args.partition_size,
+        chunk_size=args.partition_size if engine is not None else CHUNK_SIZE,
         chunk_runner=engine.map_chunks if engine is not None else None,
     )
     return time.perf_counter() - start, result.table
 
 
 def measure(
-    args: argparse.Namespace, options: dict[str, Any], checkpoint: str | None, tag: str
+    args: argparse.Namespace,
+    options: dict[str, Any],
+    checkpoint: str | None,
+    tag: str,
+    frozen: bool = False,
 ) -> tuple[list[tuple[Any, ...]], bool]:
-    """Rows ``(engine, items, median, items/s, all times)`` and whether all tables agree."""
-    times: dict[str, list[float]] = {label: [] for label, _ in CONFIGS}
+    """Rows ``(engine, items, median, items/s, all times)`` and whether all tables agree.
+
+    With ``frozen``, also 1 worker whose mmap threshold stays frozen (:data:`FROZEN`)."""
+    configs = [*CONFIGS, (FROZEN, 1)] if frozen else list(CONFIGS)
+    times: dict[str, list[float]] = {label: [] for label, _ in configs}
     tables: dict[str, pd.DataFrame] = {}
     with contextlib.ExitStack() as stack:
         engines: dict[str, DaskEngine | None] = {}
-        for label, workers in CONFIGS:
-            engines[label] = (
-                stack.enter_context(
-                    DaskEngine(
-                        n_workers=workers,
-                        staging=f"s3://{BUCKET}/staging",
-                        staging_options=options,
+        for label, workers in configs:
+            env = {"MALLOC_MMAP_THRESHOLD_": 131072} if label == FROZEN else {}
+            with dask.config.set(
+                {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in env.items()}
+            ):
+                engines[label] = (
+                    stack.enter_context(
+                        DaskEngine(
+                            n_workers=workers,
+                            staging=f"s3://{BUCKET}/staging",
+                            staging_options=options,
+                        )
                     )
+                    if workers
+                    else None
                 )
-                if workers
-                else None
+        for label, _ in configs:  # warm-up, not timed: imports and the model in every process
+            run_once(
+                args,
+                engines[label],
+                f"s3://{BUCKET}/runs/warm-up",
+                options,
+                checkpoint,
+                2 * args.partition_size,
             )
         for r in range(args.repeats):
-            for label, _ in CONFIGS:
+            for label, _ in configs:
                 out = f"s3://{BUCKET}/runs/{tag}-{label.replace(' ', '').replace(',', '-')}-{r}"
                 t, tables[label] = run_once(args, engines[label], out, options, checkpoint)
                 times[label].append(t)
                 print(f"{tag} round {r + 1}: {label} {t:.2f} s", flush=True)
     rows = []
-    for label, _ in CONFIGS:
+    for label, _ in configs:
         n = len(tables[label])
         med = statistics.median(times[label])
         rows.append((label, n, med, n / med, times[label]))
@@ -225,6 +257,15 @@ def table_lines(rows: list[tuple[Any, ...]], same: bool) -> list[str]:
         f"Ratios of medians: 2 workers are **{ratio(medians, 'dask, 1 worker', 'dask, 2 workers'):.2f}×** "
         f"as fast as 1 worker; 2 workers take {1 / ratio(medians, 'local engine', 'dask, 2 workers'):.2f}× "
         "the local engine's time.",
+        *(
+            [
+                f"1 worker with glibc's mmap threshold frozen at 128 KiB (as a Dask nanny's "
+                f"`MALLOC_TRIM_THRESHOLD_` leaves it) takes {ratio(medians, FROZEN, 'dask, 1 worker'):.2f}× "
+                "the time of 1 worker with the engine's threshold.",
+            ]
+            if FROZEN in medians
+            else []
+        ),
         "",
         f"Same table from every engine: **{'yes' if same else 'NO'}**.",
         "",
@@ -252,23 +293,28 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "scale.md")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the S3 server too
     if not DATA.is_dir():
         sys.exit(f"road_signs data not found at {DATA}")
 
     machine = machine_line()
     load_before = uptime()
+    loads = [os.getloadavg()[0]]
     with s3_server() as options, tempfile.TemporaryDirectory() as tmp:
         import s3fs
 
         fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
         print("workload 1: brought predictions", flush=True)
         light = measure(args, options, None, "light")
+        loads.append(os.getloadavg()[0])
         fs.put_file(random_detector(f"{tmp}/ssdlite.pt", args.image_size), f"{BUCKET}/ssdlite.pt")
         print("workload 2: model inference", flush=True)
-        heavy = measure(args, options, f"s3://{BUCKET}/ssdlite.pt", "heavy")
+        heavy = measure(args, options, f"s3://{BUCKET}/ssdlite.pt", "heavy", frozen=True)
+        loads.append(os.getloadavg()[0])
         fs.invalidate_cache()
         left = fs.find(f"{BUCKET}/staging")
     load_after = uptime()
+    load_min, load_max = min(loads), max(loads)
 
     lines = [
         "# Scale: scoring throughput, local engine vs Dask with 1 and 2 workers, partitions on S3",
@@ -286,10 +332,11 @@ def main() -> None:
         f"disk. A local S3 server (moto, its own process on 127.0.0.1) holds the manifest "
         f"partitions of {args.partition_size} items (one Dask task each), staged there by the "
         "driver and read there by the workers, the output tables, and the checkpoint; every "
-        "worker opens the predictions itself. The local engine decodes with its default 2 "
-        "DataLoader processes; Dask workers are processes of a LocalCluster on 127.0.0.1 with "
-        "one thread each and decode in their own process. Cluster start-up is not timed (paid "
-        "once per run); staging the partitions on S3 is. Medians of the rounds.",
+        "worker opens the predictions itself. The local engine runs its default chunks of "
+        f"{CHUNK_SIZE} items and decodes with its default 2 DataLoader processes; Dask "
+        "workers are processes of a LocalCluster on 127.0.0.1 with one thread each and decode in their own process. Cluster start-up and one warm-up run "
+        "of each configuration are not timed; staging the partitions on S3 is. Medians of "
+        "the rounds.",
         "",
         "## 1. Brought predictions (light per-item work)",
         "",
@@ -314,10 +361,16 @@ def main() -> None:
         f"{ratio(_medians(light), 'dask, 1 worker', 'dask, 2 workers'):.2f}× as fast as 1 with "
         "brought predictions and "
         f"{ratio(_medians(heavy), 'dask, 1 worker', 'dask, 2 workers'):.2f}× with model "
-        "inference. A partition costs its staging on S3, one task, and the return of its table; "
-        "with light per-item work that overhead is of the order of the work itself. Results "
-        f"are identical across engines (checked above). Staged partitions left on S3 after the "
-        f"runs: {len(left)}.",
+        f"inference. A second worker can only be faster when a core is idle for it: with a "
+        f"1-minute load average of {load_min:.1f}–{load_max:.1f} on {os.cpu_count()} cores "
+        "during these runs there was little or none. A partition costs its staging on S3, one "
+        "task, and the return of its table; with light per-item work that overhead is of the "
+        "order of the work itself. One Dask worker against the local engine: "
+        f"{ratio(_medians(heavy), 'dask, 1 worker', 'local engine'):.2f}× the local engine's "
+        "speed on model inference; with the mmap threshold a Dask nanny leaves frozen it was "
+        f"{ratio(_medians(heavy), FROZEN, 'local engine'):.2f}× (the engine raises it in its "
+        "workers). Results are identical across engines (checked above). Staged partitions "
+        f"left on S3 after the runs: {len(left)}.",
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
