@@ -195,6 +195,15 @@ class ProjectConfig(_Strict):
         description="where item images may come from besides the project's storage: hosts "
         "(cdn.example.com, host:port) or URL prefixes (file:///mnt/images/); * for any",
     )
+    dask_staging: str | None = Field(
+        None,
+        description="engine dask: URL where partitions are staged for the workers, removed after "
+        "the run; default: a temporary folder (local cluster), <run folder>/.labeltriage-staging "
+        "(scheduler)",
+    )
+    dask_partition_size: int | None = Field(
+        None, ge=1, description="engine dask: items per partition (one Dask task); default 256"
+    )
 
     @field_validator("scorers", mode="before")
     @classmethod
@@ -385,6 +394,7 @@ def resolve_paths(cfg: AppConfig, base: Path) -> AppConfig:
         update: dict[str, Any] = {
             "source": _resolve(p.source, base),
             "model": _resolve(p.model, base),
+            "dask_staging": _resolve(p.dask_staging, base),
         }
         if p.predictions is not None:
             update["predictions"] = p.predictions.model_copy(
@@ -571,6 +581,10 @@ def command_defaults(cfg: AppConfig, project: str | None) -> dict[str, dict[str,
         }  # fmt: skip
         if p.scheduler is not None:
             score["scheduler"] = p.scheduler
+        if p.dask_staging is not None:
+            score["staging"] = p.dask_staging
+        if p.dask_partition_size is not None:
+            score["partition_size"] = p.dask_partition_size
         if p.scorers:
             score["scorers"] = ",".join(p.scorers)
         if p.scorer_settings:

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import sqlalchemy as sa
 
-from autolabel.config import AppConfig, ProjectConfig, is_local_path
+from autolabel.config import AppConfig, PredictionsConfig, ProjectConfig, is_local_path
 from autolabel.store import ReportStore, RunRecord, StateDB, new_run_id, utcnow
 from connectors.errors import LabelTriageError
 from connectors.labelmap import LabelMap, load_label_map
@@ -82,6 +82,19 @@ def score_inputs(p: ProjectConfig, checkpoint: str | None) -> tuple[bool, bool]:
             else "none"
         )
     return choice == "predictions", choice == "model" and checkpoint is not None
+
+
+def dask_predictions(p: ProjectConfig, pc: PredictionsConfig, project: Any, opened: Any) -> Any:
+    """The project's predictions as each Dask worker opens them again from their source."""
+    from autolabel.engine_dask import Opener, ReopenablePredictions
+
+    return ReopenablePredictions(
+        Opener(pc.source, pc.format, pc.storage_options or None, pc.options),
+        project=Opener(
+            p.source, getattr(project, "name", p.format), p.storage_options or None, p.options
+        ),
+        opened=opened,
+    )
 
 
 def label_inputs(p: ProjectConfig, checkpoint: str | None) -> tuple[bool, bool]:
@@ -215,12 +228,17 @@ class _Run:
         reference = self.reference()
         log.info("%s: scoring against reference %s", self.name, reference or "(none: first run)")
         use_predictions, use_model = score_inputs(p, self.checkpoint)
+        predictions = self.predictions if use_predictions else None
+        if predictions is not None and p.engine == "dask" and p.predictions is not None:
+            predictions = dask_predictions(p, p.predictions, self.project, predictions)
         result = score_project_with_engine(
             self.project,
             engine=p.engine,
             scheduler=p.scheduler,
             n_workers=p.dask_workers,
-            predictions=self.predictions if use_predictions else None,
+            staging=p.dask_staging,
+            partition_size=p.dask_partition_size,
+            predictions=predictions,
             checkpoint=self.checkpoint if use_model else None,
             label_map=self.label_map,
             scorers=p.scorers,

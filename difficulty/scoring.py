@@ -229,7 +229,12 @@ def _scored_images(
 
 
 def _model_outputs(
-    checkpoint: str, items: list[Item], project: ProjectFS, batch_size: int, needs: frozenset[str]
+    checkpoint: str,
+    items: list[Item],
+    project: ProjectFS,
+    batch_size: int,
+    needs: frozenset[str],
+    storage_options: dict[str, Any] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Prediction], dict[str, str]]:
     from difficulty.inference import infer
 
@@ -239,7 +244,14 @@ def _model_outputs(
     committee = 0
     if needs & {"committee", "box_committee"}:
         committee = 8
-    for batch in infer(checkpoint, items, project, batch_size=batch_size, committee=committee):
+    for batch in infer(
+        checkpoint,
+        items,
+        project,
+        batch_size=batch_size,
+        committee=committee,
+        storage_options=storage_options,
+    ):
         errors.update(batch.errors)
         ids = list(batch.item_ids)
         for need in PREDICTION_FIELDS:
@@ -260,6 +272,7 @@ def score_chunk(
     scorers: Mapping[str, Mapping[str, Any]],
     predictions: PredictionSource | None = None,
     checkpoint: str | None = None,
+    checkpoint_storage_options: dict[str, Any] | None = None,
     label_map: LabelMap = LabelMap(),
     task: str = "detection",
     image_size: int = 128,
@@ -272,6 +285,7 @@ def score_chunk(
     """Score one chunk of items; one row per item, in input order.
 
     ``scorers`` maps scorer name → validated settings (see :func:`resolve_scorers`).
+    ``checkpoint_storage_options``: fsspec options for reading ``checkpoint``.
     Columns: ``item_id``, ``uri``, ``status``, one raw value per scorer, ``error``,
     ``true_error``, ``annotation_seconds``, ``model_version``.
     """
@@ -300,6 +314,7 @@ def score_chunk(
         scorers=scorers,
         predictions=predictions,
         checkpoint=checkpoint,
+        checkpoint_storage_options=checkpoint_storage_options,
         label_map=label_map,
         task=task,
         batch_size=batch_size,
@@ -318,6 +333,7 @@ def _chunk_frame(
     scorers: Mapping[str, Mapping[str, Any]],
     predictions: PredictionSource | None,
     checkpoint: str | None,
+    checkpoint_storage_options: dict[str, Any] | None,
     label_map: LabelMap,
     task: str,
     batch_size: int,
@@ -336,7 +352,9 @@ def _chunk_frame(
     mapped: dict[str, list[Annotation]] = {}
 
     if checkpoint is not None and ok:
-        per_need, preds, model_errors = _model_outputs(checkpoint, ok, project, batch_size, wanted)
+        per_need, preds, model_errors = _model_outputs(
+            checkpoint, ok, project, batch_size, wanted, checkpoint_storage_options
+        )
         errors.update(model_errors)
         inputs.update(per_need)
     elif predictions is not None:
@@ -780,7 +798,8 @@ def score_project(
     and tier thresholds are reused so that the scores of both runs compare.
     ``signed_weights`` lets scorers that rank the true error backwards take part reversed
     (see :func:`difficulty.combine.candidate_weights`); off by default.
-    ``out_dir`` is any fsspec URL (``storage_options`` apply to it).
+    ``out_dir`` is any fsspec URL (``storage_options`` apply to it, to ``reference`` and to
+    ``checkpoint``).
     ``chunk_runner`` (an engine, e.g. :meth:`autolabel.engine_dask.DaskEngine.map_chunks`)
     maps :func:`score_chunk` over the chunks elsewhere and yields their tables in order;
     ``None`` runs them here, with one image stream (``num_workers`` decoding processes)
@@ -818,6 +837,7 @@ def score_project(
         "scorers": chosen,
         "predictions": predictions,
         "checkpoint": checkpoint,
+        "checkpoint_storage_options": storage_options,
         "label_map": label_map,
         "task": task,
         "image_size": image_size,

@@ -20,6 +20,8 @@ from autolabel.commands._common import (
 )
 from connectors.errors import UsageError
 
+DEFAULT_MAP = click.core.ParameterSource.DEFAULT_MAP
+
 
 def parse_scorer_settings(text: str | None) -> dict[str, dict[str, Any]] | None:
     """``--scorer-settings`` is a JSON object of per-scorer objects."""
@@ -90,7 +92,11 @@ def parse_scorer_settings(text: str | None) -> dict[str, dict[str, Any]] | None:
     help="Images decoded and scored per batch.",
 )
 @click.option(
-    "--num-workers", type=int, default=2, show_default=True, help="Image-decoding worker processes."
+    "--num-workers",
+    type=int,
+    default=2,
+    show_default=True,
+    help="Image-decoding worker processes of the local engine (Dask workers decode in their own process).",
 )
 @click.option(
     "--engine",
@@ -111,6 +117,19 @@ def parse_scorer_settings(text: str | None) -> dict[str, dict[str, Any]] | None:
     default=2,
     show_default=True,
     help="With --engine dask and no --scheduler: worker processes of the local cluster.",
+)
+@click.option(
+    "--staging",
+    default=None,
+    help="With --engine dask: URL where the project's partitions are written for the workers "
+    "to read, removed after the run (default: a temporary folder for a local cluster; "
+    "OUT/.labeltriage-staging with --scheduler).",
+)
+@click.option(
+    "--partition-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --engine dask: items per partition, one Dask task each [default: 256].",
 )
 @click.option("--run-id", default=None, help="Run id (default: time-based).")
 @progress_option("Progress bar (default: when stderr is a terminal).")
@@ -141,6 +160,8 @@ def score(
     engine: str,
     scheduler: str | None,
     workers: int,
+    staging: str | None,
+    partition_size: int | None,
     run_id: str | None,
     progress: bool | None,
     out_dir: str,
@@ -148,17 +169,23 @@ def score(
     """Score every item's difficulty and sort items into easy / medium / hard tiers."""
     from pydantic import ValidationError
 
-    from autolabel.engine_dask import score_project_with_engine
+    from autolabel.engine_dask import Opener, ReopenablePredictions, score_project_with_engine
     from connectors.labelmap import load_label_map
     from difficulty.tiers import TierConfig
 
     if predictions and model:
         raise UsageError("give --predictions or --model, not both")
-    if scheduler and engine != "dask":
-        source_of = click.get_current_context().get_parameter_source("scheduler")
-        if source_of is not click.core.ParameterSource.DEFAULT_MAP:
-            raise UsageError("--scheduler needs --engine dask")
-        scheduler = None  # the config's scheduler, with --engine local on the command line
+    if engine != "dask":
+        ctx = click.get_current_context()
+        for name, value in (
+            ("scheduler", scheduler),
+            ("staging", staging),
+            ("partition_size", partition_size),
+        ):
+            if value is not None and ctx.get_parameter_source(name) is not DEFAULT_MAP:
+                raise UsageError(f"--{name.replace('_', '-')} needs --engine dask")
+        # the config's Dask settings, with --engine local on the command line, are unused
+        scheduler = staging = partition_size = None
     options = parse_storage_options(storage_options)
     tier_fields: dict[str, Any] = {
         k: v for k, v in {"mode": tier_mode, "easy": easy, "hard": hard}.items() if v is not None
@@ -168,6 +195,13 @@ def score(
     except ValidationError as exc:
         raise UsageError(f"tiers: {exc.errors()[0]['msg']}") from exc
     project, prediction_source = open_inputs(source, fmt, options, predictions, predictions_format)
+    if engine == "dask" and predictions and prediction_source is not None:
+        # each Dask worker opens the predictions from their source, with these storage options
+        prediction_source = ReopenablePredictions(
+            Opener(predictions, predictions_format, options),
+            project=Opener(source, project.name, options),
+            opened=prediction_source,
+        )
     names = [s.strip() for s in scorers.split(",") if s.strip()] if scorers else None
     mapping = load_label_map(label_map, options)
     result = score_project_with_engine(
@@ -175,6 +209,8 @@ def score(
         engine=engine,
         scheduler=scheduler or None,
         n_workers=workers,
+        staging=staging,
+        partition_size=partition_size,
         predictions=prediction_source,
         checkpoint=model,
         label_map=mapping,
