@@ -74,7 +74,7 @@ from connectors.labelstudio.regions import (
     region_to_annotation,
 )
 from connectors.model import Item, ItemStatus, Prediction
-from connectors.storage import ProjectFS
+from connectors.storage import ProjectFS, url_allowed
 
 log = logging.getLogger(__name__)
 
@@ -92,20 +92,20 @@ def uri_from_task(
 ) -> str:
     """A task's image reference as an item ``uri`` (relative to the project, or a full URL).
 
-    Raises :class:`ImageSourceRefused` (an :class:`InputError`) for a ``file://`` image and
-    for an ``http(s)://`` image whose host (``host`` or ``host:port``) is not in
-    ``allowed_hosts``; other storage URLs are left to the project's storage to judge.
+    Raises :class:`ImageSourceRefused` (an :class:`InputError`) for a ``file://`` or
+    ``http(s)://`` image that ``allowed_hosts`` (an ``allow_image_hosts`` list: hosts,
+    ``host:port``, URL prefixes or ``*``, see :func:`connectors.storage.url_allowed`) does
+    not admit; other storage URLs are left to the project's storage to judge.
     """
-    parts = urlsplit(value)
-    scheme = parts.scheme.lower()
-    if scheme == "file":
-        raise ImageSourceRefused(f"image {value!r}: file:// images are not read", file=value)
-    if scheme in ("http", "https") and not (
-        parts.netloc in allowed_hosts or (parts.hostname or "") in allowed_hosts
-    ):
+    scheme = urlsplit(value).scheme.lower()
+    if scheme in ("file", "http", "https") and not url_allowed(value, allowed_hosts):
+        where = (
+            "a file:// image outside the folders"
+            if scheme == "file"
+            else f"on host {urlsplit(value).netloc!r}, not one"
+        )
         raise ImageSourceRefused(
-            f"image {value!r} is on host {parts.netloc!r}, not one the project allows "
-            "(option allow_image_hosts)",
+            f"image {value!r} is {where} the project allows (option allow_image_hosts)",
             file=value,
         )
     if value.startswith(LOCAL_FILES):
@@ -202,8 +202,9 @@ class LabelStudioFormat(JsonFileFormat):
                 item_id, "", f"data has no image reference {self.image_key!r}", label.status
             )
         try:
+            allowed = self.image_hosts + tuple(getattr(self.project, "allow_image_hosts", ()))
             uri = uri_from_task(
-                ref, local_files_prefix=self.local_files_prefix, allowed_hosts=self.image_hosts
+                ref, local_files_prefix=self.local_files_prefix, allowed_hosts=allowed
             )
             if "://" not in uri:
                 self.project.resolve(uri, item=item_id)
