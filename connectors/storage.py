@@ -223,8 +223,20 @@ class ProjectFS:
     def isdir(self, rel: str) -> bool:
         return bool(self.fs.isdir(self.resolve(rel)))
 
+    def may_exist(self, rel: str) -> bool:
+        """A cheap probe that reads nothing: ``False`` only when nothing is at ``rel`` on a
+        local disk (one ``lstat``, no symlink checks); always ``True`` elsewhere.  Reads
+        still go through :meth:`resolve`."""
+        if not self.is_local:
+            return True
+        return os.path.lexists(posixpath.join(self.root, posixpath.normpath(rel)))
+
     def read_bytes(self, rel: str) -> bytes:
-        with self.fs.open(self.resolve(rel), "rb") as f:
+        full = self.resolve(rel)
+        if self.is_local:  # a plain read: no fsspec file object per small file
+            with open(full, "rb") as f:
+                return f.read()
+        with self.fs.open(full, "rb") as f:
             return f.read()
 
     def read_text(self, rel: str, encoding: str = "utf-8") -> str:

@@ -322,7 +322,11 @@ class LabelFileFormat(RemovesFiles, ProjectFormat):
                 status=ItemStatus.LABELED,
             )
         entry = index.get(item_id)
-        if (entry is None or not matches_sidecar(entry, label_rel, data)) and self._recheck:
+        if (
+            (entry is None or not matches_sidecar(entry, label_rel, data))
+            and self._recheck
+            and self.project.may_exist(sidecar_path(item_id))
+        ):
             entry = read_sidecar(self.project, item_id)  # written since the index was read?
         if entry is not None and matches_sidecar(entry, label_rel, data):
             meta = {**item.meta, **auto_label_meta(entry)}
