@@ -154,10 +154,10 @@ def _labelstudio_predictions(voc_root: Path, ls_root: Path, predictions: Path, o
         width, height = voc.image_size_of(item)
         item = item.model_copy(update={"width": width, "height": height})
         pred = yolo.get(item.item_id, item)
+        boxes = [a for a in (pred.annotations if pred is not None else []) if a.box is not None]
         regions = [
-            annotation_to_region(a, width, height, names=names)
-            for a in (pred.annotations if pred is not None else [])
-            if a.box is not None
+            annotation_to_region(a, names, width, height, region_id=f"p{i}")
+            for i, a in enumerate(boxes)
         ]
         task["annotations"] = []
         task["predictions"] = [{"model_version": "yolov5n", "result": regions}]
