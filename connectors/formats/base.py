@@ -3,7 +3,10 @@
 A format is a class registered in :data:`FORMATS` under its name.  It is built on a
 :class:`~connectors.storage.ProjectFS` (the project root) and options, and provides:
 
-* ``detect(project)`` — a cheap check used by ``--format auto``;
+* ``detect(project)`` — a cheap check used by ``--format auto`` on a folder, asked in the
+  order of ``detect_priority``; ``looked_for`` says what it looks for (in the error when no
+  format matches); ``detect_file(project, name)`` — the same for a project given as one
+  file (by default: its suffix is one of ``file_suffixes``);
 * ``iter_items()`` — a *stream* of :class:`~connectors.model.Item`: never the whole
   project in memory; a bad item is yielded with ``error`` set, never raised;
 * ``write_items(items, classes)`` — write a whole project (round trips, exports);
@@ -23,6 +26,7 @@ task id.  Prediction readers produce the same ids so predictions join on ``item_
 from __future__ import annotations
 
 import abc
+import posixpath
 from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
@@ -86,6 +90,12 @@ def sidecar_path(item_id: str) -> str:
 class ProjectFormat(abc.ABC):
     name: ClassVar[str]
     tasks: ClassVar[tuple[str, ...]] = ("detection",)
+    detect_priority: ClassVar[int] = 100
+    """Where ``--format auto`` asks :meth:`detect` (lower first, ties by name)."""
+    looked_for: ClassVar[str] = "its own layout"
+    """What :meth:`detect` looks for (named when no format matches a folder)."""
+    file_suffixes: ClassVar[tuple[str, ...]] = ()
+    """Suffixes of a project given as one file that :meth:`detect_file` accepts."""
 
     def __init__(self, project: ProjectFS, **options: Any) -> None:
         self.project = project
@@ -95,6 +105,11 @@ class ProjectFormat(abc.ABC):
     @abc.abstractmethod
     def detect(cls, project: ProjectFS) -> bool:
         """True when the project root looks like this format (cheap: a few listings)."""
+
+    @classmethod
+    def detect_file(cls, project: ProjectFS, name: str) -> bool:
+        """True when the file ``name`` in ``project`` is a whole project in this format."""
+        return posixpath.splitext(name)[1].lower() in cls.file_suffixes
 
     @abc.abstractmethod
     def iter_items(self) -> Iterator[Item]:

@@ -53,6 +53,8 @@ class ImageFolderFormat(RemovesFiles, ProjectFormat):
 
     name = "imagefolder"
     tasks = ("classification",)
+    detect_priority = 90
+    looked_for = "one folder of images per class (CLASS/*.jpg)"
 
     def __init__(self, project: ProjectFS, **options: Any) -> None:
         super().__init__(project, **options)

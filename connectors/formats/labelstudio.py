@@ -145,6 +145,9 @@ class LabelStudioFormat(JsonFileFormat):
     tasks = ("detection", "classification")
     title = "Label Studio"
     missing = "no Label Studio export (*.json) found in the project root"
+    detect_priority = 20
+    looked_for = "a Label Studio JSON export"
+    opens_with = b"["
     json_indent = 1
 
     def __init__(self, project: ProjectFS, **options: Any) -> None:

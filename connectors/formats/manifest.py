@@ -86,6 +86,9 @@ class ManifestFormat(RemovesEntries, ProjectFormat):
 
     name = "manifest"
     tasks = ("detection", "classification")
+    detect_priority = 10
+    looked_for = "a Parquet manifest"
+    file_suffixes = (".parquet",)
 
     def __init__(self, project: ProjectFS, **options: Any) -> None:
         super().__init__(project, **options)
