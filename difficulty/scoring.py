@@ -22,7 +22,6 @@ scores; it never stops the run.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -52,15 +51,12 @@ from difficulty.combine import (
     spearman,
 )
 from difficulty.matching import detection_error, item_error
-from difficulty.registry import SCORERS, ScorerSpec
+from difficulty.registry import SCORERS, ScorerSpec, load_scorers
 from difficulty.table import write_difficulty_parts
 from difficulty.tiers import TierConfig, tier_thresholds, tiers_from_thresholds
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-SCORER_MODULES = ("difficulty.fourier", "difficulty.strategies", "difficulty.prediction_scores")
-"""Modules whose import registers scorers."""
 
 DEFAULT_SCORER = "fourier"
 CHUNK_SIZE = 512
@@ -77,17 +73,6 @@ PREDICTION_FIELDS = (
     "box_features",
 )
 """Needs that a model checkpoint (``difficulty.inference``) can provide."""
-
-
-def load_scorers() -> None:
-    """Import every module that registers scorers (missing optional ones are skipped)."""
-    for name in SCORER_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            log.debug("scorer module %s is not installed", name)
 
 
 def new_run_id(now: datetime | None = None) -> str:

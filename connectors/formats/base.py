@@ -26,6 +26,7 @@ task id.  Prediction readers produce the same ids so predictions join on ``item_
 from __future__ import annotations
 
 import abc
+import importlib
 import posixpath
 from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
@@ -33,6 +34,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, Field
 
 from connectors.model import Annotation, Item, Prediction
+from connectors.plugins import load_plugins
 from connectors.registry import Registry
 from connectors.storage import ProjectFS
 
@@ -136,7 +138,13 @@ class ProjectFormat(abc.ABC):
         """
 
 
-FORMATS: Registry[type[ProjectFormat]] = Registry("format")
+def _load_formats() -> None:
+    """Import the built-in formats and the plugins (see :mod:`connectors.plugins`)."""
+    importlib.import_module("connectors.formats")
+    load_plugins()
+
+
+FORMATS: Registry[type[ProjectFormat]] = Registry("format", _load_formats)
 
 
 class PredictionSource(abc.ABC):
@@ -151,4 +159,4 @@ class PredictionSource(abc.ABC):
         """Every prediction, streamed."""
 
 
-PREDICTION_FORMATS: Registry[type[PredictionSource]] = Registry("predictions format")
+PREDICTION_FORMATS: Registry[type[PredictionSource]] = Registry("predictions format", _load_formats)

@@ -1,0 +1,92 @@
+"""The registries are complete whatever is imported first, and their name lists are derived."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FIRST_IMPORTS = (
+    "difficulty.registry",
+    "difficulty.fourier",
+    "difficulty.strategies",
+    "difficulty.prediction_scores",
+    "difficulty.hybrid",
+    "difficulty.selection",
+    "difficulty.scoring",
+)
+
+PROBE = """
+import importlib, json, sys
+importlib.import_module(sys.argv[1])
+from difficulty.registry import SCORERS
+from difficulty import strategies, hybrid
+print(json.dumps({
+    "scorers": list(SCORERS),
+    "strategies": list(strategies.STRATEGIES),
+    "batch": list(hybrid.BATCH_STRATEGIES),
+}))
+"""
+
+
+def _probe(first: str) -> dict[str, list[str]]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE"}
+    env.pop("LABELTRIAGE_PLUGINS", None)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, first],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def probes() -> dict[str, dict[str, list[str]]]:
+    return {first: _probe(first) for first in FIRST_IMPORTS}
+
+
+def test_scorer_registry_does_not_depend_on_import_order(
+    probes: dict[str, dict[str, list[str]]],
+) -> None:
+    counts = {first: len(p["scorers"]) for first, p in probes.items()}
+    assert len(set(counts.values())) == 1, counts
+    reference = probes["difficulty.registry"]
+    for first, probe in probes.items():
+        assert probe == reference, first
+
+
+def test_every_scorer_module_is_loaded(probes: dict[str, dict[str, list[str]]]) -> None:
+    scorers = set(probes["difficulty.registry"]["scorers"])
+    assert {"fourier", "margin", "det_margin", "box_margin", "badge", "margin_kcenter"} <= scorers
+
+
+def test_strategy_lists_follow_the_tags() -> None:
+    from difficulty import active_learning, hybrid, strategies
+    from difficulty.registry import SCORERS
+
+    for name in strategies.STRATEGIES:
+        assert "strategy" in SCORERS[name].tags and "batch" not in SCORERS[name].tags
+    for base, variant in strategies.DETECTION_VARIANTS.items():
+        assert SCORERS[variant].detection_of == base and base in strategies.STRATEGIES
+    assert set(strategies.SELECT_STRATEGIES) - set(strategies.STRATEGIES) == {"predicted_loss"}
+    for name in hybrid.BATCH_STRATEGIES:
+        assert {"strategy", "batch"} <= SCORERS[name].tags
+    assert set(hybrid.BATCH_SELECTIONS) == set(hybrid.BATCH_STRATEGIES) - hybrid.NEEDS_LABELED
+    names = active_learning.STRATEGY_NAMES
+    assert len(names) == len(set(names))
+    assert set(names) == {
+        *strategies.STRATEGIES,
+        "fourier",
+        *hybrid.BATCH_STRATEGIES,
+        "combined",
+    }
