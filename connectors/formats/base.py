@@ -14,7 +14,7 @@ A format is a class registered in :data:`FORMATS` under its name.  It is built o
   label, atomically per file, skipping (and reporting) any item that has a human label
   *at write time*; returns :class:`WrittenRecord` entries that ``remove_written`` can
   undo exactly (used by run manifests and rollback).  File formats also leave a sidecar
-  record per item (:func:`sidecar_path`) so readers know the label is an auto-label;
+  record per item (:func:`~connectors.sidecars.sidecar_path`) so readers know the label is an auto-label;
 * optionally ``publish_scores(table, meta)`` — a platform that can show scores next to its
   items (FiftyOne) gets each scoring run's difficulty table and metadata.
 
@@ -36,34 +36,12 @@ from pydantic import BaseModel, Field
 from connectors.model import Annotation, Item, Prediction
 from connectors.plugins import load_plugins
 from connectors.registry import Registry
+from connectors.sidecars import AUTO_SIDECAR_DIR as AUTO_SIDECAR_DIR  # the formats' contract
+from connectors.sidecars import Provenance, WrittenRecord
+from connectors.sidecars import sidecar_path as sidecar_path
 from connectors.storage import ProjectFS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-class Provenance(BaseModel):
-    """Where an auto-label came from; stored with every write."""
-
-    run_id: str
-    model_version: str
-    score: float | None = None
-    tier: str | None = None
-    extra: dict[str, Any] = Field(default_factory=dict)
-
-
-class WrittenRecord(BaseModel):
-    """One thing a write created, precisely enough to remove it and nothing else.
-
-    ``kind="file"``: ``path`` (relative to the root) was created, with ``sha256`` of its
-    content.  ``kind="entry"``: entries with ``entry_ids`` were added inside the shared
-    file ``path`` (COCO JSON, Label Studio export).
-    """
-
-    kind: str
-    path: str
-    item_id: str
-    sha256: str | None = None
-    entry_ids: list[str] = Field(default_factory=list)
 
 
 class LabelWrite(BaseModel):
@@ -79,14 +57,6 @@ class WriteOutcome(BaseModel):
 
     records: list[WrittenRecord] = Field(default_factory=list)
     refused: dict[str, str] = Field(default_factory=dict)
-
-
-AUTO_SIDECAR_DIR = ".labeltriage/auto"
-
-
-def sidecar_path(item_id: str) -> str:
-    """Relative path of the sidecar record of an auto-labeled item (provenance + sha256)."""
-    return f"{AUTO_SIDECAR_DIR}/{item_id}.json"
 
 
 class ProjectFormat(abc.ABC):
