@@ -45,7 +45,6 @@ import json
 import logging
 import os
 import posixpath
-import secrets
 import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
@@ -55,6 +54,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from connectors import owner as owners
 from connectors.errors import InputError, UsageError
+from connectors.runid import new_run_id as new_run_id  # one run id for every run
 from connectors.sidecars import (
     WrittenRecord,
     read_auto_label_index,
@@ -78,12 +78,6 @@ RunStage = Literal["pending", "committed", "rolled_back"]
 
 
 # -- hashing and run ids -------------------------------------------------------------------
-
-
-def new_run_id() -> str:
-    """A new run id that sorts by creation time: ``YYYYmmddTHHMMSSffffffZ-<6 hex>``."""
-    now = datetime.now(timezone.utc)
-    return f"{now.strftime('%Y%m%dT%H%M%S%f')}Z-{secrets.token_hex(3)}"
 
 
 def _check_run_id(run_id: str) -> str:

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import tempfile
-import uuid
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -42,6 +41,7 @@ from connectors.errors import UsageError
 from connectors.formats.base import PredictionSource, ProjectFormat
 from connectors.labelmap import LabelMap
 from connectors.model import Annotation, Item, Prediction
+from connectors.runid import new_run_id
 from connectors.storage import ProjectFS
 from difficulty.combine import (
     CombineFit,
@@ -73,12 +73,6 @@ PREDICTION_FIELDS = (
     "box_features",
 )
 """Needs that a model checkpoint (``difficulty.inference``) can provide."""
-
-
-def new_run_id(now: datetime | None = None) -> str:
-    """A sortable, unique run id: ``20260101T120000Z-1a2b3c``."""
-    now = now or datetime.now(timezone.utc)
-    return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:6]}"
 
 
 # -- choosing scorers -----------------------------------------------------------------------
