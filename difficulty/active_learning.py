@@ -58,7 +58,7 @@ def strategy_names() -> tuple[str, ...]:
     return (*classic_strategies(), *hybrid.batch_strategies(), "combined")
 
 
-def __getattr__(name: str) -> object:
+def __getattr__(name: str) -> Any:
     """``CLASSIC`` and ``STRATEGY_NAMES``, derived from the registry when read."""
     if name == "CLASSIC":
         return classic_strategies()

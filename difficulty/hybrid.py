@@ -382,7 +382,7 @@ def batch_selections() -> tuple[str, ...]:
     return tuple(n for n in batch_strategies() if n not in NEEDS_LABELED)
 
 
-def __getattr__(name: str) -> object:
+def __getattr__(name: str) -> Any:
     """``BATCH_STRATEGIES`` and ``BATCH_SELECTIONS``, derived from the registry's tags when read."""
     if name == "BATCH_STRATEGIES":
         return batch_strategies()

@@ -60,7 +60,7 @@ strategy name to the variant for the task.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -434,14 +434,14 @@ def detection_variants() -> dict[str, str]:
     return {str(SCORERS[n].detection_of): n for n in scorer_names("strategy") if _is_variant(n)}
 
 
-_DERIVED: dict[str, Callable[[], object]] = {
+_DERIVED: dict[str, Callable[[], Any]] = {
     "STRATEGIES": query_strategies,
     "SELECT_STRATEGIES": select_strategies,
     "DETECTION_VARIANTS": detection_variants,
 }
 
 
-def __getattr__(name: str) -> object:
+def __getattr__(name: str) -> Any:
     """``STRATEGIES``, ``SELECT_STRATEGIES``, ``DETECTION_VARIANTS``: derived from the
     registry's tags when read (so a plugin's strategy is in them)."""
     if name in _DERIVED:
