@@ -68,6 +68,7 @@ from scipy.stats import beta as beta_dist
 from connectors.errors import UsageError
 from connectors.labelmap import LabelMap
 from connectors.model import Item, Prediction
+from difficulty.items import usable_scores as _score_lookup
 from difficulty.matching import item_correct
 
 log = logging.getLogger(__name__)
@@ -394,14 +395,6 @@ def calibration_table(
 
 def wrong_column(c: float) -> str:
     return f"wrong@{c:g}"
-
-
-def _score_lookup(difficulty_df: pd.DataFrame) -> dict[str, float]:
-    df = difficulty_df
-    if "error" in df.columns:
-        df = df[df["error"].isna()]
-    df = df[np.isfinite(df["score"].to_numpy(dtype=np.float64))]
-    return dict(zip(df["item_id"].astype(str), df["score"].astype(float), strict=True))
 
 
 def calibrate(

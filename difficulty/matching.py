@@ -227,6 +227,18 @@ def detection_error(
     )
 
 
+def mapped_probs(prediction: Prediction, label_map: LabelMap) -> dict[str, float]:
+    """The prediction's class probabilities over project classes: probabilities of model
+    classes mapped to the same project class add up; classes the (non-empty) map does not
+    name are dropped."""
+    mapped: dict[str, float] = {}
+    for name, p in (prediction.probs or {}).items():
+        target = label_map.map.get(name) if label_map.map else name
+        if target is not None:
+            mapped[target] = mapped.get(target, 0.0) + float(p)
+    return mapped
+
+
 def predicted_class(prediction: Prediction, label_map: LabelMap, min_score: float) -> str | None:
     """The arg-max project class of a classification prediction, or ``None``.
 
@@ -236,11 +248,7 @@ def predicted_class(prediction: Prediction, label_map: LabelMap, min_score: floa
     ``min_score`` gives ``None`` (no label would be written).
     """
     if prediction.probs:
-        mapped: dict[str, float] = {}
-        for name, p in prediction.probs.items():
-            target = label_map.map.get(name) if label_map.map else name
-            if target is not None:
-                mapped[target] = mapped.get(target, 0.0) + float(p)
+        mapped = mapped_probs(prediction, label_map)
         if not mapped:
             return None
         best = max(mapped, key=lambda k: mapped[k])

@@ -50,6 +50,8 @@ from difficulty.combine import (
     quantile_sketch,
     spearman,
 )
+from difficulty.items import chunks as _chunks
+from difficulty.items import task_of as _task
 from difficulty.matching import detection_error, item_error
 from difficulty.registry import SCORERS, ScorerSpec, load_scorers
 from difficulty.table import write_difficulty_parts
@@ -453,22 +455,6 @@ def describe_predictions(predictions: PredictionSource | None) -> str | None:
         if isinstance(value, str):
             return value
     return type(predictions).__name__
-
-
-def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    chunk: list[T] = []
-    for it in items:
-        chunk.append(it)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-def _task(project: ProjectFormat) -> str:
-    tasks = tuple(getattr(project, "tasks", ("detection",)))
-    return "detection" if "detection" in tasks else tasks[0]
 
 
 def finish_table(
