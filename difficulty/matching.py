@@ -239,6 +239,14 @@ def mapped_probs(prediction: Prediction, label_map: LabelMap) -> dict[str, float
     return mapped
 
 
+def project_probs(prediction: Prediction, label_map: LabelMap) -> dict[str, float]:
+    """:func:`mapped_probs` rescaled to sum to 1: a distribution over project classes
+    (empty when no class of the prediction is a project class)."""
+    mapped = mapped_probs(prediction, label_map)
+    total = sum(mapped.values())
+    return {k: v / total for k, v in mapped.items()} if total > 0 else {}
+
+
 def predicted_class(prediction: Prediction, label_map: LabelMap, min_score: float) -> str | None:
     """The arg-max project class of a classification prediction, or ``None``.
 

@@ -52,7 +52,7 @@ from difficulty.combine import (
 )
 from difficulty.items import chunks as _chunks
 from difficulty.items import task_of as _task
-from difficulty.matching import detection_error, item_error
+from difficulty.matching import detection_error, item_error, project_probs
 from difficulty.registry import SCORERS, ScorerSpec, load_scorers
 from difficulty.table import write_difficulty_parts
 from difficulty.tiers import TierConfig, tier_thresholds, tiers_from_thresholds
@@ -349,8 +349,8 @@ def _chunk_frame(
             preds[it.item_id] = p
             mapped[it.item_id] = label_map.apply(p.annotations)
             inputs.setdefault("box_scores", {})[it.item_id] = _box_scores(mapped[it.item_id])
-            if p.probs:
-                inputs.setdefault("probs", {})[it.item_id] = p.probs
+            if probs := project_probs(p, label_map):
+                inputs.setdefault("probs", {})[it.item_id] = probs
 
     n = len(items)
     rows: dict[str, Any] = {
