@@ -69,7 +69,7 @@ from connectors.errors import UsageError
 from connectors.labelmap import LabelMap
 from connectors.model import Item, Prediction
 from difficulty.items import usable_scores as _score_lookup
-from difficulty.matching import item_correct
+from difficulty.matching import wrong_at
 
 log = logging.getLogger(__name__)
 
@@ -383,11 +383,11 @@ def calibration_table(
         pred = _lookup(predictions, item)
         if pred is None or pred.error is not None:
             continue
+        wrong = wrong_at(
+            item, pred, label_map, box_confidences, task=task, iou_threshold=iou_threshold
+        )  # one matching for every box confidence
         row: dict[str, Any] = {"item_id": item.item_id, "score": score}
-        for c in box_confidences:
-            row[wrong_column(c)] = not item_correct(
-                item, pred, label_map, task=task, iou_threshold=iou_threshold, min_score=c
-            )
+        row.update({wrong_column(c): w for c, w in zip(box_confidences, wrong, strict=True)})
         rows.append(row)
     columns = ["item_id", "score", *(wrong_column(c) for c in box_confidences)]
     return pd.DataFrame(rows, columns=columns)
