@@ -152,6 +152,20 @@ def test_the_existing_contract_tests_pick_them_up(plugin_dir: Path) -> None:
             assert hits, f"no contract test of {test_file} ran on {name}"
 
 
+def _labeltriage(plugin_dir: Path, *args: str) -> str:
+    """Run the command line with the plugin named in the environment; its stdout."""
+    done = subprocess.run(
+        [sys.executable, "-m", "autolabel.cli", *args],
+        cwd=ROOT,
+        env=_env(plugin_dir),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 def test_the_command_line_picks_them_up(plugin_dir: Path, tmp_path: Path) -> None:
     from _fileformat_helpers import png_bytes
 
@@ -163,37 +177,14 @@ def test_the_command_line_picks_them_up(plugin_dir: Path, tmp_path: Path) -> Non
     (project / "boxes" / "img0.json").write_text(
         json.dumps([{"label": "car", "box": [1, 1, 9, 9]}])
     )
-    cli = [sys.executable, "-m", "autolabel.cli"]
-    stats = subprocess.run(
-        [*cli, "stats", "--source", str(project)],
-        cwd=ROOT,
-        env=_env(plugin_dir),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert stats.returncode == 0, stats.stderr[-3000:]
-    counts = json.loads(stats.stdout)
+    stats = _labeltriage(plugin_dir, "stats", "--source", str(project))
+    counts = json.loads(stats)
     assert (counts["items"], counts["labeled"], counts["unlabeled"]) == (4, 1, 3), counts
     out = tmp_path / "scores"
-    score = subprocess.run(
-        [
-            *cli,
-            "score",
-            "--source",
-            str(project),
-            "--out",
-            str(out),
-            "--scorers",
-            "fourier,toy_darkness",
-        ],
-        cwd=ROOT,
-        env=_env(plugin_dir),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    scorers = "fourier,toy_darkness"
+    _labeltriage(
+        plugin_dir, "score", "--source", str(project), "--out", str(out), "--scorers", scorers
     )
-    assert score.returncode == 0, score.stderr[-3000:]
     import pandas as pd
 
     table = pd.read_parquet(next(out.rglob("difficulty*.parquet")))
