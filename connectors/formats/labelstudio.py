@@ -217,19 +217,7 @@ class LabelStudioFormat(JsonFileFormat):
         meta: dict[str, Any] = dict(task["meta"]) if isinstance(task.get("meta"), dict) else {}
         if label.auto_label is not None:
             meta["auto_label"] = label.auto_label
-        error = self.item_error(label.problems, item_id, meta)
-        return Item(
-            item_id=item_id,
-            uri=uri,
-            width=label.width,
-            height=label.height,
-            status=label.status,
-            source=label.source,
-            annotations=label.annotations,
-            annotation_seconds=label.annotation_seconds,
-            meta=meta,
-            error=error,
-        )
+        return label.to_item(item_id, uri, meta, self.item_error(label.problems, item_id, meta))
 
     # -- writing a whole project ---------------------------------------------------------
     def _names(self, tasks: list[Any] | None = None) -> RegionNames:

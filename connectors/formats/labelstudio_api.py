@@ -304,18 +304,7 @@ class LabelStudioAPI(ProjectFormat):
         if label.problems:
             error = str(InputError("; ".join(label.problems), file=where, item=task_id))
             log.warning("%s", error)
-        return Item(
-            item_id=task_id,
-            uri=uri,
-            width=label.width,
-            height=label.height,
-            status=label.status,
-            source=label.source,
-            annotations=label.annotations,
-            annotation_seconds=label.annotation_seconds,
-            meta=meta,
-            error=error,
-        )
+        return label.to_item(task_id, uri, meta, error)
 
     # -- writing a whole project -------------------------------------------------------------
     def write_items(self, items: Iterable[Item], classes: list[str] | None = None) -> None:
