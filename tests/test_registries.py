@@ -90,3 +90,43 @@ def test_strategy_lists_follow_the_tags() -> None:
         *hybrid.BATCH_STRATEGIES,
         "combined",
     }
+
+
+def test_a_registry_runs_its_loader_once_before_its_first_read() -> None:
+    from connectors.registry import Registry
+
+    calls: list[int] = []
+    registry: Registry[int] = Registry("thing", lambda: (calls.append(1), registry.add("b", 2)))
+    registry.add("a", 1)  # registering reads nothing: the loader has not run
+    assert calls == []
+    assert list(registry) == ["a", "b"] and calls == [1]
+    assert registry["b"] == 2 and len(registry) == 2 and "a" in registry and calls == [1]
+    assert registry.in_order() == ["a", "b"]
+
+
+def test_a_failing_loader_runs_again_on_the_next_read() -> None:
+    from connectors.registry import Registry
+
+    attempts: list[int] = []
+
+    def loader() -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RuntimeError("not yet")
+
+    registry: Registry[int] = Registry("thing", loader)
+    with pytest.raises(RuntimeError):
+        len(registry)
+    assert len(registry) == 0 and len(attempts) == 2
+
+
+def test_a_plugin_that_cannot_be_imported_is_an_error_naming_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from connectors.errors import UsageError
+    from connectors.plugins import PLUGINS_ENV, load_plugins, plugin_modules
+
+    monkeypatch.setenv(PLUGINS_ENV, " json, no_such_labeltriage_plugin ,")
+    assert plugin_modules()[:2] == ["json", "no_such_labeltriage_plugin"]
+    with pytest.raises(UsageError, match="no_such_labeltriage_plugin"):
+        load_plugins()
