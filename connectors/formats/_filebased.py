@@ -49,6 +49,7 @@ from connectors.formats.base import (
 from connectors.model import Annotation, AnnotationSource, Item, ItemStatus
 from connectors.sidecars import read_auto_label_index, read_sidecar, write_auto_file
 from connectors.storage import ProjectFS
+from connectors.writeback import runs_in_flight
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +126,6 @@ def recheck_sidecars(project: ProjectFS) -> bool:
     label without sidecar, so it is always made; on object stores (a request each) only
     while a run is in flight.
     """
-    from connectors.writeback import runs_in_flight
-
     return project.is_local or bool(runs_in_flight(project))
 
 

@@ -107,6 +107,7 @@ from connectors.labelstudio.regions import (
 )
 from connectors.model import Annotation, Item, Prediction
 from connectors.storage import ProjectFS
+from connectors.writeback import RunManifest, manifest_path, save_manifest
 
 log = logging.getLogger(__name__)
 
@@ -489,8 +490,6 @@ class LabelStudioAPI(ProjectFormat):
         Returns ``True`` when a manifest was rebuilt and saved, ``False`` when one was
         already here or the project holds nothing of that run.
         """
-        from connectors.writeback import RunManifest, manifest_path, save_manifest
-
         if self.project.exists(manifest_path(run_id)):
             return False
         records = self.records_of_run(run_id)
