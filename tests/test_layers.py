@@ -13,6 +13,7 @@ from ``connectors.writeback`` runs ``connectors/formats/__init__.py``).  Imports
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +64,7 @@ def _imported_names(tree: ast.AST, module: str, is_package: bool) -> set[str]:
     return names
 
 
+@functools.cache
 def import_graph() -> dict[str, set[str]]:
     """Module → the package modules it runs on import (see the module docstring)."""
     files = module_files()

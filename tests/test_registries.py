@@ -35,24 +35,29 @@ print(json.dumps({
 """
 
 
-def _probe(first: str) -> dict[str, list[str]]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE"}
-    env.pop("LABELTRIAGE_PLUGINS", None)
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE, first],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
-    return json.loads(out.stdout.splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
 def probes() -> dict[str, dict[str, list[str]]]:
-    return {first: _probe(first) for first in FIRST_IMPORTS}
+    """What each fresh interpreter's registry holds, by the module it imported first
+    (the interpreters run side by side)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE"}
+    env.pop("LABELTRIAGE_PLUGINS", None)
+    procs = {
+        first: subprocess.Popen(
+            [sys.executable, "-c", PROBE, first],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for first in FIRST_IMPORTS
+    }
+    out = {}
+    for first, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        out[first] = json.loads(stdout.splitlines()[-1])
+    return out
 
 
 def test_scorer_registry_does_not_depend_on_import_order(
