@@ -415,6 +415,21 @@ def test_each_format_refuses_a_human_label_that_appears_after_selection(
     assert len(res.written) == len(res.selected) - 1
 
 
+def test_an_item_refused_at_write_time_leaves_the_audit_list(
+    fproject: FormatProject, tmp_path: Path
+) -> None:
+    p = fproject
+    report = p.difficulty(tmp_path / "r", {f"u{i:02d}": i / 20 for i in range(20)})
+    preds = p.predictions()
+    target = p.ids["u01"]
+    preds.on_get[target] = lambda: p.add_human_label("u01", (1.0, 1.0, 9.0, 9.0))
+    res = _gate(p, preds, report, audit_share=1.0)  # every selected item is chosen for audit
+    assert target in res.selected and target in res.refused
+    assert target not in res.audit and res.audit == res.written
+    manifest = load_manifest(p.fmt().project, res.run_id)
+    assert manifest.meta["audit"]["item_ids"] == res.audit
+
+
 def test_each_format_rollback_is_exact(fproject: FormatProject, tmp_path: Path) -> None:
     p = fproject
     preds = p.predictions()
