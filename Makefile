@@ -70,8 +70,11 @@ test-integration: venv $(LS_VENV)/.installed
 	LABELTRIAGE_LS_VENV=$(abspath $(LS_VENV)) $(PY) -m pytest -q -m integration tests/integration
 	$(MAKE) test-fiftyone
 
+# ruff, and the layer contract: connectors imports neither difficulty nor autolabel,
+# difficulty does not import autolabel, no import cycle (tests/test_layers.py).
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_layers.py
 
 typecheck: venv
 	$(VENV)/bin/mypy

@@ -68,7 +68,8 @@ from scipy.stats import beta as beta_dist
 from connectors.errors import UsageError
 from connectors.labelmap import LabelMap
 from connectors.model import Item, Prediction
-from difficulty.matching import item_correct
+from difficulty.items import usable_scores as _score_lookup
+from difficulty.matching import wrong_at
 
 log = logging.getLogger(__name__)
 
@@ -382,11 +383,11 @@ def calibration_table(
         pred = _lookup(predictions, item)
         if pred is None or pred.error is not None:
             continue
+        wrong = wrong_at(
+            item, pred, label_map, box_confidences, task=task, iou_threshold=iou_threshold
+        )  # one matching for every box confidence
         row: dict[str, Any] = {"item_id": item.item_id, "score": score}
-        for c in box_confidences:
-            row[wrong_column(c)] = not item_correct(
-                item, pred, label_map, task=task, iou_threshold=iou_threshold, min_score=c
-            )
+        row.update({wrong_column(c): w for c, w in zip(box_confidences, wrong, strict=True)})
         rows.append(row)
     columns = ["item_id", "score", *(wrong_column(c) for c in box_confidences)]
     return pd.DataFrame(rows, columns=columns)
@@ -394,14 +395,6 @@ def calibration_table(
 
 def wrong_column(c: float) -> str:
     return f"wrong@{c:g}"
-
-
-def _score_lookup(difficulty_df: pd.DataFrame) -> dict[str, float]:
-    df = difficulty_df
-    if "error" in df.columns:
-        df = df[df["error"].isna()]
-    df = df[np.isfinite(df["score"].to_numpy(dtype=np.float64))]
-    return dict(zip(df["item_id"].astype(str), df["score"].astype(float), strict=True))
 
 
 def calibrate(

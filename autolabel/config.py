@@ -43,7 +43,6 @@ from connectors.errors import UsageError
 from difficulty.plan import PlanSettings
 from difficulty.tiers import TierConfig
 
-STAGES = ("report", "shadow", "autolabel")
 PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DASK_ADDRESS = re.compile(
     r"^(tcp|tls)://(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+)(:\d{1,5})?/?$|^inproc://\S+$"

@@ -580,10 +580,6 @@ class DaskEngine:
             logging.getLogger(name).setLevel(level)
         self._dask_log_levels = {}
 
-    @property
-    def n_running_workers(self) -> int:
-        return len(self.client.scheduler_info()["workers"]) if self.client is not None else 0
-
     def map_chunks(
         self,
         chunks: Iterable[Sequence[Item]],

@@ -69,7 +69,10 @@ from connectors.labelmap import LabelMap
 from connectors.model import Annotation, Item, ItemStatus, Prediction
 from connectors.storage import ProjectFS
 from connectors.writeback import new_run_id, save_manifest, write_run
-from difficulty.matching import predicted_class
+from difficulty.items import chunks
+from difficulty.items import task_of as _task_of
+from difficulty.items import usable_scores as _scores
+from difficulty.matching import mapped_probs, predicted_class
 from difficulty.runrecord import FILENAME as RECORD_FILENAME
 from difficulty.runrecord import (
     CalibrationStep,
@@ -169,12 +172,7 @@ def auto_label(
         if cls is None:
             return None
         if pred.probs:
-            mapped = [
-                p
-                for name, p in pred.probs.items()
-                if (label_map.map.get(name) if label_map.map else name) == cls
-            ]
-            prob: float | None = min(1.0, float(sum(mapped)))
+            prob: float | None = min(1.0, mapped_probs(pred, label_map)[cls])
         else:
             prob = label_map.apply(pred.annotations)[0].score
         return [Annotation(label=cls, score=prob)]
@@ -195,29 +193,8 @@ def _label_confidence(annotations: list[Annotation]) -> float | None:
 # -- the run -------------------------------------------------------------------------------
 
 
-def _task_of(fmt: ProjectFormat) -> str:
-    return (
-        "classification"
-        if tuple(getattr(fmt, "tasks", ("detection",))) == ("classification",)
-        else "detection"
-    )
-
-
-def _scores(df: pd.DataFrame) -> dict[str, float]:
-    ok = df[df["error"].isna()] if "error" in df.columns else df
-    ok = ok[np.isfinite(ok["score"].to_numpy(dtype=np.float64))]
-    return dict(zip(ok["item_id"].astype(str), ok["score"].astype(float), strict=True))
-
-
-def _batches(items: Iterable[Item], size: int = 256) -> Iterator[list[Item]]:
-    batch: list[Item] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def _batches(items: Iterable[Item]) -> Iterator[list[Item]]:
+    return chunks(items, 256)
 
 
 def _calibration_pool(

@@ -72,8 +72,6 @@ from datetime import datetime, timezone
 from http import HTTPStatus
 from typing import Any
 
-import pandas as pd
-
 from autolabel.gate import REPORT_FILENAME, auto_label
 from autolabel.store import ROLLBACK_FILENAME
 from connectors.errors import InputError, LabelTriageError, UsageError
@@ -92,6 +90,7 @@ from connectors.labelstudio.regions import (
 )
 from connectors.model import Annotation, Item
 from connectors.storage import ProjectFS
+from difficulty.items import usable_scores
 from difficulty.table import FILENAME as DIFFICULTY_FILENAME
 from difficulty.table import read_difficulty
 
@@ -202,11 +201,7 @@ def load_easy_tier(run_dir: str, storage_options: dict[str, Any] | None = None) 
     box_confidence = calib.get("box_confidence")
     scores: dict[str, float] = {}
     if threshold is not None:
-        ok = df["error"].isna() if "error" in df.columns else pd.Series(True, index=df.index)
-        if "status" in df.columns:
-            ok &= df["status"] == "unlabeled"
-        easy = df[ok & df["score"].notna() & (df["score"] <= float(threshold))]
-        scores = {str(i): float(s) for i, s in zip(easy["item_id"], easy["score"], strict=True)}
+        scores = usable_scores(df, unlabeled_only=True, at_most=float(threshold))
     return EasyTier(
         run_dir=run_dir,
         run_id=calib.get("run_id") or meta.get("run_id"),

@@ -36,7 +36,7 @@ from apscheduler.triggers.cron import CronTrigger
 
 from autolabel.config import AppConfig, ConfigError, load_config
 from autolabel.pipeline import RunFunction, run_locked
-from autolabel.store import RunRecord, StateDB
+from autolabel.store import StateDB
 from connectors.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -281,11 +281,3 @@ def serve(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     log.info("scheduler stopped")
-
-
-def last_record(cfg: AppConfig, project: str) -> RunRecord | None:
-    """The newest run record of ``project`` in the report store."""
-    from autolabel.store import ReportStore
-
-    records = ReportStore(cfg.report_store, cfg.report_store_options).records(project)
-    return records[-1] if records else None

@@ -38,6 +38,7 @@ import sqlalchemy as sa
 from pydantic import BaseModel, Field
 
 from connectors import owner as owners
+from connectors.runid import new_run_id as new_run_id  # one run id for every run
 from connectors.storage import ProjectFS, redact_url
 
 if TYPE_CHECKING:
@@ -51,12 +52,6 @@ RECORD_NAME = "run.json"
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def new_run_id(now: datetime | None = None) -> str:
-    """A unique run id that sorts by start time: ``20260101T120000123456Z-1a2b3c`` (UTC, µs)."""
-    now = now or utcnow()
-    return f"{now.strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:6]}"
 
 
 class RunRecord(BaseModel):

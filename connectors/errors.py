@@ -4,15 +4,12 @@ Two kinds of failure exist in labeltriage:
 
 * :class:`InputError` — one piece of input is bad (a malformed XML file, a box outside
   its image, a path that escapes the project).  Readers never let it stop a stream: the
-  offending item is yielded with ``Item.error`` set (see :func:`ItemError.from_exception`).
+  offending item is yielded with ``Item.error`` set.
 * :class:`UsageError` — the user asked for something impossible (unknown format, missing
   option).  The CLI turns it into exit code 2 with a one-line message.
 """
 
 from __future__ import annotations
-
-from dataclasses import asdict, dataclass
-from typing import Any
 
 
 class LabelTriageError(Exception):
@@ -66,27 +63,3 @@ class VersionConflict(LabelTriageError):
 
 class UnsafeWriteRefused(UsageError):
     """The storage offers no atomic conditional write that this write needs; it was refused."""
-
-
-@dataclass(frozen=True)
-class ItemError:
-    """A per-item problem as reported by ``labeltriage stats`` and in tables."""
-
-    file: str | None
-    item: str | None
-    message: str
-
-    @classmethod
-    def from_exception(cls, exc: InputError) -> ItemError:
-        return cls(
-            file=exc.file if exc.line is None else f"{exc.file}:{exc.line}",
-            item=exc.item,
-            message=exc.message,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def __str__(self) -> str:
-        parts = [p for p in (self.file, f"item {self.item!r}" if self.item else None) if p]
-        return ": ".join([*parts, self.message])

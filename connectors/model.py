@@ -162,8 +162,6 @@ class Prediction(BaseModel):
 
 # -- Arrow / Parquet form -------------------------------------------------------------
 
-ANNOTATION_STRUCT_FIELDS = ("label", "x1", "y1", "x2", "y2", "score")
-
 
 def annotation_to_row(a: Annotation) -> dict[str, Any]:
     x1, y1, x2, y2 = a.box if a.box is not None else (None, None, None, None)

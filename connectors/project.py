@@ -7,12 +7,12 @@ file's folder and the format gets the option ``file=<basename>``; when it names 
 
 ``fmt="auto"`` decides the format:
 
-* for a folder, each registered format's ``detect`` runs in :data:`DETECT_ORDER`; exactly
+* for a folder, each registered format's ``detect`` runs in :func:`detect_order`; exactly
   one must match, else a :class:`~connectors.errors.UsageError` lists what was looked
   for (none matched) or which formats matched (several);
-* for a file, by its suffix: ``.parquet`` → ``manifest``, ``.yaml``/``.yml``/``.txt`` →
-  ``yolo``, ``.json`` → ``labelstudio`` when the document is a JSON list (an export of
-  tasks), ``coco`` when it is an object;
+* for a file, each format's ``detect_file`` in the same order (by suffix: ``.parquet`` →
+  ``manifest``, ``.yaml``/``.yml``/``.txt`` → ``yolo``, ``.json`` → ``labelstudio`` when
+  the document is a JSON list (an export of tasks), ``coco`` when it is an object);
 * an ``http://`` or ``https://`` source (with ``fmt`` ``auto`` or ``labelstudio``) is a live
   Label Studio server: format ``labelstudio_api``, opened with its
   ``from_url(url, storage_options=..., **options)``;
@@ -42,34 +42,6 @@ from connectors.formats.base import PredictionSource, ProjectFormat
 from connectors.storage import ProjectFS, open_fs
 
 log = logging.getLogger(__name__)
-
-DETECT_ORDER: tuple[str, ...] = (
-    "manifest",
-    "labelstudio",
-    "coco",
-    "voc",
-    "yolo",
-    "kitti",
-    "imagefolder",
-)
-"""The order in which ``--format auto`` asks each format's ``detect`` (folders)."""
-
-LOOKED_FOR: dict[str, str] = {
-    "manifest": "a Parquet manifest",
-    "labelstudio": "a Label Studio JSON export",
-    "coco": "a COCO JSON with images/categories",
-    "voc": "images/ + annotations/*.xml",
-    "yolo": "images/ + labels/*.txt + classes.txt or data.yaml",
-    "kitti": "images/ + labels/*.txt with 15-column KITTI lines",
-    "imagefolder": "one folder of images per class (CLASS/*.jpg)",
-}
-
-_FILE_SUFFIX_FORMATS: dict[str, str] = {
-    ".parquet": "manifest",
-    ".yaml": "yolo",
-    ".yml": "yolo",
-    ".txt": "yolo",
-}
 
 
 def _is_remote_api(source: str) -> bool:
@@ -112,14 +84,20 @@ def split_source(
     return ProjectFS(root, storage_options), name
 
 
+def detect_order() -> list[str]:
+    """The formats ``--format auto`` asks about a folder, in order: by each format's
+    ``detect_priority``, then by name (URL formats are never detected from a folder)."""
+    names = [n for n in FORMATS if n not in URL_FORMATS]
+    return sorted(names, key=lambda n: (FORMATS[n].detect_priority, n))
+
+
 def detect_format(project: ProjectFS) -> str:
     """The one registered format whose ``detect`` accepts the folder ``project``.
 
-    Formats are asked in :data:`DETECT_ORDER` (then any other registered format, by
-    name).  Raises :class:`UsageError` when none or several match.
+    Formats are asked in :func:`detect_order`.  Raises :class:`UsageError` when none or
+    several match, naming what each format looked for (its ``looked_for``).
     """
-    names = [n for n in DETECT_ORDER if n in FORMATS]
-    names += sorted(n for n in FORMATS if n not in DETECT_ORDER and n not in URL_FORMATS)
+    names = detect_order()
     matches = []
     for name in names:
         try:
@@ -131,7 +109,7 @@ def detect_format(project: ProjectFS) -> str:
         log.info("%s: detected format %s", project.url, matches[0])
         return matches[0]
     if not matches:
-        looked = "; ".join(f"{n}: {LOOKED_FOR.get(n, 'its own layout')}" for n in names)
+        looked = "; ".join(f"{n}: {FORMATS[n].looked_for}" for n in names)
         raise UsageError(
             f"{project.url}: no known project layout found (looked for {looked}); pass --format"
         )
@@ -140,20 +118,15 @@ def detect_format(project: ProjectFS) -> str:
     )
 
 
-def _detect_file(project: ProjectFS, name: str) -> str:
-    suffix = posixpath.splitext(name)[1].lower()
-    if suffix in _FILE_SUFFIX_FORMATS:
-        return _FILE_SUFFIX_FORMATS[suffix]
-    if suffix == ".json":
-        with project.open(name, "rb") as f:
-            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-        if head.startswith(b"["):
-            return "labelstudio"
-        if head.startswith(b"{"):
-            return "coco"
-        raise UsageError(f"{project.url_of(name)}: not a JSON object or list; pass --format")
+def detect_file_format(project: ProjectFS, name: str) -> str:
+    """The first format (in :func:`detect_order`) whose ``detect_file`` accepts ``name``."""
+    names = detect_order()
+    for fmt in names:
+        if FORMATS[fmt].detect_file(project, name):
+            return fmt
+    suffixes = sorted({s for n in names for s in FORMATS[n].file_suffixes})
     raise UsageError(
-        f"{project.url_of(name)}: cannot tell the format of a {suffix or 'suffix-less'} file (looked for .json, .parquet, .yaml); pass --format"
+        f"{project.url_of(name)}: cannot tell the format of this file (looked for {', '.join(suffixes)}); pass --format"
     )
 
 
@@ -189,7 +162,7 @@ def open_project(
         if file is not None:
             options = {**options, "file": file}
         if fmt == "auto":
-            fmt = _detect_file(root, file) if file is not None else detect_format(root)
+            fmt = detect_file_format(root, file) if file is not None else detect_format(root)
         project = FORMATS[fmt](root, **options)
     fs = getattr(project, "project", None)
     if isinstance(fs, ProjectFS):

@@ -12,6 +12,10 @@ Used for formats, scorers and query strategies::
 Entries can be registered lazily (``register_lazy(name, "module:attr", hint=...)``) so
 that optional backends are imported only when asked for, with an install hint when the
 import fails.
+
+A registry built with a ``loader`` calls it once, before its first read (a look-up, a
+listing, a count, a membership test): the loader imports every module that registers
+entries, so what a registry holds never depends on which module was imported first.
 """
 
 from __future__ import annotations
@@ -29,10 +33,26 @@ T = TypeVar("T")
 class Registry(Mapping[str, T], Generic[T]):
     """A name → object mapping that refuses duplicates and explains misses."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, loader: Callable[[], None] | None = None) -> None:
         self.kind = kind
         self._entries: dict[str, T] = {}
         self._lazy: dict[str, tuple[str, str | None]] = {}
+        self._loader = loader
+
+    def _load(self) -> None:
+        """Run the loader once (entries it registers while running are kept)."""
+        loader, self._loader = self._loader, None
+        if loader is not None:
+            try:
+                loader()
+            except BaseException:
+                self._loader = loader
+                raise
+
+    def in_order(self) -> list[str]:
+        """The names in the order they were registered (lazy entries last)."""
+        self._load()
+        return [*self._entries, *(n for n in self._lazy if n not in self._entries)]
 
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(obj: T) -> T:
@@ -53,6 +73,7 @@ class Registry(Mapping[str, T], Generic[T]):
         self._lazy[name] = (target, hint)
 
     def __getitem__(self, name: str) -> T:
+        self._load()
         if name in self._entries:
             return self._entries[name]
         if name in self._lazy:
@@ -75,10 +96,13 @@ class Registry(Mapping[str, T], Generic[T]):
         raise UsageError(f"unknown {self.kind} {name!r}{did_you_mean}; choose one of: {choices}")
 
     def __iter__(self) -> Iterator[str]:
+        self._load()
         yield from sorted({*self._entries, *self._lazy})
 
     def __len__(self) -> int:
+        self._load()
         return len({*self._entries, *self._lazy})
 
     def __contains__(self, name: object) -> bool:
+        self._load()
         return name in self._entries or name in self._lazy

@@ -41,12 +41,10 @@ differs, a person edited the file and the item is a human label.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import posixpath
-import secrets
 import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
@@ -56,10 +54,16 @@ from pydantic import BaseModel, Field, ValidationError
 
 from connectors import owner as owners
 from connectors.errors import InputError, UsageError
+from connectors.runid import new_run_id as new_run_id  # one run id for every run
+from connectors.sidecars import (
+    WrittenRecord,
+    read_auto_label_index,
+    sidecar_path,
+)
 from connectors.storage import BOOKKEEPING_DIR, ProjectFS
 
 if TYPE_CHECKING:
-    from connectors.formats.base import LabelWrite, ProjectFormat, Provenance
+    from connectors.formats.base import LabelWrite, ProjectFormat
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +80,6 @@ RunStage = Literal["pending", "committed", "rolled_back"]
 # -- hashing and run ids -------------------------------------------------------------------
 
 
-def sha256_hex(data: bytes) -> str:
-    """Hex sha256 of ``data`` (the checksum stored in records and sidecars)."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def new_run_id() -> str:
-    """A new run id that sorts by creation time: ``YYYYmmddTHHMMSSffffffZ-<6 hex>``."""
-    now = datetime.now(timezone.utc)
-    return f"{now.strftime('%Y%m%dT%H%M%S%f')}Z-{secrets.token_hex(3)}"
-
-
 def _check_run_id(run_id: str) -> str:
     if not run_id or "/" in run_id or "\\" in run_id or run_id.startswith("."):
         raise UsageError(
@@ -95,153 +88,7 @@ def _check_run_id(run_id: str) -> str:
     return run_id
 
 
-# -- sidecars ------------------------------------------------------------------------------
-
-
-def write_sidecar(
-    project: ProjectFS, item_id: str, record: WrittenRecord, provenance: Provenance
-) -> str:
-    """Write the sidecar of one auto-labeled item; returns its relative path.
-
-    Content (JSON): ``item_id``, ``run_id``, ``path`` (the label file, relative to the
-    root), ``sha256`` (of the label file as written), ``provenance`` and the ``record``.
-    """
-    from connectors.formats.base import sidecar_path
-
-    rel = sidecar_path(item_id)
-    body = {
-        "item_id": item_id,
-        "run_id": provenance.run_id,
-        "path": record.path,
-        "sha256": record.sha256,
-        "provenance": provenance.model_dump(mode="json"),
-        "record": record.model_dump(mode="json"),
-    }
-    project.write_text(rel, json.dumps(body, sort_keys=True, indent=1))
-    project.sync(rel)
-    return rel
-
-
-def read_sidecar(project: ProjectFS, item_id: str) -> dict[str, Any] | None:
-    """The sidecar of ``item_id`` as a dict; ``None`` when there is none or it is unreadable."""
-    from connectors.formats.base import sidecar_path
-
-    try:
-        body = json.loads(project.read_bytes(sidecar_path(item_id)))
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return body if isinstance(body, dict) else None
-
-
-def write_auto_file(
-    project: ProjectFS, item_id: str, rel: str, content: bytes, provenance: Provenance
-) -> WrittenRecord | str:
-    """Create the auto-label file ``rel`` of ``item_id``, its sidecar first.
-
-    Returns the record of the write, or why nothing was written (a file is at ``rel``,
-    or the item's earlier auto-label is still in place).  Order: the sidecar (naming
-    ``rel`` and the sha256 of ``content``) is written and synced, then ``rel`` is
-    created, never replacing anything (:meth:`ProjectFS.write_bytes` with
-    ``overwrite=False``).  If the create fails, the sidecar is taken back.  Whatever
-    instant the process dies at, a file at ``rel`` with ``content`` has its sidecar;
-    a sidecar without its file (an intent) reads as nothing and recovery removes it.
-    """
-    from connectors.formats.base import sidecar_path
-
-    record = WrittenRecord(kind="file", path=rel, item_id=item_id, sha256=sha256_hex(content))
-    if project.exists(rel):
-        return f"{rel}: a file exists already; not overwritten"
-    previous = read_sidecar(project, item_id) or {}
-    previous_path = previous.get("path")
-    if isinstance(previous_path, str) and project.exists(previous_path):
-        # its label is in place: replacing the sidecar would make that label read as human
-        return f"{previous_path}: auto-labeled by run {previous.get('run_id')} already"
-    write_sidecar(project, item_id, record, provenance)
-    try:
-        project.write_bytes(rel, content, overwrite=False)
-    except FileExistsError:
-        _take_back_sidecar(project, item_id, record)
-        return f"{rel}: a file was created meanwhile (a human label); not overwritten"
-    except BaseException:
-        # cut while creating the file: an intent without its file is taken back; a file
-        # that made it keeps its sidecar (the run's undo or recovery removes both)
-        with contextlib.suppress(Exception):
-            if not project.exists(rel):
-                _take_back_sidecar(project, item_id, record)
-        raise
-    log.debug("%s: wrote auto-label %s (sidecar %s)", item_id, rel, sidecar_path(item_id))
-    return record
-
-
-def _take_back_sidecar(project: ProjectFS, item_id: str, record: WrittenRecord) -> None:
-    """Remove ``item_id``'s sidecar if it is the one written for ``record``."""
-    from connectors.formats.base import sidecar_path
-
-    body = read_sidecar(project, item_id)
-    if body is not None and body.get("path") == record.path and body.get("sha256") == record.sha256:
-        with contextlib.suppress(FileNotFoundError):
-            project.remove(sidecar_path(item_id))
-
-
-def read_auto_label_index(project: ProjectFS) -> dict[str, dict[str, Any]]:
-    """All sidecars, ``item_id -> sidecar dict``: one recursive listing, then one batch read.
-
-    A reader marks an item ``auto_labeled`` when its label file's sha256 equals
-    ``index[item_id]["sha256"]``; otherwise a person edited it and it is a human label.
-    Unreadable sidecars are logged and skipped (the item then reads as a human label,
-    the safe side: it will never be overwritten).
-    """
-    from connectors.formats.base import AUTO_SIDECAR_DIR
-
-    root = project.resolve(AUTO_SIDECAR_DIR)
-    if not project.fs.isdir(root):
-        return {}
-    files = sorted(str(p) for p in project.fs.find(root) if str(p).endswith(".json"))
-    files = [f for f in files if not posixpath.basename(f).startswith(".")]  # in-flight temporaries
-    if not files:
-        return {}
-    contents = project.fs.cat(files, on_error="return")
-    index: dict[str, dict[str, Any]] = {}
-    prefix = root.rstrip("/") + "/"
-    for full in files:
-        data = contents.get(full) if isinstance(contents, dict) else None
-        if data is None:  # some filesystems key cat() results by their own path form
-            data = (
-                contents.get(project.fs._strip_protocol(full))
-                if isinstance(contents, dict)
-                else None
-            )
-        stripped = project.fs._strip_protocol(full)
-        item_id = (
-            stripped[len(prefix) :] if stripped.startswith(prefix) else posixpath.basename(stripped)
-        )
-        item_id = item_id.removesuffix(".json")
-        if not isinstance(data, bytes):
-            log.warning("%s: could not read auto-label sidecar: %s", full, data)
-            continue
-        try:
-            body = json.loads(data)
-        except json.JSONDecodeError as exc:
-            log.warning("%s:%d: malformed auto-label sidecar: %s", full, exc.lineno, exc.msg)
-            continue
-        if isinstance(body, dict):
-            index[str(body.get("item_id", item_id))] = body
-    return index
-
-
-def is_auto_label(index: dict[str, dict[str, Any]], item_id: str, label_sha256: str) -> bool:
-    """True when ``item_id`` has a sidecar and its label file is unchanged since the write."""
-    entry = index.get(item_id)
-    return entry is not None and entry.get("sha256") == label_sha256
-
-
 # -- run manifests -------------------------------------------------------------------------
-#
-# Imported here, after the sidecar helpers: ``connectors.formats`` imports every format
-# module, and file formats import the helpers above from this module.  Importing this
-# module first therefore reaches them while it is still initialising.
-
-from connectors.formats.base import WrittenRecord  # noqa: E402
 
 
 class RunManifest(BaseModel):
@@ -546,8 +393,6 @@ def _remove_each(fmt: ProjectFormat, records: list[WrittenRecord]) -> list[str |
 
 
 def _remove_sidecars(project: ProjectFS, run_id: str, item_ids: Iterable[str]) -> None:
-    from connectors.formats.base import sidecar_path
-
     for item_id in item_ids:
         rel = sidecar_path(item_id)
         if not project.exists(rel):
@@ -879,8 +724,6 @@ def _write_folders(
     fmt: ProjectFormat, manifest: RunManifest, records: list[WrittenRecord], items: list[str]
 ) -> set[str]:
     """Folders where the run's interrupted writes may have left temporaries."""
-    from connectors.formats.base import sidecar_path
-
     paths = [manifest_path(manifest.run_id)]
     paths += [r.path for r in records]
     paths += [sidecar_path(i) for i in items]

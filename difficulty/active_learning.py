@@ -36,19 +36,35 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from difficulty import hybrid
 from difficulty.checkpoint import Checkpoint
+from difficulty.diversity import select
 from difficulty.inference import InferenceBatch
 from difficulty.models.lossnet import LossNetConfig
 from difficulty.registry import SCORERS
-from difficulty.selection import DEFAULT_COMMITTEE, select
-from difficulty.strategies import STRATEGIES
+from difficulty.selection import DEFAULT_COMMITTEE
+from difficulty.strategies import query_strategies
 from difficulty.training import infer_arrays, train_on_arrays
 
 log = logging.getLogger(__name__)
 
-CLASSIC = (*STRATEGIES, "fourier")
-"""Strategies that rank by one registered value (``fourier``: the model-free image complexity)."""
 
-STRATEGY_NAMES = (*CLASSIC, *hybrid.BATCH_STRATEGIES, "combined")
+def classic_strategies() -> tuple[str, ...]:
+    """Strategies that rank by one registered value: the query strategies and ``fourier``
+    (the model-free image complexity)."""
+    return (*query_strategies(), "fourier")
+
+
+def strategy_names() -> tuple[str, ...]:
+    """Every strategy the cycle runs: classic, batch, and ``combined``."""
+    return (*classic_strategies(), *hybrid.batch_strategies(), "combined")
+
+
+def __getattr__(name: str) -> Any:
+    """``CLASSIC`` and ``STRATEGY_NAMES``, derived from the registry when read."""
+    if name == "CLASSIC":
+        return classic_strategies()
+    if name == "STRATEGY_NAMES":
+        return strategy_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class TrainSettings(BaseModel):
@@ -153,7 +169,7 @@ def choose(
     """Row indices (rank order) of the ``budget`` pool items ``strategy`` labels next."""
     n = int(arrays["n"])
     ids = [str(i) for i in range(n)]
-    if strategy in hybrid.BATCH_STRATEGIES:
+    if strategy in hybrid.batch_strategies():
         return hybrid.pick_batch(strategy, arrays, budget, rng)
     if strategy == "combined":
         if combined is None:
@@ -193,9 +209,9 @@ def run_active_learning(
     :class:`CycleRecord` per trained model: ``settings.cycles + 1`` of them, from
     ``initial`` to ``initial + cycles × step`` labels (fewer if the pool runs out).
     """
-    if strategy not in STRATEGY_NAMES:
+    if strategy not in strategy_names():
         raise ValueError(
-            f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGY_NAMES)}"
+            f"unknown strategy {strategy!r}; choose one of: {', '.join(strategy_names())}"
         )
     y_pool = np.asarray(y_pool, dtype=np.int64)
     n_pool = int(y_pool.shape[0])

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import io
 import json
-import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +55,7 @@ from torch import nn
 
 from connectors.errors import InputError, UsageError
 from connectors.storage import ProjectFS
+from difficulty.torchfile import is_state_dict, read_torch_file, split_url
 
 FORMAT = "labeltriage-checkpoint"
 FORMAT_VERSION = 1
@@ -134,17 +134,6 @@ def _check_json(meta: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"checkpoint metadata must be plain JSON-able data: {exc}") from exc
 
 
-def _split_url(path: str) -> tuple[str, str]:
-    if "://" in path:
-        protocol, rest = path.split("://", 1)
-        parent, name = posixpath.split(rest)
-        return f"{protocol}://{parent}", name
-    import os
-
-    parent, name = os.path.split(os.path.abspath(path))
-    return parent, name
-
-
 def save_checkpoint(
     path: str,
     model: nn.Module | dict[str, torch.Tensor],
@@ -175,7 +164,7 @@ def save_checkpoint(
         blob["committee"] = members
     buffer = io.BytesIO()
     torch.save(blob, buffer)
-    parent, name = _split_url(path)
+    parent, name = split_url(path)
     ProjectFS(parent, storage_options).write_bytes(name, buffer.getvalue())
     return Checkpoint(
         meta=clean,
@@ -183,37 +172,6 @@ def save_checkpoint(
         path=path,
         model=None if isinstance(model, dict) else model,
         committee=members,
-    )
-
-
-def read_torch_file(
-    path: str, *, storage_options: dict[str, Any] | None = None, what: str = "checkpoint"
-) -> tuple[Any, bytes]:
-    """``torch.load(weights_only=True)`` of the file at ``path`` (any fsspec URL), and its bytes.
-
-    Raises :class:`UsageError` when it does not exist, :class:`InputError` (naming the
-    file) when torch cannot read it safely.
-    """
-    parent, name = _split_url(path)
-    try:
-        data = ProjectFS(parent, storage_options).read_bytes(name)
-    except FileNotFoundError as exc:
-        raise UsageError(f"{what} {path} not found") from exc
-    try:
-        blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except (
-        Exception
-    ) as exc:  # torch raises many kinds for a bad file (UnpicklingError, RuntimeError, …)
-        raise InputError(f"not a readable {what}: {type(exc).__name__}: {exc}", file=path) from exc
-    return blob, data
-
-
-def is_state_dict(blob: Any) -> bool:
-    """True for a plain ``model.state_dict()``: a non-empty dict of tensors keyed by name."""
-    return (
-        isinstance(blob, dict)
-        and bool(blob)
-        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in blob.items())
     )
 
 

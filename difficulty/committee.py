@@ -36,7 +36,6 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-COMMITTEE_KINDS = ("dropout", "bootstrap")
 RESAMPLE_RULE = (
     "n of the n training items drawn with replacement, numpy default_rng((seed, member))"
 )

@@ -56,21 +56,11 @@ from difficulty import fourier as _fourier  # noqa: F401  (registers fourier)
 from difficulty import strategies as _classic  # noqa: F401  (registers the classic strategies)
 from difficulty.combine import combine as combine_percentiles
 from difficulty.combine import fit_weights, percentiles
-from difficulty.registry import SCORERS, register_scorer
-from difficulty.selection import select
-
-BATCH_STRATEGIES = (
-    "badge",
-    "margin_kcenter",
-    "entropy_kcenter",
-    "margin_cluster",
-    "margin_coreset",
-    "learning_loss_subset",
-)
+from difficulty.diversity import select
+from difficulty.registry import SCORERS, register_scorer, scorer_names
 
 NEEDS_LABELED = frozenset({"margin_coreset"})
 """Batch strategies that also read the labeled items' features (``arrays["labeled_features"]``)."""
-"""Strategies whose batch is not simply the top of a ranking."""
 
 DEFAULT_PARTS = ("margin", "entropy", "egl", "learning_loss", "fourier")
 """What ``combined`` combines by default (each a registered scorer)."""
@@ -271,7 +261,7 @@ def strategy_needs(name: str, *, parts: Sequence[str] = DEFAULT_PARTS) -> frozen
             out |= SCORERS[part].needs
         return frozenset(out)
     needs = set(SCORERS[_base_of(name)].needs)
-    if name in BATCH_STRATEGIES:
+    if name in batch_strategies():
         needs |= {"features", "rng"}
     return frozenset(needs)
 
@@ -357,7 +347,7 @@ def pick_batch(
         )
         return np.array([int(keep[int(i)]) for i, _ in ranked], dtype=np.int64)
     raise ValueError(
-        f"unknown batch strategy {name!r}; choose one of: {', '.join(BATCH_STRATEGIES)}"
+        f"unknown batch strategy {name!r}; choose one of: {', '.join(batch_strategies())}"
     )
 
 
@@ -379,6 +369,26 @@ def _register_batch_values() -> None:
 
 
 _register_batch_values()
+
+
+def batch_strategies() -> tuple[str, ...]:
+    """The batch strategies: scorers tagged ``strategy`` and ``batch`` (registration order)."""
+    return scorer_names("strategy", "batch")
+
+
+def batch_selections() -> tuple[str, ...]:
+    """The batch strategies ``labeltriage select`` runs on classification models (the whole
+    batch chosen at once, uncertain and diverse): all but those that read labeled items."""
+    return tuple(n for n in batch_strategies() if n not in NEEDS_LABELED)
+
+
+def __getattr__(name: str) -> Any:
+    """``BATCH_STRATEGIES`` and ``BATCH_SELECTIONS``, derived from the registry's tags when read."""
+    if name == "BATCH_STRATEGIES":
+        return batch_strategies()
+    if name == "BATCH_SELECTIONS":
+        return batch_selections()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- the combined difficulty --------------------------------------------------------------
@@ -435,10 +445,11 @@ class CombinedState:
 
 
 __all__ = [
-    "BATCH_STRATEGIES",
     "DEFAULT_PARTS",
     "CombinedState",
     "badge",
+    "batch_selections",
+    "batch_strategies",
     "cluster_pick",
     "coreset_pick",
     "gradient_embedding",

@@ -42,6 +42,7 @@ from connectors.storage import ProjectFS
 from difficulty.checkpoint import Checkpoint, load_checkpoint, load_checkpoint_meta
 from difficulty.datasets import ItemStream, Sample, collate_samples
 from difficulty.featurecache import FeatureCache, cache_key
+from difficulty.items import project_fs as _project_fs
 from difficulty.models.fcos import FeatureDetector
 
 log = logging.getLogger(__name__)
@@ -67,15 +68,6 @@ class InferenceBatch:
 
     def __len__(self) -> int:
         return len(self.item_ids)
-
-
-def _project_fs(project: Any) -> ProjectFS | None:
-    if project is None or isinstance(project, ProjectFS):
-        return project
-    inner = getattr(project, "project", None)
-    if isinstance(inner, ProjectFS):
-        return inner
-    raise TypeError(f"expected a ProjectFS or a project format, got {type(project).__name__}")
 
 
 @torch.no_grad()

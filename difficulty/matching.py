@@ -227,6 +227,26 @@ def detection_error(
     )
 
 
+def mapped_probs(prediction: Prediction, label_map: LabelMap) -> dict[str, float]:
+    """The prediction's class probabilities over project classes: probabilities of model
+    classes mapped to the same project class add up; classes the (non-empty) map does not
+    name are dropped."""
+    mapped: dict[str, float] = {}
+    for name, p in (prediction.probs or {}).items():
+        target = label_map.map.get(name) if label_map.map else name
+        if target is not None:
+            mapped[target] = mapped.get(target, 0.0) + float(p)
+    return mapped
+
+
+def project_probs(prediction: Prediction, label_map: LabelMap) -> dict[str, float]:
+    """:func:`mapped_probs` rescaled to sum to 1: a distribution over project classes
+    (empty when no class of the prediction is a project class)."""
+    mapped = mapped_probs(prediction, label_map)
+    total = sum(mapped.values())
+    return {k: v / total for k, v in mapped.items()} if total > 0 else {}
+
+
 def predicted_class(prediction: Prediction, label_map: LabelMap, min_score: float) -> str | None:
     """The arg-max project class of a classification prediction, or ``None``.
 
@@ -236,11 +256,7 @@ def predicted_class(prediction: Prediction, label_map: LabelMap, min_score: floa
     ``min_score`` gives ``None`` (no label would be written).
     """
     if prediction.probs:
-        mapped: dict[str, float] = {}
-        for name, p in prediction.probs.items():
-            target = label_map.map.get(name) if label_map.map else name
-            if target is not None:
-                mapped[target] = mapped.get(target, 0.0) + float(p)
+        mapped = mapped_probs(prediction, label_map)
         if not mapped:
             return None
         best = max(mapped, key=lambda k: mapped[k])

@@ -22,17 +22,48 @@ need               what the orchestrator passes (keyword argument of the same na
 
 Extra settings are keyword arguments validated by the scorer's own small pydantic
 model (``ScorerSpec.settings``), configured under the scorer's name.
+
+Tags say what else a scorer is; the name lists of the query strategies are derived
+from them (:func:`scorer_names`), never kept by hand:
+
+=================  ==================================================================
+tag                meaning
+=================  ==================================================================
+``strategy``       a query strategy (``labeltriage select``, the active-learning cycle)
+``batch``          a batch strategy: the batch is chosen at once (:mod:`difficulty.hybrid`)
+``detection``      works on per-box outputs of a detector
+``classification`` works on class probabilities of a classifier
+``select``         ``labeltriage select`` accepts it although it is no query strategy
+``difficulty``     a difficulty scorer of ``labeltriage score`` (no extra meaning)
+=================  ==================================================================
+
+A detection strategy that is the per-box form of a classification strategy names it in
+``detection_of`` (``det_margin`` → ``margin``), so ``--strategy margin`` on a detector
+runs it.
+
+The registry is complete on its first read, whatever was imported before: it imports
+:data:`SCORER_MODULES` and the plugins (:mod:`connectors.plugins`) first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
 
+from connectors.plugins import load_plugins
 from connectors.registry import Registry
+
+SCORER_MODULES = (
+    "difficulty.fourier",
+    "difficulty.strategies",
+    "difficulty.prediction_scores",
+    "difficulty.hybrid",
+)
+"""The package's modules whose import registers scorers."""
 
 NEEDS = frozenset(
     {
@@ -63,6 +94,7 @@ class ScorerSpec:
     description: str
     settings: type[BaseModel] = NoSettings
     tags: frozenset[str] = field(default_factory=frozenset)
+    detection_of: str | None = None
 
     def __post_init__(self) -> None:
         unknown = self.needs - NEEDS
@@ -72,7 +104,14 @@ class ScorerSpec:
             )
 
 
-SCORERS: Registry[ScorerSpec] = Registry("scorer")
+def load_scorers() -> None:
+    """Import every module that registers scorers, and the plugins (importing again is free)."""
+    for name in SCORER_MODULES:
+        importlib.import_module(name)
+    load_plugins()
+
+
+SCORERS: Registry[ScorerSpec] = Registry("scorer", load_scorers)
 
 
 def register_scorer(
@@ -82,13 +121,26 @@ def register_scorer(
     description: str,
     settings: type[BaseModel] = NoSettings,
     tags: set[str] | frozenset[str] = frozenset(),
+    detection_of: str | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: register ``fn`` as scorer ``name`` (duplicates are refused)."""
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
-        SCORERS.add(
-            name, ScorerSpec(name, fn, frozenset(needs), description, settings, frozenset(tags))
+        spec = ScorerSpec(
+            name, fn, frozenset(needs), description, settings, frozenset(tags), detection_of
         )
+        SCORERS.add(name, spec)
         return fn
 
     return decorator
+
+
+def scorer_names(*tags: str, without: Iterable[str] = ()) -> tuple[str, ...]:
+    """Names of the scorers tagged with every one of ``tags`` and none of ``without``,
+    in the order they were registered."""
+    want, refuse = set(tags), set(without)
+    return tuple(
+        name
+        for name in SCORERS.in_order()
+        if want <= SCORERS[name].tags and not refuse & SCORERS[name].tags
+    )

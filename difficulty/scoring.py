@@ -22,12 +22,10 @@ scores; it never stops the run.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
 import tempfile
-import uuid
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -43,6 +41,7 @@ from connectors.errors import UsageError
 from connectors.formats.base import PredictionSource, ProjectFormat
 from connectors.labelmap import LabelMap
 from connectors.model import Annotation, Item, Prediction
+from connectors.runid import new_run_id
 from connectors.storage import ProjectFS
 from difficulty.combine import (
     CombineFit,
@@ -51,16 +50,15 @@ from difficulty.combine import (
     quantile_sketch,
     spearman,
 )
-from difficulty.matching import detection_error, item_error
-from difficulty.registry import SCORERS, ScorerSpec
+from difficulty.items import chunks as _chunks
+from difficulty.items import task_of as _task
+from difficulty.matching import detection_error, item_error, project_probs
+from difficulty.registry import SCORERS, ScorerSpec, load_scorers
 from difficulty.table import write_difficulty_parts
 from difficulty.tiers import TierConfig, tier_thresholds, tiers_from_thresholds
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-SCORER_MODULES = ("difficulty.fourier", "difficulty.strategies", "difficulty.prediction_scores")
-"""Modules whose import registers scorers."""
 
 DEFAULT_SCORER = "fourier"
 CHUNK_SIZE = 512
@@ -77,23 +75,6 @@ PREDICTION_FIELDS = (
     "box_features",
 )
 """Needs that a model checkpoint (``difficulty.inference``) can provide."""
-
-
-def load_scorers() -> None:
-    """Import every module that registers scorers (missing optional ones are skipped)."""
-    for name in SCORER_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            log.debug("scorer module %s is not installed", name)
-
-
-def new_run_id(now: datetime | None = None) -> str:
-    """A sortable, unique run id: ``20260101T120000Z-1a2b3c``."""
-    now = now or datetime.now(timezone.utc)
-    return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:6]}"
 
 
 # -- choosing scorers -----------------------------------------------------------------------
@@ -368,8 +349,8 @@ def _chunk_frame(
             preds[it.item_id] = p
             mapped[it.item_id] = label_map.apply(p.annotations)
             inputs.setdefault("box_scores", {})[it.item_id] = _box_scores(mapped[it.item_id])
-            if p.probs:
-                inputs.setdefault("probs", {})[it.item_id] = p.probs
+            if probs := project_probs(p, label_map):
+                inputs.setdefault("probs", {})[it.item_id] = probs
 
     n = len(items)
     rows: dict[str, Any] = {
@@ -474,22 +455,6 @@ def describe_predictions(predictions: PredictionSource | None) -> str | None:
         if isinstance(value, str):
             return value
     return type(predictions).__name__
-
-
-def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    chunk: list[T] = []
-    for it in items:
-        chunk.append(it)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-def _task(project: ProjectFormat) -> str:
-    tasks = tuple(getattr(project, "tasks", ("detection",)))
-    return "detection" if "detection" in tasks else tasks[0]
 
 
 def finish_table(

@@ -32,75 +32,17 @@ from connectors.csvsafe import csv_text
 from connectors.errors import UsageError
 from connectors.model import Item, ItemStatus
 from connectors.storage import ProjectFS
+from difficulty import hybrid
 from difficulty.checkpoint import Checkpoint, load_checkpoint
+from difficulty.diversity import DIVERSITY, select
 from difficulty.registry import ScorerSpec
-from difficulty.strategies import BATCH_SELECTIONS, strategy_for_task
+from difficulty.strategies import strategy_for_task
 
 log = logging.getLogger(__name__)
 
-DIVERSITY = ("kcenter",)
 DEFAULT_COMMITTEE = 8
 """Committee members for the committee strategies (the stored bootstrap ones, at most this
 many, when the checkpoint has them; else MC-dropout passes)."""
-
-
-def kcenter_greedy(features: np.ndarray, k: int, *, first: int = 0) -> list[int]:
-    """k-center greedy (Sener & Savarese 2018) on ``features`` ``(N, D)``: ``k`` row indices.
-
-    Starts from row ``first`` and repeatedly adds the row farthest (Euclidean) from the
-    rows chosen so far.
-    """
-    x = np.asarray(features, dtype=np.float64)
-    n = x.shape[0]
-    k = min(k, n)
-    if k <= 0:
-        return []
-    chosen = [first]
-    dist = np.linalg.norm(x - x[first], axis=1)
-    while len(chosen) < k:
-        nxt = int(dist.argmax())
-        if dist[nxt] <= 0.0:  # all remaining rows coincide with chosen ones: take them in order
-            rest = [i for i in range(n) if i not in set(chosen)]
-            chosen.extend(rest[: k - len(chosen)])
-            break
-        chosen.append(nxt)
-        dist = np.minimum(dist, np.linalg.norm(x - x[nxt], axis=1))
-    return chosen
-
-
-def select(
-    values: np.ndarray,
-    ids: list[str],
-    budget: int,
-    *,
-    features: np.ndarray | None = None,
-    diversity: str | None = None,
-    candidate_factor: int = 10,
-) -> list[tuple[str, float]]:
-    """The ``budget`` items to label first, as ``(item_id, value)`` in rank order.
-
-    ``values`` ``(N,)`` higher = more informative.  Ties break by position (stable).
-    ``diversity="kcenter"`` needs ``features`` ``(N, D)``: the ``candidate_factor × budget``
-    highest-valued items are candidates, the best of them is taken first and k-center
-    greedy picks the rest; ranks follow the order of picking.
-    """
-    v = np.asarray(values, dtype=np.float64).reshape(-1)
-    if v.shape[0] != len(ids):
-        raise ValueError(f"{v.shape[0]} values for {len(ids)} ids")
-    if budget < 0:
-        raise ValueError(f"budget {budget} is negative")
-    order = np.argsort(-v, kind="stable")
-    if diversity is None:
-        chosen = order[:budget]
-    elif diversity == "kcenter":
-        if features is None:
-            raise ValueError("k-center diversity needs features")
-        candidates = order[: max(budget, candidate_factor * budget)]
-        picked = kcenter_greedy(np.asarray(features)[candidates], budget, first=0)
-        chosen = candidates[picked]
-    else:
-        raise UsageError(f"unknown diversity {diversity!r}; choose one of: {', '.join(DIVERSITY)}")
-    return [(ids[i], float(v[i])) for i in chosen]
 
 
 @dataclass
@@ -180,15 +122,13 @@ def select_from_project(
     ``candidate_factor``: k-center and the batch strategies choose among the
     ``candidate_factor × budget`` highest-valued items.
 
-    The batch strategies of :mod:`difficulty.hybrid` (:data:`BATCH_SELECTIONS`:
+    The batch strategies of :mod:`difficulty.hybrid` (:func:`~difficulty.hybrid.batch_selections`:
     ``margin_kcenter``, ``entropy_kcenter``, ``margin_cluster``, ``badge``,
     ``learning_loss_subset``) choose the whole batch at once, on classification models;
     ``learning_loss_subset`` scores a seeded random half of the pool unless ``subset`` is
     given (the random-subset trick of Yoo & Kweon).
     """
-    from difficulty import hybrid
-
-    batch_strategy = strategy in BATCH_SELECTIONS
+    batch_strategy = strategy in hybrid.batch_selections()
     if batch_strategy and task not in (None, "classification"):
         raise UsageError(
             f"strategy {strategy!r} chooses batches on a classification model; for detection "

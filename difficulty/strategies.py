@@ -60,39 +60,13 @@ strategy name to the variant for the task.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from connectors.errors import UsageError
-from difficulty.registry import SCORERS, ScorerSpec, register_scorer
-
-STRATEGIES = (
-    "random",
-    "least_confidence",
-    "margin",
-    "entropy",
-    "vote_entropy",
-    "consensus_entropy",
-    "egl",
-    "learning_loss",
-)
-"""The query strategies (each also registered as a scorer tagged ``strategy``)."""
-
-SELECT_STRATEGIES = (*STRATEGIES, "predicted_loss")
-
-BATCH_SELECTIONS = (
-    "margin_kcenter",
-    "entropy_kcenter",
-    "margin_cluster",
-    "badge",
-    "learning_loss_subset",
-)
-"""Batch strategies of :mod:`difficulty.hybrid` that ``labeltriage select`` runs on
-classification models: the whole batch is chosen at once, uncertain and diverse."""
-"""What ``labeltriage select --strategy`` accepts: the query strategies and the
-difficulty scorer ``predicted_loss``."""
+from difficulty.registry import SCORERS, ScorerSpec, register_scorer, scorer_names
 
 _EPS = 1e-12
 
@@ -237,7 +211,7 @@ register_scorer(
     "predicted_loss",
     needs={"predicted_loss"},
     description="loss predicted by the loss-prediction module (Yoo & Kweon 2019)",
-    tags={"difficulty", "model"},
+    tags={"difficulty", "model", "select"},
 )(_predicted)
 learning_loss = _predicted
 predicted_loss = _predicted
@@ -331,6 +305,7 @@ _DET_TAGS = {"strategy", "detection", "model"}
     description="least confidence per box, reduced per image",
     settings=BoxAggregation,
     tags=_DET_TAGS,
+    detection_of="least_confidence",
 )
 def det_least_confidence(
     box_probs: list[np.ndarray], reduction: str = "max", empty: str | float = "max"
@@ -345,6 +320,7 @@ def det_least_confidence(
     description="margin per box, reduced per image",
     settings=BoxAggregation,
     tags=_DET_TAGS,
+    detection_of="margin",
 )
 def det_margin(
     box_probs: list[np.ndarray], reduction: str = "max", empty: str | float = "max"
@@ -359,6 +335,7 @@ def det_margin(
     description="class entropy per box, reduced per image",
     settings=BoxAggregation,
     tags=_DET_TAGS,
+    detection_of="entropy",
 )
 def det_entropy(
     box_probs: list[np.ndarray], reduction: str = "max", empty: str | float = "max"
@@ -373,6 +350,7 @@ def det_entropy(
     description="vote entropy per box, reduced per image",
     settings=BoxAggregation,
     tags=_DET_TAGS | {"committee"},
+    detection_of="vote_entropy",
 )
 def det_vote_entropy(
     box_committee: list[np.ndarray], reduction: str = "max", empty: str | float = "max"
@@ -387,6 +365,7 @@ def det_vote_entropy(
     description="consensus entropy per box, reduced per image",
     settings=BoxAggregation,
     tags=_DET_TAGS | {"committee"},
+    detection_of="consensus_entropy",
 )
 def det_consensus_entropy(
     box_committee: list[np.ndarray], reduction: str = "max", empty: str | float = "max"
@@ -411,6 +390,7 @@ class DetEGLSettings(BoxAggregation):
     description="expected gradient length per box at the classification layer, reduced per image",
     settings=DetEGLSettings,
     tags=_DET_TAGS,
+    detection_of="egl",
 )
 def det_egl(
     box_probs: list[np.ndarray],
@@ -432,10 +412,41 @@ def det_egl(
     return _reduce(values, reduction, empty, None)
 
 
-DETECTION_VARIANTS = {
-    name: f"det_{name}" for name in STRATEGIES if name not in ("random", "learning_loss")
+def query_strategies() -> tuple[str, ...]:
+    """The query strategies: scorers tagged ``strategy`` that are neither batch strategies
+    nor the detection form of another (registration order)."""
+    return tuple(n for n in scorer_names("strategy", without={"batch"}) if not _is_variant(n))
+
+
+def _is_variant(name: str) -> bool:
+    return SCORERS[name].detection_of is not None
+
+
+def select_strategies() -> tuple[str, ...]:
+    """What ``labeltriage select --strategy`` ranks by: the query strategies and the
+    scorers tagged ``select`` (``predicted_loss``)."""
+    extra = [n for n in scorer_names("select") if n not in query_strategies()]
+    return (*query_strategies(), *extra)
+
+
+def detection_variants() -> dict[str, str]:
+    """Strategy name → its detection form (``random`` and ``learning_loss`` serve both tasks)."""
+    return {str(SCORERS[n].detection_of): n for n in scorer_names("strategy") if _is_variant(n)}
+
+
+_DERIVED: dict[str, Callable[[], Any]] = {
+    "STRATEGIES": query_strategies,
+    "SELECT_STRATEGIES": select_strategies,
+    "DETECTION_VARIANTS": detection_variants,
 }
-"""Strategy name → its detection variant (``random`` and ``learning_loss`` serve both tasks)."""
+
+
+def __getattr__(name: str) -> Any:
+    """``STRATEGIES``, ``SELECT_STRATEGIES``, ``DETECTION_VARIANTS``: derived from the
+    registry's tags when read (so a plugin's strategy is in them)."""
+    if name in _DERIVED:
+        return _DERIVED[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def strategy_for_task(name: str, task: str) -> ScorerSpec:
@@ -443,8 +454,10 @@ def strategy_for_task(name: str, task: str) -> ScorerSpec:
 
     Raises :class:`~connectors.errors.UsageError` for an unknown name.
     """
-    if name not in STRATEGIES and name not in SCORERS:
-        raise UsageError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
-    if task == "detection" and name in DETECTION_VARIANTS:
-        return SCORERS[DETECTION_VARIANTS[name]]
+    if name not in SCORERS:
+        choices = ", ".join(query_strategies())
+        raise UsageError(f"unknown strategy {name!r}; choose one of: {choices}")
+    variants = detection_variants()
+    if task == "detection" and name in variants:
+        return SCORERS[variants[name]]
     return SCORERS[name]

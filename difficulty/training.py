@@ -80,6 +80,7 @@ from difficulty.committee import (
 from difficulty.datasets import ItemDataset, ItemStream, Sample, collate_samples
 from difficulty.featurecache import DEFAULT_MEMORY_BYTES, FeatureCache, cache_key
 from difficulty.inference import infer_arrays
+from difficulty.items import project_fs as _project_fs
 from difficulty.models.build import ARCHS, BACKBONE_ARCH, DEFAULT_ARCH, TASKS, model_from_meta
 from difficulty.models.classification import LossPredictionClassifier, TappedClassifier
 from difficulty.models.fcos import FeatureDetector
@@ -653,16 +654,6 @@ def _train_feature_detector(
 
 
 # -- a project (the CLI) ---------------------------------------------------------------
-
-
-def _project_fs(project: Any) -> ProjectFS:
-    """Accept a :class:`ProjectFS` or a format object that carries one as ``.project``."""
-    if isinstance(project, ProjectFS):
-        return project
-    inner = getattr(project, "project", None)
-    if isinstance(inner, ProjectFS):
-        return inner
-    raise TypeError(f"expected a ProjectFS or a project format, got {type(project).__name__}")
 
 
 def _training_label(item: Item, task: str) -> Any:

@@ -242,3 +242,38 @@ def test_calibrate_end_to_end_on_items() -> None:
         calibration_ids=[f"i{i}" for i in range(20)],
     )
     assert held_out.n_calibration == 20 and held_out.threshold is None
+
+
+def test_calibration_matches_each_item_once_for_all_box_confidences(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import difficulty.matching
+
+    gt = Annotation(label="stop", box=(0, 0, 10, 10))
+    items = [_item(i, boxes=[gt]) for i in range(30)]
+    preds = {
+        f"i{i}": Prediction(
+            item_id=f"i{i}",
+            annotations=[
+                Annotation(label="stop", box=(0, 0, 10, 10), score=0.9),
+                Annotation(label="stop", box=(40, 40, 50, 50), score=0.1 + 0.02 * i),
+            ],
+        )
+        for i in range(30)
+    }
+    df = pd.DataFrame({"item_id": [f"i{i}" for i in range(30)], "score": np.linspace(0, 1, 30)})
+    calls = {"match_curve": 0, "match_detections": 0}
+    for name in calls:
+        real = getattr(difficulty.matching, name)
+
+        def counted(*args: object, _real: object = real, _name: str = name, **kw: object) -> object:
+            calls[_name] += 1
+            return _real(*args, **kw)  # type: ignore[operator]
+
+        monkeypatch.setattr(difficulty.matching, name, counted)
+    confidences = (0.1, 0.2, 0.3, 0.5, 0.7)
+    res = calibrate(
+        items, df, preds, LabelMap(), epsilon=0.05, delta=0.1, box_confidences=confidences
+    )
+    assert res.n_calibration == 30
+    assert calls["match_curve"] + calls["match_detections"] == 30  # not 30 × 5

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -260,9 +261,17 @@ def test_run_end_to_end_then_again_against_the_first(runner: CliRunner, tmp_path
 
 
 def test_sigterm_during_run_records_it_failed_and_frees_the_project(tmp_path: Path) -> None:
-    """A container being stopped: the run ends, is recorded failed, and its lock is released."""
-    train = {"task": "detection", "arch": "ssdlite", "epochs": 200, "image_size": 64}
-    path = write_config(tmp_path, train=train, score_with="model")
+    """A container being stopped: the run ends, is recorded failed, and its lock is released.
+
+    The run is held inside its steps for as long as the test needs: one label file of the
+    project is a named pipe that nobody writes, so reading it blocks until the signal.
+    """
+    project = tmp_path / "project"
+    shutil.copytree(EXAMPLES / "sample_project", project)
+    held = sorted((project / "annotations").glob("*.xml"))[-1]
+    held.unlink()
+    os.mkfifo(held)
+    path = write_config(tmp_path, source=str(project))
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     proc = subprocess.Popen(
         [sys.executable, "-m", "autolabel.cli", "run", "--config", str(path)],
@@ -275,7 +284,6 @@ def test_sigterm_during_run_records_it_failed_and_frees_the_project(tmp_path: Pa
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not store.records("roads"):
         time.sleep(0.1)
-    time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err

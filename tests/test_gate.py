@@ -399,20 +399,40 @@ def test_each_format_writes_with_provenance(fproject: FormatProject, tmp_path: P
     assert all(names[i].startswith("u") for i in res.written)
 
 
-def test_each_format_refuses_a_human_label_that_appears_after_selection(
-    fproject: FormatProject, tmp_path: Path
-) -> None:
-    p = fproject
+def _human_label_during_selection(
+    p: FormatProject, tmp_path: Path
+) -> tuple[str, DictPredictions, str, tuple[float, float, float, float]]:
+    """A scored project whose ``u01`` gets a human label while the gate selects it (read as
+    unlabeled, a person saves a label now): report, predictions, its id, the human box."""
     report = p.difficulty(tmp_path / "r", {f"u{i:02d}": i / 20 for i in range(20)})
     preds = p.predictions()
     target = p.ids["u01"]
     human_box = (1.0, 1.0, 9.0, 9.0)
-    # the hook runs while u01 is being selected: it was read as unlabeled, a person saves a label now
     preds.on_get[target] = lambda: p.add_human_label("u01", human_box)
+    return report, preds, target, human_box
+
+
+def test_each_format_refuses_a_human_label_that_appears_after_selection(
+    fproject: FormatProject, tmp_path: Path
+) -> None:
+    p = fproject
+    report, preds, target, human_box = _human_label_during_selection(p, tmp_path)
     res = _gate(p, preds, report)
     assert target in res.selected and target not in res.written and target in res.refused
     assert p.state()["u01"] == ("labeled", [("stop", human_box)])
     assert len(res.written) == len(res.selected) - 1
+
+
+def test_an_item_refused_at_write_time_leaves_the_audit_list(
+    fproject: FormatProject, tmp_path: Path
+) -> None:
+    p = fproject
+    report, preds, target, _ = _human_label_during_selection(p, tmp_path)
+    res = _gate(p, preds, report, audit_share=1.0)  # every selected item is chosen for audit
+    assert target in res.selected and target in res.refused
+    assert target not in res.audit and res.audit == res.written
+    manifest = load_manifest(p.fmt().project, res.run_id)
+    assert manifest.meta["audit"]["item_ids"] == res.audit
 
 
 def test_each_format_rollback_is_exact(fproject: FormatProject, tmp_path: Path) -> None:

@@ -13,8 +13,8 @@ from connectors.formats.kitti import KittiFormat
 from connectors.formats.voc import VocFormat
 from connectors.formats.yolo import YoloFormat, YoloPredictions
 from connectors.project import (
-    DETECT_ORDER,
     detect_format,
+    detect_order,
     open_predictions,
     open_project,
     split_source,
@@ -56,7 +56,7 @@ def test_auto_detects_each_layout(fmt: str) -> None:
 
 
 def test_detect_order_is_documented_and_complete() -> None:
-    assert DETECT_ORDER == (
+    assert tuple(detect_order()) == (
         "manifest",
         "labelstudio",
         "coco",

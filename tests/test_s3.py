@@ -150,7 +150,7 @@ def test_memory_write_bytes_without_overwrite() -> None:
 
 def test_sidecar_index_on_s3(s3_project: ProjectFS) -> None:
     from connectors.formats.base import WrittenRecord
-    from connectors.writeback import read_auto_label_index, write_sidecar
+    from connectors.sidecars import read_auto_label_index, write_sidecar
 
     for item_id in ("x", "deep/y"):
         record = WrittenRecord(

@@ -11,7 +11,8 @@ import pytest
 from _cli_helpers import select_args, train_args, write_digits_folder
 
 from autolabel.cli import main
-from difficulty.strategies import BATCH_SELECTIONS, SELECT_STRATEGIES
+from difficulty.hybrid import BATCH_SELECTIONS
+from difficulty.strategies import SELECT_STRATEGIES
 
 
 def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> dict:

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from connectors.errors import UsageError
 from difficulty import strategies as S
+from difficulty.diversity import kcenter_greedy, select
 from difficulty.registry import SCORERS
-from difficulty.selection import kcenter_greedy, select
 
 
 def _probs(rng: np.random.Generator, n: int, c: int, sharp: float = 3.0) -> np.ndarray:

@@ -22,18 +22,15 @@ from connectors.formats.coco import CocoFormat
 from connectors.formats.labelstudio import LabelStudioFormat
 from connectors.formats.manifest import ManifestFormat
 from connectors.model import Annotation, AnnotationSource, Item, ItemStatus
+from connectors.sidecars import is_auto_label, read_auto_label_index, sha256_hex, write_sidecar
 from connectors.storage import ProjectFS
 from connectors.writeback import (
     RUNS_DIR,
-    is_auto_label,
     list_runs,
     load_manifest,
     new_run_id,
-    read_auto_label_index,
     rollback,
-    sha256_hex,
     write_run,
-    write_sidecar,
 )
 
 NAMES = [f"img{i}" for i in range(6)]

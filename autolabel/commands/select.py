@@ -18,7 +18,8 @@ from autolabel.commands._common import (
     want_progress,
 )
 from connectors.errors import UsageError
-from difficulty.strategies import BATCH_SELECTIONS, SELECT_STRATEGIES
+from difficulty.hybrid import BATCH_SELECTIONS
+from difficulty.strategies import SELECT_STRATEGIES
 
 STRATEGY_CHOICES = (*SELECT_STRATEGIES, *BATCH_SELECTIONS)
 

@@ -17,7 +17,7 @@ comes by.  Memory holds one folder's names, never the whole project.
 
 Writing auto-labels (:meth:`LabelFileFormat.write_labels`) creates a label file only
 where none exists, with an exclusive atomic create, *after* its sidecar
-(:func:`connectors.writeback.write_auto_file`): at no instant is there an auto-written
+(:func:`connectors.sidecars.write_auto_file`): at no instant is there an auto-written
 label file without the sidecar that marks it.  :meth:`LabelFileFormat.remove_written`
 deletes exactly those files, and only while their content is unchanged.
 """
@@ -47,7 +47,9 @@ from connectors.formats.base import (
     sidecar_path,
 )
 from connectors.model import Annotation, AnnotationSource, Item, ItemStatus
+from connectors.sidecars import read_auto_label_index, read_sidecar, write_auto_file
 from connectors.storage import ProjectFS
+from connectors.writeback import runs_in_flight
 
 log = logging.getLogger(__name__)
 
@@ -116,20 +118,6 @@ def format_number(value: float) -> str:
     return repr(float(value))
 
 
-def read_sidecar(project: ProjectFS, item_id: str) -> dict[str, Any] | None:
-    """The sidecar of ``item_id`` (see :func:`connectors.writeback.read_sidecar`)."""
-    from connectors.writeback import read_sidecar as read
-
-    return read(project, item_id)
-
-
-def read_auto_index(project: ProjectFS) -> dict[str, dict[str, Any]]:
-    """item id → sidecar record of every auto-labeled item (empty when none)."""
-    from connectors.writeback import read_auto_label_index
-
-    return read_auto_label_index(project)
-
-
 def recheck_sidecars(project: ProjectFS) -> bool:
     """Whether a reader should look for the sidecar of a label file missing from the index.
 
@@ -138,8 +126,6 @@ def recheck_sidecars(project: ProjectFS) -> bool:
     label without sidecar, so it is always made; on object stores (a request each) only
     while a run is in flight.
     """
-    from connectors.writeback import runs_in_flight
-
     return project.is_local or bool(runs_in_flight(project))
 
 
@@ -234,7 +220,7 @@ class LabelFileFormat(RemovesFiles, ProjectFormat):
             raise UsageError(
                 f"{self.project.url}: no {self.images_dir}/ folder (layout of format {self.name!r})"
             )
-        index = read_auto_index(self.project)
+        index = read_auto_label_index(self.project)
         self._recheck = recheck_sidecars(self.project)
         visited: set[str] = set()
         groups = itertools.groupby(self.project.walk_files(self.images_dir), key=posixpath.dirname)
@@ -406,8 +392,6 @@ class LabelFileFormat(RemovesFiles, ProjectFormat):
         """Hook run once before :meth:`write_items` (YOLO writes ``classes.txt``)."""
 
     def write_labels(self, writes: list[LabelWrite]) -> WriteOutcome:
-        from connectors.writeback import write_auto_file
-
         outcome = WriteOutcome()
         for w in writes:
             item_id = w.item.item_id

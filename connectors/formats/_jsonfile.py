@@ -228,6 +228,18 @@ class JsonFileFormat(RemovesEntries, ProjectFormat):
         """True when the file is named or can be found."""
         return self._file is not None or self.find_file(self.project) is not None
 
+    file_suffixes = (".json",)
+    opens_with: ClassVar[bytes]
+    """The first character of the JSON (``{`` an object, ``[`` a list)."""
+
+    @classmethod
+    def detect_file(cls, project: ProjectFS, name: str) -> bool:
+        if not super().detect_file(project, name):
+            return False
+        with project.open(name, "rb") as f:
+            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        return head.startswith(cls.opens_with)
+
     @classmethod
     def detect(cls, project: ProjectFS) -> bool:
         try:

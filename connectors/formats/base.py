@@ -3,7 +3,10 @@
 A format is a class registered in :data:`FORMATS` under its name.  It is built on a
 :class:`~connectors.storage.ProjectFS` (the project root) and options, and provides:
 
-* ``detect(project)`` — a cheap check used by ``--format auto``;
+* ``detect(project)`` — a cheap check used by ``--format auto`` on a folder, asked in the
+  order of ``detect_priority``; ``looked_for`` says what it looks for (in the error when no
+  format matches); ``detect_file(project, name)`` — the same for a project given as one
+  file (by default: its suffix is one of ``file_suffixes``);
 * ``iter_items()`` — a *stream* of :class:`~connectors.model.Item`: never the whole
   project in memory; a bad item is yielded with ``error`` set, never raised;
 * ``write_items(items, classes)`` — write a whole project (round trips, exports);
@@ -11,7 +14,7 @@ A format is a class registered in :data:`FORMATS` under its name.  It is built o
   label, atomically per file, skipping (and reporting) any item that has a human label
   *at write time*; returns :class:`WrittenRecord` entries that ``remove_written`` can
   undo exactly (used by run manifests and rollback).  File formats also leave a sidecar
-  record per item (:func:`sidecar_path`) so readers know the label is an auto-label;
+  record per item (:func:`~connectors.sidecars.sidecar_path`) so readers know the label is an auto-label;
 * optionally ``publish_scores(table, meta)`` — a platform that can show scores next to its
   items (FiftyOne) gets each scoring run's difficulty table and metadata.
 
@@ -23,41 +26,22 @@ task id.  Prediction readers produce the same ids so predictions join on ``item_
 from __future__ import annotations
 
 import abc
+import importlib
+import posixpath
 from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field
 
 from connectors.model import Annotation, Item, Prediction
+from connectors.plugins import load_plugins
 from connectors.registry import Registry
+from connectors.sidecars import AUTO_SIDECAR_DIR as AUTO_SIDECAR_DIR  # the formats' contract
+from connectors.sidecars import Provenance, WrittenRecord
+from connectors.sidecars import sidecar_path as sidecar_path
 from connectors.storage import ProjectFS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-class Provenance(BaseModel):
-    """Where an auto-label came from; stored with every write."""
-
-    run_id: str
-    model_version: str
-    score: float | None = None
-    tier: str | None = None
-    extra: dict[str, Any] = Field(default_factory=dict)
-
-
-class WrittenRecord(BaseModel):
-    """One thing a write created, precisely enough to remove it and nothing else.
-
-    ``kind="file"``: ``path`` (relative to the root) was created, with ``sha256`` of its
-    content.  ``kind="entry"``: entries with ``entry_ids`` were added inside the shared
-    file ``path`` (COCO JSON, Label Studio export).
-    """
-
-    kind: str
-    path: str
-    item_id: str
-    sha256: str | None = None
-    entry_ids: list[str] = Field(default_factory=list)
 
 
 class LabelWrite(BaseModel):
@@ -75,17 +59,15 @@ class WriteOutcome(BaseModel):
     refused: dict[str, str] = Field(default_factory=dict)
 
 
-AUTO_SIDECAR_DIR = ".labeltriage/auto"
-
-
-def sidecar_path(item_id: str) -> str:
-    """Relative path of the sidecar record of an auto-labeled item (provenance + sha256)."""
-    return f"{AUTO_SIDECAR_DIR}/{item_id}.json"
-
-
 class ProjectFormat(abc.ABC):
     name: ClassVar[str]
     tasks: ClassVar[tuple[str, ...]] = ("detection",)
+    detect_priority: ClassVar[int] = 100
+    """Where ``--format auto`` asks :meth:`detect` (lower first, ties by name)."""
+    looked_for: ClassVar[str] = "its own layout"
+    """What :meth:`detect` looks for (named when no format matches a folder)."""
+    file_suffixes: ClassVar[tuple[str, ...]] = ()
+    """Suffixes of a project given as one file that :meth:`detect_file` accepts."""
 
     def __init__(self, project: ProjectFS, **options: Any) -> None:
         self.project = project
@@ -95,6 +77,11 @@ class ProjectFormat(abc.ABC):
     @abc.abstractmethod
     def detect(cls, project: ProjectFS) -> bool:
         """True when the project root looks like this format (cheap: a few listings)."""
+
+    @classmethod
+    def detect_file(cls, project: ProjectFS, name: str) -> bool:
+        """True when the file ``name`` in ``project`` is a whole project in this format."""
+        return posixpath.splitext(name)[1].lower() in cls.file_suffixes
 
     @abc.abstractmethod
     def iter_items(self) -> Iterator[Item]:
@@ -121,7 +108,13 @@ class ProjectFormat(abc.ABC):
         """
 
 
-FORMATS: Registry[type[ProjectFormat]] = Registry("format")
+def _load_formats() -> None:
+    """Import the built-in formats and the plugins (see :mod:`connectors.plugins`)."""
+    importlib.import_module("connectors.formats")
+    load_plugins()
+
+
+FORMATS: Registry[type[ProjectFormat]] = Registry("format", _load_formats)
 
 
 class PredictionSource(abc.ABC):
@@ -136,4 +129,4 @@ class PredictionSource(abc.ABC):
         """Every prediction, streamed."""
 
 
-PREDICTION_FORMATS: Registry[type[PredictionSource]] = Registry("predictions format")
+PREDICTION_FORMATS: Registry[type[PredictionSource]] = Registry("predictions format", _load_formats)

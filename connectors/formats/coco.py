@@ -204,6 +204,9 @@ class CocoFormat(JsonFileFormat):
     tasks = ("detection",)
     title = "COCO"
     missing = f"no COCO JSON found ({DEFAULT_FILE}, or one *.json in the root or annotations/)"
+    detect_priority = 30
+    looked_for = "a COCO JSON with images/categories"
+    opens_with = b"{"
 
     # -- locating ------------------------------------------------------------------------
     @staticmethod

@@ -32,13 +32,13 @@ from connectors.formats._filebased import (
     auto_label_meta,
     error_item,
     is_image_name,
-    read_auto_index,
     read_image_bytes,
     readable_items,
     sha256_hex,
 )
 from connectors.formats.base import FORMATS, LabelWrite, ProjectFormat, WriteOutcome
 from connectors.model import Annotation, AnnotationSource, Item, ItemStatus
+from connectors.sidecars import read_auto_label_index, write_auto_file
 from connectors.storage import BOOKKEEPING_DIR, ProjectFS
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ class ImageFolderFormat(RemovesFiles, ProjectFormat):
 
     name = "imagefolder"
     tasks = ("classification",)
+    detect_priority = 90
+    looked_for = "one folder of images per class (CLASS/*.jpg)"
 
     def __init__(self, project: ProjectFS, **options: Any) -> None:
         super().__init__(project, **options)
@@ -99,7 +101,7 @@ class ImageFolderFormat(RemovesFiles, ProjectFormat):
         """``{copy path: (original item id, sidecar entry)}`` for intact copies, and the
         original item ids they stand for."""
         copies: dict[str, tuple[str, dict[str, Any]]] = {}
-        for item_id, entry in read_auto_index(self.project).items():
+        for item_id, entry in read_auto_label_index(self.project).items():
             path = entry.get("path")
             if not isinstance(path, str):
                 continue
@@ -209,8 +211,6 @@ class ImageFolderFormat(RemovesFiles, ProjectFormat):
         folder, when the prediction is not exactly one class of this project, or when
         the target file exists.
         """
-        from connectors.writeback import write_auto_file
-
         outcome = WriteOutcome()
         classes = set(self.classes)
         for w in writes:

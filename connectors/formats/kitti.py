@@ -51,6 +51,8 @@ class KittiFormat(LabelFileFormat):
     """KITTI ``label_2`` detection project (``images/`` + ``labels/*.txt``, 15 columns)."""
 
     name = "kitti"
+    detect_priority = 60
+    looked_for = "images/ + labels/*.txt with 15-column KITTI lines"
     labels_dir = "labels"
     label_ext = ".txt"
 

@@ -145,6 +145,9 @@ class LabelStudioFormat(JsonFileFormat):
     tasks = ("detection", "classification")
     title = "Label Studio"
     missing = "no Label Studio export (*.json) found in the project root"
+    detect_priority = 20
+    looked_for = "a Label Studio JSON export"
+    opens_with = b"["
     json_indent = 1
 
     def __init__(self, project: ProjectFS, **options: Any) -> None:
@@ -215,19 +218,7 @@ class LabelStudioFormat(JsonFileFormat):
         meta: dict[str, Any] = dict(task["meta"]) if isinstance(task.get("meta"), dict) else {}
         if label.auto_label is not None:
             meta["auto_label"] = label.auto_label
-        error = self.item_error(label.problems, item_id, meta)
-        return Item(
-            item_id=item_id,
-            uri=uri,
-            width=label.width,
-            height=label.height,
-            status=label.status,
-            source=label.source,
-            annotations=label.annotations,
-            annotation_seconds=label.annotation_seconds,
-            meta=meta,
-            error=error,
-        )
+        return label.to_item(item_id, uri, meta, self.item_error(label.problems, item_id, meta))
 
     # -- writing a whole project ---------------------------------------------------------
     def _names(self, tasks: list[Any] | None = None) -> RegionNames:

@@ -107,6 +107,7 @@ from connectors.labelstudio.regions import (
 )
 from connectors.model import Annotation, Item, Prediction
 from connectors.storage import ProjectFS
+from connectors.writeback import RunManifest, manifest_path, save_manifest
 
 log = logging.getLogger(__name__)
 
@@ -304,18 +305,7 @@ class LabelStudioAPI(ProjectFormat):
         if label.problems:
             error = str(InputError("; ".join(label.problems), file=where, item=task_id))
             log.warning("%s", error)
-        return Item(
-            item_id=task_id,
-            uri=uri,
-            width=label.width,
-            height=label.height,
-            status=label.status,
-            source=label.source,
-            annotations=label.annotations,
-            annotation_seconds=label.annotation_seconds,
-            meta=meta,
-            error=error,
-        )
+        return label.to_item(task_id, uri, meta, error)
 
     # -- writing a whole project -------------------------------------------------------------
     def write_items(self, items: Iterable[Item], classes: list[str] | None = None) -> None:
@@ -500,8 +490,6 @@ class LabelStudioAPI(ProjectFormat):
         Returns ``True`` when a manifest was rebuilt and saved, ``False`` when one was
         already here or the project holds nothing of that run.
         """
-        from connectors.writeback import RunManifest, manifest_path, save_manifest
-
         if self.project.exists(manifest_path(run_id)):
             return False
         records = self.records_of_run(run_id)

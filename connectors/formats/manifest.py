@@ -40,7 +40,6 @@ from connectors.manifest import (
     write_manifest,
 )
 from connectors.model import (
-    Annotation,
     AnnotationSource,
     Item,
     ItemStatus,
@@ -86,6 +85,9 @@ class ManifestFormat(RemovesEntries, ProjectFormat):
 
     name = "manifest"
     tasks = ("detection", "classification")
+    detect_priority = 10
+    looked_for = "a Parquet manifest"
+    file_suffixes = (".parquet",)
 
     def __init__(self, project: ProjectFS, **options: Any) -> None:
         super().__init__(project, **options)
@@ -265,8 +267,3 @@ class ManifestFormat(RemovesEntries, ProjectFormat):
                             entry_record(rel, row["item_id"], _row_sha(row), [row["item_id"]])
                         )
         return records
-
-
-def overlay_annotations(row: dict[str, Any]) -> list[Annotation]:
-    """The annotations of one overlay row."""
-    return [annotation_from_row(a) for a in row.get("annotations") or []]

@@ -82,6 +82,8 @@ class VocFormat(LabelFileFormat):
     """Pascal VOC detection project (``images/`` + ``annotations/*.xml``)."""
 
     name = "voc"
+    detect_priority = 40
+    looked_for = "images/ + annotations/*.xml"
     labels_dir = "annotations"
     label_ext = ".xml"
 

@@ -160,6 +160,9 @@ class YoloFormat(LabelFileFormat):
     named ``classes.txt`` or a ``data.yaml``), ``classes`` (names, overriding files)."""
 
     name = "yolo"
+    detect_priority = 50
+    looked_for = "images/ + labels/*.txt + classes.txt or data.yaml"
+    file_suffixes = (".yaml", ".yml", ".txt")
     labels_dir = "labels"
     label_ext = ".txt"
 

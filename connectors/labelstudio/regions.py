@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from connectors.labelstudio.provenance import provenance_of
-from connectors.model import Annotation, AnnotationSource, ItemStatus
+from connectors.model import Annotation, AnnotationSource, Item, ItemStatus
 
 EDGE_SLACK = 0.01
 """How far (share of the image side) a box may overshoot the image and still be clipped."""
@@ -300,6 +300,21 @@ class TaskLabel:
     annotation_id: Any = None
     auto_label: dict[str, Any] | None = None
     """``{"run_id", "provenance"}`` of the labeltriage prediction an auto-labeled task holds."""
+
+    def to_item(self, item_id: str, uri: str, meta: dict[str, Any], error: str | None) -> Item:
+        """The item of the task: this label, its image ``uri``, ``meta`` and ``error``."""
+        return Item(
+            item_id=item_id,
+            uri=uri,
+            width=self.width,
+            height=self.height,
+            status=self.status,
+            source=self.source,
+            annotations=self.annotations,
+            annotation_seconds=self.annotation_seconds,
+            meta=meta,
+            error=error,
+        )
 
 
 def read_task_label(task: dict[str, Any]) -> TaskLabel:

@@ -275,7 +275,7 @@ def lite0_weights_file() -> tuple[str, str]:
 
 
 def _read_state(path: str, sha: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
-    from difficulty.checkpoint import is_state_dict, read_torch_file
+    from difficulty.torchfile import is_state_dict, read_torch_file
 
     blob, data = read_torch_file(path, what="backbone weights")
     if isinstance(blob, dict) and not is_state_dict(blob):

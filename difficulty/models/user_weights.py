@@ -36,9 +36,10 @@ import torch
 from torch import nn
 
 from connectors.errors import InputError, UsageError
-from difficulty.checkpoint import FORMAT, is_state_dict, read_torch_file
+from difficulty.checkpoint import FORMAT
 from difficulty.models.classification import CLASSIFICATION_ARCHS, LossPredictionClassifier
 from difficulty.models.detection import DETECTION_ARCHS
+from difficulty.torchfile import is_state_dict, read_torch_file
 
 TARGET_PREFIX = {"classification": "target.", "detection": "detector."}
 """Where the target model's weights sit in a labeltriage model's ``state_dict``."""
