@@ -27,6 +27,7 @@ from autolabel.config import AppConfig, PredictionsConfig, ProjectConfig, is_loc
 from autolabel.store import ReportStore, RunRecord, StateDB, new_run_id, utcnow
 from connectors.errors import LabelTriageError
 from connectors.labelmap import LabelMap, load_label_map
+from connectors.model import Item
 from connectors.owner import current as current_owner
 from connectors.storage import redact_url
 from difficulty.plan import PlanSettings
@@ -122,6 +123,7 @@ class _Run:
         self.predictions: Any = None
         self.checkpoint: str | None = None
         self.label_map = LabelMap()
+        self.items: list[Item] = []  # the project's items, read once by the stats step
 
     def step(self, label: str, fn: Callable[[], None]) -> None:
         log.info("%s %s: %s", self.name, self.record.run_id, label)
@@ -158,7 +160,10 @@ class _Run:
                 **p.predictions.options,
             )
         self.label_map = build_label_map(p)
-        stats = compute_stats(self.project, self.predictions, label_map=self.label_map)
+        self.items = list(self.project.iter_items())  # every later step shares this pass
+        stats = compute_stats(
+            self.project, self.predictions, label_map=self.label_map, items=self.items
+        )
         self.write_json("stats.json", stats)
         if "label_map_check" in stats:  # the report shows it
             self.write_json("label_map_check.json", stats["label_map_check"])
@@ -233,6 +238,7 @@ class _Run:
             predictions = dask_predictions(p, p.predictions, self.project, predictions)
         result = score_project_with_engine(
             self.project,
+            items=self.items,
             engine=p.engine,
             scheduler=p.scheduler,
             n_workers=p.dask_workers,
@@ -306,6 +312,7 @@ class _Run:
         use_predictions, use_model = label_inputs(p, self.checkpoint)
         result = run_autolabel(
             self.project,
+            items=self.items,
             difficulty_dir=self.run_dir,
             predictions=self.predictions if use_predictions else None,
             checkpoint=self.checkpoint if use_model else None,

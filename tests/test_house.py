@@ -1,0 +1,109 @@
+"""House rules that keep the library readable and a run cheap.
+
+* no function of the library (``connectors``, ``difficulty``, ``autolabel``) is longer than
+  100 lines;
+* ``labeltriage run`` makes one pass over the project's items and renders the report once.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from test_pipeline import tiny_voc  # noqa: F401  (a fixture)
+from test_pipeline_gate_report import _predictions
+
+REPO = Path(__file__).resolve().parents[1]
+LIBRARY = ("connectors", "difficulty", "autolabel")
+MAX_LINES = 100
+
+
+def long_functions(root: Path = REPO, max_lines: int = MAX_LINES) -> list[str]:
+    """``path:line name (n lines)`` of every function of the library longer than ``max_lines``."""
+    found = []
+    for package in LIBRARY:
+        for path in sorted((root / package).rglob("*.py")):
+            tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                    if lines > max_lines:
+                        rel = path.relative_to(root)
+                        found.append(f"{rel}:{node.lineno} {node.name} ({lines} lines)")
+    return found
+
+
+def test_no_library_function_is_over_100_lines() -> None:
+    assert long_functions() == []
+
+
+def test_the_length_check_finds_a_long_function(tmp_path: Path) -> None:
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_LINES))
+    (tmp_path / "difficulty").mkdir()
+    (tmp_path / "difficulty" / "long.py").write_text(f"def long():\n{body}\n")
+    (tmp_path / "difficulty" / "short.py").write_text("def short():\n    return 1\n")
+    assert long_functions(tmp_path) == ["difficulty/long.py:1 long (101 lines)"]
+
+
+@pytest.mark.parametrize("stage", ["shadow", "autolabel"])
+def test_labeltriage_run_reads_the_items_once_and_renders_once(
+    tmp_path: Path,
+    tiny_voc: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    stage: str,
+) -> None:
+    import yaml
+
+    import difficulty.report
+    from autolabel.cli import cli
+    from connectors.formats.voc import VocFormat
+
+    passes: Counter[str] = Counter()
+    iter_items = VocFormat.iter_items
+
+    def counted(self: VocFormat, *args: Any, **kwargs: Any) -> Any:
+        passes["items"] += 1
+        yield from iter_items(self, *args, **kwargs)
+
+    monkeypatch.setattr(VocFormat, "iter_items", counted)
+    template = difficulty.report._template
+
+    def counted_template() -> Any:
+        page = template()
+        render = page.render
+
+        def counted_render(*args: Any, **kwargs: Any) -> str:
+            passes["renders"] += 1
+            return render(*args, **kwargs)
+
+        page.render = counted_render
+        return page
+
+    monkeypatch.setattr(difficulty.report, "_template", counted_template)
+    config = {
+        "report_store": str(tmp_path / "reports"),
+        "projects": {
+            "tiny": {
+                "source": str(tiny_voc),
+                "format": "voc",
+                "scorers": ["fourier"],
+                "predictions": {"source": str(_predictions(tmp_path, tiny_voc)), "format": "yolo"},
+                "label_map": {"map": {"stop sign": "stop", "traffic light": "trafficlight"}},
+                "stage": stage,
+                "epsilon": 0.5,
+                "delta": 0.1,
+                "min_count": 3,
+                "audit_share": 0.5,
+            }
+        },
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(cli, ["--config", str(path), "run", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "tiny: ok" in result.output
+    assert passes == {"items": 1, "renders": 1}
