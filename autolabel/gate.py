@@ -592,6 +592,7 @@ def run_autolabel(
     storage_options: dict[str, Any] | None = None,
     run_id: str | None = None,
     items: Iterable[Item] | None = None,
+    table: tuple[pd.DataFrame, dict[str, Any]] | None = None,
     **keywords: Any,
 ) -> GateRecord:
     """One gate run of ``project`` with ``options`` (see the module docstring).
@@ -601,14 +602,18 @@ def run_autolabel(
     ``out_dir``, default the same) are fsspec URLs of the report folder, opened with
     ``storage_options``.  Exactly one of ``predictions`` and ``checkpoint`` is required.
     ``items`` are the project's items when the run has read them already (default:
-    ``project.iter_items()``, read once).  Returns the run record (also written as
+    ``project.iter_items()``, read once).  ``table``: the run's difficulty table and its
+    metadata when the caller holds them (default: read from ``difficulty_dir``); the gate
+    re-tiers them in place.  Returns the run record (also written as
     ``out_dir/autolabel.json``, except in a dry run).
     """
     o = GateOptions.of(options, keywords)
     _check_options(o, predictions, checkpoint)
     out_dir = out_dir or difficulty_dir
     run_id = run_id or new_run_id()
-    df, score_meta = read_difficulty(difficulty_dir, storage_options)
+    df, score_meta = (
+        table if table is not None else read_difficulty(difficulty_dir, storage_options)
+    )
     predictor = _Predictor(
         project, predictions, checkpoint, storage_options, min(o.box_confidences)
     )
@@ -625,8 +630,9 @@ def run_autolabel(
     retiered = o.stage in ("shadow", "autolabel") and t is not None
     if retiered and t is not None:
         tiers_meta = _retier(df, score_meta, t, calib, run_id)
+        score_meta["tiers"] = tiers_meta  # the caller's table is re-tiered too
         if not o.dry_run:
-            write_difficulty(df, out_dir, {**score_meta, "tiers": tiers_meta}, storage_options)
+            write_difficulty(df, out_dir, score_meta, storage_options)
     easy = set(df.loc[df["tier"] == EASY, "item_id"].astype(str)) if retiered else set()
     gate.select(unlabeled, easy, calib)
     selected = sorted(gate.writes)

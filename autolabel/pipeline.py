@@ -24,12 +24,14 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 
 from autolabel.config import AppConfig, PredictionsConfig, ProjectConfig, is_local_path
+from autolabel.gate import GateOptions
 from autolabel.store import ReportStore, RunRecord, StateDB, new_run_id, utcnow
 from connectors.errors import LabelTriageError
 from connectors.labelmap import LabelMap, load_label_map
 from connectors.model import Item
 from connectors.owner import current as current_owner
 from connectors.storage import redact_url
+from difficulty.options import ScoreOptions
 from difficulty.plan import PlanSettings
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,30 @@ def build_plan_settings(p: ProjectConfig) -> PlanSettings:
     if "audit_share" in p.planning.model_fields_set:
         return p.planning
     return p.planning.model_copy(update={"audit_share": p.audit_share})
+
+
+def score_options(p: ProjectConfig) -> ScoreOptions:
+    """The project's scoring settings; tiers only when the project sets them (else a
+    reference run's thresholds are reused)."""
+    return ScoreOptions(
+        scorers=p.scorers or None,
+        settings=p.scorer_settings or None,
+        tiers=p.tiers,
+        batch_size=p.batch_size,
+        num_workers=p.num_workers,
+    )
+
+
+def gate_options(p: ProjectConfig, **overrides: Any) -> GateOptions:
+    """The project's gate settings at its stage."""
+    return GateOptions(
+        epsilon=p.epsilon,
+        delta=p.delta,
+        stage=p.stage,
+        audit_share=p.audit_share,
+        min_count=p.min_count,
+        seed=p.seed,
+    ).model_copy(update=overrides)
 
 
 def score_inputs(p: ProjectConfig, checkpoint: str | None) -> tuple[bool, bool]:
@@ -124,6 +150,7 @@ class _Run:
         self.checkpoint: str | None = None
         self.label_map = LabelMap()
         self.items: list[Item] = []  # the project's items, read once by the stats step
+        self._table: tuple[Any, dict[str, Any]] | None = None  # difficulty.parquet, read once
 
     def step(self, label: str, fn: Callable[[], None]) -> None:
         log.info("%s %s: %s", self.name, self.record.run_id, label)
@@ -135,6 +162,15 @@ class _Run:
         finally:
             elapsed = time.perf_counter() - start
             self.record.steps[label] = round(self.record.steps.get(label, 0.0) + elapsed, 3)
+
+    def table(self) -> tuple[Any, dict[str, Any]]:
+        """The run's difficulty table and metadata, read once after scoring; the gate
+        re-tiers it in place, the report and publishing read it from here."""
+        if self._table is None:
+            from difficulty.table import read_difficulty
+
+            self._table = read_difficulty(self.run_dir, self.cfg.report_store_options or None)
+        return self._table
 
     def write_json(self, name: str, data: Any) -> None:
         rel = f"{self.store.run_rel(self.name, self.record.run_id)}/{name}"
@@ -174,7 +210,7 @@ class _Run:
         self.record.counts["item_errors"] = len(errors) if isinstance(errors, list) else errors
 
     def train(self) -> None:
-        from difficulty.training import train_model
+        from difficulty.training import TrainOptions, train_model
 
         t = self.p.train
         if t is None:
@@ -186,26 +222,12 @@ class _Run:
             log.info("%s: training starts from the previous run's model %s", self.name, init)
             self.record.counts["warm_start"] = init
         train_model(
-            self.project.iter_items(),
+            self.items,
             self.project,
-            task=t.task,
-            arch=t.arch,
-            classes=t.classes,
-            epochs=t.epochs,
-            batch_size=t.batch_size,
-            lr=t.lr,
-            seed=t.seed,
-            calibration_share=t.calibration_share,
-            device=t.device,
-            progress=self.progress,
+            TrainOptions(**t.model_dump(exclude={"warm_start"})),
             out=out,
-            image_size=t.image_size,
-            min_steps=t.min_steps,
             init=init,
-            backbone=t.backbone,
-            backbone_weights=t.backbone_weights,
-            finetune_last_stage=t.finetune_last_stage,
-            augment=t.augment,
+            progress=self.progress,
         )
         self.checkpoint = out
         self.record.outputs["model"] = out
@@ -238,6 +260,7 @@ class _Run:
             predictions = dask_predictions(p, p.predictions, self.project, predictions)
         result = score_project_with_engine(
             self.project,
+            score_options(p),
             items=self.items,
             engine=p.engine,
             scheduler=p.scheduler,
@@ -247,14 +270,9 @@ class _Run:
             predictions=predictions,
             checkpoint=self.checkpoint if use_model else None,
             label_map=self.label_map,
-            scorers=p.scorers,
-            settings=p.scorer_settings or None,
-            tiers=p.tiers,
             reference=reference,
             out_dir=self.run_dir,
             storage_options=self.cfg.report_store_options or None,
-            batch_size=p.batch_size,
-            num_workers=p.num_workers,
             progress=self.progress,
             run_id=self.record.run_id,
         )
@@ -289,6 +307,7 @@ class _Run:
             project=self.project,
             predictions=self.predictions,
             storage_options=self.cfg.report_store_options or None,
+            table=self.table(),
         )
         self.record.outputs.update({k: str(v) for k, v in outputs.items()})
 
@@ -296,9 +315,7 @@ class _Run:
         """Each item's tier and difficulty to the platform (Label Studio Data Manager columns)."""
         import pandas as pd
 
-        from difficulty.table import read_difficulty
-
-        df, _ = read_difficulty(self.run_dir, self.cfg.report_store_options or None)
+        df, _ = self.table()
         rows = zip(df["item_id"].astype(str), df["tier"], df["score"], strict=True)
         self.record.counts["published"] = self.project.publish_difficulty(
             (i, t if isinstance(t, str) else None, None if pd.isna(s) else float(s))
@@ -310,24 +327,22 @@ class _Run:
 
         p = self.p
         use_predictions, use_model = label_inputs(p, self.checkpoint)
+        table = self.table()
+        self._table = None  # until the gate is through, the table on disk is the run's
         result = run_autolabel(
             self.project,
+            gate_options(p),
             items=self.items,
+            table=table,
             difficulty_dir=self.run_dir,
             predictions=self.predictions if use_predictions else None,
             checkpoint=self.checkpoint if use_model else None,
-            epsilon=p.epsilon,
-            delta=p.delta,
             label_map=self.label_map,
-            stage=p.stage,
-            dry_run=False,
-            audit_share=p.audit_share,
-            min_count=p.min_count,
-            seed=p.seed,
             out_dir=self.run_dir,
             storage_options=self.cfg.report_store_options or None,
             run_id=self.record.run_id,
         )
+        self._table = table  # re-tiered by the gate, as written
         self.record.outputs["autolabel"] = result.report_path or f"{self.run_dir}/autolabel.json"
         self.record.counts[p.stage] = plain(
             {

@@ -12,6 +12,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from difficulty.tiers import TierConfig
+
 OptionsT = TypeVar("OptionsT", bound="Options")
 
 
@@ -41,3 +43,33 @@ class Options(BaseModel):
                     ) from exc
                 raise
         return options.model_copy(update=keywords) if keywords else options
+
+
+CHUNK_SIZE = 512
+"""Items per chunk of a scoring run (one table part, one Dask task by default)."""
+
+
+class ScoreOptions(Options):
+    """The settings of a scoring run (:func:`difficulty.scoring.score_project`).
+
+    ``scorers``: names (default: ``fourier`` plus what the inputs support); ``settings``:
+    per-scorer settings under the scorer's name; ``tiers``: how tiers are cut (a reference
+    run's thresholds win unless given); ``batch_size``/``num_workers``/``image_size``: image
+    decoding; ``iou_threshold``/``error_min_score``: how the true error of a prediction is
+    measured; ``min_labeled``: fewest labeled items to fit combination weights on;
+    ``chunk_size``: items per chunk; ``seed``; ``signed_weights``: scorers that rank the
+    true error backwards take part reversed (:func:`difficulty.combine.candidate_weights`).
+    """
+
+    scorers: list[str] | None = None
+    settings: dict[str, dict[str, Any]] | None = None
+    tiers: TierConfig = TierConfig()
+    batch_size: int = 64
+    num_workers: int = 2
+    image_size: int = 128
+    iou_threshold: float = 0.5
+    error_min_score: float = 0.25
+    min_labeled: int = 30
+    chunk_size: int = CHUNK_SIZE
+    seed: int = 0
+    signed_weights: bool = False

@@ -801,6 +801,7 @@ def write_report(
     predictions: PredictionSource | None = None,
     storage_options: dict[str, Any] | None = None,
     thumbnails_per_side: int = 12,
+    table: tuple[pd.DataFrame, dict[str, Any]] | None = None,
 ) -> dict[str, str]:
     """Write ``report.html``, ``summary.json``, ``plan.csv`` and ``assignment.csv`` into ``run_dir``.
 
@@ -808,10 +809,11 @@ def write_report(
     folders (default: the siblings of ``run_dir``).  ``project`` is used for thumbnails
     and their label boxes; without it the project is opened from the run's recorded
     source and format.  ``predictions`` (optional) are drawn on the thumbnails too, after
-    the run's label map.  Returns the paths written, by name (``report``, ``summary``,
-    ``plan``, ``assignment``).
+    the run's label map.  ``table``: the run's difficulty table and metadata when the
+    caller holds them already (default: read from ``run_dir``).  Returns the paths
+    written, by name (``report``, ``summary``, ``plan``, ``assignment``).
     """
-    df, meta = read_difficulty(run_dir, storage_options)
+    df, meta = table if table is not None else read_difficulty(run_dir, storage_options)
     settings = _settings(plan_settings, team_size, hours_per_day)
     out = ProjectFS(run_dir, storage_options)
     gate = read_gate_record(run_dir, storage_options)

@@ -50,7 +50,7 @@ def test_the_length_check_finds_a_long_function(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("stage", ["shadow", "autolabel"])
-def test_labeltriage_run_reads_the_items_once_and_renders_once(
+def test_labeltriage_run_reads_items_and_table_once_and_renders_once(
     tmp_path: Path,
     tiny_voc: Path,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
@@ -84,6 +84,17 @@ def test_labeltriage_run_reads_the_items_once_and_renders_once(
         return page
 
     monkeypatch.setattr(difficulty.report, "_template", counted_template)
+    import autolabel.gate
+    import difficulty.table
+
+    read_difficulty = difficulty.table.read_difficulty
+
+    def counted_read(*args: Any, **kwargs: Any) -> Any:
+        passes["tables"] += 1
+        return read_difficulty(*args, **kwargs)
+
+    for module in (difficulty.table, difficulty.report, autolabel.gate):
+        monkeypatch.setattr(module, "read_difficulty", counted_read)
     config = {
         "report_store": str(tmp_path / "reports"),
         "projects": {
@@ -106,4 +117,4 @@ def test_labeltriage_run_reads_the_items_once_and_renders_once(
     result = CliRunner().invoke(cli, ["--config", str(path), "run", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "tiny: ok" in result.output
-    assert passes == {"items": 1, "renders": 1}
+    assert passes == {"items": 1, "renders": 1, "tables": 1}
