@@ -319,6 +319,76 @@ def _committee_meta(config: CommitteeConfig, epochs: int, lr: float, seed: int) 
 # -- in-memory arrays (the active-learning benchmark) ---------------------------------
 
 
+def _as_tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` as ``(N, C, H, W)`` float32 and ``y`` as ``(N,)`` int64 tensors."""
+    xt = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+    if xt.dim() == 3:
+        xt = xt.unsqueeze(1)
+    if xt.dim() != 4:
+        raise ValueError(f"x must be (N, C, H, W) or (N, H, W), got shape {tuple(xt.shape)}")
+    yt = torch.as_tensor(np.asarray(y), dtype=torch.int64)
+    if yt.shape != (xt.shape[0],):
+        raise ValueError(f"y must be ({xt.shape[0]},), got {tuple(yt.shape)}")
+    return xt, yt
+
+
+def _array_batches(
+    xt: torch.Tensor, yt: torch.Tensor, bs: int, drop_last: bool, seed: int, device: str
+) -> Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]:
+    """The shuffled batches of one epoch of the arrays, as a function of the epoch (one
+    generator, seeded once, across the epochs)."""
+    n = int(xt.shape[0])
+    gen = torch.Generator().manual_seed(seed)
+
+    def batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(n, generator=gen).to(device)
+        for start in range(0, n - bs + 1 if drop_last else n, bs):
+            idx = order[start : start + bs]
+            yield xt[idx], yt[idx]
+
+    return batches
+
+
+def _array_committee(
+    model: nn.Module,
+    meta: dict[str, Any],
+    committee: CommitteeConfig,
+    xt: torch.Tensor,
+    yt: torch.Tensor,
+    bs: int,
+    drop_last: bool,
+    steps: int,
+    min_steps: int,
+    lr: float,
+    seed: int,
+    device: str,
+) -> Any:
+    """Train the bootstrap committee of ``model``'s target on the arrays; recorded in ``meta``."""
+    n = int(xt.shape[0])
+    m_epochs = member_epochs(committee.epochs, steps, min_steps)
+
+    def member_batches(member: int, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        idx = torch.as_tensor(bootstrap_indices(n, member, seed)).to(device)
+        order = torch.randperm(
+            n, generator=torch.Generator().manual_seed(seed * 7919 + member * 131 + epoch)
+        ).to(device)
+        for start in range(0, n - bs + 1 if drop_last else n, bs):
+            chosen = idx[order[start : start + bs]]
+            yield xt[chosen], yt[chosen]
+
+    members = train_members(
+        model.target,  # type: ignore[arg-type]
+        member_batches,
+        members=committee.members,
+        epochs=m_epochs,
+        lr=lr,
+        seed=seed,
+        device=device,
+    )
+    meta["committee"] = _committee_meta(committee, m_epochs, lr, seed)
+    return members
+
+
 def train_on_arrays(
     x: np.ndarray,
     y: np.ndarray,
@@ -356,22 +426,12 @@ def train_on_arrays(
     :class:`Checkpoint` (``path=None``) for :func:`infer_arrays` or :func:`save_checkpoint`
     (pass ``committee=ckpt.committee`` to store the members).
     """
-    xt = torch.as_tensor(np.asarray(x), dtype=torch.float32)
-    if xt.dim() == 3:
-        xt = xt.unsqueeze(1)
-    if xt.dim() != 4:
-        raise ValueError(f"x must be (N, C, H, W) or (N, H, W), got shape {tuple(xt.shape)}")
-    yt = torch.as_tensor(np.asarray(y), dtype=torch.int64)
-    if yt.shape != (xt.shape[0],):
-        raise ValueError(f"y must be ({xt.shape[0]},), got {tuple(yt.shape)}")
+    xt, yt = _as_tensors(x, y)
     classes = list(classes) if classes is not None else [str(i) for i in range(int(yt.max()) + 1)]
     committee = _committee_config(
-        committee_kind,
-        committee_size,
-        committee_epochs,
-        "classification",
+        committee_kind, committee_size, committee_epochs, "classification",
         arch if target is None else "user",
-    )
+    )  # fmt: skip
     torch.manual_seed(seed)
     init_ckpt = load_checkpoint(init) if init is not None else None
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -382,22 +442,15 @@ def train_on_arrays(
         "arch": arch if target is None else "user",
         "classes": classes,
         "model": {
-            "in_channels": int(xt.shape[1]),
-            "image_size": int(xt.shape[2]),
-            "width": width,
-            "dropout": dropout,
+            "in_channels": int(xt.shape[1]), "image_size": int(xt.shape[2]),
+            "width": width, "dropout": dropout,
         },
         "lossnet": lossnet.model_dump(),
         "data_hash": hash_,
-        "calibration": {
-            "rule": "none (arrays)",
-            "share": 0.0,
-            "ids_hash": _ids_hash([]),
-            "count": 0,
-        },
+        "calibration": {"rule": "none (arrays)", "share": 0.0, "ids_hash": _ids_hash([]), "count": 0},
         "calibration_ids": [],
         "created": created,
-    }
+    }  # fmt: skip
     if target is not None:
         model: nn.Module = LossPredictionClassifier(target, lossnet)
     else:
@@ -411,60 +464,22 @@ def train_on_arrays(
     drop_last = n > bs
     steps = n // bs if drop_last else 1
     total_epochs = _effective_epochs(epochs, steps, min_steps)
-    gen = torch.Generator().manual_seed(seed)
-
-    def batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.randperm(n, generator=gen).to(device)
-        for start in range(0, n - bs + 1 if drop_last else n, bs):
-            idx = order[start : start + bs]
-            yield xt[idx], yt[idx]
-
     history = _fit(
-        model,
-        batches,
-        _classification_step,
-        epochs=total_epochs,
-        lr=lr,
-        lossnet=lossnet,
-        freeze_target=freeze_target,
-        progress=progress,
-        desc="train",
-    )
+        model, _array_batches(xt, yt, bs, drop_last, seed, device), _classification_step,
+        epochs=total_epochs, lr=lr, lossnet=lossnet, freeze_target=freeze_target,
+        progress=progress, desc="train",
+    )  # fmt: skip
     meta["version"] = meta["model_version"] = _version(meta["arch"], hash_, created)
     meta["training"] = {
-        "epochs": total_epochs,
-        "epochs_asked": epochs,
-        "batch_size": bs,
-        "lr": lr,
-        "seed": seed,
-        "init": (init_ckpt.version if init_ckpt is not None else None),
-        "freeze_target": freeze_target,
-        "items": n,
-        "history": history,
-    }
+        "epochs": total_epochs, "epochs_asked": epochs, "batch_size": bs, "lr": lr,
+        "seed": seed, "init": (init_ckpt.version if init_ckpt is not None else None),
+        "freeze_target": freeze_target, "items": n, "history": history,
+    }  # fmt: skip
     members = None
     if committee.kind == "bootstrap":
-        m_epochs = member_epochs(committee.epochs, steps, min_steps)
-
-        def member_batches(member: int, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-            idx = torch.as_tensor(bootstrap_indices(n, member, seed)).to(device)
-            order = torch.randperm(
-                n, generator=torch.Generator().manual_seed(seed * 7919 + member * 131 + epoch)
-            ).to(device)
-            for start in range(0, n - bs + 1 if drop_last else n, bs):
-                chosen = idx[order[start : start + bs]]
-                yield xt[chosen], yt[chosen]
-
-        members = train_members(
-            model.target,  # type: ignore[arg-type]
-            member_batches,
-            members=committee.members,
-            epochs=m_epochs,
-            lr=lr,
-            seed=seed,
-            device=device,
+        members = _array_committee(
+            model, meta, committee, xt, yt, bs, drop_last, steps, min_steps, lr, seed, device
         )
-        meta["committee"] = _committee_meta(committee, m_epochs, lr, seed)
     model.to("cpu")
     return Checkpoint(
         meta=meta,

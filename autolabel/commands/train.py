@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
@@ -249,7 +250,11 @@ def train(
         progress=want_progress(progress),
         storage_options=options,
     )
-    meta = ckpt.meta
+    click.echo(json.dumps(training_summary(ckpt.meta, out), indent=2))
+
+
+def training_summary(meta: dict[str, Any], out: str) -> dict[str, Any]:
+    """What `labeltriage train` prints about the checkpoint it wrote to ``out``."""
     history = meta["training"]["history"]
     summary = {
         "checkpoint": out,
@@ -270,4 +275,4 @@ def train(
     for key in ("feature_seconds", "fit_seconds", "feature_cache"):
         if key in meta["training"]:
             summary[key] = meta["training"][key]
-    click.echo(json.dumps(summary, indent=2))
+    return summary
