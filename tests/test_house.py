@@ -118,3 +118,54 @@ def test_labeltriage_run_reads_items_and_table_once_and_renders_once(
     assert result.exit_code == 0, result.output
     assert "tiny: ok" in result.output
     assert passes == {"items": 1, "renders": 1, "tables": 1}
+
+
+def test_the_config_reaches_commands_as_objects(
+    tmp_path: Path,
+    tiny_voc: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The project's inline label map and scorers reach ``score`` as objects: no temporary
+    label-map file, no scorer list turned into text and back."""
+    import json
+    import tempfile
+
+    import pyarrow.parquet as pq
+    import yaml
+
+    from autolabel.cli import cli
+
+    made: list[str] = []
+    mkstemp = tempfile.mkstemp
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        made.append(str(kwargs.get("suffix") or ""))
+        return mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", recorded)
+    label_map = {"map": {"stop sign": "stop", "traffic light": "trafficlight"}, "ignore": ["cat"]}
+    config = {
+        "report_store": str(tmp_path / "reports"),
+        "projects": {
+            "tiny": {
+                "source": str(tiny_voc),
+                "format": "voc",
+                "scorers": ["fourier"],
+                "predictions": {"source": str(_predictions(tmp_path, tiny_voc)), "format": "yolo"},
+                "label_map": label_map,
+            }
+        },
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        cli, ["--config", str(path), "score", "--out", str(out), "--num-workers", "0"]
+    )
+    assert result.exit_code == 0, result.output
+    schema = pq.read_schema(out / "difficulty.parquet")
+    meta = json.loads(schema.metadata[b"labeltriage"])
+    assert meta["scorers"] == ["fourier"]
+    assert meta["settings"]["label_map"]["map"] == label_map["map"]
+    assert list(meta["settings"]["label_map"]["ignore"]) == ["cat"]
+    assert not [suffix for suffix in made if suffix.endswith(".yaml")]
