@@ -639,8 +639,9 @@ def run_autolabel(
     audit_ids = (
         choose_audit(selected, run_id, o.audit_share, seed=o.seed) if o.stage == "autolabel" else []
     )
+    audited = set(audit_ids)
     for w in gate.writes.values():
-        w.provenance.extra["audit"] = w.item.item_id in set(audit_ids)
+        w.provenance.extra["audit"] = w.item.item_id in audited
 
     written: list[str] = []
     refused: dict[str, str] = {}

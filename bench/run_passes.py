@@ -31,18 +31,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench._common import machine_line  # noqa: E402
+from bench.score_identity import export  # noqa: E402
 
 EXAMPLES = REPO / "examples"
-
-
-def export(ref: str, into: Path) -> str:
-    """Export revision ``ref`` of this repository into ``into``; its short hash."""
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", ref], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    archive = subprocess.run(["git", "archive", ref], cwd=REPO, capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
-    return commit
 
 
 def prepare(work: Path) -> Path:
@@ -103,7 +94,10 @@ def main() -> None:
         base_tree = Path(tmp) / "base"
         base_tree.mkdir()
         base = export(args.base, base_tree)
-        trees = {f"before ({args.base}, {base})": base_tree, f"after ({head}{'+' if dirty else ''})": REPO}
+        trees = {
+            f"before ({args.base}, {base})": base_tree,
+            f"after ({head}{'+' if dirty else ''})": REPO,
+        }
         times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in trees}
         machine = machine_line()
         for _ in range(args.repeats):

@@ -49,6 +49,25 @@ def test_the_length_check_finds_a_long_function(tmp_path: Path) -> None:
     assert long_functions(tmp_path) == ["difficulty/long.py:1 long (101 lines)"]
 
 
+def _config(tmp_path: Path, project: Path, **settings: Any) -> Path:
+    """A config of the tiny VOC project with right predictions, scored with fourier."""
+    import yaml
+
+    tiny = {
+        "source": str(project),
+        "format": "voc",
+        "scorers": ["fourier"],
+        "predictions": {"source": str(_predictions(tmp_path, project)), "format": "yolo"},
+        "label_map": {"map": {"stop sign": "stop", "traffic light": "trafficlight"}},
+        **settings,
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        yaml.safe_dump({"report_store": str(tmp_path / "reports"), "projects": {"tiny": tiny}})
+    )
+    return path
+
+
 @pytest.mark.parametrize("stage", ["shadow", "autolabel"])
 def test_labeltriage_run_reads_items_and_table_once_and_renders_once(
     tmp_path: Path,
@@ -56,7 +75,6 @@ def test_labeltriage_run_reads_items_and_table_once_and_renders_once(
     monkeypatch: pytest.MonkeyPatch,
     stage: str,
 ) -> None:
-    import yaml
 
     import difficulty.report
     from autolabel.cli import cli
@@ -95,25 +113,9 @@ def test_labeltriage_run_reads_items_and_table_once_and_renders_once(
 
     for module in (difficulty.table, difficulty.report, autolabel.gate):
         monkeypatch.setattr(module, "read_difficulty", counted_read)
-    config = {
-        "report_store": str(tmp_path / "reports"),
-        "projects": {
-            "tiny": {
-                "source": str(tiny_voc),
-                "format": "voc",
-                "scorers": ["fourier"],
-                "predictions": {"source": str(_predictions(tmp_path, tiny_voc)), "format": "yolo"},
-                "label_map": {"map": {"stop sign": "stop", "traffic light": "trafficlight"}},
-                "stage": stage,
-                "epsilon": 0.5,
-                "delta": 0.1,
-                "min_count": 3,
-                "audit_share": 0.5,
-            }
-        },
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = _config(
+        tmp_path, tiny_voc, stage=stage, epsilon=0.5, delta=0.1, min_count=3, audit_share=0.5
+    )
     result = CliRunner().invoke(cli, ["--config", str(path), "run", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "tiny: ok" in result.output
@@ -131,7 +133,6 @@ def test_the_config_reaches_commands_as_objects(
     import tempfile
 
     import pyarrow.parquet as pq
-    import yaml
 
     from autolabel.cli import cli
 
@@ -144,20 +145,7 @@ def test_the_config_reaches_commands_as_objects(
 
     monkeypatch.setattr(tempfile, "mkstemp", recorded)
     label_map = {"map": {"stop sign": "stop", "traffic light": "trafficlight"}, "ignore": ["cat"]}
-    config = {
-        "report_store": str(tmp_path / "reports"),
-        "projects": {
-            "tiny": {
-                "source": str(tiny_voc),
-                "format": "voc",
-                "scorers": ["fourier"],
-                "predictions": {"source": str(_predictions(tmp_path, tiny_voc)), "format": "yolo"},
-                "label_map": label_map,
-            }
-        },
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = _config(tmp_path, tiny_voc, label_map=label_map)
     out = tmp_path / "out"
     result = CliRunner().invoke(
         cli, ["--config", str(path), "score", "--out", str(out), "--num-workers", "0"]
