@@ -17,6 +17,7 @@ after each run.  Results go to ``bench/results/run_passes.md``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -64,8 +65,9 @@ def prepare(work: Path) -> Path:
     return path
 
 
-def timed_run(tree: Path, config: Path) -> tuple[float, float, float]:
-    """Seconds of one ``labeltriage run``, and the 1-minute load before and after."""
+def timed_run(tree: Path, config: Path) -> tuple[float, float, float, dict[str, float]]:
+    """Seconds of one ``labeltriage run``, the 1-minute load before and after, and the
+    seconds of each step as the run recorded them."""
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_WAIT_POLICY": "PASSIVE"}
     cmd = [sys.executable, "-m", "autolabel.cli", "run", "--config", str(config), "--no-progress"]
     load_before = os.getloadavg()[0]
@@ -74,12 +76,16 @@ def timed_run(tree: Path, config: Path) -> tuple[float, float, float]:
     seconds = time.perf_counter() - start
     if done.returncode != 0 or ": ok" not in done.stdout:
         raise SystemExit(f"labeltriage run failed in {tree}:\n{done.stdout}\n{done.stderr}")
-    return seconds, load_before, os.getloadavg()[0]
+    (record,) = (config.parent / "reports" / "sample").glob("*/run.json")
+    steps = json.loads(record.read_text(encoding="utf-8"))["steps"]
+    return seconds, load_before, os.getloadavg()[0], steps
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--base", default="main", help="the earlier revision (default: main)")
+    parser.add_argument(
+        "--base", default="main", help="the earlier revision (default: main; e.g. the merge base)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "run_passes.md"))
     args = parser.parse_args()
@@ -98,13 +104,15 @@ def main() -> None:
             f"before ({args.base}, {base})": base_tree,
             f"after ({head}{'+' if dirty else ''})": REPO,
         }
-        times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in trees}
+        times: dict[str, list[tuple[float, float, float, dict[str, float]]]] = {
+            name: [] for name in trees
+        }
         machine = machine_line()
         for _ in range(args.repeats):
             for name, tree in trees.items():
                 times[name].append(timed_run(tree, prepare(Path(tmp) / "work")))
                 print(name, f"{times[name][-1][0]:.2f} s", flush=True)
-    medians = {name: statistics.median(t for t, _, _ in runs) for name, runs in times.items()}
+    medians = {name: statistics.median(t for t, *_ in runs) for name, runs in times.items()}
     before, after = medians.values()
     lines = [
         "# `labeltriage run` on the sample project, before and after",
@@ -121,11 +129,22 @@ def main() -> None:
     ]
     for name, runs in times.items():
         lines.append(
-            f"| {name} | {', '.join(f'{t:.2f}' for t, _, _ in runs)} | {medians[name]:.2f} | "
-            + ", ".join(f"{a:.2f} → {b:.2f}" for _, a, b in runs)
+            f"| {name} | {', '.join(f'{t:.2f}' for t, *_ in runs)} | {medians[name]:.2f} | "
+            + ", ".join(f"{a:.2f} → {b:.2f}" for _, a, b, _ in runs)
             + " |"
         )
     lines += ["", f"After / before (medians): {after / before:.2f}.", ""]
+    steps = list(dict.fromkeys(step for runs in times.values() for *_, s in runs for step in s))
+    lines += [
+        "Median seconds of each step, as the runs recorded them (`run.json`):",
+        "",
+        f"| version | {' | '.join(steps)} |",
+        "|---|" + "---|" * len(steps),
+    ]
+    for name, runs in times.items():
+        cells = [statistics.median(s.get(step, 0.0) for *_, s in runs) for step in steps]
+        lines.append(f"| {name} | {' | '.join(f'{c:.2f}' for c in cells)} |")
+    lines.append("")
     Path(args.out).write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))
 
