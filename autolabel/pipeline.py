@@ -7,6 +7,12 @@ with the error of the step that failed).  Scores are computed against the previo
 successful run of the project as reference, so that scores and tiers of scheduled runs
 compare; the report receives the earlier runs as its history (trend).
 
+The run reads the project's items once (the stats step) and every later step works on
+that list; ``difficulty.parquet`` is read once after scoring, re-tiered in place by the
+gate, and handed to the report, which is rendered once, after the gate.  Each step gets
+its settings as one options object built from the project's config
+(:func:`score_options`, :func:`gate_options`, :class:`difficulty.training.TrainOptions`).
+
 :func:`run_locked` wraps a run in the project lock of the state database, so that no
 two runs of one project overlap, whichever processes start them; a run that finds the
 lock taken is recorded as ``skipped``.

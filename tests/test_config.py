@@ -219,9 +219,10 @@ def test_command_defaults_come_from_the_project_and_commands_section() -> None:
         and command_defaults(both, None)["score"]["model"] == "/m.pt"
     )
     assert "model" not in command_defaults(both, None)["autolabel"]
+    # storage options reach the commands as an object, not as JSON text
     assert defaults["stats"] == {
         "source": "data/roads", "format": "voc", "predictions": "/p/yolo", "predictions_format": "yolo",
-    }  # fmt: skip (storage options reach the commands as an object, not as JSON text)
+    }  # fmt: skip
     assert "run" not in defaults
     assert command_defaults(cfg, "roads")["run"] == {"project": ["roads"]}
     assert (defaults["score"]["engine"], defaults["score"]["workers"]) == ("local", 2)
