@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -221,22 +221,28 @@ def _batches(items: Iterable[Item], size: int = 256) -> Iterator[list[Item]]:
         yield batch
 
 
-def _partition(
+def _calibration_items(
     items: Iterable[Item], predictor: _Predictor, scores: dict[str, float]
-) -> tuple[list[Item], list[Item]]:
-    """One pass over the items: the human-labeled, scored items allowed for calibration,
-    and the unlabeled, scored items the gate may label."""
+) -> list[Item]:
+    """The human-labeled, scored items allowed for calibration."""
     allowed = predictor.calibration_ids
-    calibration: list[Item] = []
-    unlabeled: list[Item] = []
-    for item in items:
-        if item.error is not None or item.item_id not in scores:
-            continue
-        if item.has_human_label and (allowed is None or item.item_id in allowed):
-            calibration.append(item)
-        elif item.status is ItemStatus.UNLABELED:
-            unlabeled.append(item)
-    return calibration, unlabeled
+    return [
+        item
+        for item in items
+        if item.error is None
+        and item.has_human_label
+        and item.item_id in scores
+        and (allowed is None or item.item_id in allowed)
+    ]
+
+
+def _unlabeled(items: Iterable[Item], scores: dict[str, float]) -> Iterator[Item]:
+    """The unlabeled, scored items the gate may label."""
+    return (
+        i
+        for i in items
+        if i.error is None and i.status is ItemStatus.UNLABELED and i.item_id in scores
+    )
 
 
 def _predict_all(predictor: _Predictor, items: list[Item]) -> dict[str, Prediction]:
@@ -450,9 +456,14 @@ class _Gate:
         self.run_id, self.out_dir, self.storage_options = run_id, out_dir, storage_options
         self.task = o.task or _task_of(project)
         self.scores: dict[str, float] = {}
-        self.items: list[Item] = []  # the project's items, read once
+        self.items: Sequence[Item] | None = None  # the run's items, when it holds them
         self.writes: dict[str, LabelWrite] = {}
         self.n_eligible = self.n_unlabeled = 0
+
+    def read(self) -> Iterable[Item]:
+        """The project's items: the run's list when it holds one (no new pass over the
+        project), else a fresh stream from the project."""
+        return self.project.iter_items() if self.items is None else self.items
 
     def calibrate(self, df: pd.DataFrame, items: list[Item]) -> CalibrationResult:
         o = self.o
@@ -474,7 +485,7 @@ class _Gate:
         )  # fmt: skip
         return calib
 
-    def select(self, unlabeled: list[Item], easy: set[str], calib: CalibrationResult) -> None:
+    def select(self, unlabeled: Iterable[Item], easy: set[str], calib: CalibrationResult) -> None:
         """The labels of the unlabeled easy items that have a prediction (``self.writes``)."""
         o, t, c = self.o, calib.threshold, calib.box_confidence
         for batch in _batches(unlabeled):
@@ -560,7 +571,7 @@ class _Gate:
         if not o.dry_run:
             write_shadow_record(self.out_dir, record, self.storage_options)
         return _previous_agreement(
-            self.out_dir, self.run_id, self.label_map, self.items, o.min_count, self.storage_options,
+            self.out_dir, self.run_id, self.label_map, self.read(), o.min_count, self.storage_options,
         )  # fmt: skip
 
     def record(self, calib: CalibrationResult, **found: Any) -> GateRecord:
@@ -575,7 +586,7 @@ class _Gate:
             min_passing=max(o.min_count, min_passing_count(o.epsilon, calib.level or o.delta)),
             steps=_steps(calib), per_confidence=_walks(calib),
             n_unlabeled=self.n_unlabeled, n_eligible=self.n_eligible,
-            audit_precision=measure_audit_precision(self.project, delta=o.delta, items=self.items),
+            audit_precision=measure_audit_precision(self.project, delta=o.delta, items=self.read()),
             **found,
         )  # fmt: skip
 
@@ -591,7 +602,7 @@ def run_autolabel(
     out_dir: str | None = None,
     storage_options: dict[str, Any] | None = None,
     run_id: str | None = None,
-    items: Iterable[Item] | None = None,
+    items: Sequence[Item] | None = None,
     table: tuple[pd.DataFrame, dict[str, Any]] | None = None,
     **keywords: Any,
 ) -> GateRecord:
@@ -601,8 +612,9 @@ def run_autolabel(
     ``delta`` are required when no ``options`` are given).  ``difficulty_dir`` (and
     ``out_dir``, default the same) are fsspec URLs of the report folder, opened with
     ``storage_options``.  Exactly one of ``predictions`` and ``checkpoint`` is required.
-    ``items`` are the project's items when the run has read them already (default:
-    ``project.iter_items()``, read once).  ``table``: the run's difficulty table and its
+    ``items``: the project's items when the run holds them in memory (every step of the
+    gate uses them, no new pass over the project); default: each step streams
+    ``project.iter_items()`` (calibration, selection, audit and shadow measurements).  ``table``: the run's difficulty table and its
     metadata when the caller holds them (default: read from ``difficulty_dir``); the gate
     re-tiers them in place.  Returns the run record (also written as
     ``out_dir/autolabel.json``, except in a dry run).
@@ -619,10 +631,8 @@ def run_autolabel(
     )
     gate = _Gate(project, o, predictor, label_map, run_id, out_dir, storage_options)
     gate.scores = _scores(df)
-    gate.items = list(project.iter_items() if items is None else items)
-    cal_items, unlabeled = _partition(gate.items, predictor, gate.scores)
-    calib = gate.calibrate(df, cal_items)
-    del cal_items
+    gate.items = items
+    calib = gate.calibrate(df, _calibration_items(gate.read(), predictor, gate.scores))
 
     # -- one score, one set of tiers, one gate ----------------------------------------------
     t = calib.threshold
@@ -634,7 +644,7 @@ def run_autolabel(
         if not o.dry_run:
             write_difficulty(df, out_dir, score_meta, storage_options)
     easy = set(df.loc[df["tier"] == EASY, "item_id"].astype(str)) if retiered else set()
-    gate.select(unlabeled, easy, calib)
+    gate.select(_unlabeled(gate.read(), gate.scores), easy, calib)
     selected = sorted(gate.writes)
     audit_ids = (
         choose_audit(selected, run_id, o.audit_share, seed=o.seed) if o.stage == "autolabel" else []

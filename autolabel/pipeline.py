@@ -24,7 +24,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import sqlalchemy as sa
@@ -138,6 +138,36 @@ def label_inputs(p: ProjectConfig, checkpoint: str | None) -> tuple[bool, bool]:
     return choice == "predictions", choice == "model" and checkpoint is not None
 
 
+ITEMS_KEPT = 20_000
+"""Up to this many items a run keeps what the stats step read for the later steps (one
+pass over the project); a larger project is streamed by each step, in bounded memory."""
+
+
+class KeptItems:
+    """A stream of items that keeps what went through, up to ``limit`` items: ``items`` is
+    the whole list after a complete pass, ``None`` when there were more (or the pass was
+    not finished)."""
+
+    def __init__(self, items: Iterable[Item], limit: int) -> None:
+        self._source = items
+        self._limit = limit
+        self._kept: list[Item] | None = []
+        self._done = False
+
+    def __iter__(self) -> Iterator[Item]:
+        for item in self._source:
+            if self._kept is not None:
+                self._kept.append(item)
+                if len(self._kept) > self._limit:
+                    self._kept = None
+            yield item
+        self._done = True
+
+    @property
+    def items(self) -> list[Item] | None:
+        return self._kept if self._done else None
+
+
 class _Run:
     """The state of one run while its steps execute."""
 
@@ -155,7 +185,9 @@ class _Run:
         self.predictions: Any = None
         self.checkpoint: str | None = None
         self.label_map = LabelMap()
-        self.items: list[Item] = []  # the project's items, read once by the stats step
+        # the project's items as the stats step read them, for every later step; None
+        # for a project over ITEMS_KEPT items, which each step streams again
+        self.items: list[Item] | None = None
         self._table: tuple[Any, dict[str, Any]] | None = None  # difficulty.parquet, read once
 
     def step(self, label: str, fn: Callable[[], None]) -> None:
@@ -202,10 +234,9 @@ class _Run:
                 **p.predictions.options,
             )
         self.label_map = build_label_map(p)
-        self.items = list(self.project.iter_items())  # every later step shares this pass
-        stats = compute_stats(
-            self.project, self.predictions, label_map=self.label_map, items=self.items
-        )
+        kept = KeptItems(self.project.iter_items(), ITEMS_KEPT)
+        stats = compute_stats(self.project, self.predictions, label_map=self.label_map, items=kept)
+        self.items = kept.items
         self.write_json("stats.json", stats)
         if "label_map_check" in stats:  # the report shows it
             self.write_json("label_map_check.json", stats["label_map_check"])
@@ -228,7 +259,7 @@ class _Run:
             log.info("%s: training starts from the previous run's model %s", self.name, init)
             self.record.counts["warm_start"] = init
         train_model(
-            self.items,
+            self.project.iter_items() if self.items is None else self.items,
             self.project,
             TrainOptions(**t.model_dump(exclude={"warm_start"})),
             out=out,

@@ -157,3 +157,42 @@ def test_the_config_reaches_commands_as_objects(
     assert meta["settings"]["label_map"]["map"] == label_map["map"]
     assert list(meta["settings"]["label_map"]["ignore"]) == ["cat"]
     assert not [suffix for suffix in made if suffix.endswith(".yaml")]
+
+
+def test_a_project_over_the_kept_limit_is_streamed_by_each_step_with_the_same_result(
+    tmp_path: Path,
+    tiny_voc: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Over ``ITEMS_KEPT`` items the run holds no list of items: each step reads the
+    project again (bounded memory), and the run's outcome is the same."""
+    import json
+
+    import autolabel.pipeline
+    from autolabel.config import load_config
+    from connectors.formats.voc import VocFormat
+
+    passes: Counter[str] = Counter()
+    iter_items = VocFormat.iter_items
+
+    def counted(self: VocFormat, *args: Any, **kwargs: Any) -> Any:
+        passes["items"] += 1
+        yield from iter_items(self, *args, **kwargs)
+
+    monkeypatch.setattr(VocFormat, "iter_items", counted)
+    outcomes = []
+    for kept in (12, 5):  # the tiny project has 12 items
+        monkeypatch.setattr(autolabel.pipeline, "ITEMS_KEPT", kept)
+        passes.clear()
+        folder = tmp_path / f"kept{kept}"
+        folder.mkdir()
+        path = _config(folder, tiny_voc, stage="shadow", epsilon=0.5, min_count=3)
+        record = autolabel.pipeline.run_project(load_config(path), "tiny")
+        assert record.status == "ok", record.error
+        gate = json.loads(
+            (folder / "reports" / "tiny" / record.run_id / "autolabel.json").read_text()
+        )
+        outcomes.append((passes["items"], gate["selected"], gate["tiers"], record.counts["tiers"]))
+    (one, *held), (several, *streamed) = outcomes
+    assert one == 1 and several > 1
+    assert held == streamed and held[0]
