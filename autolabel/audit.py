@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -90,12 +90,12 @@ class AuditVerdict:
         return "pending" if self.correct is None else "right" if self.correct else "wrong"
 
 
-def audit_verdicts(fmt: ProjectFormat) -> list[AuditVerdict]:
+def audit_verdicts(fmt: ProjectFormat, items: Iterable[Item] | None = None) -> list[AuditVerdict]:
     """Every item flagged for audit by a committed run of the project, judged where a
     person has reviewed it since (status ``reviewed``, or the written label edited so it
     reads as human): the written label against the current one, by the review rule of
     :func:`difficulty.matching.item_correct`.  An item flagged twice counts for the later
-    run."""
+    run.  ``items``: the project's items when the caller has read them already."""
     flagged: dict[str, tuple[str, list[Annotation], dict[str, Any]]] = {}
     for manifest in list_runs(fmt.project):
         audit = (
@@ -114,7 +114,7 @@ def audit_verdicts(fmt: ProjectFormat) -> list[AuditVerdict]:
         for i, (run, anns, _) in flagged.items()
     }
     if flagged:
-        for item in fmt.iter_items():
+        for item in fmt.iter_items() if items is None else items:
             entry = flagged.get(item.item_id)
             if entry is None:
                 continue
@@ -159,7 +159,9 @@ def summarize_audit(verdicts: Sequence[AuditVerdict], *, delta: float = 0.1) -> 
     )
 
 
-def measure_audit_precision(fmt: ProjectFormat, *, delta: float = 0.1) -> AuditPrecision:
+def measure_audit_precision(
+    fmt: ProjectFormat, *, delta: float = 0.1, items: Iterable[Item] | None = None
+) -> AuditPrecision:
     """Audit precision over every committed run of the project with audited items
     (:func:`audit_verdicts`, :func:`summarize_audit`)."""
-    return summarize_audit(audit_verdicts(fmt), delta=delta)
+    return summarize_audit(audit_verdicts(fmt, items), delta=delta)

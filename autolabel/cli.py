@@ -170,15 +170,13 @@ def _option_keys(command: click.Command) -> dict[str, str]:
 
 
 def _apply_config(ctx: click.Context, config_path: str, project: str | None) -> None:
-    """Load the config once; its values become every subcommand's option defaults."""
+    """Load the config once; its values become every subcommand's option defaults, and the
+    chosen project's settings (storage options, label map, scorers) reach the commands as
+    objects (:func:`autolabel.commands._common.configured_project`)."""
     from autolabel.config import ConfigError, command_defaults, load_config
 
     cfg = load_config(config_path)
     derived = command_defaults(cfg, project)
-    if project is not None or len(cfg.projects) == 1:
-        name, p = cfg.project(project)
-        if p.label_map.map or p.label_map.ignore:
-            _inline_label_map(ctx, cfg, name, derived)
     group = ctx.command
     assert isinstance(group, click.Group)
     problems = []
@@ -217,27 +215,9 @@ def _apply_config(ctx: click.Context, config_path: str, project: str | None) -> 
         raise ConfigError(config_path, problems)
     ctx.obj["config"] = cfg
     ctx.obj["config_path"] = config_path
+    if project is not None or len(cfg.projects) == 1:  # its settings reach commands as objects
+        ctx.obj["project_config"] = cfg.project(project)[1]
     ctx.default_map = {**(ctx.default_map or {}), **default_map}
-
-
-def _inline_label_map(
-    ctx: click.Context, cfg: Any, name: str, defaults: dict[str, dict[str, Any]]
-) -> None:
-    """Commands take ``--label-map FILE``: an inline label map is written to a temporary file."""
-    import os
-    import tempfile
-
-    import yaml
-
-    from autolabel.pipeline import build_label_map
-
-    label_map = build_label_map(cfg.projects[name])
-    fd, path = tempfile.mkstemp(prefix=f"labeltriage-{name}-", suffix=".yaml")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        yaml.safe_dump({"map": dict(label_map.map), "ignore": list(label_map.ignore)}, f)
-    ctx.call_on_close(lambda: os.unlink(path))
-    for command in ("stats", "score", "train", "select", "autolabel", "rollback"):
-        defaults.setdefault(command, {})["label_map"] = path
 
 
 @click.group(

@@ -20,7 +20,6 @@ Rules applied while loading (:func:`load_config`):
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterable
@@ -560,11 +559,9 @@ def command_defaults(cfg: AppConfig, project: str | None) -> dict[str, dict[str,
     defaults: dict[str, dict[str, Any]] = {}
     if project is not None or len(cfg.projects) == 1:
         _, p = cfg.project(project)
+        # storage options, the label map and the scorers reach the commands as objects
+        # (autolabel.commands._common.configured_project), not as option text
         common: dict[str, Any] = {"source": p.source, "format": p.format}
-        if p.storage_options:
-            common["storage_options"] = json.dumps(p.storage_options)
-        if p.label_map.file is not None and not p.label_map.map and not p.label_map.ignore:
-            common["label_map"] = p.label_map.file
         predict: dict[str, Any] = {}
         if p.predictions is not None:
             predict |= {
@@ -584,10 +581,6 @@ def command_defaults(cfg: AppConfig, project: str | None) -> dict[str, dict[str,
             score["staging"] = p.dask_staging
         if p.dask_partition_size is not None:
             score["partition_size"] = p.dask_partition_size
-        if p.scorers:
-            score["scorers"] = ",".join(p.scorers)
-        if p.scorer_settings:
-            score["scorer_settings"] = json.dumps(p.scorer_settings)
         if "tiers" in p.model_fields_set:  # else the reference run's thresholds are reused
             score |= {"tier_mode": p.tiers.mode, "easy": p.tiers.easy, "hard": p.tiers.hard}
         defaults["score"] = common | _one_source(predict, p.score_with) | score

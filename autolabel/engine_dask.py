@@ -68,6 +68,7 @@ from connectors.formats.base import PredictionSource, ProjectFormat
 from connectors.manifest import ITEM_SCHEMA, items_to_batches, iter_manifest_items, write_batches
 from connectors.model import Item, Prediction
 from connectors.storage import ProjectFS, open_fs
+from difficulty.options import ScoreOptions
 
 log = logging.getLogger(__name__)
 
@@ -725,6 +726,7 @@ def _as_url(path: str, out_dir: str, storage_options: dict[str, Any] | None) -> 
 
 def score_project_with_engine(
     project: ProjectFormat,
+    options: ScoreOptions | None = None,
     *,
     engine: str = "local",
     scheduler: str | None = None,
@@ -735,7 +737,7 @@ def score_project_with_engine(
 ) -> Any:
     """:func:`difficulty.scoring.score_project` on the chosen engine (``local`` or ``dask``).
 
-    The keyword arguments are those of ``score_project``.  With ``engine="dask"`` its
+    ``options`` and the keyword arguments are those of ``score_project``.  With ``engine="dask"`` its
     chunks run as Dask tasks of ``partition_size`` items (default
     :data:`DEFAULT_PARTITION_SIZE`), staged under ``staging`` (default:
     :func:`default_staging`; it is read and written with ``storage_options``, like the
@@ -746,12 +748,16 @@ def score_project_with_engine(
 
     if engine not in ENGINES:
         raise UsageError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
+    kwargs["options"] = options
     if partition_size is not None and partition_size < 1:
         raise UsageError(f"partition size must be at least 1, got {partition_size}")
     if engine == "local":
         result = score_project(project, **kwargs)
     else:
-        if partition_size is not None or "chunk_size" not in kwargs:
+        if partition_size is not None or (
+            "chunk_size" not in kwargs
+            and "chunk_size" not in getattr(options, "model_fields_set", ())
+        ):
             kwargs["chunk_size"] = partition_size or DEFAULT_PARTITION_SIZE
         options = kwargs.get("storage_options")
         with DaskEngine(

@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -73,6 +73,7 @@ from difficulty.items import chunks
 from difficulty.items import task_of as _task_of
 from difficulty.items import usable_scores as _scores
 from difficulty.matching import mapped_probs, predicted_class
+from difficulty.options import Options
 from difficulty.runrecord import FILENAME as RECORD_FILENAME
 from difficulty.runrecord import (
     CalibrationStep,
@@ -197,37 +198,47 @@ def _batches(items: Iterable[Item]) -> Iterator[list[Item]]:
     return chunks(items, 256)
 
 
-def _calibration_pool(
-    fmt: ProjectFormat, predictor: _Predictor, scores: dict[str, float]
-) -> tuple[list[Item], dict[str, Prediction]]:
-    """Human-labeled, scored items allowed for calibration, and their predictions."""
+def _calibration_items(
+    items: Iterable[Item], predictor: _Predictor, scores: dict[str, float]
+) -> list[Item]:
+    """The human-labeled, scored items allowed for calibration."""
     allowed = predictor.calibration_ids
+    return [
+        item
+        for item in items
+        if item.error is None
+        and item.has_human_label
+        and item.item_id in scores
+        and (allowed is None or item.item_id in allowed)
+    ]
 
-    def keep(item: Item) -> bool:
-        return (
-            item.error is None
-            and item.has_human_label
-            and item.item_id in scores
-            and (allowed is None or item.item_id in allowed)
-        )
 
-    items: list[Item] = []
+def _unlabeled(items: Iterable[Item], scores: dict[str, float]) -> Iterator[Item]:
+    """The unlabeled, scored items the gate may label."""
+    return (
+        i
+        for i in items
+        if i.error is None and i.status is ItemStatus.UNLABELED and i.item_id in scores
+    )
+
+
+def _predict_all(predictor: _Predictor, items: list[Item]) -> dict[str, Prediction]:
     preds: dict[str, Prediction] = {}
-    for batch in _batches(i for i in fmt.iter_items() if keep(i)):
+    for batch in _batches(items):
         preds.update(predictor.predict(batch))
-        items.extend(batch)
-    return items, preds
+    return preds
 
 
 def _previous_agreement(
     out_dir: str,
     run_id: str,
     label_map: LabelMap,
-    fmt: ProjectFormat,
+    items: Iterable[Item],
     min_count: int,
     storage_options: dict[str, Any] | None,
 ) -> dict[str, Any] | None:
-    """Agreement of the latest earlier shadow record in a sibling run folder, if any.
+    """Agreement of the latest earlier shadow record in a sibling run folder, if any,
+    with the human labels of ``items``.
 
     The report store keeps one folder per run under the project's folder, so earlier
     runs' ``shadow.json`` files sit next to ``out_dir``.
@@ -246,7 +257,7 @@ def _previous_agreement(
     )
     if record.run_id == run_id:
         return None
-    return measure_shadow_agreement(fmt, record, label_map, min_count=min_count)
+    return measure_shadow_agreement(items, record, label_map, min_count=min_count)
 
 
 def _retier(
@@ -356,48 +367,43 @@ def _steps(calib: CalibrationResult) -> list[CalibrationStep]:
     ]
 
 
-def run_autolabel(
-    project: ProjectFormat,
-    *,
-    difficulty_dir: str,
-    predictions: PredictionSource | None = None,
-    checkpoint: str | None = None,
-    epsilon: float,
-    delta: float,
-    label_map: LabelMap,
-    stage: str = "autolabel",
-    dry_run: bool = False,
-    audit_share: float = 0.05,
-    min_count: int = 30,
-    seed: int = 0,
-    out_dir: str | None = None,
-    storage_options: dict[str, Any] | None = None,
-    task: str | None = None,
-    box_confidences: tuple[float, ...] = DEFAULT_BOX_CONFIDENCES,
-    iou_threshold: float = 0.5,
-    run_id: str | None = None,
-) -> GateRecord:
-    """One gate run of ``project`` at ``stage`` (see the module docstring).
+class GateOptions(Options):
+    """The settings of one gate run (:func:`run_autolabel`).
 
-    ``difficulty_dir`` (and ``out_dir``, default the same) are fsspec URLs of the report
-    folder, opened with ``storage_options``.  Exactly one of ``predictions`` and
-    ``checkpoint`` is required.  ``task`` defaults to the format's (classification for
-    class-only formats, else detection).  Returns the run record (also written as
-    ``out_dir/autolabel.json``, except in a dry run).
+    ``epsilon``/``delta``: the guarantee (auto-label error ≤ ε with confidence 1 − δ);
+    ``stage``: ``report``, ``shadow`` or ``autolabel``; ``dry_run``: write nothing;
+    ``audit_share``: share of written labels flagged for audit (drawn with ``seed``);
+    ``min_count``: fewest calibration items a threshold needs; ``task``: default the
+    format's; ``box_confidences``: the box confidences calibration walks;
+    ``iou_threshold``: a box matches a labeled box at this IoU.
     """
-    check_stage(stage)
+
+    epsilon: float
+    delta: float
+    stage: str = "autolabel"
+    dry_run: bool = False
+    audit_share: float = 0.05
+    min_count: int = 30
+    seed: int = 0
+    task: str | None = None
+    box_confidences: tuple[float, ...] = DEFAULT_BOX_CONFIDENCES
+    iou_threshold: float = 0.5
+
+
+def _check_options(o: GateOptions, predictions: Any, checkpoint: str | None) -> None:
+    check_stage(o.stage)
     if (predictions is None) == (checkpoint is None):
         raise UsageError("give exactly one of predictions and checkpoint")
-    if not 0.0 <= audit_share <= 1.0:
-        raise UsageError(f"audit share must be in [0, 1], got {audit_share}")
-    if not 0.0 < epsilon < 1.0 or not 0.0 < delta < 1.0:
-        raise UsageError(f"epsilon and delta must be in (0, 1), got {epsilon} and {delta}")
-    if not box_confidences:
+    if not 0.0 <= o.audit_share <= 1.0:
+        raise UsageError(f"audit share must be in [0, 1], got {o.audit_share}")
+    if not 0.0 < o.epsilon < 1.0 or not 0.0 < o.delta < 1.0:
+        raise UsageError(f"epsilon and delta must be in (0, 1), got {o.epsilon} and {o.delta}")
+    if not o.box_confidences:
         raise UsageError("box_confidences is empty")
-    out_dir = out_dir or difficulty_dir
-    task = task or _task_of(project)
-    run_id = run_id or new_run_id()
-    df, score_meta = read_difficulty(difficulty_dir, storage_options)
+
+
+def _weights_fit_on(score_meta: dict[str, Any]) -> int:
+    """How many labeled items the score's combination weights were fit on (0: not fit)."""
     combination = score_meta.get("combination") or {}
     fitted = combination.get("method") in ("single", "rho", "rho2")  # chosen from labeled errors
     fit_on = int(combination.get("n_labeled") or 0) if fitted else 0
@@ -407,193 +413,245 @@ def run_autolabel(
             "a few weights fit on the calibration items make the bound slightly optimistic",
             fit_on,
         )
-    scores = _scores(df)
-    predictor = _Predictor(project, predictions, checkpoint, storage_options, min(box_confidences))
+    return fit_on
 
-    cal_items, cal_preds = _calibration_pool(project, predictor, scores)
-    calib = calibrate(
-        cal_items,
-        df,
-        cal_preds,
-        label_map,
-        epsilon=epsilon,
-        delta=delta,
-        task=task,
-        box_confidences=box_confidences,
-        min_count=min_count,
-        iou_threshold=iou_threshold,
+
+class _Gate:
+    """One gate run: its inputs, and what each step found."""
+
+    def __init__(
+        self,
+        project: ProjectFormat,
+        o: GateOptions,
+        predictor: _Predictor,
+        label_map: LabelMap,
+        run_id: str,
+        out_dir: str,
+        storage_options: dict[str, Any] | None,
+    ) -> None:
+        self.project, self.o, self.predictor, self.label_map = project, o, predictor, label_map
+        self.run_id, self.out_dir, self.storage_options = run_id, out_dir, storage_options
+        self.task = o.task or _task_of(project)
+        self.scores: dict[str, float] = {}
+        self.items: Sequence[Item] | None = None  # the run's items, when it holds them
+        self.writes: dict[str, LabelWrite] = {}
+        self.n_eligible = self.n_unlabeled = 0
+
+    def read(self) -> Iterable[Item]:
+        """The project's items: the run's list when it holds one (no new pass over the
+        project), else a fresh stream from the project."""
+        return self.project.iter_items() if self.items is None else self.items
+
+    def calibrate(self, df: pd.DataFrame, items: list[Item]) -> CalibrationResult:
+        o = self.o
+        calib = calibrate(
+            items,
+            df,
+            _predict_all(self.predictor, items),
+            self.label_map,
+            epsilon=o.epsilon,
+            delta=o.delta,
+            task=self.task,
+            box_confidences=o.box_confidences,
+            min_count=o.min_count,
+            iou_threshold=o.iou_threshold,
+        )
+        log.info(
+            "run %s: threshold %s, box confidence %s, bound %.4f (ε %g) on n=%d",
+            self.run_id, calib.threshold, calib.box_confidence, calib.bound, o.epsilon, calib.n,
+        )  # fmt: skip
+        return calib
+
+    def select(self, unlabeled: Iterable[Item], easy: set[str], calib: CalibrationResult) -> None:
+        """The labels of the unlabeled easy items that have a prediction (``self.writes``)."""
+        o, t, c = self.o, calib.threshold, calib.box_confidence
+        for batch in _batches(unlabeled):
+            self.n_unlabeled += len(batch)
+            preds = self.predictor.predict(batch)
+            for item in batch:
+                pred = preds.get(item.item_id)
+                if pred is None or pred.error is not None:
+                    continue
+                self.n_eligible += 1
+                if item.item_id not in easy or c is None:
+                    continue
+                anns = auto_label(pred, self.label_map, task=self.task, box_confidence=c)
+                if anns is None:
+                    continue
+                provenance = Provenance(
+                    run_id=self.run_id,
+                    model_version=self.predictor.version_of(pred),
+                    score=_label_confidence(anns),
+                    tier=EASY,
+                    extra={
+                        "difficulty": self.scores[item.item_id], "threshold": t,
+                        "box_confidence": c, "bound": calib.bound, "epsilon": o.epsilon,
+                        "delta": o.delta, "stage": o.stage,
+                    },
+                )  # fmt: skip
+                self.writes[item.item_id] = LabelWrite(
+                    item=item, annotations=anns, provenance=provenance
+                )
+
+    def audit_meta(self, ids: list[str]) -> dict[str, Any]:
+        return audit_meta(
+            {i: self.writes[i].annotations for i in ids},
+            task=self.task,
+            ignore=self.label_map.ignore,
+            iou_threshold=self.o.iou_threshold,
+        )
+
+    def write(
+        self, selected: list[str], audit_ids: list[str], calib: CalibrationResult
+    ) -> tuple[list[str], dict[str, str], str | None, list[str]]:
+        """Stage autolabel: write the selected labels; ``(written, refused, manifest stage,
+        audit ids kept)`` — items refused at write time are not audited."""
+        o = self.o
+        meta = {
+            "stage": o.stage, "task": self.task, "calibration": calib.to_dict(),
+            "audit": self.audit_meta(audit_ids), "audit_share": o.audit_share, "seed": o.seed,
+        }  # fmt: skip
+        manifest = write_run(
+            self.project,
+            [self.writes[i] for i in selected],
+            self.run_id,
+            meta=_jsonable(meta),
+            dry_run=o.dry_run,
+        )
+        refused = dict(manifest.refused)
+        if o.dry_run:
+            return [], refused, manifest.stage, audit_ids
+        written = sorted(manifest.item_ids)
+        kept_audit = [i for i in audit_ids if i in set(written)]
+        if kept_audit != audit_ids:
+            manifest.meta["audit"] = self.audit_meta(kept_audit)
+            save_manifest(self.project.project, manifest)
+        return written, refused, manifest.stage, kept_audit
+
+    def shadow(self, selected: list[str], calib: CalibrationResult) -> dict[str, Any] | None:
+        """Stage shadow: record the would-be labels; agreement of the previous shadow run."""
+        o = self.o
+        record = ShadowRecord(
+            run_id=self.run_id, task=self.task, epsilon=o.epsilon, delta=o.delta,
+            threshold=calib.threshold, box_confidence=calib.box_confidence, bound=calib.bound,
+            ignore=list(self.label_map.ignore), iou_threshold=o.iou_threshold,
+            labels=[
+                ShadowLabel(
+                    item_id=i,
+                    annotations=self.writes[i].annotations,
+                    difficulty=self.scores[i],
+                    model_version=self.writes[i].provenance.model_version,
+                )
+                for i in selected
+            ],
+        )  # fmt: skip
+        if not o.dry_run:
+            write_shadow_record(self.out_dir, record, self.storage_options)
+        return _previous_agreement(
+            self.out_dir, self.run_id, self.label_map, self.read(), o.min_count, self.storage_options,
+        )  # fmt: skip
+
+    def record(self, calib: CalibrationResult, **found: Any) -> GateRecord:
+        o = self.o
+        return GateRecord(
+            run_id=self.run_id, stage=o.stage, dry_run=o.dry_run, task=self.task,
+            model_version=self.predictor.default_version, source=self.project.project.url,
+            epsilon=o.epsilon, delta=o.delta, min_count=o.min_count,
+            audit_share=o.audit_share, iou_threshold=o.iou_threshold,
+            threshold=calib.threshold, box_confidence=calib.box_confidence, bound=calib.bound,
+            n=calib.n, k=calib.k, level=calib.level, n_calibration=calib.n_calibration,
+            min_passing=max(o.min_count, min_passing_count(o.epsilon, calib.level or o.delta)),
+            steps=_steps(calib), per_confidence=_walks(calib),
+            n_unlabeled=self.n_unlabeled, n_eligible=self.n_eligible,
+            audit_precision=measure_audit_precision(self.project, delta=o.delta, items=self.read()),
+            **found,
+        )  # fmt: skip
+
+
+def run_autolabel(
+    project: ProjectFormat,
+    options: GateOptions | None = None,
+    *,
+    difficulty_dir: str,
+    label_map: LabelMap,
+    predictions: PredictionSource | None = None,
+    checkpoint: str | None = None,
+    out_dir: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    run_id: str | None = None,
+    items: Sequence[Item] | None = None,
+    table: tuple[pd.DataFrame, dict[str, Any]] | None = None,
+    **keywords: Any,
+) -> GateRecord:
+    """One gate run of ``project`` with ``options`` (see the module docstring).
+
+    ``keywords`` are fields of :class:`GateOptions` laid over ``options`` (``epsilon`` and
+    ``delta`` are required when no ``options`` are given).  ``difficulty_dir`` (and
+    ``out_dir``, default the same) are fsspec URLs of the report folder, opened with
+    ``storage_options``.  Exactly one of ``predictions`` and ``checkpoint`` is required.
+    ``items``: the project's items when the run holds them in memory (every step of the
+    gate uses them, no new pass over the project); default: each step streams
+    ``project.iter_items()`` (calibration, selection, audit and shadow measurements).  ``table``: the run's difficulty table and its
+    metadata when the caller holds them (default: read from ``difficulty_dir``); the gate
+    re-tiers them in place.  Returns the run record (also written as
+    ``out_dir/autolabel.json``, except in a dry run).
+    """
+    o = GateOptions.of(options, keywords)
+    _check_options(o, predictions, checkpoint)
+    out_dir = out_dir or difficulty_dir
+    run_id = run_id or new_run_id()
+    df, score_meta = (
+        table if table is not None else read_difficulty(difficulty_dir, storage_options)
     )
-    del cal_items, cal_preds
-    log.info(
-        "run %s: threshold %s, box confidence %s, bound %.4f (ε %g) on n=%d",
-        run_id,
-        calib.threshold,
-        calib.box_confidence,
-        calib.bound,
-        epsilon,
-        calib.n,
+    predictor = _Predictor(
+        project, predictions, checkpoint, storage_options, min(o.box_confidences)
     )
+    gate = _Gate(project, o, predictor, label_map, run_id, out_dir, storage_options)
+    gate.scores = _scores(df)
+    gate.items = items
+    calib = gate.calibrate(df, _calibration_items(gate.read(), predictor, gate.scores))
 
     # -- one score, one set of tiers, one gate ----------------------------------------------
-    t, c = calib.threshold, calib.box_confidence
+    t = calib.threshold
     tiers_meta = dict(score_meta.get("tiers") or {})
-    retiered = stage in ("shadow", "autolabel") and t is not None
+    retiered = o.stage in ("shadow", "autolabel") and t is not None
     if retiered and t is not None:
         tiers_meta = _retier(df, score_meta, t, calib, run_id)
-        score_meta = {**score_meta, "tiers": tiers_meta}
-        if not dry_run:
+        score_meta["tiers"] = tiers_meta  # the caller's table is re-tiered too
+        if not o.dry_run:
             write_difficulty(df, out_dir, score_meta, storage_options)
     easy = set(df.loc[df["tier"] == EASY, "item_id"].astype(str)) if retiered else set()
-
-    # -- select -----------------------------------------------------------------------------
-    writes: dict[str, LabelWrite] = {}
-    n_eligible = n_unlabeled = 0
-    unlabeled = (
-        i
-        for i in project.iter_items()
-        if i.error is None and i.status is ItemStatus.UNLABELED and i.item_id in scores
-    )
-    for batch in _batches(unlabeled):
-        n_unlabeled += len(batch)
-        preds = predictor.predict(batch)
-        for item in batch:
-            pred = preds.get(item.item_id)
-            if pred is None or pred.error is not None:
-                continue
-            n_eligible += 1
-            if item.item_id not in easy or c is None:
-                continue
-            anns = auto_label(pred, label_map, task=task, box_confidence=c)
-            if anns is None:
-                continue
-            provenance = Provenance(
-                run_id=run_id,
-                model_version=predictor.version_of(pred),
-                score=_label_confidence(anns),
-                tier=EASY,
-                extra={
-                    "difficulty": scores[item.item_id],
-                    "threshold": t,
-                    "box_confidence": c,
-                    "bound": calib.bound,
-                    "epsilon": epsilon,
-                    "delta": delta,
-                    "stage": stage,
-                },
-            )
-            writes[item.item_id] = LabelWrite(item=item, annotations=anns, provenance=provenance)
-    selected = sorted(writes)
+    gate.select(_unlabeled(gate.read(), gate.scores), easy, calib)
+    selected = sorted(gate.writes)
     audit_ids = (
-        choose_audit(selected, run_id, audit_share, seed=seed) if stage == "autolabel" else []
+        choose_audit(selected, run_id, o.audit_share, seed=o.seed) if o.stage == "autolabel" else []
     )
     audited = set(audit_ids)
-    for w in writes.values():
+    for w in gate.writes.values():
         w.provenance.extra["audit"] = w.item.item_id in audited
 
-    # -- write ------------------------------------------------------------------------------
     written: list[str] = []
     refused: dict[str, str] = {}
     agreement: dict[str, Any] | None = None
     manifest_stage: str | None = None
-    if stage == "autolabel" and writes:
-        labels = {i: w.annotations for i, w in writes.items()}
-        meta = {
-            "stage": stage,
-            "task": task,
-            "calibration": calib.to_dict(),
-            "audit": audit_meta(
-                {i: labels[i] for i in audit_ids},
-                task=task,
-                ignore=label_map.ignore,
-                iou_threshold=iou_threshold,
-            ),
-            "audit_share": audit_share,
-            "seed": seed,
-        }
-        manifest = write_run(
-            project, [writes[i] for i in selected], run_id, meta=_jsonable(meta), dry_run=dry_run
-        )
-        manifest_stage = manifest.stage
-        refused = dict(manifest.refused)
-        if not dry_run:
-            written = sorted(manifest.item_ids)
-            kept_audit = [i for i in audit_ids if i in set(written)]
-            if kept_audit != audit_ids:  # items refused at write time are not audited
-                manifest.meta["audit"] = audit_meta(
-                    {i: labels[i] for i in kept_audit},
-                    task=task,
-                    ignore=label_map.ignore,
-                    iou_threshold=iou_threshold,
-                )
-                save_manifest(project.project, manifest)
-                audit_ids = kept_audit
-    elif stage == "shadow":
-        record = ShadowRecord(
-            run_id=run_id,
-            task=task,
-            epsilon=epsilon,
-            delta=delta,
-            threshold=t,
-            box_confidence=c,
-            bound=calib.bound,
-            ignore=list(label_map.ignore),
-            iou_threshold=iou_threshold,
-            labels=[
-                ShadowLabel(
-                    item_id=i,
-                    annotations=writes[i].annotations,
-                    difficulty=scores[i],
-                    model_version=writes[i].provenance.model_version,
-                )
-                for i in selected
-            ],
-        )
-        if not dry_run:
-            write_shadow_record(out_dir, record, storage_options)
-        agreement = _previous_agreement(
-            out_dir, run_id, label_map, project, min_count, storage_options
-        )
-
-    result = GateRecord(
-        run_id=run_id,
-        stage=stage,
-        dry_run=dry_run,
-        task=task,
-        model_version=predictor.default_version,
-        source=project.project.url,
-        epsilon=epsilon,
-        delta=delta,
-        min_count=min_count,
-        audit_share=audit_share,
-        iou_threshold=iou_threshold,
-        threshold=t,
-        box_confidence=c,
-        bound=calib.bound,
-        n=calib.n,
-        k=calib.k,
-        level=calib.level,
-        n_calibration=calib.n_calibration,
-        min_passing=max(min_count, min_passing_count(epsilon, calib.level or delta)),
-        steps=_steps(calib),
-        per_confidence=_walks(calib),
-        score_weights_fit_on=fit_on,
-        n_unlabeled=n_unlabeled,
-        n_eligible=n_eligible,
-        selected=selected,
-        written=written,
-        refused=refused,
-        audit=audit_ids,
-        tiers=_tier_summary(df, tiers_meta),
+    if o.stage == "autolabel" and gate.writes:
+        written, refused, manifest_stage, audit_ids = gate.write(selected, audit_ids, calib)
+    elif o.stage == "shadow":
+        agreement = gate.shadow(selected, calib)
+    result = gate.record(
+        calib, score_weights_fit_on=_weights_fit_on(score_meta), selected=selected,
+        written=written, refused=refused, audit=audit_ids, tiers=_tier_summary(df, tiers_meta),
         manifest_stage=manifest_stage,
-        audit_precision=measure_audit_precision(project, delta=delta),
         agreement=ShadowAgreement.model_validate(agreement) if agreement else None,
-    )
+    )  # fmt: skip
     labeled = result.labeled_items
-    result.labels = _label_counts({i: writes[i].annotations for i in labeled})
-    result.examples = _examples(writes, labeled, set(audit_ids))
-    if not dry_run:
+    result.labels = _label_counts({i: gate.writes[i].annotations for i in labeled})
+    result.examples = _examples(gate.writes, labeled, set(audit_ids))
+    if not o.dry_run:
         result.report_path = write_gate_record(out_dir, result, storage_options)
-    log.info("run %s (%s%s): %s", run_id, stage, ", dry run" if dry_run else "", result.verdict())
+    log.info(
+        "run %s (%s%s): %s", run_id, o.stage, ", dry run" if o.dry_run else "", result.verdict()
+    )
     return result
 
 

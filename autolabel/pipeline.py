@@ -7,6 +7,12 @@ with the error of the step that failed).  Scores are computed against the previo
 successful run of the project as reference, so that scores and tiers of scheduled runs
 compare; the report receives the earlier runs as its history (trend).
 
+The run reads the project's items once (the stats step) and every later step works on
+that list; ``difficulty.parquet`` is read once after scoring, re-tiered in place by the
+gate, and handed to the report, which is rendered once, after the gate.  Each step gets
+its settings as one options object built from the project's config
+(:func:`score_options`, :func:`gate_options`, :class:`difficulty.training.TrainOptions`).
+
 :func:`run_locked` wraps a run in the project lock of the state database, so that no
 two runs of one project overlap, whichever processes start them; a run that finds the
 lock taken is recorded as ``skipped``.
@@ -18,17 +24,20 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import sqlalchemy as sa
 
 from autolabel.config import AppConfig, PredictionsConfig, ProjectConfig, is_local_path
+from autolabel.gate import GateOptions
 from autolabel.store import ReportStore, RunRecord, StateDB, new_run_id, utcnow
 from connectors.errors import LabelTriageError
 from connectors.labelmap import LabelMap, load_label_map
+from connectors.model import Item
 from connectors.owner import current as current_owner
 from connectors.storage import redact_url
+from difficulty.options import ScoreOptions
 from difficulty.plan import PlanSettings
 
 log = logging.getLogger(__name__)
@@ -63,6 +72,30 @@ def build_plan_settings(p: ProjectConfig) -> PlanSettings:
     if "audit_share" in p.planning.model_fields_set:
         return p.planning
     return p.planning.model_copy(update={"audit_share": p.audit_share})
+
+
+def score_options(p: ProjectConfig) -> ScoreOptions:
+    """The project's scoring settings; tiers only when the project sets them (else a
+    reference run's thresholds are reused)."""
+    return ScoreOptions(
+        scorers=p.scorers or None,
+        settings=p.scorer_settings or None,
+        tiers=p.tiers,
+        batch_size=p.batch_size,
+        num_workers=p.num_workers,
+    )
+
+
+def gate_options(p: ProjectConfig, **overrides: Any) -> GateOptions:
+    """The project's gate settings at its stage."""
+    return GateOptions(
+        epsilon=p.epsilon,
+        delta=p.delta,
+        stage=p.stage,
+        audit_share=p.audit_share,
+        min_count=p.min_count,
+        seed=p.seed,
+    ).model_copy(update=overrides)
 
 
 def score_inputs(p: ProjectConfig, checkpoint: str | None) -> tuple[bool, bool]:
@@ -105,6 +138,36 @@ def label_inputs(p: ProjectConfig, checkpoint: str | None) -> tuple[bool, bool]:
     return choice == "predictions", choice == "model" and checkpoint is not None
 
 
+ITEMS_KEPT = 20_000
+"""Up to this many items a run keeps what the stats step read for the later steps (one
+pass over the project); a larger project is streamed by each step, in bounded memory."""
+
+
+class KeptItems:
+    """A stream of items that keeps what went through, up to ``limit`` items: ``items`` is
+    the whole list after a complete pass, ``None`` when there were more (or the pass was
+    not finished)."""
+
+    def __init__(self, items: Iterable[Item], limit: int) -> None:
+        self._source = items
+        self._limit = limit
+        self._kept: list[Item] | None = []
+        self._done = False
+
+    def __iter__(self) -> Iterator[Item]:
+        for item in self._source:
+            if self._kept is not None:
+                self._kept.append(item)
+                if len(self._kept) > self._limit:
+                    self._kept = None
+            yield item
+        self._done = True
+
+    @property
+    def items(self) -> list[Item] | None:
+        return self._kept if self._done else None
+
+
 class _Run:
     """The state of one run while its steps execute."""
 
@@ -122,6 +185,10 @@ class _Run:
         self.predictions: Any = None
         self.checkpoint: str | None = None
         self.label_map = LabelMap()
+        # the project's items as the stats step read them, for every later step; None
+        # for a project over ITEMS_KEPT items, which each step streams again
+        self.items: list[Item] | None = None
+        self._table: tuple[Any, dict[str, Any]] | None = None  # difficulty.parquet, read once
 
     def step(self, label: str, fn: Callable[[], None]) -> None:
         log.info("%s %s: %s", self.name, self.record.run_id, label)
@@ -133,6 +200,15 @@ class _Run:
         finally:
             elapsed = time.perf_counter() - start
             self.record.steps[label] = round(self.record.steps.get(label, 0.0) + elapsed, 3)
+
+    def table(self) -> tuple[Any, dict[str, Any]]:
+        """The run's difficulty table and metadata, read once after scoring; the gate
+        re-tiers it in place, the report and publishing read it from here."""
+        if self._table is None:
+            from difficulty.table import read_difficulty
+
+            self._table = read_difficulty(self.run_dir, self.cfg.report_store_options or None)
+        return self._table
 
     def write_json(self, name: str, data: Any) -> None:
         rel = f"{self.store.run_rel(self.name, self.record.run_id)}/{name}"
@@ -158,7 +234,9 @@ class _Run:
                 **p.predictions.options,
             )
         self.label_map = build_label_map(p)
-        stats = compute_stats(self.project, self.predictions, label_map=self.label_map)
+        kept = KeptItems(self.project.iter_items(), ITEMS_KEPT)
+        stats = compute_stats(self.project, self.predictions, label_map=self.label_map, items=kept)
+        self.items = kept.items
         self.write_json("stats.json", stats)
         if "label_map_check" in stats:  # the report shows it
             self.write_json("label_map_check.json", stats["label_map_check"])
@@ -169,7 +247,7 @@ class _Run:
         self.record.counts["item_errors"] = len(errors) if isinstance(errors, list) else errors
 
     def train(self) -> None:
-        from difficulty.training import train_model
+        from difficulty.training import TrainOptions, train_model
 
         t = self.p.train
         if t is None:
@@ -181,26 +259,12 @@ class _Run:
             log.info("%s: training starts from the previous run's model %s", self.name, init)
             self.record.counts["warm_start"] = init
         train_model(
-            self.project.iter_items(),
+            self.project.iter_items() if self.items is None else self.items,
             self.project,
-            task=t.task,
-            arch=t.arch,
-            classes=t.classes,
-            epochs=t.epochs,
-            batch_size=t.batch_size,
-            lr=t.lr,
-            seed=t.seed,
-            calibration_share=t.calibration_share,
-            device=t.device,
-            progress=self.progress,
+            TrainOptions(**t.model_dump(exclude={"warm_start"})),
             out=out,
-            image_size=t.image_size,
-            min_steps=t.min_steps,
             init=init,
-            backbone=t.backbone,
-            backbone_weights=t.backbone_weights,
-            finetune_last_stage=t.finetune_last_stage,
-            augment=t.augment,
+            progress=self.progress,
         )
         self.checkpoint = out
         self.record.outputs["model"] = out
@@ -233,6 +297,8 @@ class _Run:
             predictions = dask_predictions(p, p.predictions, self.project, predictions)
         result = score_project_with_engine(
             self.project,
+            score_options(p),
+            items=self.items,
             engine=p.engine,
             scheduler=p.scheduler,
             n_workers=p.dask_workers,
@@ -241,14 +307,9 @@ class _Run:
             predictions=predictions,
             checkpoint=self.checkpoint if use_model else None,
             label_map=self.label_map,
-            scorers=p.scorers,
-            settings=p.scorer_settings or None,
-            tiers=p.tiers,
             reference=reference,
             out_dir=self.run_dir,
             storage_options=self.cfg.report_store_options or None,
-            batch_size=p.batch_size,
-            num_workers=p.num_workers,
             progress=self.progress,
             run_id=self.record.run_id,
         )
@@ -283,6 +344,7 @@ class _Run:
             project=self.project,
             predictions=self.predictions,
             storage_options=self.cfg.report_store_options or None,
+            table=self.table(),
         )
         self.record.outputs.update({k: str(v) for k, v in outputs.items()})
 
@@ -290,9 +352,7 @@ class _Run:
         """Each item's tier and difficulty to the platform (Label Studio Data Manager columns)."""
         import pandas as pd
 
-        from difficulty.table import read_difficulty
-
-        df, _ = read_difficulty(self.run_dir, self.cfg.report_store_options or None)
+        df, _ = self.table()
         rows = zip(df["item_id"].astype(str), df["tier"], df["score"], strict=True)
         self.record.counts["published"] = self.project.publish_difficulty(
             (i, t if isinstance(t, str) else None, None if pd.isna(s) else float(s))
@@ -304,23 +364,22 @@ class _Run:
 
         p = self.p
         use_predictions, use_model = label_inputs(p, self.checkpoint)
+        table = self.table()
+        self._table = None  # until the gate is through, the table on disk is the run's
         result = run_autolabel(
             self.project,
+            gate_options(p),
+            items=self.items,
+            table=table,
             difficulty_dir=self.run_dir,
             predictions=self.predictions if use_predictions else None,
             checkpoint=self.checkpoint if use_model else None,
-            epsilon=p.epsilon,
-            delta=p.delta,
             label_map=self.label_map,
-            stage=p.stage,
-            dry_run=False,
-            audit_share=p.audit_share,
-            min_count=p.min_count,
-            seed=p.seed,
             out_dir=self.run_dir,
             storage_options=self.cfg.report_store_options or None,
             run_id=self.record.run_id,
         )
+        self._table = table  # re-tiered by the gate, as written
         self.record.outputs["autolabel"] = result.report_path or f"{self.run_dir}/autolabel.json"
         self.record.counts[p.stage] = plain(
             {

@@ -51,7 +51,8 @@ sys.path.insert(0, str(REPO))
 from autolabel.engine_dask import DaskEngine, Opener, ReopenablePredictions  # noqa: E402
 from bench._common import ROAD_MAP, machine_line  # noqa: E402
 from connectors.project import open_predictions, open_project  # noqa: E402
-from difficulty.scoring import CHUNK_SIZE, score_project  # noqa: E402
+from difficulty.options import CHUNK_SIZE  # noqa: E402
+from difficulty.scoring import score_project  # noqa: E402
 
 DATA = (
     Path(os.environ.get("LABELTRIAGE_SHARED_DATA", REPO.parent / "shared" / "data")) / "road_signs"

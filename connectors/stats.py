@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 from connectors.formats.base import PredictionSource, ProjectFormat
@@ -45,8 +46,10 @@ def compute_stats(
     predictions: PredictionSource | None = None,
     *,
     label_map: LabelMap | None = None,
+    items: Iterable[Item] | None = None,
 ) -> dict[str, Any]:
-    """Counts of ``project`` in one streaming pass.
+    """Counts of ``project`` in one streaming pass (over ``items`` when the caller has read
+    them already, else over ``project.iter_items()``).
 
     Keys: ``items`` (every item, bad ones included), ``labeled`` (any labeled status:
     human, reviewed or auto), ``auto_labeled``, ``unlabeled`` (items without error only),
@@ -62,7 +65,7 @@ def compute_stats(
     raw_classes: Counter[str] = Counter()
     errors: list[dict[str, Any]] = []
     predicted_boxes = predicted_items = 0
-    for item in project.iter_items():
+    for item in project.iter_items() if items is None else items:
         counts["items"] += 1
         if item.error is not None:
             errors.append(item_error(item))

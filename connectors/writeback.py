@@ -500,29 +500,7 @@ def write_run(
             exc,
         )
         manifest.error = f"{type(exc).__name__}: {exc}"
-        try:
-            records = _records_to_undo(fmt, manifest)
-            undone = _undo(fmt, manifest, records)
-            _remove_temporaries(fmt, manifest, records, [w.item.item_id for w in writes])
-            manifest.stage = "rolled_back"
-            manifest.meta = {
-                **manifest.meta,
-                "rollback": {"removed": len(undone.removed), "kept": undone.kept},
-            }
-            save_manifest(project, manifest)
-        except BaseException as undo_exc:
-            # Leave the journal: `recover` (or the next open of the project) finishes the job.
-            log.error(
-                "run %s: could not remove what it wrote (%s); `labeltriage recover` will",
-                run_id,
-                undo_exc,
-            )
-            manifest.error += f"; undo failed: {type(undo_exc).__name__}: {undo_exc}"
-            with contextlib.suppress(Exception):
-                save_manifest(project, manifest)
-            journal.abandon()
-            raise exc from undo_exc
-        journal.finish()
+        _roll_back(fmt, manifest, writes, journal, exc)
         raise
     journal.finish()
     log.info(
@@ -532,6 +510,41 @@ def write_run(
         len(manifest.refused),
     )
     return manifest
+
+
+def _roll_back(
+    fmt: ProjectFormat,
+    manifest: RunManifest,
+    writes: list[LabelWrite],
+    journal: Journal,
+    exc: BaseException,
+) -> None:
+    """After ``exc``: remove what the run wrote and mark it ``rolled_back``.  If even that
+    fails, the journal stays for :func:`recover` and ``exc`` is raised from the failure."""
+    project = fmt.project
+    try:
+        records = _records_to_undo(fmt, manifest)
+        undone = _undo(fmt, manifest, records)
+        _remove_temporaries(fmt, manifest, records, [w.item.item_id for w in writes])
+        manifest.stage = "rolled_back"
+        manifest.meta = {
+            **manifest.meta,
+            "rollback": {"removed": len(undone.removed), "kept": undone.kept},
+        }
+        save_manifest(project, manifest)
+    except BaseException as undo_exc:
+        # Leave the journal: `recover` (or the next open of the project) finishes the job.
+        log.error(
+            "run %s: could not remove what it wrote (%s); `labeltriage recover` will",
+            manifest.run_id,
+            undo_exc,
+        )
+        manifest.error = f"{manifest.error}; undo failed: {type(undo_exc).__name__}: {undo_exc}"
+        with contextlib.suppress(Exception):
+            save_manifest(project, manifest)
+        journal.abandon()
+        raise exc from undo_exc
+    journal.finish()
 
 
 def _undo(

@@ -188,6 +188,43 @@ def _accuracy(ckpt: Checkpoint, x: np.ndarray, y: np.ndarray, device: str) -> fl
     return float((probs.argmax(axis=1) == np.asarray(y)).mean())
 
 
+def _next_batch(
+    strategy: str,
+    ckpt: Checkpoint,
+    x_pool: np.ndarray,
+    y_pool: np.ndarray,
+    labeled: list[int],
+    unlabeled: np.ndarray,
+    rng: np.random.Generator,
+    settings: CycleSettings,
+    needs: frozenset[str],
+    committee: int,
+    combined: hybrid.CombinedState | None,
+    device: str,
+) -> np.ndarray:
+    """The pool indices ``strategy`` picks next among ``unlabeled`` (a seeded subset of them
+    with ``settings.subset``); the combined strategy learns from their revealed labels."""
+    candidates = unlabeled
+    if settings.subset is not None and settings.subset < unlabeled.size:
+        candidates = np.sort(rng.choice(unlabeled, size=settings.subset, replace=False))
+    budget = min(settings.step, candidates.size)
+    if strategy == "random":
+        arrays: dict[str, Any] = {"n": int(candidates.size)}
+    else:
+        batch = infer_arrays(ckpt, x_pool[candidates], committee=committee, device=device)
+        arrays = pool_arrays(batch, x_pool[candidates], needs, rng)
+        if strategy in hybrid.NEEDS_LABELED:
+            arrays["labeled_features"] = infer_arrays(
+                ckpt, x_pool[np.asarray(labeled)], device=device
+            ).features
+    picked = choose(strategy, arrays, budget, rng, combined=combined)
+    new = candidates[picked]
+    if combined is not None:
+        p = np.asarray(arrays["probs"])[picked]
+        combined.observe(picked, -np.log(np.clip(p[np.arange(len(new)), y_pool[new]], 1e-12, 1.0)))
+    return np.asarray(new)
+
+
 def run_active_learning(
     x_pool: np.ndarray,
     y_pool: np.ndarray,
@@ -272,26 +309,10 @@ def run_active_learning(
         if cycle < settings.cycles and unlabeled.size:
             t1 = time.perf_counter()
             rng = np.random.default_rng([seed, cycle, 7])
-            candidates = unlabeled
-            if settings.subset is not None and settings.subset < unlabeled.size:
-                candidates = np.sort(rng.choice(unlabeled, size=settings.subset, replace=False))
-            budget = min(settings.step, candidates.size)
-            if strategy == "random":
-                arrays: dict[str, Any] = {"n": int(candidates.size)}
-            else:
-                batch = infer_arrays(ckpt, x_pool[candidates], committee=committee, device=device)
-                arrays = pool_arrays(batch, x_pool[candidates], needs, rng)
-                if strategy in hybrid.NEEDS_LABELED:
-                    arrays["labeled_features"] = infer_arrays(
-                        ckpt, x_pool[np.asarray(labeled)], device=device
-                    ).features
-            picked = choose(strategy, arrays, budget, rng, combined=combined)
-            new = candidates[picked]
-            if combined is not None:
-                p = np.asarray(arrays["probs"])[picked]
-                combined.observe(
-                    picked, -np.log(np.clip(p[np.arange(len(new)), y_pool[new]], 1e-12, 1.0))
-                )
+            new = _next_batch(
+                strategy, ckpt, x_pool, y_pool, labeled, unlabeled, rng, settings,
+                needs, committee, combined, device,
+            )  # fmt: skip
             labeled.extend(int(i) for i in new)
             run.order.extend(int(i) for i in new)
             unlabeled = np.setdiff1d(unlabeled, new)
@@ -299,14 +320,8 @@ def run_active_learning(
         run.records.append(CycleRecord(cycle, int(idx.size), acc, train_s, select_s, note))
         log.info(
             "%s seed %d cycle %d: %d labels, accuracy %.4f (train %.1fs, select %.1fs)",
-            strategy,
-            seed,
-            cycle,
-            idx.size,
-            acc,
-            train_s,
-            select_s,
-        )
+            strategy, seed, cycle, idx.size, acc, train_s, select_s,
+        )  # fmt: skip
     return run
 
 

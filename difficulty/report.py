@@ -801,6 +801,7 @@ def write_report(
     predictions: PredictionSource | None = None,
     storage_options: dict[str, Any] | None = None,
     thumbnails_per_side: int = 12,
+    table: tuple[pd.DataFrame, dict[str, Any]] | None = None,
 ) -> dict[str, str]:
     """Write ``report.html``, ``summary.json``, ``plan.csv`` and ``assignment.csv`` into ``run_dir``.
 
@@ -808,27 +809,23 @@ def write_report(
     folders (default: the siblings of ``run_dir``).  ``project`` is used for thumbnails
     and their label boxes; without it the project is opened from the run's recorded
     source and format.  ``predictions`` (optional) are drawn on the thumbnails too, after
-    the run's label map.  Returns the paths written, by name (``report``, ``summary``,
-    ``plan``, ``assignment``).
+    the run's label map.  ``table``: the run's difficulty table and metadata when the
+    caller holds them already (default: read from ``run_dir``).  Returns the paths
+    written, by name (``report``, ``summary``, ``plan``, ``assignment``).
     """
-    df, meta = read_difficulty(run_dir, storage_options)
+    df, meta = table if table is not None else read_difficulty(run_dir, storage_options)
     settings = _settings(plan_settings, team_size, hours_per_day)
     out = ProjectFS(run_dir, storage_options)
     gate = read_gate_record(run_dir, storage_options)
     scorers = scorer_columns(df)
     plan = compute_plan(df, settings, gate)
     written = set(gate.written) if gate is not None else set()
-    left = df[(df["status"] == "unlabeled") & ~df["item_id"].astype(str).isin(written)]
-    assignment = assign(left, seconds_per_tier(df, settings), settings)
+    task_url = getattr(project, "task_url", None)  # the item on its platform (Label Studio)
+    assignment = _assignment(df, settings, written, task_url)
     runs = history if history is not None else _earlier_runs(run_dir, storage_options)
     trend = trend_points((df, meta, gate), runs, settings, storage_options)
 
-    summary: dict[str, Any] = {}
-    if out.exists("summary.json"):
-        try:
-            summary = json.loads(out.read_text("summary.json"))
-        except ValueError as exc:
-            log.warning("%s: summary.json unreadable, rewritten: %s", run_dir, exc)
+    summary = _previous_summary(out, run_dir)
     from difficulty.scoring import summarize
 
     summary.update(summarize(df, meta))
@@ -836,13 +833,8 @@ def write_report(
     unscored = int(df["tier"].isna().sum())
     combination = meta.get("combination", {})
     weights = {k: (v or 0.0) for k, v in combination.get("weights", {}).items()}
-    correlations = combination.get("correlations", {})
     dropped = combination.get("dropped") or {}
-    cv_aurc = combination.get("cv_aurc") or {}
     fs = _project_fs(meta, project)
-    task_url = getattr(project, "task_url", None)  # the item on its platform (Label Studio)
-    if task_url is not None and len(assignment):
-        assignment.insert(1, "task_url", [task_url(str(i)) for i in assignment["item_id"]])
     fmt = project if project is not None else _open_format(meta, fs)
     settings_meta = meta.get("settings") or {}
     label_map = LabelMap.model_validate(settings_meta.get("label_map") or {})
@@ -868,42 +860,13 @@ def write_report(
         "prediction_color": PREDICTION_COLOR,
         "has_predictions": predictions is not None,
         "tier_plot": plot_tiers({**counts, **({"unscored": unscored} if unscored else {})}),
-        "score_plot": plot_score_distribution(
-            df, (_threshold(meta, "easy_max"), _threshold(meta, "hard_min"))
-        ),
-        "scorer_histograms": scorer_histograms(df, scorers, weights, dropped),
-        "agreement_plot": plot_agreement(correlations, combination.get("combined_rho")),
-        "error_plot": plot_error_by_tier(df),
-        "trend_plot": plot_trend(trend),
-        "risk_plot": plot_risk_coverage(gate) if gate is not None else None,
-        "scorers": [
-            {
-                "name": s,
-                "weight": weights.get(s, 0.0),
-                "rho": correlations.get(s),
-                "aurc": cv_aurc.get(f"single:{s}"),
-                "dropped": dropped.get(s),
-                "median": _median(df[s]),
-                "missing": int(df.loc[df["error"].isna(), s].isna().sum()),
-            }
-            for s in scorers
-        ],
+        **_plots(df, meta, scorers, weights, trend, gate),
+        "scorers": _scorer_rows(df, scorers, weights, combination),
         "dropped": dropped,
         "combination": combination,
         "tier_notes": tier_notes(df, meta, gate),
         "label_map_check": read_label_map_check(out),
-        "hardest": thumbnails(
-            df,
-            fs,
-            hardest=True,
-            n=thumbnails_per_side,
-            why_from=why_from,
-            boxes=boxes,
-            task_url=task_url,
-        ),
-        "easiest": thumbnails(
-            df, fs, hardest=False, n=thumbnails_per_side, boxes=boxes, task_url=task_url
-        ),
+        **_hardest_and_easiest(df, fs, thumbnails_per_side, why_from, boxes, task_url),
         "plan": plan,
         "trend": trend,
         "gate": gate,
@@ -913,16 +876,106 @@ def write_report(
     }
     page = _template().render(**context)
     paths = {"report": out.write_text("report.html", page)}
-    summary["plan"] = plan
-    summary["trend"] = trend
-    summary["autolabel"] = gate.model_dump(mode="json") if gate is not None else None
-    summary["report"] = {"generated": context["generated"], "sections": list(SECTIONS)}
+    summary |= {
+        "plan": plan,
+        "trend": trend,
+        "autolabel": gate.model_dump(mode="json") if gate is not None else None,
+        "report": {"generated": context["generated"], "sections": list(SECTIONS)},
+    }
     paths["summary"] = out.write_text("summary.json", json.dumps(summary, indent=2, default=str))
     paths["plan"] = write_plan(plan, run_dir, storage_options)
     text = csv_text(assignment, float_format="%.4g")  # no cell starts a formula
     paths["assignment"] = out.write_text("assignment.csv", text)
     log.info("report written to %s", paths["report"])
     return paths
+
+
+def _plots(
+    df: pd.DataFrame,
+    meta: dict[str, Any],
+    scorers: list[str],
+    weights: dict[str, float],
+    trend: list[dict[str, Any]],
+    gate: GateRecord | None,
+) -> dict[str, Any]:
+    """The report's figures of the scores, the scorers, the trend and the gate."""
+    combination = meta.get("combination", {})
+    return {
+        "score_plot": plot_score_distribution(
+            df, (_threshold(meta, "easy_max"), _threshold(meta, "hard_min"))
+        ),
+        "scorer_histograms": scorer_histograms(
+            df, scorers, weights, combination.get("dropped") or {}
+        ),
+        "agreement_plot": plot_agreement(
+            combination.get("correlations", {}), combination.get("combined_rho")
+        ),
+        "error_plot": plot_error_by_tier(df),
+        "trend_plot": plot_trend(trend),
+        "risk_plot": plot_risk_coverage(gate) if gate is not None else None,
+    }
+
+
+def _assignment(
+    df: pd.DataFrame,
+    settings: PlanSettings,
+    written: set[str],
+    task_url: Callable[[str], str] | None,
+) -> pd.DataFrame:
+    """Who labels which of the items left unlabeled (after the gate wrote ``written``)."""
+    left = df[(df["status"] == "unlabeled") & ~df["item_id"].astype(str).isin(written)]
+    assignment = assign(left, seconds_per_tier(df, settings), settings)
+    if task_url is not None and len(assignment):
+        assignment.insert(1, "task_url", [task_url(str(i)) for i in assignment["item_id"]])
+    return assignment
+
+
+def _hardest_and_easiest(
+    df: pd.DataFrame,
+    fs: ProjectFS | None,
+    n: int,
+    why_from: Sequence[str],
+    boxes: BoxSources,
+    task_url: Callable[[str], str] | None,
+) -> dict[str, list[dict[str, Any]]]:
+    """The report's two thumbnail rows: the hardest items (with a "why") and the easiest."""
+    return {
+        "hardest": thumbnails(
+            df, fs, hardest=True, n=n, why_from=why_from, boxes=boxes, task_url=task_url
+        ),
+        "easiest": thumbnails(df, fs, hardest=False, n=n, boxes=boxes, task_url=task_url),
+    }
+
+
+def _previous_summary(out: ProjectFS, run_dir: str) -> dict[str, Any]:
+    """The run's ``summary.json`` as scoring wrote it (empty when unreadable)."""
+    if out.exists("summary.json"):
+        try:
+            return dict(json.loads(out.read_text("summary.json")))
+        except ValueError as exc:
+            log.warning("%s: summary.json unreadable, rewritten: %s", run_dir, exc)
+    return {}
+
+
+def _scorer_rows(
+    df: pd.DataFrame, scorers: list[str], weights: dict[str, float], combination: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """One row per scorer for the report's table: weight, agreement, AURC, median, missing."""
+    correlations = combination.get("correlations", {})
+    dropped = combination.get("dropped") or {}
+    cv_aurc = combination.get("cv_aurc") or {}
+    return [
+        {
+            "name": s,
+            "weight": weights.get(s, 0.0),
+            "rho": correlations.get(s),
+            "aurc": cv_aurc.get(f"single:{s}"),
+            "dropped": dropped.get(s),
+            "median": _median(df[s]),
+            "missing": int(df.loc[df["error"].isna(), s].isna().sum()),
+        }
+        for s in scorers
+    ]
 
 
 def _threshold(meta: dict[str, Any], key: str) -> float:

@@ -53,6 +53,7 @@ from difficulty.combine import (
 from difficulty.items import chunks as _chunks
 from difficulty.items import task_of as _task
 from difficulty.matching import detection_error, item_error, project_probs
+from difficulty.options import ScoreOptions
 from difficulty.registry import SCORERS, ScorerSpec, load_scorers
 from difficulty.table import write_difficulty_parts
 from difficulty.tiers import TierConfig, tier_thresholds, tiers_from_thresholds
@@ -61,7 +62,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_SCORER = "fourier"
-CHUNK_SIZE = 512
 ChunkRunner = Callable[..., Iterable[pd.DataFrame]]
 """``runner(chunks, **score_chunk_kwargs)`` → the tables of :func:`score_chunk`, in chunk order."""
 PREDICTION_FIELDS = (
@@ -305,6 +305,34 @@ def score_chunk(
     )
 
 
+def _prediction_inputs(
+    items: list[Item],
+    predictions: PredictionSource | None,
+    label_map: LabelMap,
+    errors: dict[str, str],
+) -> tuple[dict[str, dict[str, Any]], dict[str, Prediction], dict[str, list[Annotation]]]:
+    """The scorers' inputs from brought predictions (``need → item_id → value``), the
+    predictions and their label-mapped boxes; a prediction's error goes to ``errors``."""
+    inputs: dict[str, dict[str, Any]] = {}
+    preds: dict[str, Prediction] = {}
+    mapped: dict[str, list[Annotation]] = {}
+    if predictions is None:
+        return inputs, preds, mapped
+    for it in items:
+        p = predictions.get(it.item_id, it)
+        if p is None:
+            continue
+        if p.error:
+            errors[it.item_id] = p.error
+            continue
+        preds[it.item_id] = p
+        mapped[it.item_id] = label_map.apply(p.annotations)
+        inputs.setdefault("box_scores", {})[it.item_id] = _box_scores(mapped[it.item_id])
+        if probs := project_probs(p, label_map):
+            inputs.setdefault("probs", {})[it.item_id] = probs
+    return inputs, preds, mapped
+
+
 def _chunk_frame(
     items: list[Item],
     image_values: Mapping[str, Mapping[str, float]],
@@ -328,29 +356,14 @@ def _chunk_frame(
     errors: dict[str, str] = {it.item_id: it.error for it in items if it.error}
     ok = [it for it in items if not it.error]
     errors.update(image_errors)
-    inputs: dict[str, dict[str, Any]] = {}
-    preds: dict[str, Prediction] = {}
-    mapped: dict[str, list[Annotation]] = {}
-
     if checkpoint is not None and ok:
-        per_need, preds, model_errors = _model_outputs(
+        inputs, preds, model_errors = _model_outputs(
             checkpoint, ok, project, batch_size, wanted, checkpoint_storage_options
         )
         errors.update(model_errors)
-        inputs.update(per_need)
-    elif predictions is not None:
-        for it in ok:
-            p = predictions.get(it.item_id, it)
-            if p is None:
-                continue
-            if p.error:
-                errors[it.item_id] = p.error
-                continue
-            preds[it.item_id] = p
-            mapped[it.item_id] = label_map.apply(p.annotations)
-            inputs.setdefault("box_scores", {})[it.item_id] = _box_scores(mapped[it.item_id])
-            if probs := project_probs(p, label_map):
-                inputs.setdefault("probs", {})[it.item_id] = probs
+        mapped: dict[str, list[Annotation]] = {}
+    else:
+        inputs, preds, mapped = _prediction_inputs(ok, predictions, label_map, errors)
 
     n = len(items)
     rows: dict[str, Any] = {
@@ -728,43 +741,30 @@ def _local_chunks(
 
 def score_project(
     project: ProjectFormat,
+    options: ScoreOptions | None = None,
     *,
     out_dir: str,
     items: Iterable[Item] | None = None,
     predictions: PredictionSource | None = None,
     checkpoint: str | None = None,
     label_map: LabelMap = LabelMap(),
-    scorers: list[str] | None = None,
-    settings: dict[str, dict[str, Any]] | None = None,
-    tiers: TierConfig = TierConfig(),
     reference: str | None = None,
     storage_options: dict[str, Any] | None = None,
-    batch_size: int = 64,
-    num_workers: int = 2,
     progress: bool = False,
     run_id: str | None = None,
-    image_size: int = 128,
-    iou_threshold: float = 0.5,
-    error_min_score: float = 0.25,
-    min_labeled: int = 30,
-    chunk_size: int = CHUNK_SIZE,
-    seed: int = 0,
     chunk_runner: ChunkRunner | None = None,
-    signed_weights: bool = False,
+    **keywords: Any,
 ) -> ScoreResult:
-    """Score every item of ``project``; write ``out_dir/difficulty.parquet`` and ``summary.json``.
+    """Score every item of ``project`` with ``options``; write ``out_dir/difficulty.parquet``
+    and ``summary.json``.
 
-    ``items`` is the run's stream of the project's items when it has read them already
-    (any iterable, read once; default: ``project.iter_items()``); ``predictions`` any
-    :class:`PredictionSource`, e.g. one over predictions held in memory.
-    ``scorers`` defaults to ``fourier`` plus whatever the inputs support
-    (:func:`default_scorers`); ``settings`` holds per-scorer settings under the scorer's
-    name.  ``reference`` is an earlier run folder whose reference distributions, weights
-    and tier thresholds are reused so that the scores of both runs compare.
-    ``signed_weights`` lets scorers that rank the true error backwards take part reversed
-    (see :func:`difficulty.combine.candidate_weights`); off by default.
-    ``out_dir`` is any fsspec URL (``storage_options`` apply to it, to ``reference`` and to
-    ``checkpoint``).
+    ``keywords`` are fields of :class:`~difficulty.options.ScoreOptions` laid over
+    ``options``.  ``items`` is the run's stream of the project's items when it has read
+    them already (any iterable, read once; default: ``project.iter_items()``);
+    ``predictions`` any :class:`PredictionSource`, e.g. one over predictions held in
+    memory.  ``reference`` is an earlier run folder whose reference distributions, weights
+    and tier thresholds are reused so that the scores of both runs compare.  ``out_dir`` is
+    any fsspec URL (``storage_options`` apply to it, to ``reference`` and to ``checkpoint``).
     ``chunk_runner`` (an engine, e.g. :meth:`autolabel.engine_dask.DaskEngine.map_chunks`)
     maps :func:`score_chunk` over the chunks elsewhere and yields their tables in order;
     ``None`` runs them here, with one image stream (``num_workers`` decoding processes)
@@ -774,132 +774,166 @@ def score_project(
     to a temporary Parquet file as they come, and the final table is written from it a
     row group at a time.
     """
+    o = ScoreOptions.of(options, keywords)
     if predictions is not None and checkpoint is not None:
         raise UsageError("give predictions or a model checkpoint, not both")
     task = _task(project)
     needs = available_needs(
         task, predictions=predictions is not None, checkpoint=checkpoint is not None
     )
-    names = list(scorers) if scorers else default_scorers(needs)
+    names = list(o.scorers) if o.scorers else default_scorers(needs)
     if not names:
         raise UsageError("no scorer to run")
-    chosen = resolve_scorers(names, settings, needs)
+    chosen = resolve_scorers(names, o.settings, needs)
     reference_meta = None
     if reference is not None:
         from difficulty.table import read_difficulty
 
         _, reference_meta = read_difficulty(reference, storage_options)
-    run_id = run_id or new_run_id()
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-
+    meta: dict[str, Any] = {
+        "run_id": run_id or new_run_id(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": project.project.url,
+        "format": getattr(project, "name", type(project).__name__),
+        "task": task,
+    }
     stream: Iterable[Item] = project.iter_items() if items is None else items
     if progress:
         from tqdm import tqdm
 
         stream = tqdm(stream, desc="score", unit="item")
     chunk_kwargs: dict[str, Any] = {
-        "project": project.project,
-        "scorers": chosen,
-        "predictions": predictions,
-        "checkpoint": checkpoint,
-        "checkpoint_storage_options": storage_options,
-        "label_map": label_map,
-        "task": task,
-        "image_size": image_size,
-        "batch_size": batch_size,
-        "num_workers": num_workers,
-        "iou_threshold": iou_threshold,
-        "error_min_score": error_min_score,
-        "seed": seed,
-    }
+        "project": project.project, "scorers": chosen, "predictions": predictions,
+        "checkpoint": checkpoint, "checkpoint_storage_options": storage_options,
+        "label_map": label_map, "task": task, "image_size": o.image_size,
+        "batch_size": o.batch_size, "num_workers": o.num_workers,
+        "iou_threshold": o.iou_threshold, "error_min_score": o.error_min_score, "seed": o.seed,
+    }  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="labeltriage-score-") as spill:
         raw = _Collected(os.path.join(spill, "raw.parquet"), list(names))
         if chunk_runner is None:
-            parts: Iterable[pd.DataFrame] = _local_chunks(stream, chunk_size, **chunk_kwargs)
+            parts: Iterable[pd.DataFrame] = _local_chunks(stream, o.chunk_size, **chunk_kwargs)
         else:
-            parts = chunk_runner(_chunks(stream, chunk_size), **chunk_kwargs)
+            parts = chunk_runner(_chunks(stream, o.chunk_size), **chunk_kwargs)
         for part in parts:
             raw.add(part)
         raw.close()
         if raw.items == 0:
             raise UsageError(f"project {project.project.url} has no items")
-        ok = raw.column("ok")
-        values = {name: raw.column(name) for name in names}
-        if scorers is None:
-            empty = [n for n in names if np.isnan(values[n][ok]).all() and n != DEFAULT_SCORER]
-            if empty:
-                log.info(
-                    "scorers without inputs in this project are left out: %s", ", ".join(empty)
-                )
-                names = [n for n in names if n not in empty]
-        else:
-            empty = []
-        true_error = raw.column("true_error")
-        lean = pd.DataFrame({name: values[name] for name in names})
-        lean["error"] = pd.Series([None if good else "error" for good in ok], dtype=object)
-        lean["true_error"] = true_error
-        del values
-        finished, parts_meta = finish_table(
-            lean,
-            names,
-            tiers=tiers,
-            reference_meta=reference_meta,
-            min_labeled=min_labeled,
-            seed=seed,
-            signed_weights=signed_weights,
-        )
-        score = finished["score"].to_numpy(dtype=np.float64)
-        tier = finished["tier"].to_numpy()
-        rank = finished["rank"].array
-        del lean, finished
-        versions = sorted(raw.versions)
-        if checkpoint is not None:
-            model_version: str | None = checkpoint
-        elif versions:
-            model_version = ", ".join(versions)
-        else:
-            model_version = describe_predictions(predictions)
-        meta: dict[str, Any] = {
-            "run_id": run_id,
-            "created": created,
-            "source": project.project.url,
-            "format": getattr(project, "name", type(project).__name__),
-            "task": task,
-            "model_version": model_version,
+        names, empty = _scorers_with_values(raw, names, given=o.scorers is not None)
+        finished, parts_meta = _finish(raw, names, o, reference_meta)
+        meta |= {
+            "model_version": _model_version(raw, checkpoint, predictions),
             "scorers": names,
             "settings": {
                 "scorers": {k: dict(v) for k, v in chosen.items() if k in names},
                 "label_map": label_map.model_dump(mode="json"),
-                "iou_threshold": iou_threshold,
-                "error_min_score": error_min_score,
-                "image_size": image_size,
-                "min_labeled": min_labeled,
-                "signed_weights": signed_weights,
+                **o.model_dump(include=RECORDED_OPTIONS),
                 "reference": reference,
             },
             **parts_meta,
         }
-
-        def finished_parts() -> Iterator[pd.DataFrame]:
-            start = 0
-            for part in raw.parts(drop=empty):
-                stop = start + len(part)
-                part["score"] = score[start:stop]
-                part["tier"] = tier[start:stop]
-                part["rank"] = rank[start:stop]
-                start = stop
-                yield part
-
         paths = {
-            "difficulty": write_difficulty_parts(finished_parts(), out_dir, meta, storage_options)
+            "difficulty": write_difficulty_parts(
+                _finished_parts(raw, empty, finished), out_dir, meta, storage_options
+            )
         }
+    return _result(project, raw, finished, meta, paths, out_dir, storage_options)
+
+
+RECORDED_OPTIONS = {
+    "iou_threshold",
+    "error_min_score",
+    "image_size",
+    "min_labeled",
+    "signed_weights",
+}
+"""The scoring options a table's metadata records under ``settings``."""
+
+
+def _scorers_with_values(
+    raw: _Collected, names: list[str], *, given: bool
+) -> tuple[list[str], list[str]]:
+    """``(names kept, names left out)``: default scorers without any value are left out."""
+    if given:
+        return names, []
+    ok = raw.column("ok")
+    empty = [n for n in names if n != DEFAULT_SCORER and np.isnan(raw.column(n)[ok]).all()]
+    if empty:
+        log.info("scorers without inputs in this project are left out: %s", ", ".join(empty))
+    return [n for n in names if n not in empty], empty
+
+
+def _finish(
+    raw: _Collected,
+    names: list[str],
+    o: ScoreOptions,
+    reference_meta: dict[str, Any] | None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The combined ``score``, ``tier``, ``rank`` and ``true_error`` arrays of every item,
+    and the table metadata of the combination and tiers (:func:`finish_table`)."""
+    ok = raw.column("ok")
+    true_error = raw.column("true_error")
+    lean = pd.DataFrame({name: raw.column(name) for name in names})
+    lean["error"] = pd.Series([None if good else "error" for good in ok], dtype=object)
+    lean["true_error"] = true_error
+    finished, parts_meta = finish_table(
+        lean,
+        names,
+        tiers=o.tiers,
+        reference_meta=reference_meta,
+        min_labeled=o.min_labeled,
+        seed=o.seed,
+        signed_weights=o.signed_weights,
+    )
+    arrays = {
+        "score": finished["score"].to_numpy(dtype=np.float64),
+        "tier": finished["tier"].to_numpy(),
+        "rank": finished["rank"].array,
+        "true_error": true_error,
+    }
+    return arrays, parts_meta
+
+
+def _model_version(
+    raw: _Collected, checkpoint: str | None, predictions: PredictionSource | None
+) -> str | None:
+    if checkpoint is not None:
+        return checkpoint
+    versions = sorted(raw.versions)
+    return ", ".join(versions) if versions else describe_predictions(predictions)
+
+
+def _finished_parts(
+    raw: _Collected, empty: list[str], finished: dict[str, Any]
+) -> Iterator[pd.DataFrame]:
+    """The collected parts with their ``score``, ``tier`` and ``rank``, a part at a time."""
+    start = 0
+    for part in raw.parts(drop=empty):
+        stop = start + len(part)
+        for column in ("score", "tier", "rank"):
+            part[column] = finished[column][start:stop]
+        start = stop
+        yield part
+
+
+def _result(
+    project: ProjectFormat,
+    raw: _Collected,
+    finished: dict[str, Any],
+    meta: dict[str, Any],
+    paths: dict[str, Any],
+    out_dir: str,
+    storage_options: dict[str, Any] | None,
+) -> ScoreResult:
+    """Write ``summary.json``; the run's result (published where the platform shows scores)."""
     summary = run_summary(
         meta,
         items=raw.items,
         labeled=raw.labeled,
-        score=score,
-        tier=tier,
-        true_error=true_error,
+        score=finished["score"],
+        tier=finished["tier"],
+        true_error=finished["true_error"],
         errors=raw.errors,
         error_items=raw.error_items,
     )

@@ -93,6 +93,75 @@ def _gather(
     return ids, merged, (np.concatenate(features) if features else None), errors
 
 
+def _selection_spec(
+    strategy: str,
+    checkpoint: str | Checkpoint | None,
+    task: str | None,
+    diversity: str | None,
+    settings: dict[str, Any] | None,
+    storage_options: dict[str, Any] | None,
+) -> tuple[Checkpoint | None, str, Any, dict[str, Any]]:
+    """Check a selection's inputs: ``(checkpoint, task, strategy spec, its settings)``."""
+    from difficulty import hybrid
+
+    batch_strategy = strategy in hybrid.batch_selections()
+    if batch_strategy and task not in (None, "classification"):
+        raise UsageError(
+            f"strategy {strategy!r} chooses batches on a classification model; for detection "
+            "use a classic strategy with --diversity kcenter"
+        )
+    ckpt = (
+        load_checkpoint(checkpoint, storage_options=storage_options)
+        if checkpoint is not None
+        else None
+    )
+    if ckpt is None and strategy != "random":
+        raise UsageError(f"strategy {strategy!r} needs a trained model: give --model CHECKPOINT")
+    if diversity is not None and diversity not in DIVERSITY:
+        raise UsageError(f"unknown diversity {diversity!r}; choose one of: {', '.join(DIVERSITY)}")
+    if diversity is not None and ckpt is None:
+        raise UsageError("diversity works on the model's features: give --model CHECKPOINT")
+    task = task or (ckpt.task if ckpt is not None else "classification")
+    if batch_strategy and task != "classification":
+        raise UsageError(
+            f"strategy {strategy!r} chooses batches on a classification model, not on "
+            f"this {task} model; for detection use a classic strategy with --diversity kcenter"
+        )
+    spec = (
+        _batch_spec(strategy, hybrid.strategy_needs(strategy))
+        if batch_strategy
+        else strategy_for_task(strategy, task)
+    )
+    try:
+        kwargs = spec.settings(**(settings or {})).model_dump()
+    except Exception as exc:  # pydantic ValidationError
+        raise UsageError(f"bad settings for strategy {strategy!r}: {exc}") from exc
+
+    return ckpt, task, spec, kwargs
+
+
+def _batch_ranked(
+    strategy: str,
+    arrays: dict[str, Any],
+    ids: list[str],
+    budget: int,
+    rng: np.random.Generator,
+    candidate_factor: int,
+) -> list[tuple[str, float]]:
+    """The batch a strategy of :data:`BATCH_SELECTIONS` picks, with each item's value."""
+    from difficulty import hybrid
+
+    picked = hybrid.pick_batch(
+        strategy, arrays, budget, rng, subset=len(ids), candidate_factor=candidate_factor
+    )
+    values = (
+        hybrid.values_of(hybrid.base_strategy(strategy), arrays)
+        if strategy != "badge"
+        else np.linalg.norm(hybrid.gradient_embedding(arrays["probs"], arrays["features"]), axis=1)
+    )
+    return [(ids[int(i)], float(values[int(i)])) for i in picked]
+
+
 def select_from_project(
     items: Iterable[Item],
     project: ProjectFS | Any,
@@ -128,38 +197,11 @@ def select_from_project(
     ``learning_loss_subset`` scores a seeded random half of the pool unless ``subset`` is
     given (the random-subset trick of Yoo & Kweon).
     """
+
     batch_strategy = strategy in hybrid.batch_selections()
-    if batch_strategy and task not in (None, "classification"):
-        raise UsageError(
-            f"strategy {strategy!r} chooses batches on a classification model; for detection "
-            "use a classic strategy with --diversity kcenter"
-        )
-    ckpt = (
-        load_checkpoint(checkpoint, storage_options=storage_options)
-        if checkpoint is not None
-        else None
+    ckpt, task, spec, kwargs = _selection_spec(
+        strategy, checkpoint, task, diversity, settings, storage_options
     )
-    if ckpt is None and strategy != "random":
-        raise UsageError(f"strategy {strategy!r} needs a trained model: give --model CHECKPOINT")
-    if diversity is not None and diversity not in DIVERSITY:
-        raise UsageError(f"unknown diversity {diversity!r}; choose one of: {', '.join(DIVERSITY)}")
-    if diversity is not None and ckpt is None:
-        raise UsageError("diversity works on the model's features: give --model CHECKPOINT")
-    task = task or (ckpt.task if ckpt is not None else "classification")
-    if batch_strategy and task != "classification":
-        raise UsageError(
-            f"strategy {strategy!r} chooses batches on a classification model, not on "
-            f"this {task} model; for detection use a classic strategy with --diversity kcenter"
-        )
-    spec = (
-        _batch_spec(strategy, hybrid.strategy_needs(strategy))
-        if batch_strategy
-        else strategy_for_task(strategy, task)
-    )
-    try:
-        kwargs = spec.settings(**(settings or {})).model_dump()
-    except Exception as exc:  # pydantic ValidationError
-        raise UsageError(f"bad settings for strategy {strategy!r}: {exc}") from exc
 
     pool = [it for it in items if it.status is ItemStatus.UNLABELED and it.error is None]
     pool.sort(key=lambda it: it.item_id)
@@ -203,22 +245,7 @@ def select_from_project(
         arrays["n"] = len(ids)
     if batch_strategy and ids:
         arrays["features"] = features
-        picked = hybrid.pick_batch(
-            strategy,
-            arrays,
-            budget,
-            rng,
-            subset=len(ids),
-            candidate_factor=candidate_factor,
-        )
-        values = (
-            hybrid.values_of(hybrid.base_strategy(strategy), arrays)
-            if strategy != "badge"
-            else np.linalg.norm(
-                hybrid.gradient_embedding(arrays["probs"], arrays["features"]), axis=1
-            )
-        )
-        ranked = [(ids[int(i)], float(values[int(i)])) for i in picked]
+        ranked = _batch_ranked(strategy, arrays, ids, budget, rng, candidate_factor)
         return SelectionResult(ranked, strategy, len(ids), len(pool), errors, ckpt.version)
     values = np.asarray(spec.fn(**arrays, **kwargs), dtype=np.float64) if ids else np.zeros(0)
     if not np.all(np.isfinite(values)):

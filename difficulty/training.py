@@ -56,6 +56,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -86,6 +87,7 @@ from difficulty.models.classification import LossPredictionClassifier, TappedCla
 from difficulty.models.fcos import FeatureDetector
 from difficulty.models.lossnet import LossNetConfig, loss_pred_loss
 from difficulty.models.user_weights import load_target_weights, read_target_weights
+from difficulty.options import Options
 
 log = logging.getLogger(__name__)
 
@@ -318,6 +320,76 @@ def _committee_meta(config: CommitteeConfig, epochs: int, lr: float, seed: int) 
 # -- in-memory arrays (the active-learning benchmark) ---------------------------------
 
 
+def _as_tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` as ``(N, C, H, W)`` float32 and ``y`` as ``(N,)`` int64 tensors."""
+    xt = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+    if xt.dim() == 3:
+        xt = xt.unsqueeze(1)
+    if xt.dim() != 4:
+        raise ValueError(f"x must be (N, C, H, W) or (N, H, W), got shape {tuple(xt.shape)}")
+    yt = torch.as_tensor(np.asarray(y), dtype=torch.int64)
+    if yt.shape != (xt.shape[0],):
+        raise ValueError(f"y must be ({xt.shape[0]},), got {tuple(yt.shape)}")
+    return xt, yt
+
+
+def _array_batches(
+    xt: torch.Tensor, yt: torch.Tensor, bs: int, drop_last: bool, seed: int, device: str
+) -> Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]:
+    """The shuffled batches of one epoch of the arrays, as a function of the epoch (one
+    generator, seeded once, across the epochs)."""
+    n = int(xt.shape[0])
+    gen = torch.Generator().manual_seed(seed)
+
+    def batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(n, generator=gen).to(device)
+        for start in range(0, n - bs + 1 if drop_last else n, bs):
+            idx = order[start : start + bs]
+            yield xt[idx], yt[idx]
+
+    return batches
+
+
+def _array_committee(
+    model: nn.Module,
+    meta: dict[str, Any],
+    committee: CommitteeConfig,
+    xt: torch.Tensor,
+    yt: torch.Tensor,
+    bs: int,
+    drop_last: bool,
+    steps: int,
+    min_steps: int,
+    lr: float,
+    seed: int,
+    device: str,
+) -> Any:
+    """Train the bootstrap committee of ``model``'s target on the arrays; recorded in ``meta``."""
+    n = int(xt.shape[0])
+    m_epochs = member_epochs(committee.epochs, steps, min_steps)
+
+    def member_batches(member: int, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        idx = torch.as_tensor(bootstrap_indices(n, member, seed)).to(device)
+        order = torch.randperm(
+            n, generator=torch.Generator().manual_seed(seed * 7919 + member * 131 + epoch)
+        ).to(device)
+        for start in range(0, n - bs + 1 if drop_last else n, bs):
+            chosen = idx[order[start : start + bs]]
+            yield xt[chosen], yt[chosen]
+
+    members = train_members(
+        model.target,  # type: ignore[arg-type]
+        member_batches,
+        members=committee.members,
+        epochs=m_epochs,
+        lr=lr,
+        seed=seed,
+        device=device,
+    )
+    meta["committee"] = _committee_meta(committee, m_epochs, lr, seed)
+    return members
+
+
 def train_on_arrays(
     x: np.ndarray,
     y: np.ndarray,
@@ -355,22 +427,12 @@ def train_on_arrays(
     :class:`Checkpoint` (``path=None``) for :func:`infer_arrays` or :func:`save_checkpoint`
     (pass ``committee=ckpt.committee`` to store the members).
     """
-    xt = torch.as_tensor(np.asarray(x), dtype=torch.float32)
-    if xt.dim() == 3:
-        xt = xt.unsqueeze(1)
-    if xt.dim() != 4:
-        raise ValueError(f"x must be (N, C, H, W) or (N, H, W), got shape {tuple(xt.shape)}")
-    yt = torch.as_tensor(np.asarray(y), dtype=torch.int64)
-    if yt.shape != (xt.shape[0],):
-        raise ValueError(f"y must be ({xt.shape[0]},), got {tuple(yt.shape)}")
+    xt, yt = _as_tensors(x, y)
     classes = list(classes) if classes is not None else [str(i) for i in range(int(yt.max()) + 1)]
     committee = _committee_config(
-        committee_kind,
-        committee_size,
-        committee_epochs,
-        "classification",
+        committee_kind, committee_size, committee_epochs, "classification",
         arch if target is None else "user",
-    )
+    )  # fmt: skip
     torch.manual_seed(seed)
     init_ckpt = load_checkpoint(init) if init is not None else None
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -381,22 +443,15 @@ def train_on_arrays(
         "arch": arch if target is None else "user",
         "classes": classes,
         "model": {
-            "in_channels": int(xt.shape[1]),
-            "image_size": int(xt.shape[2]),
-            "width": width,
-            "dropout": dropout,
+            "in_channels": int(xt.shape[1]), "image_size": int(xt.shape[2]),
+            "width": width, "dropout": dropout,
         },
         "lossnet": lossnet.model_dump(),
         "data_hash": hash_,
-        "calibration": {
-            "rule": "none (arrays)",
-            "share": 0.0,
-            "ids_hash": _ids_hash([]),
-            "count": 0,
-        },
+        "calibration": {"rule": "none (arrays)", "share": 0.0, "ids_hash": _ids_hash([]), "count": 0},
         "calibration_ids": [],
         "created": created,
-    }
+    }  # fmt: skip
     if target is not None:
         model: nn.Module = LossPredictionClassifier(target, lossnet)
     else:
@@ -410,60 +465,22 @@ def train_on_arrays(
     drop_last = n > bs
     steps = n // bs if drop_last else 1
     total_epochs = _effective_epochs(epochs, steps, min_steps)
-    gen = torch.Generator().manual_seed(seed)
-
-    def batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.randperm(n, generator=gen).to(device)
-        for start in range(0, n - bs + 1 if drop_last else n, bs):
-            idx = order[start : start + bs]
-            yield xt[idx], yt[idx]
-
     history = _fit(
-        model,
-        batches,
-        _classification_step,
-        epochs=total_epochs,
-        lr=lr,
-        lossnet=lossnet,
-        freeze_target=freeze_target,
-        progress=progress,
-        desc="train",
-    )
+        model, _array_batches(xt, yt, bs, drop_last, seed, device), _classification_step,
+        epochs=total_epochs, lr=lr, lossnet=lossnet, freeze_target=freeze_target,
+        progress=progress, desc="train",
+    )  # fmt: skip
     meta["version"] = meta["model_version"] = _version(meta["arch"], hash_, created)
     meta["training"] = {
-        "epochs": total_epochs,
-        "epochs_asked": epochs,
-        "batch_size": bs,
-        "lr": lr,
-        "seed": seed,
-        "init": (init_ckpt.version if init_ckpt is not None else None),
-        "freeze_target": freeze_target,
-        "items": n,
-        "history": history,
-    }
+        "epochs": total_epochs, "epochs_asked": epochs, "batch_size": bs, "lr": lr,
+        "seed": seed, "init": (init_ckpt.version if init_ckpt is not None else None),
+        "freeze_target": freeze_target, "items": n, "history": history,
+    }  # fmt: skip
     members = None
     if committee.kind == "bootstrap":
-        m_epochs = member_epochs(committee.epochs, steps, min_steps)
-
-        def member_batches(member: int, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-            idx = torch.as_tensor(bootstrap_indices(n, member, seed)).to(device)
-            order = torch.randperm(
-                n, generator=torch.Generator().manual_seed(seed * 7919 + member * 131 + epoch)
-            ).to(device)
-            for start in range(0, n - bs + 1 if drop_last else n, bs):
-                chosen = idx[order[start : start + bs]]
-                yield xt[chosen], yt[chosen]
-
-        members = train_members(
-            model.target,  # type: ignore[arg-type]
-            member_batches,
-            members=committee.members,
-            epochs=m_epochs,
-            lr=lr,
-            seed=seed,
-            device=device,
+        members = _array_committee(
+            model, meta, committee, xt, yt, bs, drop_last, steps, min_steps, lr, seed, device
         )
-        meta["committee"] = _committee_meta(committee, m_epochs, lr, seed)
     model.to("cpu")
     return Checkpoint(
         meta=meta,
@@ -515,100 +532,41 @@ def fill_feature_cache(
 
 
 def _train_feature_detector(
-    model: FeatureDetector,
-    meta: dict[str, Any],
-    items: list[Item],
-    fs: ProjectFS,
-    *,
-    classes: list[str],
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    lossnet: LossNetConfig,
-    freeze_target: bool,
-    device: str,
-    progress: bool,
-    out: str,
-    min_steps: int,
-    num_workers: int,
-    augment: bool,
-    storage_options: dict[str, Any] | None,
-    feature_cache: FeatureCache | None,
-    cache_memory_bytes: int,
-    init_version: str | None,
-    calibration_count: int,
+    model: FeatureDetector, run: _Training, feature_cache: FeatureCache | None
 ) -> Checkpoint:
+    """Train the fcos detector on its cached frozen features; save it."""
     import time
 
-    from difficulty.datasets import detection_target
-    from difficulty.models.fcos import flip_boxes, flip_maps
-
+    o, meta = run.o, run.meta
     key = cache_key(meta)
     if feature_cache is not None and feature_cache.key != key:
         raise ValueError(f"the feature cache is for {feature_cache.key}, this model needs {key}")
     cache = (
         feature_cache
         if feature_cache is not None
-        else FeatureCache(key, memory_bytes=cache_memory_bytes)
+        else FeatureCache(key, memory_bytes=o.cache_memory_bytes)
     )
     try:
         start = time.perf_counter()
         errors = fill_feature_cache(
-            model, items, fs, cache, num_workers=num_workers, progress=progress
+            model, run.items, run.fs, cache, num_workers=o.num_workers, progress=run.progress
         )
         feature_seconds = time.perf_counter() - start
-        records: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-        for item in items:
-            if item.item_id in errors:
-                log.warning("skipping item %s: %s", item.item_id, errors[item.item_id])
-                continue
-            width, height = cache.size_of(item.item_id)
-            try:
-                target = detection_target(item, classes, width, height)
-            except InputError as exc:
-                errors[item.item_id] = str(exc)
-                log.warning("skipping item %s: %s", item.item_id, exc)
-                continue
-            boxes = model.scale_boxes(target["boxes"], width, height)
-            records.append((item.item_id, boxes, target["labels"]))
-        if not records:
-            raise UsageError("no readable labeled items to train on")
+        records = _cached_records(model, run.items, list(o.classes or ()), cache, errors)
         n = len(records)
-        bs = max(2, min(batch_size, n))
+        bs = max(2, min(o.batch_size, n))
         steps = max(1, n // bs) if n > bs else 1
-        total_epochs = _effective_epochs(epochs, steps, min_steps)
-        size = model.image_size
-
-        def batches(epoch: int) -> Iterable[Any]:
-            rng = np.random.default_rng((seed, epoch))
-            order = rng.permutation(n)
-            for begin in range(0, n, bs):
-                chosen = order[begin : begin + bs]
-                if len(chosen) < 2 and n > 1:  # a lone item has no pair for the ranking loss
-                    continue
-                maps, targets = [], []
-                for i in chosen:
-                    item_id, boxes, labels = records[int(i)]
-                    cached = cache.get(item_id)
-                    if cached is None:
-                        raise RuntimeError(f"features of item {item_id} left the cache")
-                    if augment and rng.random() < 0.5:
-                        cached, boxes = flip_maps(cached), flip_boxes(boxes, size)
-                    maps.append(cached)
-                    targets.append({"boxes": boxes.to(device), "labels": labels.to(device)})
-                yield [torch.stack(level).to(device) for level in zip(*maps, strict=True)], targets
-
+        total_epochs = _effective_epochs(o.epochs, steps, o.min_steps)
         start = time.perf_counter()
         history = _fit(
             model,
-            batches,
+            _feature_batches(model, records, cache, bs, o),
             _detection_step,
             epochs=total_epochs,
-            lr=lr,
-            lossnet=lossnet,
-            freeze_target=freeze_target,
-            progress=progress,
+            lr=run.lr,
+            lossnet=o.lossnet,
+            freeze_target=o.freeze_target,
+            progress=run.progress,
             desc="train fcos",
             clip=10.0,
             weight_decay=1e-4,
@@ -623,37 +581,128 @@ def _train_feature_detector(
         meta["arch"], meta["data_hash"], meta["created"]
     )
     meta["training"] = {
-        "epochs": total_epochs,
-        "epochs_asked": epochs,
-        "batch_size": bs,
-        "lr": lr,
-        "optimizer": "adamw, cosine schedule",
-        "seed": seed,
-        "init": init_version,
-        "target_weights": None,
-        "freeze_target": freeze_target,
-        "augment": augment,
-        "items": len(records),
-        "skipped_items": sorted(errors),
-        "history": history,
-        "feature_seconds": feature_seconds,
-        "fit_seconds": fit_seconds,
-        "feature_cache": stats,
-    }
+        "epochs": total_epochs, "epochs_asked": o.epochs, "batch_size": bs, "lr": run.lr,
+        "optimizer": "adamw, cosine schedule", "seed": o.seed, "init": run.init_version,
+        "target_weights": None, "freeze_target": o.freeze_target, "augment": o.augment,
+        "items": len(records), "skipped_items": sorted(errors), "history": history,
+        "feature_seconds": feature_seconds, "fit_seconds": fit_seconds, "feature_cache": stats,
+    }  # fmt: skip
     model.to("cpu")
-    ckpt = save_checkpoint(out, model, meta, storage_options=storage_options)
+    ckpt = save_checkpoint(run.out, model, meta, storage_options=run.storage_options)
     log.info(
         "trained fcos on %d items (%d held out for calibration; features %.0f s, fit %.0f s) → %s",
-        len(records),
-        calibration_count,
-        feature_seconds,
-        fit_seconds,
-        out,
-    )
+        len(records), run.calibration_count, feature_seconds, fit_seconds, run.out,
+    )  # fmt: skip
     return ckpt
 
 
+def _cached_records(
+    model: FeatureDetector,
+    items: list[Item],
+    classes: list[str],
+    cache: FeatureCache,
+    errors: dict[str, str],
+) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """``(item_id, boxes, labels)`` of the items with cached features, boxes at the model's
+    scale; an item whose label cannot be used goes to ``errors``, with a warning."""
+    from difficulty.datasets import detection_target
+
+    records: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    for item in items:
+        if item.item_id in errors:
+            log.warning("skipping item %s: %s", item.item_id, errors[item.item_id])
+            continue
+        width, height = cache.size_of(item.item_id)
+        try:
+            target = detection_target(item, classes, width, height)
+        except InputError as exc:
+            errors[item.item_id] = str(exc)
+            log.warning("skipping item %s: %s", item.item_id, exc)
+            continue
+        boxes = model.scale_boxes(target["boxes"], width, height)
+        records.append((item.item_id, boxes, target["labels"]))
+    if not records:
+        raise UsageError("no readable labeled items to train on")
+    return records
+
+
+def _feature_batches(
+    model: FeatureDetector,
+    records: list[tuple[str, torch.Tensor, torch.Tensor]],
+    cache: FeatureCache,
+    bs: int,
+    o: TrainOptions,
+) -> Callable[[int], Iterable[Any]]:
+    """The batches of one epoch of cached maps and their targets (randomly flipped with
+    ``o.augment``), as a function of the epoch."""
+    from difficulty.models.fcos import flip_boxes, flip_maps
+
+    n, size = len(records), model.image_size
+
+    def batches(epoch: int) -> Iterable[Any]:
+        rng = np.random.default_rng((o.seed, epoch))
+        order = rng.permutation(n)
+        for begin in range(0, n, bs):
+            chosen = order[begin : begin + bs]
+            if len(chosen) < 2 and n > 1:  # a lone item has no pair for the ranking loss
+                continue
+            maps, targets = [], []
+            for i in chosen:
+                item_id, boxes, labels = records[int(i)]
+                cached = cache.get(item_id)
+                if cached is None:
+                    raise RuntimeError(f"features of item {item_id} left the cache")
+                if o.augment and rng.random() < 0.5:
+                    cached, boxes = flip_maps(cached), flip_boxes(boxes, size)
+                maps.append(cached)
+                targets.append({"boxes": boxes.to(o.device), "labels": labels.to(o.device)})
+            yield [torch.stack(level).to(o.device) for level in zip(*maps, strict=True)], targets
+
+    return batches
+
+
 # -- a project (the CLI) ---------------------------------------------------------------
+
+
+class TrainOptions(Options):
+    """The settings of one training (:func:`train_model`).
+
+    ``task``: ``detection`` or ``classification``; ``arch`` (default: the ``init``
+    checkpoint's, else the task's default); ``classes``: the project's classes (default:
+    the ``init`` checkpoint's, else the sorted labels seen); ``lr`` defaults to 0.1
+    (classification) / 0.001 (detection); ``calibration_share``: the share of labeled items
+    held out (:func:`is_calibration`); ``target_weights``: start the target model from a
+    user's own weights file (:mod:`difficulty.models.user_weights`); ``freeze_target``:
+    train only the loss module on the ``init`` or ``target_weights`` model;
+    ``committee_*``: a bootstrap committee (classification, :mod:`difficulty.committee`);
+    ``backbone``/``backbone_weights``/``finetune_last_stage``: a pretrained backbone
+    (:mod:`difficulty.models.backbones`); ``cache_memory_bytes``: memory of the fcos
+    detector's feature cache; ``augment`` (default: on for ``fcos`` only): random flips.
+    """
+
+    task: str
+    arch: str | None = None
+    classes: list[str] | None = None
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float | None = None
+    seed: int = 0
+    lossnet: LossNetConfig = LossNetConfig()
+    calibration_share: float = 0.2
+    freeze_target: bool = False
+    target_weights: str | None = None
+    device: str = "cpu"
+    image_size: int | None = None
+    min_steps: int = 0
+    num_workers: int = 0
+    augment: bool | None = None
+    committee_kind: str = "dropout"
+    committee_size: int = 5
+    committee_epochs: int = 5
+    backbone: str | None = None
+    backbone_weights: str | None = None
+    finetune_last_stage: bool = False
+    cache_memory_bytes: int = DEFAULT_MEMORY_BYTES
 
 
 def _training_label(item: Item, task: str) -> Any:
@@ -665,118 +714,125 @@ def _training_label(item: Item, task: str) -> Any:
 def train_model(
     items: Iterable[Item],
     project: ProjectFS | Any,
+    options: TrainOptions | None = None,
     *,
-    task: str,
-    arch: str | None = None,
-    classes: list[str] | None = None,
-    epochs: int = 30,
-    batch_size: int = 32,
-    lr: float | None = None,
-    seed: int = 0,
-    lossnet: LossNetConfig = LossNetConfig(),
-    calibration_share: float = 0.2,
-    init: str | Checkpoint | None = None,
-    freeze_target: bool = False,
-    target_weights: str | None = None,
-    device: str = "cpu",
-    progress: bool = False,
     out: str,
-    image_size: int | None = None,
-    min_steps: int = 0,
-    num_workers: int = 0,
-    augment: bool | None = None,
+    init: str | Checkpoint | None = None,
+    progress: bool = False,
     storage_options: dict[str, Any] | None = None,
-    committee_kind: str = "dropout",
-    committee_size: int = 5,
-    committee_epochs: int = 5,
-    backbone: str | None = None,
-    backbone_weights: str | None = None,
-    finetune_last_stage: bool = False,
     feature_cache: FeatureCache | None = None,
-    cache_memory_bytes: int = DEFAULT_MEMORY_BYTES,
+    **keywords: Any,
 ) -> Checkpoint:
     """Train a target model + loss module on the human-labeled items of a project; save to ``out``.
 
-    Only items with a human label and no ``error`` are used; the calibration split
-    (:func:`is_calibration`, ``calibration_share``) is held out and recorded in the
-    checkpoint as ``calibration_ids``.  ``classes``: the project's classes (default: the
-    ``init`` checkpoint's, else the sorted labels seen).  ``init``: warm start (same task,
-    arch and classes).  ``target_weights``: start the target model from a user's own
-    weights file instead — a plain torchvision ``state_dict`` of ``arch`` for these classes,
-    or a labeltriage checkpoint (:mod:`difficulty.models.user_weights`); the loss module
-    starts fresh.  ``freeze_target``: train only the module on the ``init`` or
-    ``target_weights`` model, whose weights (BatchNorm statistics included) stay
-    bit-identical.  ``lr`` defaults to 0.1 (classification) / 0.001 (detection).
-    Items whose image cannot be read are skipped with a warning naming them.
-    ``committee_kind="bootstrap"`` (classification): also train ``committee_size`` members
-    on bootstrap resamples of the training items for ``committee_epochs`` and store them in
-    the checkpoint (:mod:`difficulty.committee`).
-    ``backbone`` (arch ``fcos`` for detection, ``backbone`` for classification, the
-    default arch when a backbone is named): a pretrained backbone by name
-    (:mod:`difficulty.models.backbones`), its weights from ``backbone_weights`` (default:
-    ``efficientnet_lite0``'s ImageNet weights; ``DEFAULT`` or a torchvision weights name;
-    ``none``; or a local ``state_dict`` file), frozen except, with
-    ``finetune_last_stage``, its stride-32 stage.  The detector trains on cached frozen
+    ``keywords`` are fields of :class:`TrainOptions` laid over ``options`` (``task`` is
+    required when no ``options`` are given).  Only items with a human label and no
+    ``error`` are used; the calibration split is held out and recorded in the checkpoint
+    as ``calibration_ids``.  ``init``: warm start (same task, arch and classes).  Items
+    whose image cannot be read are skipped with a warning naming them.  A backbone arch
+    (``fcos`` for detection, ``backbone`` for classification, the default arch when a
+    backbone is named) keeps its pretrained backbone frozen except, with
+    ``finetune_last_stage``, its stride-32 stage; the detector trains on cached frozen
     features (:mod:`difficulty.featurecache`: ``feature_cache`` to share one across
-    trainings, else a cache of its own of ``cache_memory_bytes`` in memory, the rest on
-    disk) with AdamW and a cosine schedule; ``augment`` (default: on for ``fcos`` only)
-    flips the cached maps.
+    trainings, else a cache of its own) with AdamW and a cosine schedule.
     Raises :class:`UsageError` when nothing is left to train on.
     """
+    o, init_ckpt, user = _resolve_training(
+        TrainOptions.of(options, keywords), init, storage_options
+    )
+    train_items, calibration_ids = _training_split(items, o)
+    classes, train_items = _training_classes(o, train_items, calibration_ids, init_ckpt, user)
+    meta, weights = _training_meta(o, classes, train_items, calibration_ids, init_ckpt, user)
+    torch.manual_seed(o.seed)
+    model = model_from_meta(meta)
+    if init_ckpt is not None:
+        _warm_start(model, init_ckpt, meta)
+    if user is not None:
+        load_target_weights(model, user, classes=list(classes))
+    if weights is not None:
+        from difficulty.models.backbones import load_backbone_weights
+
+        load_backbone_weights(
+            model.backbone if isinstance(model, FeatureDetector) else model.target.backbone,  # type: ignore[union-attr,arg-type]
+            weights,
+        )
+    model.to(o.device)
+    assert o.arch is not None
+    o = o.model_copy(
+        update={
+            "classes": list(classes),
+            "lr": o.lr if o.lr is not None else DEFAULT_LR.get(o.arch, DEFAULT_LR[o.task]),
+        }
+    )
+    run = _Training(
+        o, meta, train_items, _project_fs(project), out, progress, storage_options,
+        init_ckpt.version if init_ckpt is not None else None, len(calibration_ids),
+    )  # fmt: skip
+    if isinstance(model, FeatureDetector):
+        return _train_feature_detector(model, run, feature_cache)
+    return _train_on_images(model, run, user)
+
+
+def _resolve_training(
+    o: TrainOptions, init: str | Checkpoint | None, storage_options: dict[str, Any] | None
+) -> tuple[TrainOptions, Checkpoint | None, Any]:
+    """Check ``o``; ``(o with arch and augment decided, the init checkpoint, the user's
+    target weights)``."""
+    task = o.task
     if task not in TASKS:
         raise UsageError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
-    if not 0.0 <= calibration_share < 1.0:
-        raise UsageError(f"calibration share {calibration_share} must be in [0, 1)")
-    if init is not None and target_weights is not None:
+    if not 0.0 <= o.calibration_share < 1.0:
+        raise UsageError(f"calibration share {o.calibration_share} must be in [0, 1)")
+    if init is not None and o.target_weights is not None:
         raise UsageError(
             "give either --init CHECKPOINT (warm start) or --target-weights FILE, not both"
         )
     init_ckpt = load_checkpoint(init, storage_options=storage_options) if init is not None else None
-    if freeze_target and init_ckpt is None and target_weights is None:
+    if o.freeze_target and init_ckpt is None and o.target_weights is None:
         raise UsageError(
             "training the loss module alone (freeze_target) needs the frozen model: "
             "--init CHECKPOINT or --target-weights FILE"
         )
     user = (
-        read_target_weights(target_weights, task=task, arch=arch, storage_options=storage_options)
-        if target_weights is not None
+        read_target_weights(
+            o.target_weights, task=task, arch=o.arch, storage_options=storage_options
+        )
+        if o.target_weights is not None
         else None
     )
-    if user is not None:
-        arch = user.arch
-    if backbone is not None and arch is None and init_ckpt is None:
+    arch = user.arch if user is not None else o.arch
+    if o.backbone is not None and arch is None and init_ckpt is None:
         arch = BACKBONE_ARCH[task]
     arch = arch or (init_ckpt.arch if init_ckpt is not None else DEFAULT_ARCH[task])
     on_backbone = arch == BACKBONE_ARCH[task]
-    if (backbone_weights is not None or finetune_last_stage) and not on_backbone:
+    if (o.backbone_weights is not None or o.finetune_last_stage) and not on_backbone:
         raise UsageError(
             f"--backbone-weights and --finetune-last-stage are for the {BACKBONE_ARCH[task]} arch "
             f"(give --backbone NAME), not {arch}"
         )
     if on_backbone and init_ckpt is not None:
-        given = backbone or init_ckpt.meta.get("model", {}).get("backbone")
-        if given != init_ckpt.meta.get("model", {}).get("backbone"):
-            raise UsageError(
-                f"--init checkpoint has backbone {init_ckpt.meta.get('model', {}).get('backbone')!r}, "
-                f"not {backbone!r}"
-            )
+        recorded = init_ckpt.meta.get("model", {}).get("backbone")
+        if (o.backbone or recorded) != recorded:
+            raise UsageError(f"--init checkpoint has backbone {recorded!r}, not {o.backbone!r}")
     if arch not in ARCHS[task]:
         raise UsageError(f"unknown {task} arch {arch!r}; choose one of: {', '.join(ARCHS[task])}")
-    if augment is None:
-        augment = arch == "fcos"
-    committee = _committee_config(committee_kind, committee_size, committee_epochs, task, arch)
-    fs = _project_fs(project)
+    augment = o.augment if o.augment is not None else arch == "fcos"
+    _committee_config(o.committee_kind, o.committee_size, o.committee_epochs, task, arch)
+    return o.model_copy(update={"arch": arch, "augment": augment}), init_ckpt, user
 
+
+def _training_split(items: Iterable[Item], o: TrainOptions) -> tuple[list[Item], list[str]]:
+    """The human-labeled items to train on, and the ids held out for calibration (sorted)."""
     train_items: list[Item] = []
     calibration_ids: list[str] = []
     skipped = 0
     for item in items:
         if item.error is not None or not item.has_human_label:
             continue
-        if task == "classification" and item.class_label is None:
+        if o.task == "classification" and item.class_label is None:
             skipped += 1
             continue
-        if is_calibration(item.item_id, calibration_share):
+        if is_calibration(item.item_id, o.calibration_share):
             calibration_ids.append(item.item_id)
         else:
             train_items.append(item)
@@ -785,18 +841,30 @@ def train_model(
             "%d labeled items have no single class label and are not used for classification",
             skipped,
         )
+    return train_items, sorted(calibration_ids)
+
+
+def _training_classes(
+    o: TrainOptions,
+    train_items: list[Item],
+    calibration_ids: list[str],
+    init_ckpt: Checkpoint | None,
+    user: Any,
+) -> tuple[list[str], list[Item]]:
+    """The classes of the model, and the training items whose labels are among them."""
+    classes = o.classes
     if classes is None:
         if init_ckpt is not None:
             classes = init_ckpt.classes
         elif user is not None and user.classes:
             classes = user.classes
-        elif task == "classification":
+        elif o.task == "classification":
             classes = sorted({str(i.class_label) for i in train_items})
         else:
             classes = sorted(
                 {a.label for i in train_items for a in i.annotations if a.box is not None}
             )
-    if task == "classification":
+    if o.task == "classification":
         unknown = sorted({str(i.class_label) for i in train_items} - set(classes))
         if unknown:
             log.warning(
@@ -811,19 +879,32 @@ def train_model(
         raise UsageError("no classes: the labeled items have no labels; give the project's classes")
     if user is not None and user.classes and list(classes) != user.classes:
         raise UsageError(
-            f"--target-weights {target_weights} has classes {user.classes}, this training has {list(classes)}"
+            f"--target-weights {o.target_weights} has classes {user.classes}, this training has {list(classes)}"
         )
+    return list(classes), train_items
 
+
+def _training_meta(
+    o: TrainOptions,
+    classes: list[str],
+    train_items: list[Item],
+    calibration_ids: list[str],
+    init_ckpt: Checkpoint | None,
+    user: Any,
+) -> tuple[dict[str, Any], Any]:
+    """The checkpoint metadata of the model to train, and the backbone weights to load."""
+    arch = str(o.arch)
+    on_backbone = arch == BACKBONE_ARCH[o.task]
     settings = dict(init_ckpt.meta.get("model") or {}) if init_ckpt is not None else {}
     if user is not None:
         settings.update(user.settings)
         if int(settings.get("in_channels", 3)) != 3:
             raise UsageError(
-                f"--target-weights {target_weights}: its first layer takes "
+                f"--target-weights {o.target_weights}: its first layer takes "
                 f"{settings['in_channels']} channels; project images are read as RGB (3)"
             )
-    size = image_size or int(
-        settings.get("image_size", DEFAULT_IMAGE_SIZE.get(arch, DEFAULT_IMAGE_SIZE[task]))
+    size = o.image_size or int(
+        settings.get("image_size", DEFAULT_IMAGE_SIZE.get(arch, DEFAULT_IMAGE_SIZE[o.task]))
     )
     settings.update({"in_channels": 3, "image_size": size})
     weights = None
@@ -831,87 +912,119 @@ def train_model(
         if init_ckpt is None:
             from difficulty.models.backbones import LITE0, resolve_weights
 
-            settings["backbone"] = backbone or LITE0
-            settings["finetune_last_stage"] = finetune_last_stage
-            weights = resolve_weights(settings["backbone"], backbone_weights)
+            settings["backbone"] = o.backbone or LITE0
+            settings["finetune_last_stage"] = o.finetune_last_stage
+            weights = resolve_weights(settings["backbone"], o.backbone_weights)
         if arch == "fcos":
             settings.setdefault("width", 48)
             settings.setdefault("head_convs", 2)
     settings.setdefault("width", 32)
     settings.setdefault("dropout", 0.2)
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    hash_ = data_hash((i.item_id, _training_label(i, task)) for i in train_items)
-    calibration_ids.sort()
     meta: dict[str, Any] = {
-        "task": task,
+        "task": o.task,
         "arch": arch,
         "classes": list(classes),
         "model": settings,
-        "lossnet": lossnet.model_dump(),
-        "data_hash": hash_,
+        "lossnet": o.lossnet.model_dump(),
+        "data_hash": data_hash((i.item_id, _training_label(i, o.task)) for i in train_items),
         "calibration": {
             "rule": CALIBRATION_RULE,
-            "share": calibration_share,
+            "share": o.calibration_share,
             "ids_hash": _ids_hash(calibration_ids),
             "count": len(calibration_ids),
         },
         "calibration_ids": calibration_ids,
-        "created": created,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if weights is not None:
         meta["backbone"] = {"name": settings["backbone"], **weights.record()}
     elif on_backbone and init_ckpt is not None:
         meta["backbone"] = init_ckpt.meta.get("backbone")
-    torch.manual_seed(seed)
-    model = model_from_meta(meta)
-    if init_ckpt is not None:
-        _warm_start(model, init_ckpt, meta)
-    if user is not None:
-        load_target_weights(model, user, classes=list(classes))
-    if weights is not None:
-        from difficulty.models.backbones import load_backbone_weights
+    return meta, weights
 
-        load_backbone_weights(
-            model.backbone if isinstance(model, FeatureDetector) else model.target.backbone,  # type: ignore[union-attr,arg-type]
-            weights,
-        )
-    model.to(device)
-    lr = lr if lr is not None else DEFAULT_LR.get(arch, DEFAULT_LR[task])
 
-    if isinstance(model, FeatureDetector):
-        return _train_feature_detector(
-            model,
-            meta,
-            train_items,
-            fs,
-            classes=list(classes),
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            seed=seed,
-            lossnet=lossnet,
-            freeze_target=freeze_target,
-            device=device,
-            progress=progress,
-            out=out,
-            min_steps=min_steps,
-            num_workers=num_workers,
-            augment=augment,
-            storage_options=storage_options,
-            feature_cache=feature_cache,
-            cache_memory_bytes=cache_memory_bytes,
-            init_version=init_ckpt.version if init_ckpt is not None else None,
-            calibration_count=len(calibration_ids),
-        )
+@dataclass
+class _Training:
+    """One training's resolved options (``classes``, ``arch``, ``lr`` and ``augment``
+    decided), its checkpoint metadata, its items and where the checkpoint goes."""
 
+    o: TrainOptions
+    meta: dict[str, Any]
+    items: list[Item]
+    fs: ProjectFS
+    out: str
+    progress: bool
+    storage_options: dict[str, Any] | None
+    init_version: str | None
+    calibration_count: int
+
+    @property
+    def lr(self) -> float:
+        assert self.o.lr is not None
+        return self.o.lr
+
+
+def _train_on_images(model: nn.Module, run: _Training, user: Any) -> Checkpoint:
+    """Train ``model`` on the images of ``run.items`` (and a bootstrap committee); save it."""
+    o, meta = run.o, run.meta
     dataset = ItemDataset(
-        train_items, fs, task=task, classes=classes, image_size=size, augment=augment, seed=seed
+        run.items, run.fs, task=o.task, classes=list(o.classes or ()),
+        image_size=int(meta["model"]["image_size"]), augment=bool(o.augment), seed=o.seed,
+    )  # fmt: skip
+    bs = max(1, min(o.batch_size, len(dataset)))
+    drop_last = len(dataset) > bs and len(dataset) % bs == 1  # no lone item: it has no pair
+    loader = _loader(dataset, bs, drop_last, o.num_workers, o.seed)
+    samples = _GoodSamples()
+
+    def batches(epoch: int) -> Iterable[Any]:
+        dataset.epoch = epoch
+        for batch in loader:
+            ok = samples.good(batch)
+            if ok:
+                yield _to_device(ok, o.task, o.device)
+
+    total_epochs = _effective_epochs(o.epochs, len(loader), o.min_steps)
+    history = _fit(
+        model,
+        batches,
+        _classification_step if o.task == "classification" else _detection_step,
+        epochs=total_epochs,
+        lr=run.lr,
+        lossnet=o.lossnet,
+        freeze_target=o.freeze_target,
+        progress=run.progress,
+        desc=f"train {o.arch}",
+        clip=10.0 if o.task == "detection" else None,
     )
-    bs = max(1, min(batch_size, len(dataset)))
-    drop_last = (
-        len(dataset) > bs and len(dataset) % bs == 1
-    )  # no lone item at the end: it has no pair
-    loader = DataLoader(
+    meta["version"] = meta["model_version"] = _version(
+        str(o.arch), meta["data_hash"], meta["created"]
+    )
+    meta["training"] = {
+        "epochs": total_epochs, "epochs_asked": o.epochs, "batch_size": bs, "lr": run.lr,
+        "seed": o.seed, "init": run.init_version,
+        "target_weights": user.record() if user is not None else None,
+        "freeze_target": o.freeze_target, "items": len(run.items),
+        "skipped_items": sorted(samples.reported), "history": history,
+    }  # fmt: skip
+    committee = _committee_config(
+        o.committee_kind, o.committee_size, o.committee_epochs, o.task, str(o.arch)
+    )
+    members = None
+    if committee.kind == "bootstrap":
+        members = _image_committee(model, run, committee, dataset, bs, drop_last, samples, loader)
+    model.to("cpu")
+    ckpt = save_checkpoint(
+        run.out, model, meta, committee=members, storage_options=run.storage_options
+    )
+    log.info(
+        "trained %s on %d items (%d held out for calibration) → %s",
+        o.arch, len(run.items), run.calibration_count, run.out,
+    )  # fmt: skip
+    return ckpt
+
+
+def _loader(dataset: Any, bs: int, drop_last: bool, num_workers: int, seed: int) -> DataLoader:
+    return DataLoader(
         dataset,
         batch_size=bs,
         shuffle=True,
@@ -920,102 +1033,78 @@ def train_model(
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
     )
-    reported: set[str] = set()
 
-    def good(samples: list[Sample]) -> list[Sample]:
+
+class _GoodSamples:
+    """Drops the samples whose image could not be read, warning once per item."""
+
+    def __init__(self) -> None:
+        self.reported: set[str] = set()
+
+    def good(self, samples: list[Sample]) -> list[Sample]:
         ok = []
         for s in samples:
             if s.error is None:
                 ok.append(s)
-            elif s.item_id not in reported:
-                reported.add(s.item_id)
+            elif s.item_id not in self.reported:
+                self.reported.add(s.item_id)
                 log.warning("skipping item %s: %s", s.item_id, s.error)
         return ok
 
-    def batches(epoch: int) -> Iterable[Any]:
-        dataset.epoch = epoch
-        for samples in loader:
-            ok = good(samples)
-            if not ok:
-                continue
-            images = [s.image for s in ok if s.image is not None]
-            if task == "classification":
-                yield (
-                    torch.stack(images).to(device),
-                    torch.tensor([s.target for s in ok], device=device),
-                )
-            else:
-                targets = [{k: v.to(device) for k, v in s.target.items()} for s in ok]
-                yield [im.to(device) for im in images], targets
 
-    total_epochs = _effective_epochs(epochs, len(loader), min_steps)
-    step = _classification_step if task == "classification" else _detection_step
-    history = _fit(
-        model,
-        batches,
-        step,
-        epochs=total_epochs,
-        lr=lr,
-        lossnet=lossnet,
-        freeze_target=freeze_target,
-        progress=progress,
-        desc=f"train {arch}",
-        clip=10.0 if task == "detection" else None,
-    )
-    meta["version"] = meta["model_version"] = _version(arch, hash_, created)
-    meta["training"] = {
-        "epochs": total_epochs,
-        "epochs_asked": epochs,
-        "batch_size": bs,
-        "lr": lr,
-        "seed": seed,
-        "init": init_ckpt.version if init_ckpt is not None else None,
-        "target_weights": user.record() if user is not None else None,
-        "freeze_target": freeze_target,
-        "items": len(train_items),
-        "skipped_items": sorted(reported),
-        "history": history,
-    }
-    members = None
-    if committee.kind == "bootstrap":
-        m_epochs = member_epochs(committee.epochs, len(loader), min_steps)
-
-        def member_batches(member: int, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-            resample = Subset(dataset, bootstrap_indices(len(dataset), member, seed).tolist())
-            member_loader = DataLoader(
-                resample,
-                batch_size=bs,
-                shuffle=True,
-                drop_last=drop_last,
-                collate_fn=collate_samples,
-                num_workers=num_workers,
-                generator=torch.Generator().manual_seed(seed * 7919 + member * 131 + epoch),
-            )
-            for samples in member_loader:
-                ok = good(samples)
-                if ok:
-                    yield (
-                        torch.stack([s.image for s in ok if s.image is not None]).to(device),
-                        torch.tensor([s.target for s in ok], device=device),
-                    )
-
-        members = train_members(
-            model.target,  # type: ignore[arg-type]
-            member_batches,
-            members=committee.members,
-            epochs=m_epochs,
-            lr=lr,
-            seed=seed,
-            device=device,
+def _to_device(ok: list[Sample], task: str, device: str) -> Any:
+    """A training batch of ``ok`` on ``device``: ``(images, targets)``."""
+    images = [s.image for s in ok if s.image is not None]
+    if task == "classification":
+        return (
+            torch.stack(images).to(device),
+            torch.tensor([s.target for s in ok], device=device),
         )
-        meta["committee"] = _committee_meta(committee, m_epochs, lr, seed)
-    model.to("cpu")
-    ckpt = save_checkpoint(out, model, meta, committee=members, storage_options=storage_options)
-    log.info(
-        "trained %s on %d items (%d held out for calibration) → %s",
-        arch,
-        len(train_items),
-        len(calibration_ids),
-        out,
+    targets = [{k: v.to(device) for k, v in s.target.items()} for s in ok]
+    return [im.to(device) for im in images], targets
+
+
+def _image_committee(
+    model: nn.Module,
+    run: _Training,
+    committee: CommitteeConfig,
+    dataset: Any,
+    bs: int,
+    drop_last: bool,
+    samples: _GoodSamples,
+    loader: DataLoader,
+) -> Any:
+    """Train the bootstrap committee of ``model``'s target; records it in ``run.meta``."""
+    o = run.o
+    m_epochs = member_epochs(committee.epochs, len(loader), o.min_steps)
+
+    def member_batches(member: int, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        resample = Subset(dataset, bootstrap_indices(len(dataset), member, o.seed).tolist())
+        member_loader = DataLoader(
+            resample,
+            batch_size=bs,
+            shuffle=True,
+            drop_last=drop_last,
+            collate_fn=collate_samples,
+            num_workers=o.num_workers,
+            generator=torch.Generator().manual_seed(o.seed * 7919 + member * 131 + epoch),
+        )
+        for batch in member_loader:
+            ok = samples.good(batch)
+            if ok:
+                yield (
+                    torch.stack([s.image for s in ok if s.image is not None]).to(o.device),
+                    torch.tensor([s.target for s in ok], device=o.device),
+                )
+
+    members = train_members(
+        model.target,  # type: ignore[arg-type]
+        member_batches,
+        members=committee.members,
+        epochs=m_epochs,
+        lr=run.lr,
+        seed=o.seed,
+        device=o.device,
     )
-    return ckpt
+    run.meta["committee"] = _committee_meta(committee, m_epochs, run.lr, o.seed)
+    return members

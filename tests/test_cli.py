@@ -172,7 +172,7 @@ def test_config_fills_options_of_other_commands(runner: CliRunner, tmp_path: Pat
     assert stats["items"] == 120 and stats["labeled"] == 80
 
 
-def test_inline_label_map_reaches_commands_as_a_file(runner: CliRunner, tmp_path: Path) -> None:
+def test_inline_label_map_reaches_commands(runner: CliRunner, tmp_path: Path) -> None:
     path = write_config(tmp_path, label_map={"map": {"stop sign": "stop"}})
     # stdout only: the label-map check warns on stderr (this map leaves trafficlight unmapped)
     with_map = json.loads(runner.invoke(cli, ["--config", str(path), "stats"]).stdout)

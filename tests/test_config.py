@@ -205,7 +205,7 @@ def test_command_defaults_come_from_the_project_and_commands_section() -> None:
     cfg = AppConfig.model_validate(data)
     defaults = command_defaults(cfg, None)
     assert defaults["score"]["predictions_format"] == "yolo"
-    assert defaults["score"]["scorers"] == "fourier,entropy"
+    assert "scorers" not in defaults["score"]  # the scorers reach `score` as a list, not text
     assert defaults["autolabel"]["epsilon"] == 0.1
     assert defaults["report"]["team_size"] == 4
     assert (
@@ -219,9 +219,9 @@ def test_command_defaults_come_from_the_project_and_commands_section() -> None:
         and command_defaults(both, None)["score"]["model"] == "/m.pt"
     )
     assert "model" not in command_defaults(both, None)["autolabel"]
+    # storage options reach the commands as an object, not as JSON text
     assert defaults["stats"] == {
-        "source": "data/roads", "format": "voc", "storage_options": '{"anon": true}',
-        "predictions": "/p/yolo", "predictions_format": "yolo",
+        "source": "data/roads", "format": "voc", "predictions": "/p/yolo", "predictions_format": "yolo",
     }  # fmt: skip
     assert "run" not in defaults
     assert command_defaults(cfg, "roads")["run"] == {"project": ["roads"]}

@@ -22,8 +22,9 @@ import click
 from connectors.errors import UsageError
 
 if TYPE_CHECKING:
-    from autolabel.config import AppConfig
+    from autolabel.config import AppConfig, ProjectConfig
     from connectors.formats.base import PredictionSource, ProjectFormat
+    from connectors.labelmap import LabelMap
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -146,6 +147,36 @@ def parse_json_object(
 def parse_storage_options(text: str | None) -> dict[str, Any] | None:
     """``--storage-options`` is a JSON object (e.g. ``{"anon": true}``)."""
     return parse_json_object(text, "--storage-options", "'{\"anon\": true}'")
+
+
+def configured_project() -> ProjectConfig | None:
+    """The project of ``labeltriage --config`` whose settings fill the command's options
+    (the one named by ``--project``, or the config's only one); ``None`` without."""
+    ctx = click.get_current_context(silent=True)
+    return None if ctx is None else (ctx.find_root().obj or {}).get("project_config")
+
+
+def storage_options_from(text: str | None) -> dict[str, Any] | None:
+    """``--storage-options`` when given, else the configured project's storage options."""
+    options = parse_storage_options(text)
+    project = configured_project() if options is None else None
+    return dict(project.storage_options) or None if project is not None else options
+
+
+def label_map_from(path: str | None, options: dict[str, Any] | None) -> LabelMap | None:
+    """``--label-map FILE`` when given, else the configured project's label map (its file
+    with the inline ``map``/``ignore`` on top) when it has one, else ``None``."""
+    from connectors.labelmap import load_label_map
+
+    if path:
+        return load_label_map(path, options)
+    project = configured_project()
+    if project is None:
+        return None
+    from autolabel.pipeline import build_label_map
+
+    mapping = build_label_map(project)
+    return mapping if mapping.map or mapping.ignore else None
 
 
 def open_inputs(

@@ -7,13 +7,14 @@ import json
 import click
 
 from autolabel.commands._common import (
+    label_map_from,
     label_map_option,
     model_option,
     open_inputs,
-    parse_storage_options,
     predictions_options,
     project_options,
     sigterm_as_exit,
+    storage_options_from,
     storage_options_option,
 )
 from connectors.errors import UsageError
@@ -92,27 +93,25 @@ def autolabel(
     DIR/difficulty.parquet the tiers after the gate (neither with --dry-run).  Render the
     report afterwards with `labeltriage report DIR`; undo with `labeltriage rollback RUN_ID`."""
     from autolabel.commands.rollback import rollback_command
-    from autolabel.gate import run_autolabel
-    from connectors.labelmap import load_label_map
+    from autolabel.gate import GateOptions, run_autolabel
+    from connectors.labelmap import LabelMap
 
     if (predictions is None) == (model is None):
         raise UsageError("give exactly one of --predictions and --model")
-    options = parse_storage_options(storage_options)
+    options = storage_options_from(storage_options)
     project, source_obj = open_inputs(source, fmt, options, predictions, predictions_format)
+    gate_options = GateOptions(
+        epsilon=epsilon, delta=delta, stage=stage, dry_run=dry_run,
+        audit_share=audit_share, min_count=min_count, seed=seed,
+    )  # fmt: skip
     with sigterm_as_exit():  # a stopped process rolls its write-back back first
         result = run_autolabel(
             project,
+            gate_options,
             difficulty_dir=difficulty_dir,
             predictions=source_obj,
             checkpoint=model,
-            epsilon=epsilon,
-            delta=delta,
-            label_map=load_label_map(label_map, options),
-            stage=stage,
-            dry_run=dry_run,
-            audit_share=audit_share,
-            min_count=min_count,
-            seed=seed,
+            label_map=label_map_from(label_map, options) or LabelMap(),
             out_dir=out_dir,
             storage_options=options,
         )

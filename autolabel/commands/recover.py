@@ -7,8 +7,8 @@ import json
 import click
 
 from autolabel.commands._common import (
-    parse_storage_options,
     project_options,
+    storage_options_from,
     storage_options_option,
 )
 
@@ -30,7 +30,7 @@ def recover(ctx: click.Context, source: str, fmt: str, storage_options: str | No
     from connectors.project import open_project
     from connectors.writeback import recover as recover_runs
 
-    project = open_project(source, fmt, parse_storage_options(storage_options), recover=False)
+    project = open_project(source, fmt, storage_options_from(storage_options), recover=False)
     runs = recover_runs(project)
     out: dict[str, object] = {"runs": [r.model_dump() for r in runs]}
     obj = ctx.find_root().obj or {}

@@ -9,8 +9,8 @@ from typing import Any
 import click
 
 from autolabel.commands._common import (
-    parse_storage_options,
     project_options,
+    storage_options_from,
     storage_options_option,
 )
 from connectors.errors import UsageError
@@ -49,7 +49,7 @@ def rollback(
 
     cfg, name = _configured(ctx, source)
     options: dict[str, Any] = dict(cfg.projects[name].options) if cfg is not None else {}
-    project = open_project(source, fmt, parse_storage_options(storage_options), **options)
+    project = open_project(source, fmt, storage_options_from(storage_options), **options)
     restore = getattr(project, "restore_manifest", None)
     if callable(restore) and restore(run_id):
         click.echo(f"run {run_id}: its manifest was rebuilt from the project", err=True)

@@ -7,18 +7,21 @@ from typing import Any
 import click
 
 from autolabel.commands._common import (
+    configured_project,
+    label_map_from,
     label_map_option,
     model_option,
     open_inputs,
     parse_json_object,
-    parse_storage_options,
     predictions_options,
     progress_option,
     project_options,
+    storage_options_from,
     storage_options_option,
     want_progress,
 )
 from connectors.errors import UsageError
+from difficulty.options import ScoreOptions
 
 DEFAULT_MAP = click.core.ParameterSource.DEFAULT_MAP
 
@@ -31,6 +34,37 @@ def parse_scorer_settings(text: str | None) -> dict[str, dict[str, Any]] | None:
         '\'{"box_uncertain_share": {"low": 0.3}}\'',
         of_objects=True,
     )
+
+
+def score_options(
+    scorers: str | None,
+    scorer_settings: str | None,
+    tier_mode: str | None,
+    easy: float | None,
+    hard: float | None,
+    **fields: Any,
+) -> ScoreOptions:
+    """The scoring options of the command line; scorers and their settings not given there
+    come from the configured project (:func:`configured_project`); ``fields``: the other
+    options of :class:`ScoreOptions`."""
+    from pydantic import ValidationError
+
+    from difficulty.tiers import TierConfig
+
+    project = configured_project()
+    names = [s.strip() for s in scorers.split(",") if s.strip()] if scorers else None
+    settings = parse_scorer_settings(scorer_settings)
+    if project is not None:
+        names = names or project.scorers or None
+        settings = settings or project.scorer_settings or None
+    tier_fields: dict[str, Any] = {
+        k: v for k, v in {"mode": tier_mode, "easy": easy, "hard": hard}.items() if v is not None
+    }
+    try:
+        tiers = TierConfig.model_validate(tier_fields)
+    except ValidationError as exc:
+        raise UsageError(f"tiers: {exc.errors()[0]['msg']}") from exc
+    return ScoreOptions(scorers=names, settings=settings, tiers=tiers, **fields)
 
 
 @click.command("score")
@@ -167,11 +201,8 @@ def score(
     out_dir: str,
 ) -> None:
     """Score every item's difficulty and sort items into easy / medium / hard tiers."""
-    from pydantic import ValidationError
-
     from autolabel.engine_dask import Opener, ReopenablePredictions, score_project_with_engine
-    from connectors.labelmap import load_label_map
-    from difficulty.tiers import TierConfig
+    from connectors.labelmap import LabelMap
 
     if predictions and model:
         raise UsageError("give --predictions or --model, not both")
@@ -186,14 +217,7 @@ def score(
                 raise UsageError(f"--{name.replace('_', '-')} needs --engine dask")
         # the config's Dask settings, with --engine local on the command line, are unused
         scheduler = staging = partition_size = None
-    options = parse_storage_options(storage_options)
-    tier_fields: dict[str, Any] = {
-        k: v for k, v in {"mode": tier_mode, "easy": easy, "hard": hard}.items() if v is not None
-    }
-    try:
-        tiers = TierConfig.model_validate(tier_fields)
-    except ValidationError as exc:
-        raise UsageError(f"tiers: {exc.errors()[0]['msg']}") from exc
+    options = storage_options_from(storage_options)
     project, prediction_source = open_inputs(source, fmt, options, predictions, predictions_format)
     if engine == "dask" and predictions and prediction_source is not None:
         # each Dask worker opens the predictions from their source, with these storage options
@@ -202,10 +226,20 @@ def score(
             project=Opener(source, project.name, options),
             opened=prediction_source,
         )
-    names = [s.strip() for s in scorers.split(",") if s.strip()] if scorers else None
-    mapping = load_label_map(label_map, options)
+    mapping = label_map_from(label_map, options) or LabelMap()
     result = score_project_with_engine(
         project,
+        score_options(
+            scorers,
+            scorer_settings,
+            tier_mode,
+            easy,
+            hard,
+            error_min_score=error_min_score,
+            signed_weights=signed_weights,
+            batch_size=batch_size,
+            num_workers=num_workers,
+        ),
         engine=engine,
         scheduler=scheduler or None,
         n_workers=workers,
@@ -214,18 +248,11 @@ def score(
         predictions=prediction_source,
         checkpoint=model,
         label_map=mapping,
-        scorers=names,
-        settings=parse_scorer_settings(scorer_settings),
-        tiers=tiers,
         reference=reference,
         out_dir=out_dir,
         storage_options=options,
-        batch_size=batch_size,
-        num_workers=num_workers,
         progress=want_progress(progress),
         run_id=run_id,
-        error_min_score=error_min_score,
-        signed_weights=signed_weights,
     )
     s = result.summary
     comb = s["combination"]

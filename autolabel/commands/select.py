@@ -11,9 +11,9 @@ from autolabel.commands._common import (
     device_option,
     model_option,
     num_workers_option,
-    parse_storage_options,
     progress_option,
     project_options,
+    storage_options_from,
     storage_options_option,
     want_progress,
 )
@@ -128,7 +128,7 @@ def select(
             if empty not in ("max", "zero"):
                 raise UsageError(f"--empty {empty!r}: expected max, zero or a number") from None
             settings["empty"] = empty
-    options = parse_storage_options(storage_options)
+    options = storage_options_from(storage_options)
     project = open_project(source, fmt, options)
     task = None
     if settings:

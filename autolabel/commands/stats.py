@@ -7,11 +7,12 @@ import json
 import click
 
 from autolabel.commands._common import (
+    label_map_from,
     label_map_option,
     open_inputs,
-    parse_storage_options,
     predictions_options,
     project_options,
+    storage_options_from,
     storage_options_option,
 )
 
@@ -33,11 +34,10 @@ def stats(
 ) -> None:
     """Print counts of a project as one JSON object: items, labeled, unlabeled, boxes,
     classes, predictions (when given) and errors (bad items do not fail the command)."""
-    from connectors.labelmap import load_label_map
     from connectors.stats import compute_stats
 
-    options = parse_storage_options(storage_options)
+    options = storage_options_from(storage_options)
     project, prediction_source = open_inputs(source, fmt, options, predictions, predictions_format)
-    mapping = load_label_map(label_map, options) if label_map else None
+    mapping = label_map_from(label_map, options)
     result = compute_stats(project, prediction_source, label_map=mapping)
     click.echo(json.dumps(result, indent=2, sort_keys=False))

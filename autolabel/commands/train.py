@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
@@ -10,9 +11,9 @@ from autolabel.commands._common import (
     batch_size_option,
     device_option,
     num_workers_option,
-    parse_storage_options,
     progress_option,
     project_options,
+    storage_options_from,
     storage_options_option,
     want_progress,
 )
@@ -217,7 +218,7 @@ def train(
     human-labeled items; print a JSON summary."""
     from connectors.project import open_project
     from difficulty.models.lossnet import LossNetConfig
-    from difficulty.training import train_model
+    from difficulty.training import TrainOptions, train_model
 
     if freeze_target and init is None and target_weights is None:
         raise UsageError(
@@ -225,43 +226,35 @@ def train(
         )
     if init is not None and target_weights is not None:
         raise UsageError("give either --init or --target-weights, not both")
-    options = parse_storage_options(storage_options)
+    options = storage_options_from(storage_options)
     project = open_project(source, fmt, options)
     class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     if class_list is None and callable(getattr(project, "classes", None)):
         class_list = list(project.classes())  # type: ignore[attr-defined]
+    train_options = TrainOptions(
+        task=task, arch=arch, classes=class_list, epochs=epochs, batch_size=batch_size, lr=lr,
+        seed=seed, calibration_share=calibration_share, target_weights=target_weights,
+        freeze_target=freeze_target, device=device, image_size=image_size,
+        min_steps=min_steps, num_workers=num_workers, augment=augment,
+        lossnet=LossNetConfig(margin=margin, weight=loss_weight, stop_grad_share=stop_grad_share),
+        committee_kind=committee_kind, committee_size=committee_size,
+        committee_epochs=committee_epochs, backbone=backbone, backbone_weights=backbone_weights,
+        finetune_last_stage=finetune_last_stage, cache_memory_bytes=cache_memory << 20,
+    )  # fmt: skip
     ckpt = train_model(
         project.iter_items(),
         project,
-        task=task,
-        arch=arch,
-        classes=class_list,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        lossnet=LossNetConfig(margin=margin, weight=loss_weight, stop_grad_share=stop_grad_share),
-        calibration_share=calibration_share,
-        init=init,
-        target_weights=target_weights,
-        freeze_target=freeze_target,
-        device=device,
-        progress=want_progress(progress),
+        train_options,
         out=out,
-        image_size=image_size,
-        min_steps=min_steps,
-        num_workers=num_workers,
-        augment=augment,
+        init=init,
+        progress=want_progress(progress),
         storage_options=options,
-        committee_kind=committee_kind,
-        committee_size=committee_size,
-        committee_epochs=committee_epochs,
-        backbone=backbone,
-        backbone_weights=backbone_weights,
-        finetune_last_stage=finetune_last_stage,
-        cache_memory_bytes=cache_memory << 20,
     )
-    meta = ckpt.meta
+    click.echo(json.dumps(training_summary(ckpt.meta, out), indent=2))
+
+
+def training_summary(meta: dict[str, Any], out: str) -> dict[str, Any]:
+    """What `labeltriage train` prints about the checkpoint it wrote to ``out``."""
     history = meta["training"]["history"]
     summary = {
         "checkpoint": out,
@@ -282,4 +275,4 @@ def train(
     for key in ("feature_seconds", "fit_seconds", "feature_cache"):
         if key in meta["training"]:
             summary[key] = meta["training"][key]
-    click.echo(json.dumps(summary, indent=2))
+    return summary
