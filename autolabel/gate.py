@@ -6,7 +6,11 @@ One call of :func:`run_autolabel` is one run of a project at its rollout stage
 1. read the run's difficulty table (``DIR/difficulty.parquet``);
 2. calibrate ``(box confidence c, difficulty threshold t)`` on human-labeled items the
    model did not train on (:mod:`autolabel.calibrate`): for brought predictions every
-   human-labeled item, for a checkpoint only its held-out ``calibration_ids``;
+   human-labeled item, for a checkpoint only its held-out ``calibration_ids``.  A
+   checkpoint that records the box confidence chosen on its training items
+   (``meta["box_confidence"]``, :mod:`difficulty.boxconfidence`) fixes ``c`` beforehand
+   and the threshold is tested at the full ``δ``; otherwise ``c`` is calibrated over a
+   grid with ``δ`` split over it (explicit ``box_confidences`` always win);
 3. **one score, one set of tiers, one gate**: at stages ``shadow`` and ``autolabel``,
    when a threshold passed, the table's easy tier is cut at ``t`` on the same combined
    score (medium and hard split the rest, :func:`difficulty.tiers.calibrated_cuts`) and
@@ -102,16 +106,16 @@ class _Predictor:
         predictions: PredictionSource | None,
         checkpoint: str | None,
         storage_options: dict[str, Any] | None,
-        box_score_min: float,
     ) -> None:
         self.fmt = fmt
         self.source = predictions
         self.calibration_ids: set[str] | None = None
-        self.box_score_min = box_score_min
+        self.box_score_min = min(DEFAULT_BOX_CONFIDENCES)
         self.default_version = (
             type(predictions).__name__ if predictions is not None else str(checkpoint)
         )
         self._checkpoint: Any = None
+        self.box_confidence: float | None = None
         if checkpoint is not None:
             from difficulty.checkpoint import load_checkpoint  # heavy (torch): import on use
 
@@ -124,6 +128,9 @@ class _Predictor:
                     "train it with a calibration share, or bring predictions instead"
                 )
             self.calibration_ids = {str(i) for i in ids}
+            chosen = meta.get("box_confidence") or {}
+            if chosen.get("value") is not None:
+                self.box_confidence = float(chosen["value"])
             self.default_version = str(
                 meta.get("model_version") or meta.get("version") or checkpoint
             )
@@ -396,7 +403,7 @@ def run_autolabel(
     out_dir: str | None = None,
     storage_options: dict[str, Any] | None = None,
     task: str | None = None,
-    box_confidences: tuple[float, ...] = DEFAULT_BOX_CONFIDENCES,
+    box_confidences: tuple[float, ...] | None = None,
     iou_threshold: float = 0.5,
     run_id: str | None = None,
 ) -> GateRecord:
@@ -405,7 +412,9 @@ def run_autolabel(
     ``difficulty_dir`` (and ``out_dir``, default the same) are fsspec URLs of the report
     folder, opened with ``storage_options``.  Exactly one of ``predictions`` and
     ``checkpoint`` is required.  ``task`` defaults to the format's (classification for
-    class-only formats, else detection).  Returns the run record (also written as
+    class-only formats, else detection).  ``box_confidences``: the grid ``c`` is calibrated
+    over (``δ`` split over it); default: the checkpoint's own box confidence (full ``δ``),
+    else :data:`DEFAULT_BOX_CONFIDENCES`.  Returns the run record (also written as
     ``out_dir/autolabel.json``, except in a dry run).
     """
     check_stage(stage)
@@ -415,7 +424,7 @@ def run_autolabel(
         raise UsageError(f"audit share must be in [0, 1], got {audit_share}")
     if not 0.0 < epsilon < 1.0 or not 0.0 < delta < 1.0:
         raise UsageError(f"epsilon and delta must be in (0, 1), got {epsilon} and {delta}")
-    if not box_confidences:
+    if box_confidences is not None and not box_confidences:
         raise UsageError("box_confidences is empty")
     out_dir = out_dir or difficulty_dir
     task = task or _task_of(project)
@@ -431,7 +440,11 @@ def run_autolabel(
             fit_on,
         )
     scores = _scores(df)
-    predictor = _Predictor(project, predictions, checkpoint, storage_options, min(box_confidences))
+    predictor = _Predictor(project, predictions, checkpoint, storage_options)
+    if box_confidences is None:
+        fixed = predictor.box_confidence
+        box_confidences = (fixed,) if fixed is not None else DEFAULT_BOX_CONFIDENCES
+    predictor.box_score_min = min(box_confidences)
 
     cal_items, cal_preds = _calibration_pool(project, predictor, scores)
     calib = calibrate(
