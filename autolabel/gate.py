@@ -444,6 +444,8 @@ def run_autolabel(
     if box_confidences is None:
         fixed = predictor.box_confidence
         box_confidences = (fixed,) if fixed is not None else DEFAULT_BOX_CONFIDENCES
+        if fixed is not None:
+            log.info("box confidence %g, chosen on the model's training items: full δ", fixed)
     predictor.box_score_min = min(box_confidences)
 
     cal_items, cal_preds = _calibration_pool(project, predictor, scores)
