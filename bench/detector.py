@@ -237,6 +237,7 @@ def analyse(args: argparse.Namespace, root: Path, folder: Path) -> dict[str, Any
     ckpt_path = str(folder / "fcos.pt")
     record = json.loads((folder / "run.json").read_text())
     record["analysis_machine"], record["uptime_analysis_start"] = machine_line(), uptime()
+    record["analysis_argv"] = sys.argv[1:]
     training = load_checkpoint(ckpt_path).meta["training"]
     t0 = time.perf_counter()
     truth = {
@@ -391,9 +392,12 @@ def markdown(d: dict[str, Any]) -> str:
         "",
         f"Training run — machine: {d['machine']}.",
         f"Load (`uptime`) before training: `{d['uptime_before']}`; after: `{d['uptime_after_training']}`.",
-        f"Command: `bench/detector.py {' '.join(d['argv'])}`.",
+        f"Command: `bench/detector.py {' '.join(d['argv'])}`. The training figures below (wall "
+        "and CPU time, feature cache, peak memory) are that run's, kept with its checkpoint in "
+        "the `--keep` folder.",
         "",
-        f"Analysis (inference, scores, ρ, gate) — {d.get('analysis_machine', d['machine'])}. "
+        f"Analysis (inference, scores, ρ, gate; command `bench/detector.py "
+        f"{' '.join(d.get('analysis_argv', []))}`) — {d.get('analysis_machine', d['machine'])}. "
         f"Load at its start: `{d.get('uptime_analysis_start', '')}`; at its end: "
         f"`{d.get('uptime_analysis_end', '')}`.",
         "",
@@ -485,9 +489,15 @@ def markdown(d: dict[str, Any]) -> str:
             and g["epsilon"] == 0.1
             and g["share_labeling_something"] > 0
         )
-        + ". Mean coverage is that times the share of splits in which the easy end is clean "
-        "enough, which needs an error-free run of about twice that many items from the easy "
-        "end of the held-out ranking. ",
+        + ". Mean coverage is that times the share of splits in which the easy end of the "
+        "calibration half is clean enough (the column *splits labeling something*; for the "
+        "combination with the model's box confidence: "
+        + ", ".join(
+            f"{g['share_labeling_something']:.0%} at ε = {g['epsilon']}"
+            for g in d["gate"]
+            if g["score"] == "combination" and len(g["box_confidences"]) == 1
+        )
+        + ").",
         "",
     ]
     return "\n".join(lines)
