@@ -34,12 +34,23 @@ The argument (Learn-then-Test, Angelopoulos et al. 2021)
   ``k = 0`` first drops to ``ε``): testing them could only stop the walk.  That count
   again depends on ``n`` alone, so it is part of the fixed sequence, not a look at errors.
 * **Box confidence.**  The per-box confidence ``c`` changes which boxes become labels and
-  so which items are right: it is calibrated too.  For a grid ``C`` of confidences the
-  fixed-sequence walk runs once per ``c`` at level ``δ / |C|`` (Bonferroni).  The union
-  bound gives ``P(any rejected H is true) ≤ |C| · δ/|C| = δ``, so *every* passing
-  ``(c, t)`` is simultaneously valid and we may pick any of them after looking: we pick
-  the one with the largest coverage (most calibration items under ``t``; ties go to the
-  lower bound).
+  so which items are right.  Two ways to fix it, both valid:
+
+  - *chosen beforehand, full δ* (a labeltriage checkpoint): the checkpoint records the
+    ``c`` chosen on its own **training** items (:mod:`difficulty.boxconfidence`).  Those
+    are disjoint from the calibration items, so ``c`` is a function of data independent of
+    them — as fixed, from the calibration's point of view, as a constant.  Conditionally
+    on the training data the hypotheses ``H_t`` for this one ``c`` form a single fixed
+    sequence, tested at the full level ``δ`` as above; integrating over the training
+    data keeps ``P(a true H_t is rejected) ≤ δ``.  The grid is then ``C = {c}``.
+  - *calibrated, δ split* (brought predictions, or a grid given explicitly): for a grid
+    ``C`` the fixed-sequence walk runs once per ``c`` at level ``δ / |C|`` (Bonferroni).
+    The union bound gives ``P(any rejected H is true) ≤ |C| · δ/|C| = δ``, so *every*
+    passing ``(c, t)`` is simultaneously valid and we may pick any of them after
+    looking: we pick the one with the largest coverage (most calibration items under
+    ``t``; ties go to the lower bound).  The price: a threshold passes only with more
+    calibration items (``min_passing_count`` at ``δ / |C|``: 38 error-free items instead
+    of 22 at ε = δ = 0.1 with 5 confidences).
 
 Assumptions, stated plainly: calibration and target items are exchangeable (drawn from
 the same distribution — not the case if the labeled items were chosen as the hardest by
@@ -68,13 +79,12 @@ from scipy.stats import beta as beta_dist
 from connectors.errors import UsageError
 from connectors.labelmap import LabelMap
 from connectors.model import Item, Prediction
+from difficulty.boxconfidence import DEFAULT_BOX_CONFIDENCES
 from difficulty.items import usable_scores as _score_lookup
 from difficulty.matching import wrong_at
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BOX_CONFIDENCES: tuple[float, ...] = (0.1, 0.25, 0.4, 0.55, 0.7)
-"""Grid of per-box confidences calibrated together with the difficulty threshold."""
 
 DEFAULT_MAX_CANDIDATES = 50
 """Default number of difficulty thresholds (quantiles of the calibration scores)."""

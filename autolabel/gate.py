@@ -6,7 +6,11 @@ One call of :func:`run_autolabel` is one run of a project at its rollout stage
 1. read the run's difficulty table (``DIR/difficulty.parquet``);
 2. calibrate ``(box confidence c, difficulty threshold t)`` on human-labeled items the
    model did not train on (:mod:`autolabel.calibrate`): for brought predictions every
-   human-labeled item, for a checkpoint only its held-out ``calibration_ids``;
+   human-labeled item, for a checkpoint only its held-out ``calibration_ids``.  A
+   checkpoint that records the box confidence chosen on its training items
+   (``meta["box_confidence"]``, :mod:`difficulty.boxconfidence`) fixes ``c`` beforehand
+   and the threshold is tested at the full ``δ``; otherwise ``c`` is calibrated over a
+   grid with ``δ`` split over it (explicit ``box_confidences`` always win);
 3. **one score, one set of tiers, one gate**: at stages ``shadow`` and ``autolabel``,
    when a threshold passed, the table's easy tier is cut at ``t`` on the same combined
    score (medium and hard split the rest, :func:`difficulty.tiers.calibrated_cuts`) and
@@ -106,16 +110,16 @@ class _Predictor:
         predictions: PredictionSource | None,
         checkpoint: str | None,
         storage_options: dict[str, Any] | None,
-        box_score_min: float,
     ) -> None:
         self.fmt = fmt
         self.source = predictions
         self.calibration_ids: set[str] | None = None
-        self.box_score_min = box_score_min
+        self.box_score_min = min(DEFAULT_BOX_CONFIDENCES)
         self.default_version = (
             type(predictions).__name__ if predictions is not None else str(checkpoint)
         )
         self._checkpoint: Any = None
+        self.box_confidence: float | None = None
         if checkpoint is not None:
             from difficulty.checkpoint import load_checkpoint  # heavy (torch): import on use
 
@@ -128,6 +132,9 @@ class _Predictor:
                     "train it with a calibration share, or bring predictions instead"
                 )
             self.calibration_ids = {str(i) for i in ids}
+            chosen = meta.get("box_confidence") or {}
+            if chosen.get("value") is not None:
+                self.box_confidence = float(chosen["value"])
             self.default_version = str(
                 meta.get("model_version") or meta.get("version") or checkpoint
             )
@@ -374,7 +381,9 @@ class GateOptions(Options):
     ``stage``: ``report``, ``shadow`` or ``autolabel``; ``dry_run``: write nothing;
     ``audit_share``: share of written labels flagged for audit (drawn with ``seed``);
     ``min_count``: fewest calibration items a threshold needs; ``task``: default the
-    format's; ``box_confidences``: the box confidences calibration walks;
+    format's; ``box_confidences``: the grid of box confidences ``c`` calibration walks
+    (``δ`` split over it); default: the checkpoint's own box confidence, chosen on its
+    training items (full ``δ``), else :data:`DEFAULT_BOX_CONFIDENCES`;
     ``iou_threshold``: a box matches a labeled box at this IoU.
     """
 
@@ -386,7 +395,7 @@ class GateOptions(Options):
     min_count: int = 30
     seed: int = 0
     task: str | None = None
-    box_confidences: tuple[float, ...] = DEFAULT_BOX_CONFIDENCES
+    box_confidences: tuple[float, ...] | None = None
     iou_threshold: float = 0.5
 
 
@@ -398,7 +407,7 @@ def _check_options(o: GateOptions, predictions: Any, checkpoint: str | None) -> 
         raise UsageError(f"audit share must be in [0, 1], got {o.audit_share}")
     if not 0.0 < o.epsilon < 1.0 or not 0.0 < o.delta < 1.0:
         raise UsageError(f"epsilon and delta must be in (0, 1), got {o.epsilon} and {o.delta}")
-    if not o.box_confidences:
+    if o.box_confidences is not None and not o.box_confidences:
         raise UsageError("box_confidences is empty")
 
 
@@ -452,7 +461,7 @@ class _Gate:
             epsilon=o.epsilon,
             delta=o.delta,
             task=self.task,
-            box_confidences=o.box_confidences,
+            box_confidences=o.box_confidences or DEFAULT_BOX_CONFIDENCES,
             min_count=o.min_count,
             iou_threshold=o.iou_threshold,
         )
@@ -603,9 +612,15 @@ def run_autolabel(
     df, score_meta = (
         table if table is not None else read_difficulty(difficulty_dir, storage_options)
     )
-    predictor = _Predictor(
-        project, predictions, checkpoint, storage_options, min(o.box_confidences)
-    )
+    predictor = _Predictor(project, predictions, checkpoint, storage_options)
+    confidences = o.box_confidences
+    if confidences is None:
+        fixed = predictor.box_confidence
+        confidences = (fixed,) if fixed is not None else DEFAULT_BOX_CONFIDENCES
+        o = o.model_copy(update={"box_confidences": confidences})
+        if fixed is not None:
+            log.info("box confidence %g, chosen on the model's training items: full δ", fixed)
+    predictor.box_score_min = min(confidences)
     gate = _Gate(project, o, predictor, label_map, run_id, out_dir, storage_options)
     gate.scores = _scores(df)
     gate.items = items

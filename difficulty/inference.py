@@ -309,3 +309,30 @@ def infer_arrays(
         else None,
         predictions=[q for p in parts for q in p.predictions],
     )
+
+
+def predict_cached(
+    ckpt: Checkpoint,
+    item_ids: Iterable[str],
+    feature_cache: FeatureCache,
+    *,
+    box_score_min: float = 0.25,
+    batch_size: int = 32,
+    device: str = "cpu",
+) -> dict[str, Prediction]:
+    """``item_id → Prediction`` of an ``fcos`` checkpoint from frozen maps already in
+    ``feature_cache`` (no image is read); every id must be in the cache."""
+    model = ckpt.build_model().to(device)
+    ids = list(item_ids)
+    missing = [i for i in ids if i not in feature_cache]
+    if missing:
+        raise ValueError(f"{len(missing)} items are not in the feature cache, e.g. {missing[0]}")
+    out: dict[str, Prediction] = {}
+    for begin in range(0, len(ids), batch_size):
+        samples = [
+            Sample(item_id=i, size=feature_cache.size_of(i))
+            for i in ids[begin : begin + batch_size]
+        ]
+        batch = _detect(ckpt, model, samples, 0, {}, box_score_min, device, feature_cache)
+        out.update((p.item_id, p) for p in batch.predictions)
+    return out

@@ -56,7 +56,8 @@ class ScoreOptions(Options):
     per-scorer settings under the scorer's name; ``tiers``: how tiers are cut (a reference
     run's thresholds win unless given); ``batch_size``/``num_workers``/``image_size``: image
     decoding; ``iou_threshold``/``error_min_score``: how the true error of a prediction is
-    measured; ``min_labeled``: fewest labeled items to fit combination weights on;
+    measured (``error_min_score`` default: a checkpoint's recorded box confidence, else
+    0.25); ``min_labeled``: fewest labeled items to fit combination weights on;
     ``chunk_size``: items per chunk; ``seed``; ``signed_weights``: scorers that rank the
     true error backwards take part reversed (:func:`difficulty.combine.candidate_weights`).
     """
@@ -68,7 +69,7 @@ class ScoreOptions(Options):
     num_workers: int = 2
     image_size: int = 128
     iou_threshold: float = 0.5
-    error_min_score: float = 0.25
+    error_min_score: float | None = None
     min_labeled: int = 30
     chunk_size: int = CHUNK_SIZE
     seed: int = 0

@@ -14,7 +14,10 @@ others get NaN in its column.
 On labeled items (a human label) with a prediction, the *true error* of the prediction is
 measured with :func:`difficulty.matching.item_error` (``1 − F1`` of the box matching at
 IoU ``iou_threshold``, predictions below ``error_min_score`` dropped, ignore classes from
-the label map).  It drives the combination weights (:mod:`difficulty.combine`).
+the label map).  It drives the combination weights (:mod:`difficulty.combine`).  With a
+checkpoint that records the box confidence its auto-labels keep
+(:mod:`difficulty.boxconfidence`), ``error_min_score`` defaults to it: the true error is
+then the error of the label the gate would write, which the combination learns to rank.
 
 An item that cannot be read, decoded or predicted is a row with ``error`` set and no
 scores; it never stops the run.
@@ -739,6 +742,22 @@ def _local_chunks(
         yield _chunk_frame([item for item, _, _ in chunk], values, errors, **frame_kwargs)
 
 
+def _default_error_min_score(
+    checkpoint: str | None, storage_options: dict[str, Any] | None
+) -> float:
+    """The checkpoint's recorded box confidence, else 0.25."""
+    if checkpoint is not None:
+        from difficulty.checkpoint import load_checkpoint_meta
+
+        chosen = (
+            load_checkpoint_meta(checkpoint, storage_options=storage_options).get("box_confidence")
+            or {}
+        )
+        if chosen.get("value") is not None:
+            return float(chosen["value"])
+    return 0.25
+
+
 def score_project(
     project: ProjectFormat,
     options: ScoreOptions | None = None,
@@ -765,6 +784,8 @@ def score_project(
     memory.  ``reference`` is an earlier run folder whose reference distributions, weights
     and tier thresholds are reused so that the scores of both runs compare.  ``out_dir`` is
     any fsspec URL (``storage_options`` apply to it, to ``reference`` and to ``checkpoint``).
+    ``error_min_score`` defaults to the checkpoint's box confidence
+    (``meta["box_confidence"]``), else 0.25.
     ``chunk_runner`` (an engine, e.g. :meth:`autolabel.engine_dask.DaskEngine.map_chunks`)
     maps :func:`score_chunk` over the chunks elsewhere and yields their tables in order;
     ``None`` runs them here, with one image stream (``num_workers`` decoding processes)
@@ -785,6 +806,10 @@ def score_project(
     if not names:
         raise UsageError("no scorer to run")
     chosen = resolve_scorers(names, o.settings, needs)
+    if o.error_min_score is None:
+        o = o.model_copy(
+            update={"error_min_score": _default_error_min_score(checkpoint, storage_options)}
+        )
     reference_meta = None
     if reference is not None:
         from difficulty.table import read_difficulty

@@ -573,6 +573,9 @@ def _train_feature_detector(
             optimizer_name="adamw",
         )
         fit_seconds = time.perf_counter() - start
+        meta["box_confidence"] = _training_box_confidence(
+            model, meta, [it for it in run.items if it.item_id not in errors], cache, o.device
+        )
         stats = cache.stats.to_dict()
     finally:
         if feature_cache is None:
@@ -659,6 +662,30 @@ def _feature_batches(
             yield [torch.stack(level).to(o.device) for level in zip(*maps, strict=True)], targets
 
     return batches
+
+
+def _training_box_confidence(
+    model: FeatureDetector,
+    meta: dict[str, Any],
+    items: list[Item],
+    cache: FeatureCache,
+    device: str,
+) -> dict[str, Any]:
+    """The box confidence the gate keeps for this model, chosen on its training ``items``
+    from their cached maps (:mod:`difficulty.boxconfidence`)."""
+    from difficulty.boxconfidence import DEFAULT_BOX_CONFIDENCES, choose_box_confidence
+    from difficulty.inference import predict_cached
+
+    preds = predict_cached(
+        Checkpoint(meta={**meta, "version": "training"}, state_dict={}, model=model),
+        [it.item_id for it in items],
+        cache,
+        box_score_min=min(DEFAULT_BOX_CONFIDENCES),
+        device=device,
+    )
+    chosen = choose_box_confidence(items, preds)
+    log.info("box confidence %g (%s)", chosen["value"], chosen["rule"])
+    return chosen
 
 
 # -- a project (the CLI) ---------------------------------------------------------------

@@ -460,3 +460,80 @@ def test_autolabel_with_the_model_calibrates_on_its_held_out_items_only(
     assert summary["n"] <= len(held_out)
     assert not set(seen) & trained_on  # items the model trained on are not even predicted
     assert held_out <= set(seen) and "new" in seen
+
+
+# -- the box confidence the gate keeps -----------------------------------------------------
+
+
+def test_box_confidence_rule_picks_fewest_wrong_and_ties_to_the_larger() -> None:
+    from connectors.model import Prediction
+    from difficulty.boxconfidence import choose_box_confidence
+
+    truth = Annotation(label="stop", box=(10.0, 10.0, 40.0, 40.0))
+    items = [
+        Item(item_id=f"i{k}", uri=f"i{k}.jpg", status=ItemStatus.LABELED, annotations=[truth])
+        for k in range(4)
+    ]
+    right = Annotation(label="stop", box=(10.0, 10.0, 40.0, 40.0), score=0.6)
+    stray = Annotation(label="stop", box=(60.0, 60.0, 90.0, 90.0), score=0.3)
+    preds = {
+        it.item_id: Prediction(item_id=it.item_id, annotations=[right, stray]) for it in items[:3]
+    }  # i3 has no prediction: wrong at every confidence (it misses the sign)
+    chosen = choose_box_confidence(items, preds)
+    # 0.1 and 0.25 keep the stray box, 0.7 drops the right one; 0.4 and 0.55 tie
+    assert chosen["wrong_share"] == {"0.1": 1.0, "0.25": 1.0, "0.4": 0.25, "0.55": 0.25, "0.7": 1.0}
+    assert chosen["value"] == 0.55 and chosen["items"] == 4
+    with pytest.raises(ValueError, match="no items"):
+        choose_box_confidence([], preds)
+
+
+def test_training_records_the_box_confidence_its_training_items_choose(
+    trained: tuple[Path, str, object],
+) -> None:
+    """Chosen from the cached maps at the end of training: the same as from the images."""
+    from connectors.project import open_project
+    from difficulty.boxconfidence import DEFAULT_BOX_CONFIDENCES, choose_box_confidence
+    from difficulty.inference import infer
+
+    root, out, ckpt = trained
+    meta = ckpt.meta  # type: ignore[attr-defined]
+    recorded = meta["box_confidence"]
+    held = set(meta["calibration_ids"])
+    project = open_project(str(root), "voc")
+    train_items = [it for it in project.iter_items() if it.item_id not in held]
+    assert recorded["items"] == len(train_items) == meta["training"]["items"]
+    assert recorded["value"] in DEFAULT_BOX_CONFIDENCES
+    preds = {
+        p.item_id: p
+        for batch in infer(out, train_items, project, box_score_min=min(DEFAULT_BOX_CONFIDENCES))
+        for p in batch.predictions
+    }
+    again = choose_box_confidence(train_items, preds)
+    shares = recorded["wrong_share"]
+    assert recorded["value"] == min(map(float, shares), key=lambda c: (shares[f"{c:g}"], -c))
+    # the cache holds float16 maps: a box on a grid edge may flip one item
+    assert again["wrong_share"] == pytest.approx(shares, abs=1 / len(train_items) + 1e-9)
+
+
+def test_scoring_measures_the_true_error_at_the_checkpoints_box_confidence(
+    trained: tuple[Path, str, object], tmp_path: Path
+) -> None:
+    from connectors.project import open_project
+    from difficulty.scoring import score_project
+    from difficulty.table import read_difficulty
+
+    root, out, ckpt = trained
+    project = open_project(str(root), "voc")
+    value = ckpt.meta["box_confidence"]["value"]  # type: ignore[attr-defined]
+    for given, expected in (({}, value), ({"error_min_score": 0.1}, 0.1)):
+        folder = str(tmp_path / f"scores-{expected}")
+        score_project(
+            project,
+            out_dir=folder,
+            checkpoint=out,
+            scorers=["predicted_loss"],
+            num_workers=0,
+            **given,  # type: ignore[arg-type]
+        )
+        _, meta = read_difficulty(folder)
+        assert meta["settings"]["error_min_score"] == expected

@@ -561,12 +561,15 @@ def test_bad_arguments_are_usage_errors(
         _run(fmt, preds, report, audit_share=1.5)
 
 
-def test_checkpoint_calibrates_only_on_its_held_out_items(
+def _run_with_checkpoint(
     project: tuple[VocFormat, DictPredictions, str, Path],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """With our own model, items it trained on never enter the calibration."""
+    meta: dict[str, object],
+    **kw: object,
+) -> tuple[GateRecord, list[str], list[str]]:
+    """A gate run with a checkpoint holding out every other labeled item (inference faked);
+    the record, the items predicted and the held-out ids."""
     from dataclasses import dataclass, field
 
     import difficulty.inference
@@ -576,7 +579,9 @@ def test_checkpoint_calibrates_only_on_its_held_out_items(
     held_out = [f"l{i:02d}" for i in range(0, 80, 2)]  # 40 of the 80 labeled items
     ckpt = str(tmp_path / "model.pt")
     save_checkpoint(
-        ckpt, {}, {"task": "detection", "calibration_ids": held_out, "model_version": "ckpt-7"}
+        ckpt,
+        {},
+        {"task": "detection", "calibration_ids": held_out, "model_version": "ckpt-7", **meta},
     )
 
     @dataclass
@@ -602,7 +607,19 @@ def test_checkpoint_calibrates_only_on_its_held_out_items(
         epsilon=0.1,
         delta=0.1,
         label_map=LABEL_MAP,
-        box_confidences=(0.5,),
+        **kw,  # type: ignore[arg-type]
+    )
+    return res, seen, held_out
+
+
+def test_checkpoint_calibrates_only_on_its_held_out_items(
+    project: tuple[VocFormat, DictPredictions, str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With our own model, items it trained on never enter the calibration."""
+    res, seen, held_out = _run_with_checkpoint(
+        project, tmp_path, monkeypatch, {}, box_confidences=(0.5,)
     )
     assert res.n_calibration == 40
     assert {i for i in seen if i.startswith("l")} == set(
@@ -610,9 +627,45 @@ def test_checkpoint_calibrates_only_on_its_held_out_items(
     )  # trained-on items are not even predicted
     assert res.written and res.model_version == "ckpt-7"
     sidecar = json.loads(
-        (Path(fmt.project.root) / ".labeltriage" / "auto" / f"{res.written[0]}.json").read_text()
+        (
+            Path(project[0].project.root) / ".labeltriage" / "auto" / f"{res.written[0]}.json"
+        ).read_text()
     )
     assert sidecar["provenance"]["model_version"] == "ckpt-7"
+
+
+def test_checkpoint_box_confidence_is_tested_at_the_full_delta(
+    project: tuple[VocFormat, DictPredictions, str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A box confidence chosen on the training items is not calibrated again: one walk at δ.
+
+    30 of the 40 held-out items are right: enough at the full δ = 0.1 (22 needed), not at
+    δ / 5 (38 needed), so splitting δ over the grid would label nothing.
+    """
+    chosen = {"box_confidence": {"value": 0.5, "rule": "test"}}
+    res, _, _ = _run_with_checkpoint(project, tmp_path, monkeypatch, chosen)
+    assert res.level == pytest.approx(0.1)
+    assert res.box_confidence == 0.5
+    assert [w.box_confidence for w in res.per_confidence] == [0.5]
+    assert res.threshold is not None and res.n == 30 and res.k == 0
+    assert res.written
+
+
+def test_an_explicit_grid_is_calibrated_with_delta_split(
+    project: tuple[VocFormat, DictPredictions, str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Explicit ``box_confidences`` win over the checkpoint's own, at the price of δ / |C|."""
+    chosen = {"box_confidence": {"value": 0.5, "rule": "test"}}
+    res, _, _ = _run_with_checkpoint(
+        project, tmp_path, monkeypatch, chosen, box_confidences=(0.1, 0.25, 0.4, 0.55, 0.7)
+    )
+    assert res.level == pytest.approx(0.02)
+    assert len(res.per_confidence) == 5
+    assert res.threshold is None and not res.written
 
 
 def test_checkpoint_without_calibration_split_is_refused(

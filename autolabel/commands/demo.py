@@ -5,7 +5,8 @@
    lights: the same 120 photos plus the 150 of ``examples/sample_project_extra`` (photos
    with neither, 50 unlabeled), with only the ``stop`` and ``trafficlight`` boxes kept;
    write ``OUT/config.yaml`` from ``examples/config.yaml``;
-2. project ``road_signs_model`` (on ``OUT/project``): train a small detector with its
+2. project ``road_signs_model`` (on ``OUT/project``): train the project's own detector
+   (``fcos`` on cached, frozen EfficientNet-Lite0 ImageNet features) with its
    loss-prediction module on the labeled items, score (predicted loss, model
    uncertainty, Fourier; a scorer constant over the items is dropped), tier, report;
 3. project ``road_signs`` at stage ``shadow``: score with the platform's predictions,
@@ -224,7 +225,7 @@ def demo(
     show = want_progress(progress)
 
     click.echo(
-        f"\n[1/3] {MODEL_PROJECT}: train a small detector with its loss-prediction module, score, tier, report"
+        f"\n[1/3] {MODEL_PROJECT}: train its own detector (pretrained backbone) with its loss-prediction module, score, tier, report"
     )
     model_run = run_project(load_config(config), MODEL_PROJECT, trigger="demo", progress=show)
     click.echo("\n".join(_summary(model_run)))

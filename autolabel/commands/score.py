@@ -109,9 +109,9 @@ def score_options(
 @click.option(
     "--error-min-score",
     type=float,
-    default=0.25,
-    show_default=True,
-    help="Predictions below this confidence are dropped when measuring their true error.",
+    default=None,
+    help="Predictions below this confidence are dropped when measuring their true error "
+    "(default: the checkpoint's box confidence, else 0.25).",
 )
 @click.option(
     "--signed-weights",
@@ -187,7 +187,7 @@ def score(
     tier_mode: str | None,
     easy: float | None,
     hard: float | None,
-    error_min_score: float,
+    error_min_score: float | None,
     signed_weights: bool,
     batch_size: int,
     num_workers: int,
