@@ -758,6 +758,26 @@ def _default_error_min_score(
     return 0.25
 
 
+def _plan(
+    o: ScoreOptions,
+    task: str,
+    has_predictions: bool,
+    checkpoint: str | None,
+    storage_options: dict[str, Any] | None,
+) -> tuple[ScoreOptions, list[str], dict[str, dict[str, Any]]]:
+    """The options with their defaults filled in, the scorer names and their settings."""
+    needs = available_needs(task, predictions=has_predictions, checkpoint=checkpoint is not None)
+    names = list(o.scorers) if o.scorers else default_scorers(needs)
+    if not names:
+        raise UsageError("no scorer to run")
+    chosen = resolve_scorers(names, o.settings, needs)
+    if o.error_min_score is None:
+        o = o.model_copy(
+            update={"error_min_score": _default_error_min_score(checkpoint, storage_options)}
+        )
+    return o, names, chosen
+
+
 def score_project(
     project: ProjectFormat,
     options: ScoreOptions | None = None,
@@ -799,17 +819,7 @@ def score_project(
     if predictions is not None and checkpoint is not None:
         raise UsageError("give predictions or a model checkpoint, not both")
     task = _task(project)
-    needs = available_needs(
-        task, predictions=predictions is not None, checkpoint=checkpoint is not None
-    )
-    names = list(o.scorers) if o.scorers else default_scorers(needs)
-    if not names:
-        raise UsageError("no scorer to run")
-    chosen = resolve_scorers(names, o.settings, needs)
-    if o.error_min_score is None:
-        o = o.model_copy(
-            update={"error_min_score": _default_error_min_score(checkpoint, storage_options)}
-        )
+    o, names, chosen = _plan(o, task, predictions is not None, checkpoint, storage_options)
     reference_meta = None
     if reference is not None:
         from difficulty.table import read_difficulty
