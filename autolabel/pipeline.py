@@ -221,6 +221,10 @@ class _Run:
         from connectors.stats import compute_stats
 
         p = self.p
+        if p.engine == "local":  # the decode workers start while the items are read
+            from difficulty.imagestream import start_workers_early
+
+            start_workers_early(p.num_workers)
         self.project = open_project(
             p.source, p.format, p.storage_options or None,
             allow_image_hosts=p.allow_image_hosts, **p.options,

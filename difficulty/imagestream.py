@@ -280,6 +280,22 @@ def _context() -> Any:
     return multiprocessing.get_context("spawn")
 
 
+def start_workers_early(num_workers: int) -> None:
+    """Start the fork server that the decode workers come from now, in its own process, so
+    that its start-up (importing torch: seconds) overlaps this process's work before the
+    first image is decoded.  Nothing to do for ``num_workers`` 0, or where the workers are
+    forked from this process (see :func:`_context`)."""
+    if num_workers > 0 and _context().get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
+SCORES_PREFETCH = 8
+"""Tasks in flight per worker when only scores come back (a few numbers per image): enough
+to keep the workers busy while this process finishes a chunk (parsing labels, matching)."""
+
+
 def _check_stream_arguments(
     size: int, batch_size: int, num_workers: int, prefetch_factor: int
 ) -> None:
@@ -389,7 +405,7 @@ def iter_image_scores(
     batch_size: int = 64,
     num_workers: int = 2,
     progress: bool = False,
-    prefetch_factor: int = 2,
+    prefetch_factor: int = SCORES_PREFETCH,
 ) -> Iterator[ImageScores]:
     """Decode and score the images of ``items`` in batches, in input order.
 
