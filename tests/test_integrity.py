@@ -369,7 +369,7 @@ def test_a_symlinked_label_folder_is_one_error_row(tmp_path: Path) -> None:
     elsewhere.mkdir()
     (elsewhere / "x.xml").write_text(VOC_XML)
     (root / "images" / "sub").mkdir()
-    (root / "images" / "i0.jpg").link_to(root / "images" / "sub" / "x.jpg")
+    (root / "images" / "sub" / "x.jpg").hardlink_to(root / "images" / "i0.jpg")
     (root / "annotations" / "sub").symlink_to(elsewhere)
     result = CliRunner().invoke(cli, ["stats", "-s", str(root), "-f", "voc"])
     assert result.exit_code == 0, result.output
