@@ -65,6 +65,14 @@ class DatasetStateFS(ProjectFS):
     def __repr__(self) -> str:
         return f"DatasetStateFS({self.url!r})"
 
+    def foreign_url_refusal(self, url: str) -> str | None:
+        """A dataset's media are its samples' own ``filepath`` values, which FiftyOne itself
+        reads: a ``file://`` item uri comes from the dataset, not from a task's free-form
+        data, so it is read; any other URL follows the project's image-source policy."""
+        if url.startswith("file://"):
+            return None
+        return super().foreign_url_refusal(url)
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_database"] = None  # a client does not travel; the copy reconnects
