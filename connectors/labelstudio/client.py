@@ -26,7 +26,7 @@ import posixpath
 import re
 import urllib.parse
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -250,16 +250,14 @@ class LabelStudioClient:
             raise InputError("project answer is not a JSON object", file=self.url("api/projects"))
         return body
 
+    def _get_object(self, path: str, fetch: Callable[[], Any]) -> dict[str, Any] | None:
+        """The JSON object at ``path`` (read by ``fetch``); ``None`` when it no longer exists."""
+        body = _plain(self._call("GET", path, fetch, missing_ok=True))
+        return body if isinstance(body, dict) else None
+
     def task(self, task_id: int | str) -> dict[str, Any] | None:
         """One task with its annotations and predictions; ``None`` when it no longer exists."""
-        found = self._call(
-            "GET",
-            f"api/tasks/{task_id}",
-            lambda: self.sdk.tasks.get(id=str(task_id)),
-            missing_ok=True,
-        )
-        body = _plain(found)
-        return body if isinstance(body, dict) else None
+        return self._get_object(f"api/tasks/{task_id}", lambda: self.sdk.tasks.get(id=str(task_id)))
 
     def iter_tasks(
         self, project_id: int, *, page_size: int = DEFAULT_PAGE_SIZE
@@ -318,14 +316,10 @@ class LabelStudioClient:
         return body
 
     def prediction(self, prediction_id: int | str) -> dict[str, Any] | None:
-        found = self._call(
-            "GET",
+        return self._get_object(
             f"api/predictions/{prediction_id}",
             lambda: self.sdk.predictions.get(id=int(prediction_id)),
-            missing_ok=True,
         )
-        body = _plain(found)
-        return body if isinstance(body, dict) else None
 
     def delete_prediction(self, prediction_id: int | str) -> bool:
         """Delete one prediction; ``False`` when it was already gone."""
