@@ -221,7 +221,9 @@ class _Run:
         from connectors.stats import compute_stats
 
         p = self.p
-        if p.engine == "local":  # the decode workers start while the items are read
+        if p.engine == "local" and p.train is None:
+            # the decode workers' fork server starts while the items are read (a run that
+            # trains loads torch here first, and its workers are then forked from here)
             from difficulty.imagestream import start_workers_early
 
             start_workers_early(p.num_workers)
