@@ -2,9 +2,11 @@
 
 A ``dask scheduler`` and two ``dask worker`` processes (each with its nanny) run as
 separate processes on 127.0.0.1.  Every worker runs in its own mount namespace
-(``unshare``) with a private, empty tmpfs over the driver's temporary folder, so nothing
-the driver writes there — its temporary staging folder, pytest's ``tmp_path`` — exists
-for the workers, as on a cluster that spans machines.  Where ``unshare`` is not allowed,
+(``unshare``) with private, empty tmpfs mounts over the driver's temporary folder (a folder
+of this module's own) and over pytest's temporary root, so nothing the driver writes
+there — its temporary staging folder, pytest's ``tmp_path`` — exists for the workers, as on
+a cluster that spans machines, while the repository and the interpreter stay visible
+wherever they are (a CI clone may itself lie in the system's temporary folder).  Where ``unshare`` is not allowed,
 each worker gets its own ``TMPDIR`` instead, and the checks that need the isolation skip.
 
 The project (the bundled sample's real road-sign photos, Pascal VOC, three copies of it),
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,14 +51,14 @@ DASK = str(Path(sys.executable).parent / "dask")
 LABEL_MAP = {"map": {"stop sign": "stop", "traffic light": "trafficlight"}}
 
 
-def _private_tmp_works(tmp_root: str) -> bool:
-    probe = [
-        "unshare",
-        "-rm",
-        "sh",
-        "-c",
-        f'mount -t tmpfs tmpfs "{tmp_root}" && test -z "$(ls -A "{tmp_root}")"',
-    ]
+def _hide(folders: tuple[str, ...]) -> str:
+    """Shell commands that put an empty tmpfs over each of ``folders``."""
+    return " && ".join(f'mount -t tmpfs tmpfs "{folder}"' for folder in folders)
+
+
+def _private_tmp_works(folders: tuple[str, ...]) -> bool:
+    empty = " && ".join(f'test -z "$(ls -A "{folder}")"' for folder in folders)
+    probe = ["unshare", "-rm", "sh", "-c", f"{_hide(folders)} && {empty}"]
     try:
         return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
@@ -65,10 +68,10 @@ def _private_tmp_works(tmp_root: str) -> bool:
 class Cluster:
     """A scheduler and named workers, each a process group of its own, on 127.0.0.1."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, hidden: tuple[str, ...]) -> None:
         self.home = home
-        self.tmp_root = tempfile.gettempdir()
-        self.isolated = _private_tmp_works(self.tmp_root)
+        self.hidden = hidden  # the driver's folders, each an empty tmpfs for a worker
+        self.isolated = _private_tmp_works(hidden)
         self.env = {
             **os.environ,
             "PYTHONPATH": str(REPO),
@@ -98,7 +101,7 @@ class Cluster:
     def _start(self, name: str, cmd: list[str], *, isolate: bool) -> None:
         env = dict(self.env)
         if isolate and self.isolated:
-            script = f'mount -t tmpfs tmpfs "{self.tmp_root}" && exec "$@"'
+            script = f'{_hide(self.hidden)} && exec "$@"'
             cmd = ["unshare", "-rm", "sh", "-c", script, "sh", *cmd]
         elif isolate:
             own = self.home / f"tmp-{name}"
@@ -122,7 +125,7 @@ class Cluster:
             name,
             [DASK, "worker", self.address, "--host", "127.0.0.1", "--nthreads", "1",
              "--nworkers", "1", "--no-dashboard", "--dashboard-address", "127.0.0.1:0",
-             "--name", name, "--local-directory", f"{self.tmp_root}/dask-{name}"],
+             "--name", name, "--local-directory", f"{self.hidden[0]}/dask-{name}"],
             isolate=isolate,
         )  # fmt: skip
         deadline = time.monotonic() + 180
@@ -162,6 +165,28 @@ class Cluster:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def driver_tmp() -> Iterator[str]:
+    """The driver's temporary folder for this module: a folder of its own, which the
+    workers see as empty, rather than the whole system temporary folder (which may hold
+    the repository and its virtual environment)."""
+    folder = tempfile.mkdtemp(prefix="labeltriage-driver-")
+    saved = tempfile.tempdir
+    tempfile.tempdir = folder
+    try:
+        yield folder
+    finally:
+        tempfile.tempdir = saved
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _driver_folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, ...]:
+    """The driver's temporary folder and pytest's root, without one inside the other (the
+    root is made under the temporary folder when that was set first)."""
+    first, root = Path(tempfile.gettempdir()), tmp_path_factory.getbasetemp()
+    return (str(first),) if root.is_relative_to(first) else (str(first), str(root))
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +242,7 @@ def project(s3: dict[str, Any]) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    c = Cluster(tmp_path_factory.mktemp("cluster"), _driver_folders(tmp_path_factory))
     try:
         c.add_worker("wA")
         c.add_worker("wB")
@@ -400,7 +425,7 @@ def test_a_scheduler_lost_mid_run_is_a_failed_run_with_one_error_line(
     if not SAMPLE.is_dir():
         pytest.skip(f"bundled sample project not found at {SAMPLE}")
     home = tmp_path_factory.mktemp("lost")
-    small = Cluster(home)
+    small = Cluster(home, _driver_folders(tmp_path_factory))
     try:
         small.add_worker("w", isolate=False)
         args = [
