@@ -168,10 +168,11 @@ class Cluster:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def driver_tmp() -> Iterator[str]:
+def driver_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The driver's temporary folder for this module: a folder of its own, which the
     workers see as empty, rather than the whole system temporary folder (which may hold
     the repository and its virtual environment)."""
+    tmp_path_factory.getbasetemp()  # pytest's root first, outside the folder removed below
     folder = tempfile.mkdtemp(prefix="labeltriage-driver-")
     saved = tempfile.tempdir
     tempfile.tempdir = folder
@@ -183,10 +184,8 @@ def driver_tmp() -> Iterator[str]:
 
 
 def _driver_folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, ...]:
-    """The driver's temporary folder and pytest's root, without one inside the other (the
-    root is made under the temporary folder when that was set first)."""
-    first, root = Path(tempfile.gettempdir()), tmp_path_factory.getbasetemp()
-    return (str(first),) if root.is_relative_to(first) else (str(first), str(root))
+    """The driver's temporary folder (:func:`driver_tmp`) and pytest's root."""
+    return (tempfile.gettempdir(), str(tmp_path_factory.getbasetemp()))
 
 
 @pytest.fixture(scope="module")
