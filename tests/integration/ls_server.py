@@ -115,8 +115,10 @@ class LabelStudioServer:
             str(exe), "start", "--no-browser",
             "--internal-host", "127.0.0.1", "--host", self.url, "--port", str(self.port),
             "--data-dir", str(self.data_dir),
-            "--username", self.username, "--password", self.password,
-            "--user-token", self.token, "--enable-legacy-api-token",
+            # NAME=VALUE: a generated value may start with "-", which a separate argument
+            # would turn into an option
+            f"--username={self.username}", f"--password={self.password}",
+            f"--user-token={self.token}", "--enable-legacy-api-token",
         ]  # fmt: skip
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log_file = open(self._log_path, "wb")  # noqa: SIM115 - owned by the process for its lifetime
