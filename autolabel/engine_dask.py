@@ -694,7 +694,13 @@ class DaskEngine:
         except ClusterError:
             raise
         except (Exception, CancelledError) as exc:
-            if getattr(self.client, "status", "running") != "running":
+            from distributed.comm.core import CommClosedError
+
+            # a closed connection is the scheduler lost, even before the client has noticed
+            if (
+                isinstance(exc, CommClosedError)
+                or getattr(self.client, "status", "running") != "running"
+            ):
                 where = self.scheduler or "of the local cluster"
                 raise ClusterError(
                     f"lost the connection to the Dask scheduler {where} while waiting for "
