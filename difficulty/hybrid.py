@@ -404,7 +404,7 @@ class CombinedState:
     picked them (cross-entropy of the revealed label, an out-of-sample loss: the model
     never trained on them) is recorded with their percentiles, and the weights are refit
     on everything recorded (:func:`difficulty.combine.fit_weights`: Spearman ρ per part,
-    cross-validated choice between the best part alone and ρ-weighted blends).  Before any
+    the ρ-weighted blend unless one part alone measurably beats it out of sample).  Before any
     item is revealed the ``default`` part is used alone.
     """
 

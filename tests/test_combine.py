@@ -339,3 +339,57 @@ def test_a_scorer_constant_up_to_float_rounding_ranks_nothing() -> None:
     assert pct["coarse"].nunique() == 3  # a real, discrete spread is kept
     fit = fit_weights(pct, rng.random(n))
     assert "predicted_loss" in fit.dropped and fit.weights["predicted_loss"] == 0.0
+
+
+def _parts(seed: int, n: int, scales: dict[str, float]) -> tuple[pd.DataFrame, np.ndarray]:
+    """A binary error (a quarter wrong) and one scorer per ``scales`` entry: the error plus
+    Gaussian noise of that scale, independent across scorers; ``fourier`` is pure noise."""
+    rng = np.random.default_rng(seed)
+    err = (rng.random(n) < 0.25).astype(float)
+    raw = pd.DataFrame(
+        {"fourier": rng.random(n)}
+        | {name: err + rng.normal(scale=s, size=n) for name, s in scales.items()}
+    )
+    return percentiles(raw, list(raw.columns)), err
+
+
+def test_every_agreeing_scorer_counts_unless_one_alone_is_measurably_better() -> None:
+    """Three equally noisy scorers, 120 labeled items: the blend ranks the easy end better
+    than any of them, though not by two standard errors on these few items.  The blend is
+    the default, so it is taken and every scorer that agrees gets a weight."""
+    pct, err = _parts(0, 120, {"part0": 0.6, "part1": 0.6, "part2": 0.6})
+    fit = fit_weights(pct, err)
+    assert fit.method == "rho"
+    assert all(fit.weights[p] > 0.2 for p in ("part0", "part1", "part2"))
+    singles = [v for k, v in fit.cv_aurc.items() if k.startswith("single:")]
+    assert fit.cv_aurc["rho"] < min(singles)
+    assert "unless a single scorer" in fit.reason
+
+
+def test_a_single_scorer_that_is_measurably_better_replaces_the_blend() -> None:
+    """One sharp scorer among weak ones: the blend dilutes it, and it wins alone by more
+    than two standard errors out of sample."""
+    pct, err = _parts(0, 300, {"sharp": 0.05} | {f"weak{i}": 2.0 for i in range(4)})
+    fit = fit_weights(pct, err)
+    assert fit.method == "single" and fit.weights["sharp"] == 1.0
+    assert sum(abs(w) for w in fit.weights.values()) == 1.0
+    by_rho = fit_weights(pct, err, criterion="rho")
+    assert by_rho.weights["sharp"] > 0
+
+
+def test_overlapping_cross_validation_folds_do_not_count_as_independent_evidence() -> None:
+    """15 rows of repeated 5-fold cross-validation: a mean advantage three plain standard
+    errors wide is within the noise once the overlap of the folds is accounted for
+    (Nadeau–Bengio), and a wide one still wins."""
+    from difficulty.combine import _wins
+
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=15)
+    noise = (noise - noise.mean()) / noise.std(ddof=1)  # exactly mean 0, sd 1
+    sd = 0.0129
+    narrow = pd.DataFrame({"rho": 0.05 + sd * noise, "single:a": 0.04 + np.zeros(15)})
+    assert (narrow["rho"] - narrow["single:a"]).mean() / (sd / np.sqrt(15)) > 2.9
+    assert not _wins(narrow, "single:a", "rho", lower=True, folds=5)
+    wide = pd.DataFrame({"rho": 0.07 + sd * noise, "single:a": 0.04 + np.zeros(15)})
+    assert _wins(wide, "single:a", "rho", lower=True, folds=5)
+    assert not _wins(wide, "rho", "single:a", lower=True, folds=5)

@@ -117,6 +117,11 @@ def test_demo_runs_the_whole_job(tmp_path: Path) -> None:
         if model_table[name].nunique(dropna=True) <= 1:
             assert name in summary["combination"]["dropped"]
             assert summary["combination"]["weights"][name] == 0.0
+    # difficulty is predicted loss combined with the other scores: the loss module counts
+    assert model_table["predicted_loss"].nunique() > 1
+    assert summary["combination"]["weights"]["predicted_loss"] > 0
+    shown = [ln for ln in result.output.splitlines() if ln.strip().startswith("combination (")]
+    assert shown and "predicted_loss" in shown[0]
     assert (
         _tree_digest(EXAMPLES / "sample_project") == before
     )  # the bundled sample is never touched

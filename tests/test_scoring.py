@@ -198,7 +198,8 @@ def test_labels_drive_the_weights(tmp_path: Path) -> None:
     assert comb["correlations"]["box_least_confidence"] > 0.8
     rhos = {k: v for k, v in comb["correlations"].items() if v is not None}
     assert all(comb["weights"][k] == 0 for k, v in rhos.items() if v <= 0)
-    # chosen by held-out risk–coverage area: never worse than its best part there
+    # judged by held-out risk–coverage area: a part alone replaces the blend only with the
+    # lowest held-out area of all
     assert comb["criterion"] == "aurc" and comb["cv_aurc"]
     if comb["method"] == "single":  # the scorer with the lowest held-out area alone
         singles = {k: v for k, v in comb["cv_aurc"].items() if k.startswith("single:")}

@@ -146,12 +146,13 @@ def program() -> str:
         return str(exe)
 
 
-def _dropped(record: Any) -> dict[str, str]:
+def _combination(record: Any) -> dict[str, Any]:
+    """The run's combination record (method, weights, dropped scorers), ``{}`` without one."""
     summary = record.outputs.get("summary")
     if not summary or not Path(summary).is_file():
         return {}
     data = json.loads(Path(summary).read_text(encoding="utf-8"))
-    return dict((data.get("combination") or {}).get("dropped") or {})
+    return dict(data.get("combination") or {})
 
 
 def _summary(record: Any) -> list[str]:
@@ -160,12 +161,20 @@ def _summary(record: Any) -> list[str]:
         f"  run {record.run_id}: {record.status} in {sum(record.steps.values()):.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in record.steps.items())})"
     ]
     if "tiers" in counts:
-        dropped = _dropped(record)
+        combination = _combination(record)
+        dropped = combination.get("dropped") or {}
         used = [s for s in counts.get("scorers", []) if s not in dropped]
         note = f"; dropped, the same value for every item: {', '.join(dropped)}" if dropped else ""
         lines.append(
             f"  tiers: {', '.join(f'{k} {v}' for k, v in counts['tiers'].items())} (scorers: {', '.join(used)}{note})"
         )
+        weights = {k: w for k, w in (combination.get("weights") or {}).items() if w}
+        if weights:
+            ranked = sorted(weights.items(), key=lambda kv: (-abs(kv[1]), kv[0]))
+            lines.append(
+                f"  combination ({combination.get('method')}): "
+                + ", ".join(f"{k} {w:.2f}" for k, w in ranked)
+            )
     gate = counts.get(record.stage)
     if isinstance(gate, dict):
         lines.append(f"  {record.stage}: {gate['verdict']}")
