@@ -206,6 +206,7 @@ def score(
     start_workers_early(num_workers if engine != "dask" else 0)  # torch loads meanwhile
     from autolabel.engine_dask import Opener, ReopenablePredictions, score_project_with_engine
     from connectors.labelmap import LabelMap
+    from connectors.stats import LabelMapTally
 
     if predictions and model:
         raise UsageError("give --predictions or --model, not both")
@@ -230,6 +231,7 @@ def score(
             opened=prediction_source,
         )
     mapping = label_map_from(label_map, options) or LabelMap()
+    tally = LabelMapTally(prediction_source) if prediction_source is not None else None
     result = score_project_with_engine(
         project,
         score_options(
@@ -248,7 +250,10 @@ def score(
         n_workers=workers,
         staging=staging,
         partition_size=partition_size,
-        predictions=prediction_source,
+        items=tally.items(project.iter_items()) if tally is not None else None,
+        predictions=tally.predictions
+        if tally is not None and engine != "dask"
+        else prediction_source,
         checkpoint=model,
         label_map=mapping,
         reference=reference,
@@ -267,9 +272,8 @@ def score(
     )
     click.echo(f"combination: {comb['method']} ({comb['reason']})")
     click.echo(f"wrote {result.paths['difficulty']} and {result.paths['summary']}")
-    if prediction_source is not None:  # a map that connects nothing is warned about (stderr)
-        from connectors.stats import label_map_check
+    if tally is not None:  # a map that connects nothing is warned about (stderr)
         from connectors.storage import ProjectFS
 
-        check = label_map_check(project, prediction_source, mapping)
+        check = tally.check(mapping)  # counted on the way, as label_map_check would
         ProjectFS(out_dir, options).write_text(check.FILENAME, check.model_dump_json(indent=1))
