@@ -15,8 +15,8 @@ Conventions (stated once, used everywhere):
 from __future__ import annotations
 
 import json
-from math import isfinite
 from enum import Enum
+from math import isfinite
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
