@@ -102,7 +102,7 @@ def test_local_walk_and_listdir_list_what_fsspec_lists(tree: tuple[Path, Path]) 
     symlink, the bookkeeping folder skipped, a missing folder or a file listed as empty."""
     import fsspec
 
-    root, outside = tree
+    root, _ = tree
     for rel in ("images/deep/er/c.jpg", "images/b.jpg", ".labeltriage/runs/x.json", "z.txt"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(b"x")
