@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from enum import Enum
+from math import isfinite
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -51,7 +52,7 @@ class Annotation(BaseModel):
         if box is None:
             return None
         x1, y1, x2, y2 = box
-        if not all(v == v and abs(v) != float("inf") for v in box):
+        if not (isfinite(x1) and isfinite(y1) and isfinite(x2) and isfinite(y2)):
             raise ValueError(f"box {box} has a non-finite coordinate")
         if x2 < x1 or y2 < y1:
             raise ValueError(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from connectors.formats.base import PredictionSource, ProjectFormat
@@ -17,6 +17,9 @@ from connectors.labelmap import LabelMap, LabelMapCheck, check_label_map
 from connectors.model import Item, ItemStatus, Prediction
 
 log = logging.getLogger(__name__)
+
+LABEL_MAP_CHECK_ITEMS = 2000
+"""Items whose classes (and predictions' classes) the label-map check counts."""
 
 
 def item_error(item: Item) -> dict[str, Any]:
@@ -124,25 +127,92 @@ def label_map_check(
     predictions: PredictionSource,
     label_map: LabelMap,
     *,
-    limit: int | None = 2000,
+    limit: int | None = LABEL_MAP_CHECK_ITEMS,
     warn: bool = True,
 ) -> LabelMapCheck:
     """:func:`connectors.labelmap.check_label_map` on the classes of the first ``limit``
-    items (all with ``None``) and their predictions; its warning is logged (``warn``)."""
-    project_classes: Counter[str] = Counter()
-    predicted: Counter[str] = Counter()
-    seen = 0
-    for item in itertools.islice(project.iter_items(), limit):
-        seen += 1
-        if item.error is not None:
-            continue
-        if item.is_labeled:
-            project_classes.update(a.label for a in item.annotations)
-        prediction = predictions.get(item.item_id, item)
+    items (all with ``None``) and their predictions; its warning is logged (``warn``).
+
+    A run that reads the items and their predictions anyway takes the same counts from
+    its own stream with a :class:`LabelMapTally` instead of reading them again.
+    """
+    tally = LabelMapTally(predictions, limit=limit)
+    for item in tally.items(itertools.islice(project.iter_items(), limit)):
+        if item.error is None:
+            tally.predictions.get(item.item_id, item)
+    return tally.check(label_map, warn=warn)
+
+
+class LabelMapTally:
+    """The counts of :func:`label_map_check`, taken from the stream a run reads anyway.
+
+    :meth:`items` passes the run's item stream through and counts the labels of its
+    first ``limit`` items; :attr:`predictions` is ``predictions`` counting the classes
+    of each prediction the run looks up for one of those items (once per item).
+    :meth:`check` then makes the check, first looking up the predictions of counted
+    items that the run did not look up here (e.g. because other processes did), so the
+    result is that of :func:`label_map_check` whoever read what.  Memory: at most
+    ``limit`` items waiting for their prediction.
+    """
+
+    def __init__(
+        self, predictions: PredictionSource, *, limit: int | None = LABEL_MAP_CHECK_ITEMS
+    ) -> None:
+        self.limit = limit
+        self.seen = 0
+        self.project_classes: Counter[str] = Counter()
+        self.predicted: Counter[str] = Counter()
+        self.waiting: dict[str, Item] = {}
+        self.source = predictions
+        self.predictions: PredictionSource = _CountedPredictions(predictions, self)
+
+    def items(self, stream: Iterable[Item]) -> Iterator[Item]:
+        """``stream`` as it is, counting its first ``limit`` items."""
+        for item in stream:
+            if self.limit is None or self.seen < self.limit:
+                self.seen += 1
+                if item.error is None:
+                    if item.is_labeled:
+                        self.project_classes.update(a.label for a in item.annotations)
+                    self.waiting[item.item_id] = item
+            yield item
+
+    def count(self, item_id: str, prediction: Prediction | None) -> None:
+        """Count ``prediction`` when its item is counted and waits for one."""
+        if self.waiting.pop(item_id, None) is None:
+            return
         if prediction is not None and prediction.error is None:
-            predicted.update(a.label for a in prediction.annotations)
-    check = check_label_map(predicted, project_classes, label_map)
-    check.items_seen = seen
-    if warn and check.warning:
-        log.warning("label map: %s", check.warning)
-    return check
+            self.predicted.update(a.label for a in prediction.annotations)
+
+    def check(self, label_map: LabelMap, *, warn: bool = True) -> LabelMapCheck:
+        """:func:`connectors.labelmap.check_label_map` on the counts; its warning logged."""
+        for item_id, item in list(self.waiting.items()):
+            self.count(item_id, self.source.get(item_id, item))
+        check = check_label_map(self.predicted, self.project_classes, label_map)
+        check.items_seen = self.seen
+        if warn and check.warning:
+            log.warning("label map: %s", check.warning)
+        return check
+
+
+class _CountedPredictions(PredictionSource):
+    """A prediction source whose look-ups a :class:`LabelMapTally` counts; every other
+    attribute is the wrapped source's."""
+
+    def __init__(self, inner: PredictionSource, tally: LabelMapTally) -> None:
+        self._inner = inner
+        self._tally = tally
+
+    def get(self, item_id: str, item: Item | None = None) -> Prediction | None:
+        prediction = self._inner.get(item_id, item)
+        if self._tally.waiting:
+            self._tally.count(item_id, prediction)
+        return prediction
+
+    def __iter__(self) -> Iterator[Prediction]:
+        return iter(self._inner)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # not set yet (e.g. while unpickling)
+            raise AttributeError(name)
+        return getattr(self._inner, name)

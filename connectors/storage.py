@@ -252,6 +252,12 @@ class ProjectFS:
     def listdir(self, rel: str = ".") -> list[str]:
         """Names (not paths) directly inside ``rel``, sorted; empty if it does not exist."""
         full = self.resolve(rel)
+        if self.is_local:  # one scandir, no fsspec record (a stat) per entry
+            try:
+                with os.scandir(full) as entries:
+                    return sorted(entry.name for entry in entries)
+            except (FileNotFoundError, NotADirectoryError):
+                return []
         if not self.fs.isdir(full):
             return []
         names = [posixpath.basename(str(p).rstrip("/")) for p in self.fs.ls(full, detail=False)]
@@ -260,10 +266,12 @@ class ProjectFS:
     def walk_files(self, rel: str = ".") -> Iterator[str]:
         """Relative paths of all files under ``rel`` in sorted order, streaming by folder.
 
-        The bookkeeping folder ``.labeltriage`` is skipped.
+        The bookkeeping folder ``.labeltriage`` is skipped.  Everything that is not a
+        folder counts as a file, symlinks to folders included (they are not followed).
         """
         full = self.resolve(rel)
-        for dirpath, dirnames, filenames in self.fs.walk(full):
+        walk = _walk_local(full) if self.is_local and os.path.isdir(full) else self.fs.walk(full)
+        for dirpath, dirnames, filenames in walk:
             dirnames[:] = sorted(d for d in dirnames if d != BOOKKEEPING_DIR)
             for name in sorted(filenames):
                 yield self.relative(posixpath.join(dirpath, name))
@@ -457,6 +465,28 @@ def url_allowed(url: str, allowed: tuple[str, ...] | list[str]) -> bool:
         elif host and entry.lower() in (host.lower(), netloc.lower()):
             return True
     return False
+
+
+def _walk_local(top: str) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``fsspec``'s local ``walk`` (top down; a folder is one that is a folder itself, not a
+    symlink to one; unreadable folders are left out), from one ``scandir`` per folder
+    without a ``stat`` per entry.  The caller may prune the yielded folder names."""
+    try:
+        with os.scandir(top) as listing:
+            entries = list(listing)
+    except OSError:
+        return
+    dirnames: list[str] = []
+    filenames: list[str] = []
+    for entry in entries:
+        try:
+            is_folder = entry.is_dir(follow_symlinks=False)
+        except OSError:  # gone meanwhile
+            continue
+        (dirnames if is_folder else filenames).append(entry.name)
+    yield top, dirnames, filenames
+    for name in dirnames:
+        yield from _walk_local(posixpath.join(top, name))
 
 
 def _protocols_of(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

@@ -139,33 +139,51 @@ def decode_gray(
     ``name`` (the file) and ``item`` (the item id) only label errors: any problem raises
     :class:`InputError` ``"NAME: item 'ITEM': cannot decode image: …"``.
     """
+    array = decode_gray_array(data, size=size, name=name, item=item)
+    import torch  # here, not at the top: reading image bytes (the report) needs no torch
+
+    return torch.from_numpy(array)
+
+
+def decode_gray_array(
+    data: bytes,
+    *,
+    size: int = DEFAULT_SIZE,
+    name: str = "<bytes>",
+    item: str | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """:func:`decode_gray` as a NumPy array, written into ``out`` (a C-contiguous
+    ``(size, size)`` float32 array, e.g. a row of a batch buffer) when given; ``out`` is
+    returned then.  On an error ``out`` may hold part of a picture."""
     if size < 1:
         raise ValueError(f"size must be a positive number of pixels, got {size}")
     image = _open(data, name, item)
     try:
         if image.format == "JPEG":
             image.draft("L", (size, size))
-        image = ImageOps.exif_transpose(image)
-        array = _to_gray_array(image, size)
+        ImageOps.exif_transpose(image, in_place=True)  # no copy when there is nothing to turn
+        return _to_gray_array(image, size, out)
     except InputError:
         raise
     except _DECODE_ERRORS as exc:
         raise InputError(f"cannot decode image: {_describe(exc)}", file=name, item=item) from exc
-    import torch  # here, not at the top: reading image bytes (the report) needs no torch
-
-    return torch.from_numpy(array)
 
 
-def _to_gray_array(image: Image.Image, size: int) -> np.ndarray:
-    """``(size, size)`` float32 in ``[0, 1]`` from an opened (possibly drafted) image."""
+_BYTE_SCALE = np.float32(1.0 / 255.0)
+
+
+def _to_gray_array(image: Image.Image, size: int, out: np.ndarray | None = None) -> np.ndarray:
+    """``(size, size)`` float32 in ``[0, 1]`` from an opened (possibly drafted) image, in
+    ``out`` when given."""
     mode = image.mode
     if mode.startswith("I;16") or mode == "I":
         gray = image if mode == "I" else image.convert("I")
         gray = gray.convert("F").resize((size, size), Image.Resampling.BILINEAR)
-        return np.clip(np.asarray(gray, dtype=np.float32) / 65535.0, 0.0, 1.0)
+        return np.clip(np.asarray(gray, dtype=np.float32) / 65535.0, 0.0, 1.0, out=out)
     if mode == "F":
         gray = image.resize((size, size), Image.Resampling.BILINEAR)
-        return np.clip(np.asarray(gray, dtype=np.float32), 0.0, 1.0)
+        return np.clip(np.asarray(gray, dtype=np.float32), 0.0, 1.0, out=out)
     if mode != "L":
         if mode == "P" or mode == "PA":
             image = image.convert("RGBA")
@@ -173,7 +191,8 @@ def _to_gray_array(image: Image.Image, size: int) -> np.ndarray:
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BILINEAR)
     array = np.asarray(image, dtype=np.uint8)
-    return array.astype(np.float32) * np.float32(1.0 / 255.0)
+    # the bytes as float32, times 1/255 in float32 (as ``astype`` then ``*`` would)
+    return np.multiply(array, _BYTE_SCALE, out=out, dtype=np.float32)
 
 
 def read_image_bytes(uri: str, project: ProjectFS | None, *, item: str | None = None) -> bytes:

@@ -4,7 +4,7 @@
 the calling process, and cuts it into tasks of ``batch_size`` ``(item_id, uri, error)``
 tuples.  Each task goes to a worker process, which reads the files
 (``ProjectFS.read_bytes`` for paths relative to the project, ``fsspec.open`` for full
-URLs), decodes them with :func:`difficulty.imageio.decode_gray` into a
+URLs), decodes them with :func:`difficulty.imageio.decode_gray_array` into a
 ``(batch_size, size, size)`` buffer it keeps for the whole stream, runs the image
 scorers on the batch (e.g. both Fourier scorers, on one spectrum per image) and sends
 back only their values: a few floats per item.  :func:`iter_image_batches` sends the
@@ -64,7 +64,7 @@ from connectors.errors import InputError, UsageError
 from connectors.model import Item
 from connectors.storage import ProjectFS
 from difficulty import fourier as _fourier  # noqa: F401  (registers the image scorers)
-from difficulty.imageio import DEFAULT_SIZE, decode_gray, read_image_bytes
+from difficulty.imageio import DEFAULT_SIZE, decode_gray_array, read_image_bytes
 from difficulty.registry import SCORERS
 
 if TYPE_CHECKING:
@@ -215,6 +215,7 @@ class _DecodeTasks:
         if self._buffer is None:
             self._buffer = torch.empty((self.batch_size, self.size, self.size))
         buffer = self._buffer
+        rows = buffer.numpy()  # the same memory: each image is decoded into its row
         order: list[str] = []
         ids: list[str] = []
         errors: dict[str, str] = {}
@@ -225,7 +226,7 @@ class _DecodeTasks:
                 continue
             try:
                 data = read_image_bytes(uri, project, item=item_id)
-                buffer[len(ids)] = decode_gray(data, size=self.size, name=uri, item=item_id)
+                decode_gray_array(data, size=self.size, name=uri, item=item_id, out=rows[len(ids)])
             except InputError as exc:
                 errors[item_id] = str(exc)
                 continue

@@ -25,6 +25,8 @@ scores; it never stops the run.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import os
@@ -844,7 +846,7 @@ def score_project(
         "batch_size": o.batch_size, "num_workers": o.num_workers,
         "iou_threshold": o.iou_threshold, "error_min_score": o.error_min_score, "seed": o.seed,
     }  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="labeltriage-score-") as spill:
+    with _long_lived_frozen(), tempfile.TemporaryDirectory(prefix="labeltriage-score-") as spill:
         raw = _Collected(os.path.join(spill, "raw.parquet"), list(names))
         if chunk_runner is None:
             parts: Iterable[pd.DataFrame] = _local_chunks(stream, o.chunk_size, **chunk_kwargs)
@@ -874,6 +876,28 @@ def score_project(
             )
         }
     return _result(project, raw, finished, meta, paths, out_dir, storage_options)
+
+
+@contextlib.contextmanager
+def _long_lived_frozen() -> Iterator[None]:
+    """Leave the objects that exist now out of the garbage collector's passes while a run
+    streams.
+
+    By now the process holds the objects of every imported module (pandas, pyarrow,
+    scipy: hundreds of thousands); the stream allocates many small objects per item,
+    which sets off full collections that would scan all of them each time.  Frozen, they
+    are skipped; the objects the stream creates are collected as usual.  They are
+    unfrozen at the end (unless a caller had frozen objects already: then that caller's
+    choice stands).
+    """
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 RECORDED_OPTIONS = {

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -160,9 +161,20 @@ def test_suggest_map_prints_yaml_a_label_map_loads(tmp_path: Path) -> None:
 
 
 def test_score_warns_about_a_map_that_maps_nothing_and_the_report_shows_it(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The check counts the scoring stream (LabelMapTally): the items are read once."""
+    from connectors.formats.voc import VocFormat
+
     root, preds = _two_class_project(tmp_path)
+    streams = []
+    original = VocFormat.iter_items
+
+    def counted(self: VocFormat) -> Any:
+        streams.append(1)
+        return original(self)
+
+    monkeypatch.setattr(VocFormat, "iter_items", counted)
     out = tmp_path / "run"
     result = CliRunner().invoke(
         cli,
@@ -171,6 +183,10 @@ def test_score_warns_about_a_map_that_maps_nothing_and_the_report_shows_it(
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "no predicted class maps to a project class" in result.stderr
+    assert len(streams) == 1
+    check = json.loads((out / "label_map_check.json").read_text())
+    assert check["predicted"] == {"person": 6, "stop sign": 3, "traffic light": 3}
+    assert check["project"] == {"stop": 3, "trafficlight": 3} and check["items_seen"] == 6
     write_report(str(out))
     page = (out / "report.html").read_text()
     assert "Label map:" in page and "no predicted class maps to a project class" in page

@@ -15,7 +15,7 @@ from PIL import Image
 
 from connectors.errors import InputError
 from connectors.storage import ProjectFS
-from difficulty.imageio import decode_gray, read_image_bytes, read_image_size
+from difficulty.imageio import decode_gray, decode_gray_array, read_image_bytes, read_image_size
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
@@ -116,6 +116,25 @@ def test_unrotated_jpeg_keeps_left_right() -> None:
     out = decode_gray(_encode(_halves(64, 32), "JPEG", quality=95), size=32)
     assert float(out[:, :8].mean()) < 0.1
     assert float(out[:, -8:].mean()) > 0.9
+
+
+@pytest.mark.parametrize("orientation", [None, 1, 3, 6, 8])
+@pytest.mark.parametrize(("mode", "fmt"), [("RGB", "JPEG"), ("L", "PNG"), ("P", "PNG")])
+def test_decoding_into_a_buffer_row_gives_the_same_bits(
+    orientation: int | None, mode: str, fmt: str
+) -> None:
+    """The workers decode into rows of one batch buffer; the values must be exactly those
+    :func:`decode_gray` returns, for turned and unturned pictures of every path."""
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    data = _encode(_halves(96, 40).convert(mode), fmt, exif=exif.tobytes())
+    buffer = np.full((3, 32, 32), -1.0, dtype=np.float32)
+    written = decode_gray_array(data, size=32, out=buffer[1])
+    assert written is buffer[1] or np.shares_memory(written, buffer[1])
+    expected = decode_gray(data, size=32).numpy()
+    assert buffer[1].tobytes() == expected.tobytes()
+    assert (buffer[0] == -1).all() and (buffer[2] == -1).all()
 
 
 def test_read_image_size_from_header() -> None:

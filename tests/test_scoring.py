@@ -603,3 +603,25 @@ print(result.summary["scored"], "torch" in sys.modules)
     )
     there, _ = read_difficulty(str(tmp_path / "run"))
     pd.testing.assert_frame_equal(here.table, there)
+
+
+def test_objects_are_frozen_while_a_run_streams_and_unfrozen_after() -> None:
+    import gc
+
+    from difficulty.scoring import _long_lived_frozen
+
+    assert gc.get_freeze_count() == 0
+    with _long_lived_frozen():
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        with _long_lived_frozen():  # a caller's freeze stands
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        with _long_lived_frozen():
+            pass
+        assert gc.get_freeze_count() > 0  # not unfrozen: it was not ours
+    finally:
+        gc.unfreeze()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from _fileformat_helpers import make_project, png_bytes
 from click.testing import CliRunner
 
@@ -11,7 +12,7 @@ from autolabel.cli import cli
 from connectors.formats.imagefolder import ImageFolderFormat
 from connectors.formats.yolo import YoloFormat, YoloPredictions
 from connectors.labelmap import LabelMap
-from connectors.stats import compute_stats
+from connectors.stats import LabelMapTally, compute_stats, label_map_check
 
 
 def yolo_files() -> dict[str, bytes | str]:
@@ -119,3 +120,42 @@ def test_cli_usage_errors_exit_2_with_one_line() -> None:
         assert result.exit_code == 2, (args, result.output)
         assert expected in result.stderr
         assert result.stdout == ""
+
+
+def _tally_inputs(tag: str) -> tuple[YoloFormat, YoloPredictions]:
+    files = yolo_files()
+    files["labels/d.txt"] = "1 0.5 0.5 0.2 0.2\n"
+    project = YoloFormat(make_project(files, tag))
+    preds_fs = make_project(
+        {
+            "classes.txt": "cat\ndog\n",
+            "a.txt": "0 0.5 0.5 0.2 0.2 0.9\n1 0.5 0.5 0.2 0.2 0.4\n",
+            "b.txt": "1 0.5 0.5 0.2 0.2 0.3\n",
+            "d.txt": "1 0.5 0.5 0.2 0.2 0.9\n",
+        },
+        f"{tag}-preds",
+    )
+    return project, YoloPredictions(preds_fs, project=project)
+
+
+@pytest.mark.parametrize("limit", [None, 1, 2, 3, 10])
+@pytest.mark.parametrize("looked_up", ["all", "none", "every other"])
+def test_a_tally_on_the_run_stream_checks_as_label_map_check(
+    limit: int | None, looked_up: str
+) -> None:
+    """The counts come from the run's own stream and look-ups; predictions the run did not
+    look up (another process did) are looked up at the end; the result is the same."""
+    project, preds = _tally_inputs(f"tally-{limit}-{looked_up.replace(' ', '')}")
+    label_map = LabelMap(map={"dog": "cat"})
+    expected = label_map_check(project, preds, label_map, limit=limit)
+    tally = LabelMapTally(preds, limit=limit)
+    read = 0
+    for n, item in enumerate(tally.items(project.iter_items())):
+        read += 1
+        if item.error is None and (looked_up == "all" or (looked_up == "every other" and n % 2)):
+            tally.predictions.get(item.item_id, item)
+            tally.predictions.get(item.item_id, item)  # a second look-up is not counted again
+    assert read == 5  # the whole stream passes, whatever the limit
+    got = tally.check(label_map)
+    assert got == expected and got.items_seen == min(limit or 5, 5)
+    assert not tally.waiting

@@ -94,3 +94,35 @@ def test_a_folder_created_later_is_checked_when_it_exists(tree: tuple[Path, Path
     (root / "later").symlink_to(outside)
     with pytest.raises(PathEscapeError):
         fs.resolve("later/x.txt")
+
+
+def test_local_walk_and_listdir_list_what_fsspec_lists(tree: tuple[Path, Path]) -> None:
+    """The local fast paths (one ``scandir`` per folder) give fsspec's listing: nested and
+    empty folders, a symlink to a folder counted as a file and not followed, a dangling
+    symlink, the bookkeeping folder skipped, a missing folder or a file listed as empty."""
+    import fsspec
+
+    root, _ = tree
+    for rel in ("images/deep/er/c.jpg", "images/b.jpg", ".labeltriage/runs/x.json", "z.txt"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    (root / "images" / "empty").mkdir()
+    (root / "images" / "link").symlink_to(root / "images" / "deep")
+    (root / "images" / "dangling.jpg").symlink_to(root / "nowhere.jpg")
+    fs = ProjectFS(str(root))
+
+    class ThroughFsspec(ProjectFS):
+        is_local = False  # the general path, on the same local files
+
+    slow = ThroughFsspec(str(root))
+    assert isinstance(slow.fs, fsspec.implementations.local.LocalFileSystem)
+    for rel in (".", "images", "images/deep", "images/link", "missing", "z.txt"):
+        assert list(fs.walk_files(rel)) == list(slow.walk_files(rel)), rel
+        assert fs.listdir(rel) == slow.listdir(rel), rel
+    assert list(fs.walk_files("images")) == [
+        "images/a.jpg",
+        "images/b.jpg",
+        "images/dangling.jpg",
+        "images/link",
+        "images/deep/er/c.jpg",
+    ]

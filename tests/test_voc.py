@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pytest
 from _fileformat_helpers import make_project, png_bytes
 from hypothesis import HealthCheck, given, settings
@@ -24,7 +26,7 @@ def obj(name: str, x1: object, y1: object, x2: object, y2: object) -> str:
     return f"<object><name>{name}</name><bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
 
 
-def voc_project(annotations: dict[str, str], images: tuple[str, ...] = ("a", "b")):
+def voc_project(annotations: Mapping[str, str | bytes], images: tuple[str, ...] = ("a", "b")):
     files: dict[str, bytes | str] = {f"images/{s}.png": png_bytes() for s in images}
     files.update({f"annotations/{s}.xml": x for s, x in annotations.items()})
     return make_project(files, "voc")
@@ -97,6 +99,40 @@ def test_entities_and_dtd_are_refused() -> None:
     for stem in ("a", "b"):
         error = items[stem].error
         assert error is not None and error.startswith(f"annotations/{stem}.xml: refused XML")
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16", "utf-16-le", "utf-16-be", "latin-1"])
+def test_declarations_are_refused_in_any_encoding(encoding: str) -> None:
+    """The fast parser's pre-check is bytewise: a DTD in UTF-16, with or without a
+    byte-order mark, must still reach the refusing parser."""
+    decl = f'<?xml version="1.0" encoding="{encoding.removesuffix("-le").removesuffix("-be")}"?>'
+    body = '<!DOCTYPE a [<!ENTITY x "boom">]><annotation><filename>&x;</filename></annotation>'
+    data = (decl + body).encode(encoding)
+    items = by_id(VocFormat(voc_project({"a": data})))
+    error = items["a"].error
+    assert error is not None and error.startswith("annotations/a.xml: refused XML"), error
+
+
+def test_comments_cdata_and_other_encodings_still_read() -> None:
+    """Documents that the fast path leaves to the refusing parser (comments, CDATA,
+    UTF-16) read as before."""
+    plain = voc_xml(obj("stop", 1, 2, 30, 25))
+    commented = plain.replace("<folder>", "<!-- made by hand --><folder>")
+    cdata = plain.replace("<name>stop</name>", "<name><![CDATA[stop]]></name>")
+    latin = voc_xml(obj("café", 1, 2, 30, 25)).replace(
+        "<annotation>", '<?xml version="1.0" encoding="latin-1"?><annotation>', 1
+    )
+    docs: dict[str, bytes] = {
+        "a": commented.encode(),
+        "b": cdata.encode(),
+        "c": plain.encode("utf-16"),
+        "d": latin.encode("latin-1"),
+    }
+    items = by_id(VocFormat(voc_project(docs, images=("a", "b", "c", "d"))))
+    for stem in "abc":
+        assert items[stem].error is None, items[stem].error
+        assert items[stem].annotations == [Annotation(label="stop", box=(1, 2, 30, 25))]
+    assert items["d"].annotations == [Annotation(label="café", box=(1, 2, 30, 25))]
 
 
 def test_annotation_without_image_is_an_error_item() -> None:

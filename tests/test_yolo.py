@@ -77,6 +77,9 @@ def test_nested_item_ids_and_data_yaml_names() -> None:
             "labels/a.txt:3: box [24.0, 7.5, 16.0, 22.5] has zero or negative size",
         ),
         ("0 0.5 0.5 nan 0.5", "labels/a.txt:3: field 4 'nan' is not a finite number"),
+        ("0 0.5 inf abc 0.5", "labels/a.txt:3: field 3 'inf' is not a finite number"),
+        ("0 0.5 abc inf 0.5", "labels/a.txt:3: field 3 'abc' is not a number"),
+        ("0 -inf 0.5 0.5 x", "labels/a.txt:3: field 2 '-inf' is not a finite number"),
     ],
 )
 def test_bad_lines_name_file_and_line(line: str, message: str) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -22,6 +22,11 @@ from autolabel.commands._common import (
 )
 from connectors.errors import UsageError
 from difficulty.options import ScoreOptions
+
+if TYPE_CHECKING:
+    from connectors.formats.base import PredictionSource, ProjectFormat
+    from connectors.labelmap import LabelMap
+    from connectors.stats import LabelMapTally
 
 DEFAULT_MAP = click.core.ParameterSource.DEFAULT_MAP
 
@@ -230,6 +235,7 @@ def score(
             opened=prediction_source,
         )
     mapping = label_map_from(label_map, options) or LabelMap()
+    tally, inputs = _counted_inputs(project, prediction_source, engine)
     result = score_project_with_engine(
         project,
         score_options(
@@ -248,7 +254,7 @@ def score(
         n_workers=workers,
         staging=staging,
         partition_size=partition_size,
-        predictions=prediction_source,
+        **inputs,
         checkpoint=model,
         label_map=mapping,
         reference=reference,
@@ -267,9 +273,31 @@ def score(
     )
     click.echo(f"combination: {comb['method']} ({comb['reason']})")
     click.echo(f"wrote {result.paths['difficulty']} and {result.paths['summary']}")
-    if prediction_source is not None:  # a map that connects nothing is warned about (stderr)
-        from connectors.stats import label_map_check
-        from connectors.storage import ProjectFS
+    if tally is not None:  # a map that connects nothing is warned about (stderr)
+        _write_label_map_check(tally, mapping, out_dir, options)
 
-        check = label_map_check(project, prediction_source, mapping)
-        ProjectFS(out_dir, options).write_text(check.FILENAME, check.model_dump_json(indent=1))
+
+def _counted_inputs(
+    project: ProjectFormat, predictions: PredictionSource | None, engine: str
+) -> tuple[LabelMapTally | None, dict[str, Any]]:
+    """The label-map check's tally (None without predictions) and the ``items`` and
+    ``predictions`` of the scoring run, passing through it: the check counts the run's own
+    stream instead of reading the items again.  Dask workers look predictions up in their
+    own processes; the tally looks those of its items up itself at the end."""
+    from connectors.stats import LabelMapTally
+
+    if predictions is None:
+        return None, {"items": None, "predictions": None}
+    tally = LabelMapTally(predictions)
+    counted = tally.predictions if engine != "dask" else predictions
+    return tally, {"items": tally.items(project.iter_items()), "predictions": counted}
+
+
+def _write_label_map_check(
+    tally: LabelMapTally, mapping: LabelMap, out_dir: str, options: dict[str, Any] | None
+) -> None:
+    """Make the label-map check from the tally (its warning logged) and write it to the run."""
+    from connectors.storage import ProjectFS
+
+    check = tally.check(mapping)
+    ProjectFS(out_dir, options).write_text(check.FILENAME, check.model_dump_json(indent=1))

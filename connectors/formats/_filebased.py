@@ -287,8 +287,7 @@ class LabelFileFormat(RemovesFiles, ProjectFormat):
             self.project.resolve(image_rel, item=item_id)
             if label_rel is None:
                 return Item(item_id=item_id, uri=image_rel)
-            self.project.resolve(label_rel, item=item_id)
-            data = self.project.read_bytes(label_rel)
+            data = self.project.read_bytes(label_rel)  # resolved there, escapes refused
             item = Item(
                 item_id=item_id,
                 uri=image_rel,

@@ -21,6 +21,7 @@ Predictions (:class:`YoloPredictions`, registered as ``yolo`` in
 from __future__ import annotations
 
 import logging
+import math
 import posixpath
 from collections.abc import Iterator
 from typing import Any
@@ -104,22 +105,12 @@ def parse_line(
         raise InputError(
             f"class id {parts[0]!r} is not an integer", file=file, line=number, item=item
         ) from None
-    values: list[float] = []
-    for position, text in enumerate(parts[1:], start=2):
-        try:
-            value = float(text)
-        except ValueError:
-            raise InputError(
-                f"field {position} {text!r} is not a number", file=file, line=number, item=item
-            ) from None
-        if value != value or value in (float("inf"), float("-inf")):
-            raise InputError(
-                f"field {position} {text!r} is not a finite number",
-                file=file,
-                line=number,
-                item=item,
-            )
-        values.append(value)
+    try:
+        values = [float(text) for text in parts[1:]]
+    except ValueError:
+        values = []
+    if len(values) != n_fields - 1 or not all(map(math.isfinite, values)):
+        _raise_bad_number(parts, file=file, number=number, item=item)
     if not 0 <= class_id < len(classes):
         raise InputError(
             f"unknown class id {class_id} ({len(classes)} classes are known)",
@@ -141,6 +132,24 @@ def parse_line(
                 f"confidence {score} is outside [0, 1]", file=file, line=number, item=item
             )
     return Annotation(label=classes[class_id], box=box, score=score)
+
+
+def _raise_bad_number(parts: list[str], *, file: str, number: int, item: str | None) -> None:
+    """Raise for the first of ``parts[1:]`` that is not a finite number."""
+    for position, text in enumerate(parts[1:], start=2):
+        try:
+            value = float(text)
+        except ValueError:
+            raise InputError(
+                f"field {position} {text!r} is not a number", file=file, line=number, item=item
+            ) from None
+        if not math.isfinite(value):
+            raise InputError(
+                f"field {position} {text!r} is not a finite number",
+                file=file,
+                line=number,
+                item=item,
+            )
 
 
 def render_line(annotation: Annotation, class_id: int, width: int, height: int) -> str:
