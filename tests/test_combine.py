@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -393,3 +394,46 @@ def test_overlapping_cross_validation_folds_do_not_count_as_independent_evidence
     wide = pd.DataFrame({"rho": 0.07 + sd * noise, "single:a": 0.04 + np.zeros(15)})
     assert _wins(wide, "single:a", "rho", lower=True, folds=5)
     assert not _wins(wide, "rho", "single:a", lower=True, folds=5)
+
+
+def test_spearman_without_scipy_gives_scipys_bits() -> None:
+    """The rank correlation is computed without importing scipy.stats (seconds of start-up),
+    to the same bits as ``scipy.stats.spearmanr`` on ties, NaNs and ordinary data."""
+    from scipy.stats import rankdata, spearmanr
+
+    from difficulty.combine import average_ranks
+
+    rng = np.random.default_rng(3)
+    for trial in range(300):
+        n = int(rng.integers(3, 300))
+        x = rng.integers(0, 1 + trial % 20, n).astype(float) if trial % 2 else rng.random(n)
+        y = rng.random(n) * (rng.random(n) < 0.7)
+        x[rng.random(n) < 0.05] = np.nan
+        ok = np.isfinite(x)
+        assert np.array_equal(average_ranks(x[ok]), rankdata(x[ok]))
+        if ok.sum() < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:
+            assert np.isnan(spearman(x, y))
+            continue
+        assert spearman(x, y) == float(spearmanr(x[ok], y[ok]).statistic)
+
+
+def test_fitting_weights_does_not_import_scipy_stats() -> None:
+    """The scoring process fits the combination; scipy.stats costs it about 0.7 s to import."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+import numpy as np, pandas as pd
+from difficulty.combine import fit_weights, percentiles
+rng = np.random.default_rng(0)
+err = rng.random(200)
+raw = pd.DataFrame({"fourier": rng.random(200), "good": err + rng.normal(scale=0.2, size=200)})
+fit = fit_weights(percentiles(raw, list(raw.columns)), err)
+print(fit.method, "scipy.stats" in sys.modules)
+"""
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=repo
+    )
+    assert out.stdout.split()[1] == "False", out.stdout + out.stderr
