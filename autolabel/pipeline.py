@@ -224,7 +224,7 @@ class _Run:
         if p.engine == "local" and p.train is None:
             # the decode workers' fork server starts while the items are read (a run that
             # trains loads torch here first, and its workers are then forked from here)
-            from difficulty.imagestream import start_workers_early
+            from difficulty.workerstart import start_workers_early
 
             start_workers_early(p.num_workers)
         self.project = open_project(

@@ -28,7 +28,7 @@ torch is imported where it computes.  The workers are forked from a fork server 
 imports torch once, while the calling process already reads items; the calling process,
 which only reads items and combines scores, never loads it (with ``num_workers=0`` it
 computes, and imports torch, itself).  A process that has loaded torch anyway forks its
-workers directly (see :func:`_context`).  :func:`fix_mmap_threshold` keeps large blocks
+workers directly (see :func:`difficulty.workerstart.worker_context`).  :func:`fix_mmap_threshold` keeps large blocks
 out of the glibc heap, which the per-batch arrays of a long stream would otherwise
 fragment.
 
@@ -47,7 +47,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-import multiprocessing
 import os
 import sys
 from collections import deque
@@ -66,6 +65,7 @@ from connectors.storage import ProjectFS
 from difficulty import fourier as _fourier  # noqa: F401  (registers the image scorers)
 from difficulty.imageio import DEFAULT_SIZE, decode_gray_array, read_image_bytes
 from difficulty.registry import SCORERS
+from difficulty.workerstart import worker_context
 
 if TYPE_CHECKING:
     import torch
@@ -259,39 +259,6 @@ def _run_task(task: tuple[_Task, ...]) -> _Done:
     return _worker_tasks(task)
 
 
-WORKER_PRELOAD = ("torch", "difficulty.fourier")
-"""Modules the fork server imports once, before it forks the workers."""
-
-
-def _context() -> Any:
-    """How worker processes start.
-
-    When this process has loaded torch already, ``fork``: the workers share its pages.
-    Otherwise a fork server that imports torch once (:data:`WORKER_PRELOAD`) and forks
-    the workers from itself: torch is imported once, in parallel with this process's own
-    work, and never in this process.  ``spawn`` where neither exists.
-    """
-    methods = multiprocessing.get_all_start_methods()
-    if "fork" in methods and "torch" in sys.modules:
-        return multiprocessing.get_context("fork")
-    if "forkserver" in methods:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(list(WORKER_PRELOAD))
-        return context
-    return multiprocessing.get_context("spawn")
-
-
-def start_workers_early(num_workers: int) -> None:
-    """Start the fork server that the decode workers come from now, in its own process, so
-    that its start-up (importing torch: seconds) overlaps this process's work before the
-    first image is decoded.  Nothing to do for ``num_workers`` 0, or where the workers are
-    forked from this process (see :func:`_context`)."""
-    if num_workers > 0 and _context().get_start_method() == "forkserver":
-        from multiprocessing import forkserver
-
-        forkserver.ensure_running()
-
-
 SCORES_PREFETCH = 8
 """Tasks in flight per worker when only scores come back (a few numbers per image): enough
 to keep the workers busy while this process finishes a chunk (parsing labels, matching)."""
@@ -347,7 +314,7 @@ def _run(
         yield from map(tasks, sampler)
         return
     pool = ProcessPoolExecutor(
-        num_workers, mp_context=_context(), initializer=_start_worker, initargs=(tasks,)
+        num_workers, mp_context=worker_context(), initializer=_start_worker, initargs=(tasks,)
     )
     in_flight: deque[Future[_Done]] = deque()
     try:

@@ -206,7 +206,7 @@ def score(
     out_dir: str,
 ) -> None:
     """Score every item's difficulty and sort items into easy / medium / hard tiers."""
-    from difficulty.imagestream import start_workers_early
+    from difficulty.workerstart import start_workers_early
 
     start_workers_early(num_workers if engine != "dask" else 0)  # torch loads meanwhile
     from autolabel.engine_dask import Opener, ReopenablePredictions, score_project_with_engine
