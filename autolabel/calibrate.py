@@ -74,7 +74,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
-from scipy.stats import beta as beta_dist
+from scipy.special import betaincinv
 
 from connectors.errors import UsageError
 from connectors.labelmap import LabelMap
@@ -94,7 +94,9 @@ def clopper_pearson_upper(k: int, n: int, delta: float) -> float:
     """One-sided exact (Clopper–Pearson) upper ``1 − δ`` confidence bound of a rate.
 
     ``k`` errors in ``n`` trials: ``Beta⁻¹(1 − δ; k + 1, n − k)``; 1 when ``n == 0`` or
-    ``k == n``.
+    ``k == n``.  The inverse regularized incomplete beta function of ``scipy.special``
+    gives the quantile ``scipy.stats.beta.ppf`` gives, to the bit, without importing
+    ``scipy.stats`` (about half a second of every gate run's start-up).
     """
     if n < 0 or k < 0 or k > n:
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
@@ -102,7 +104,7 @@ def clopper_pearson_upper(k: int, n: int, delta: float) -> float:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     if n == 0 or k >= n:
         return 1.0
-    return float(beta_dist.ppf(1.0 - delta, k + 1, n - k))
+    return float(betaincinv(k + 1, n - k, 1.0 - delta))
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,15 @@ def test_clopper_pearson_matches_scipy_beta_quantile(k: int, n: int, delta: floa
     )
 
 
+def test_clopper_pearson_is_scipys_beta_quantile_to_the_bit() -> None:
+    """Computed without scipy.stats, the bound is the same float: a threshold that passed
+    at ε before passes now, and one that failed still fails."""
+    for n in range(1, 160):
+        for k in range(n):
+            for delta in (0.1, 0.05, 0.01, 0.1 / 3, 0.1 / 5):
+                assert clopper_pearson_upper(k, n, delta) == beta.ppf(1 - delta, k + 1, n - k)
+
+
 def test_clopper_pearson_closed_form_for_zero_errors() -> None:
     # k = 0: the bound solves (1 - p)^n = delta
     n, delta = 40, 0.1
