@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -888,9 +889,11 @@ def _long_lived_frozen() -> Iterator[None]:
     which sets off full collections that would scan all of them each time.  Frozen, they
     are skipped; the objects the stream creates are collected as usual.  They are
     unfrozen at the end (unless a caller had frozen objects already: then that caller's
-    choice stands).
+    choice stands).  Only a run in the main thread does this: the collector's state is
+    the whole process's, and runs in other threads (``serve``, the scheduler) would
+    unfreeze each other's objects.
     """
-    if gc.get_freeze_count():
+    if gc.get_freeze_count() or threading.current_thread() is not threading.main_thread():
         yield
         return
     gc.freeze()

@@ -625,3 +625,23 @@ def test_objects_are_frozen_while_a_run_streams_and_unfrozen_after() -> None:
         assert gc.get_freeze_count() > 0  # not unfrozen: it was not ours
     finally:
         gc.unfreeze()
+
+
+def test_a_run_in_another_thread_leaves_the_collector_alone() -> None:
+    """The collector's frozen set is the whole process's: a run in a server's thread
+    neither freezes it nor unfreezes what the main thread froze."""
+    import gc
+    import threading
+
+    from difficulty.scoring import _long_lived_frozen
+
+    seen: list[int] = []
+
+    def run() -> None:
+        with _long_lived_frozen():
+            seen.append(gc.get_freeze_count())
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    assert seen == [0] and gc.get_freeze_count() == 0
