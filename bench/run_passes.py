@@ -32,7 +32,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench._common import machine_line  # noqa: E402
-from bench.score_identity import export  # noqa: E402
+from bench.score_identity import export, working_tree_version  # noqa: E402
 
 EXAMPLES = REPO / "examples"
 
@@ -89,13 +89,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "run_passes.md"))
     args = parser.parse_args()
-    head = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
-        cwd=REPO, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
+    head, dirty = working_tree_version()
     with tempfile.TemporaryDirectory(prefix="run-passes-") as tmp:
         base_tree = Path(tmp) / "base"
         base_tree.mkdir()

@@ -36,6 +36,18 @@ DATA = Path(os.environ.get("LABELTRIAGE_SHARED_DATA", REPO.parent / "shared" / "
 ROAD_MAP = "map:\n  stop sign: stop\n  traffic light: trafficlight\n"
 
 
+def working_tree_version() -> tuple[str, bool]:
+    """This repository's short ``HEAD`` hash, and whether tracked files differ from it."""
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=REPO, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    return head, bool(dirty)
+
+
 def export(ref: str, into: Path) -> str:
     """Export revision ``ref`` of this repository into ``into``; its short hash."""
     commit = subprocess.run(
@@ -101,13 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         base = work / "base"
         base.mkdir()
         base_commit = export(args.base, base)
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO, capture_output=True, text=True,
-        ).stdout.strip()  # fmt: skip
+        head, dirty = working_tree_version()
         (work / "road_map.yaml").write_text(ROAD_MAP)
         projects = {
             "sample project (120 items)": {
