@@ -1,10 +1,14 @@
-"""Argument lists for ``labeltriage train``/``select`` and a tiny digits image-folder project."""
+"""Argument lists for ``labeltriage train``/``select``, a tiny digits image-folder project, and
+a counter of the passes a command makes over a VOC project's items."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -58,3 +62,18 @@ def write_digits_folder(root: Path, count: int, labeled: int) -> Path:
         img = Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8)).resize((16, 16))
         img.convert("RGB").save(folder / f"{k:03d}.png")
     return root
+
+
+def count_voc_item_reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """A counter whose ``"items"`` goes up each time a VOC project's items are read."""
+    from connectors.formats.voc import VocFormat
+
+    passes: Counter[str] = Counter()
+    iter_items = VocFormat.iter_items
+
+    def counted(self: VocFormat, *args: Any, **kwargs: Any) -> Any:
+        passes["items"] += 1
+        yield from iter_items(self, *args, **kwargs)
+
+    monkeypatch.setattr(VocFormat, "iter_items", counted)
+    return passes

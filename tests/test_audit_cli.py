@@ -6,9 +6,9 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
+from _cli_helpers import count_voc_item_reads
 from click.testing import CliRunner
 from test_gate import voc_xml
 from test_report import _gate_project
@@ -164,17 +164,8 @@ def test_score_warns_about_a_map_that_maps_nothing_and_the_report_shows_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The check counts the scoring stream (LabelMapTally): the items are read once."""
-    from connectors.formats.voc import VocFormat
-
     root, preds = _two_class_project(tmp_path)
-    streams = []
-    original = VocFormat.iter_items
-
-    def counted(self: VocFormat) -> Any:
-        streams.append(1)
-        return original(self)
-
-    monkeypatch.setattr(VocFormat, "iter_items", counted)
+    passes = count_voc_item_reads(monkeypatch)
     out = tmp_path / "run"
     result = CliRunner().invoke(
         cli,
@@ -183,7 +174,7 @@ def test_score_warns_about_a_map_that_maps_nothing_and_the_report_shows_it(
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "no predicted class maps to a project class" in result.stderr
-    assert len(streams) == 1
+    assert passes["items"] == 1
     check = json.loads((out / "label_map_check.json").read_text())
     assert check["predicted"] == {"person": 6, "stop sign": 3, "traffic light": 3}
     assert check["project"] == {"stop": 3, "trafficlight": 3} and check["items_seen"] == 6

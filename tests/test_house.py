@@ -8,11 +8,11 @@
 from __future__ import annotations
 
 import ast
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _cli_helpers import count_voc_item_reads
 from click.testing import CliRunner
 from test_pipeline import tiny_voc  # noqa: F401  (a fixture)
 from test_pipeline_gate_report import _predictions
@@ -78,16 +78,8 @@ def test_labeltriage_run_reads_items_and_table_once_and_renders_once(
 
     import difficulty.report
     from autolabel.cli import cli
-    from connectors.formats.voc import VocFormat
 
-    passes: Counter[str] = Counter()
-    iter_items = VocFormat.iter_items
-
-    def counted(self: VocFormat, *args: Any, **kwargs: Any) -> Any:
-        passes["items"] += 1
-        yield from iter_items(self, *args, **kwargs)
-
-    monkeypatch.setattr(VocFormat, "iter_items", counted)
+    passes = count_voc_item_reads(monkeypatch)
     template = difficulty.report._template
 
     def counted_template() -> Any:
@@ -170,16 +162,8 @@ def test_a_project_over_the_kept_limit_is_streamed_by_each_step_with_the_same_re
 
     import autolabel.pipeline
     from autolabel.config import load_config
-    from connectors.formats.voc import VocFormat
 
-    passes: Counter[str] = Counter()
-    iter_items = VocFormat.iter_items
-
-    def counted(self: VocFormat, *args: Any, **kwargs: Any) -> Any:
-        passes["items"] += 1
-        yield from iter_items(self, *args, **kwargs)
-
-    monkeypatch.setattr(VocFormat, "iter_items", counted)
+    passes = count_voc_item_reads(monkeypatch)
     outcomes = []
     for kept in (12, 5):  # the tiny project has 12 items
         monkeypatch.setattr(autolabel.pipeline, "ITEMS_KEPT", kept)
