@@ -885,7 +885,7 @@ def _long_lived_frozen() -> Iterator[None]:
     streams.
 
     By now the process holds the objects of every imported module (pandas, pyarrow,
-    scipy: hundreds of thousands); the stream allocates many small objects per item,
+    pydantic: hundreds of thousands); the stream allocates many small objects per item,
     which sets off full collections that would scan all of them each time.  Frozen, they
     are skipped; the objects the stream creates are collected as usual.  They are
     unfrozen at the end (unless a caller had frozen objects already: then that caller's

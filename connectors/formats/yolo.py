@@ -24,7 +24,7 @@ import logging
 import math
 import posixpath
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -108,8 +108,8 @@ def parse_line(
     try:
         values = [float(text) for text in parts[1:]]
     except ValueError:
-        values = []
-    if len(values) != n_fields - 1 or not all(map(math.isfinite, values)):
+        _raise_bad_number(parts, file=file, number=number, item=item)
+    if not all(map(math.isfinite, values)):
         _raise_bad_number(parts, file=file, number=number, item=item)
     if not 0 <= class_id < len(classes):
         raise InputError(
@@ -134,7 +134,7 @@ def parse_line(
     return Annotation(label=classes[class_id], box=box, score=score)
 
 
-def _raise_bad_number(parts: list[str], *, file: str, number: int, item: str | None) -> None:
+def _raise_bad_number(parts: list[str], *, file: str, number: int, item: str | None) -> NoReturn:
     """Raise for the first of ``parts[1:]`` that is not a finite number."""
     for position, text in enumerate(parts[1:], start=2):
         try:
@@ -150,6 +150,7 @@ def _raise_bad_number(parts: list[str], *, file: str, number: int, item: str | N
                 line=number,
                 item=item,
             )
+    raise AssertionError(f"no bad number among {parts[1:]}")  # the callers checked there is one
 
 
 def render_line(annotation: Annotation, class_id: int, width: int, height: int) -> str:
