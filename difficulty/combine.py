@@ -486,13 +486,19 @@ def fit_weights(
     )
 
 
+def _fold_count(n: int, folds: int) -> int:
+    """Folds per repeat of the cross-validation on ``n`` labeled items (at least 10 items
+    a fold, at least 2 folds, at most ``folds``)."""
+    return max(2, min(folds, n // 10))
+
+
 def _folds(
     labeled: np.ndarray, folds: int, repeats: int, seed: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(train, test)`` row indices: ``repeats`` reshuffled ``k``-fold splits of ``labeled``."""
     rng = np.random.default_rng(seed)
     n = labeled.size
-    k = max(2, min(folds, n // 10))
+    k = _fold_count(n, folds)
     for _ in range(repeats):
         order = rng.permutation(labeled)
         fold_of = np.arange(n) % k
@@ -563,9 +569,8 @@ def _judge_aurc(
         if np.isfinite(r) and (r > 0 or (signed and r < 0))
     }
     rows: list[dict[str, float]] = []
-    k = 0
+    k = _fold_count(labeled.size, folds)
     for train, test in _folds(labeled, folds, repeats, seed):
-        k += 1
         row: dict[str, float] = {}
         for s, sign in singles.items():
             p = pct[s].to_numpy()[test]
@@ -581,7 +586,7 @@ def _judge_aurc(
     cv = {
         c: float(table[c].mean()) if table[c].notna().any() else float("nan") for c in table.columns
     }
-    chosen = _choose(table, cv, lower=True, folds=k // max(repeats, 1))
+    chosen = _choose(table, cv, lower=True, folds=k)
     if chosen is None:
         return None, {}, cv, "cross-validation gave no finite risk–coverage area"
     if chosen.startswith("single:"):
@@ -591,7 +596,7 @@ def _judge_aurc(
         best, weights, label = chosen, candidate_weights(rhos, chosen, signed=signed), chosen
     reason = (
         f"{label}: cross-validated risk–coverage area {cv[chosen]:.3f} (mean true error among "
-        f"the easiest items; {repeats}×{k // max(repeats, 1)}-fold on {labeled.size} labeled "
+        f"the easiest items; {repeats}×{k}-fold on {labeled.size} labeled "
         f"items; {_RULE})"
     )
     return best, weights, cv, reason
@@ -610,9 +615,8 @@ def _judge_rho(
 ) -> tuple[str | None, dict[str, float], dict[str, float], str]:
     """The best-ρ scorer alone and the two blends, judged by held-out Spearman ρ."""
     rows: list[dict[str, float]] = []
-    k = 0
+    k = _fold_count(labeled.size, folds)
     for train, test in _folds(labeled, folds, repeats, seed):
-        k += 1
         rho_train = {s: spearman(pct[s].to_numpy()[train], err[train]) for s in live}
         row: dict[str, float] = {}
         for c in CANDIDATES:
@@ -621,11 +625,11 @@ def _judge_rho(
         rows.append(row)
     table = pd.DataFrame(rows, columns=list(CANDIDATES))
     cv = {c: float(table[c].mean()) if table[c].notna().any() else float("nan") for c in CANDIDATES}
-    best = _choose(table, cv, lower=False, folds=k // max(repeats, 1))
+    best = _choose(table, cv, lower=False, folds=k)
     if best is None:
         return None, {}, cv, "cross-validation gave no finite ρ"
     reason = (
-        f"{best}: cross-validated ρ {cv[best]:.3f} ({repeats}×{k // max(repeats, 1)}-fold on "
+        f"{best}: cross-validated ρ {cv[best]:.3f} ({repeats}×{k}-fold on "
         f"{labeled.size} labeled items; {_RULE})"
     )
     return best, candidate_weights(rhos, best, signed=signed), cv, reason
