@@ -14,9 +14,10 @@ features, flips of the cached maps), then measured on the held-out quarter only:
 * **difficulty**: ``labeltriage score`` with the checkpoint over the held-out items
   (:func:`difficulty.scoring.score_project`: Fourier, uncertainty, committee, EGL and the
   predicted loss), Spearman ρ of each scorer with the model's true per-item error
-  (1 − F1 of its boxes at the checkpoint's box confidence, IoU 0.5) and of the combination — in sample, and over
-  random half/half splits where the weights are fit on one half and ρ measured on the
-  other (``bench/difficulty_quality.py``'s :func:`evaluate`);
+  (1 − F1 of its boxes at the checkpoint's box confidence, IoU 0.5) and of the
+  combination — in sample, and over random half/half splits where the weights are fit
+  on one half and ρ measured on the other (``bench/difficulty_quality.py``'s
+  :func:`evaluate`);
 * **the gate** at δ = 0.1, ε ∈ {0.1, 0.05}: over ``--splits`` random calibration/target
   halves of the held-out items, the combination's weights are fit on the calibration half
   only, the gate (:func:`autolabel.calibrate.calibrate_with_confidence`) is calibrated

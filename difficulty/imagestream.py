@@ -28,9 +28,9 @@ torch is imported where it computes.  The workers are forked from a fork server 
 imports torch once, while the calling process already reads items; the calling process,
 which only reads items and combines scores, never loads it (with ``num_workers=0`` it
 computes, and imports torch, itself).  A process that has loaded torch anyway forks its
-workers directly (see :func:`difficulty.workerstart.worker_context`).  :func:`fix_mmap_threshold` keeps large blocks
-out of the glibc heap, which the per-batch arrays of a long stream would otherwise
-fragment.
+workers directly (see :func:`difficulty.workerstart.worker_context`).
+:func:`fix_mmap_threshold` keeps large blocks out of the glibc heap, which the per-batch
+arrays of a long stream would otherwise fragment.
 
 Workers on remote storage: an fsspec filesystem that runs an event loop (``s3fs``,
 ``gcsfs``) cannot be used in a forked child.  A worker started by the fork server gets
